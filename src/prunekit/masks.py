@@ -1,0 +1,72 @@
+"""A set of keep-masks keyed by the module name of each prunable layer."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+class MaskSet:
+    """Boolean keep-masks (True = weight survives) for named layers of one model."""
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        self._masks: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        for name, mask in (masks or {}).items():
+            self[name] = mask
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._masks[name] = mask.detach().to(torch.bool)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._masks[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._masks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def items(self):
+        return self._masks.items()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, names: list[str]) -> "MaskSet":
+        """Masks read from the non-zeros of each named layer's weight."""
+        modules = dict(model.named_modules())
+        return cls({n: modules[n].weight.detach() != 0 for n in names})
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Zero every masked-out weight of ``model`` in place."""
+        modules = dict(model.named_modules())
+        for name, mask in self._masks.items():
+            weight = modules[name].weight
+            weight.mul_(mask.to(weight.device, weight.dtype))
+
+    def verify(self, model: nn.Module) -> bool:
+        """True when every masked-out weight of ``model`` is exactly zero."""
+        modules = dict(model.named_modules())
+        return all(not modules[n].weight.detach()[~m.to(modules[n].weight.device)].any() for n, m in self._masks.items())
+
+    def sparsity(self) -> float:
+        """Fraction of masked-out entries over all masked tensors."""
+        total = sum(m.numel() for m in self._masks.values())
+        kept = sum(int(m.sum()) for m in self._masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mask.clone() for name, mask in self._masks.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if set(state) != set(self._masks) and self._masks:
+            raise ValueError(f"mask names differ: missing {sorted(set(self._masks) - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - set(self._masks))[:5]}")
+        for name, mask in state.items():
+            if name in self._masks and mask.shape != self._masks[name].shape:
+                raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, expected {tuple(self._masks[name].shape)}")
+            self[name] = mask

@@ -1,0 +1,81 @@
+"""Which parameters are prunable.
+
+A *target* is a module whose ``weight`` prunekit may sparsify. By default these are
+Linear and Conv1d/Conv2d layers; embeddings, norms and biases are never targets, and a
+final classifier / LM head is excluded unless asked for, because pruning it hurts most and
+saves least.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+from torch import nn
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Names that mark an output head; matched against the last component of a module name.
+HEAD_NAMES = ("lm_head", "classifier", "head", "fc", "score", "output_projection")
+
+
+def _as_patterns(names: str | Iterable[str] | None) -> list[re.Pattern]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = [names]
+    return [re.compile(n) for n in names]
+
+
+def _is_final_head(model: nn.Module, name: str, module: nn.Module, candidates: Sequence[str]) -> bool:
+    """The last prunable layer in registration order, if it is named like a head."""
+    if not candidates or name != candidates[-1]:
+        return False
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in HEAD_NAMES or leaf.startswith("head")
+
+
+def find_targets(
+    model: nn.Module,
+    *,
+    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    include_head: bool = False,
+) -> "OrderedDict[str, nn.Module]":
+    """Return the prunable modules of ``model`` by name, in registration order.
+
+    ``include`` / ``exclude`` are regular expressions matched (``re.search``) against module
+    names; ``include`` narrows the set, ``exclude`` removes from it. A module whose weight is
+    tied to another target (a tied LM head) is never returned twice, and a head tied to an
+    embedding is never returned at all.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    types = tuple(types)
+    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    candidates: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, types) or getattr(module, "weight", None) is None:
+            continue
+        if id(module.weight) in embedding_weights or id(module.weight) in seen:
+            continue  # tied to an embedding or to another target
+        seen.add(id(module.weight))
+        candidates.append((name, module))
+    names = [n for n, _ in candidates]
+    out: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for name, module in candidates:
+        if inc and not any(p.search(name) for p in inc):
+            continue
+        if exc and any(p.search(name) for p in exc):
+            continue
+        if not include_head and not inc and _is_final_head(model, name, module, names):
+            continue
+        out[name] = module
+    return out
+
+
+def weight_name(module_name: str) -> str:
+    """State-dict key of a target's weight."""
+    return f"{module_name}.weight" if module_name else "weight"
