@@ -1,0 +1,1 @@
+"""Small reference models and offline data loaders for the demo, tests and benchmarks."""
