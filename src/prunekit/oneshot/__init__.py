@@ -1,0 +1,1 @@
+"""One-shot post-training pruning: choose a support, then optionally refit the survivors."""

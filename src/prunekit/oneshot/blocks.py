@@ -1,0 +1,115 @@
+"""Blocks: the units one-shot pruning calibrates in order, and how their inputs are captured.
+
+A model is split into an ordered list of blocks (the children of an ``nn.Sequential`` model,
+or the largest ``nn.ModuleList`` of a transformer, or the whole model as one block). Block
+``b`` is fed the inputs that the already-pruned model gives it, captured with a forward
+pre-hook; afterwards its outputs become the next block's first argument (the *chain*), with
+the other arguments (attention mask, position embeddings, ...) passed along unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The model's blocks, in execution order, as ``(name, module)``."""
+    modules = dict(model.named_modules())
+    if names is not None:
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"blocks {missing} are not modules of the model; use names from model.named_modules()")
+        return [(n, modules[n]) for n in names]
+    if isinstance(model, nn.Sequential):
+        return [(n, m) for n, m in model.named_children()]
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > sum(p.numel() for p in best[1].parameters()):
+                best = (name, module)
+    if best is not None:
+        return [(f"{best[0]}.{i}", m) for i, m in enumerate(best[1])]
+    return [("", model)]
+
+
+def first_output(out):
+    """The hidden state of a block's output (first element of a tuple/list)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run ``model`` on every calibration call and record the ``(args, kwargs)`` that reach
+    ``block``, stopping the forward there."""
+    if block is model:
+        return list(calls)
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((tuple(args), dict(kwargs)))
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for args, kwargs in calls:
+            try:
+                model(*args, **kwargs)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(calls):
+        raise ValueError("a block was not called during the forward pass; pass `blocks=` with modules the forward uses")
+    return captured
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Next block's inputs: this block's output replaces the first argument."""
+    out = []
+    for args, kwargs in inputs:
+        hidden = first_output(block(*args, **kwargs))
+        out.append(((hidden, *args[1:]), kwargs))
+    return out
+
+
+def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
+    """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it)."""
+    for block in blocks:
+        hidden = first_output(block(*args, **kwargs))
+        args = (hidden, *args[1:])
+    return args[0]
+
+
+@torch.no_grad()
+def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple, kwargs: dict) -> list[str]:
+    """Names of ``layers`` in the order ``block`` calls them on one input."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None) for n, m in layers.items()]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in layers if n not in order]  # layers never called go last
+
+
+@contextlib.contextmanager
+def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give ``layers`` the given weights (e.g. their dense originals)."""
+    saved = {n: layers[n].weight.data for n in weights}
+    try:
+        for n, w in weights.items():
+            layers[n].weight.data = w
+        yield
+    finally:
+        for n, w in saved.items():
+            layers[n].weight.data = w

@@ -1,0 +1,299 @@
+"""``prunekit.prune``: one-shot pruning of a trained model, block by block.
+
+1. pick the prunable layers and a per-layer budget;
+2. for each block, in order, on inputs from the already-pruned blocks before it:
+   choose each layer's support (magnitude, Wanda, SparseGPT), then optionally refit the
+   surviving weights on that support (exact least squares, or SNOWS);
+3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
+
+Only one block's inputs and one layer's statistics are held at a time. On any error,
+including Ctrl-C, the model is restored exactly as it was.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..allocation import allocate, check_sparsity
+from ..layout import from_matrix, to_matrix
+from ..patterns import NM, Unstructured, parse_pattern
+from ..targets import DEFAULT_TYPES, find_targets
+from .blocks import capture_inputs, execution_order, find_blocks, propagate
+from .calibration import collect_batches
+from .lstsq import lstsq_refit, reconstruction_error
+from .result import LayerReport, PruneResult
+from .selection import magnitude_scores, select_mask, wanda_scores
+from .snows import SnowsConfig, snows_refit
+from .sparsegpt import sparsegpt
+from .stats import LayerStats, gather_stats
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+REFINES = (None, "lstsq", "snows")
+
+
+def prune(
+    model: nn.Module,
+    calibration: Iterable[Any] | None = None,
+    *,
+    sparsity: float | None = None,
+    pattern: str | NM | Unstructured = "unstructured",
+    method: str = "magnitude",
+    refine: str | None = None,
+    budget: str = "uniform",
+    cap: float | None = None,
+    overrides: Mapping[str, float] | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    include_head: bool = False,
+    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    blocks: Sequence[str] | None = None,
+    capture: str = "chain",
+    sequential: bool = False,
+    strict: bool = False,
+    max_batches: int | None = None,
+    snows: SnowsConfig | Mapping[str, Any] | None = None,
+    sparsegpt_block_size: int = 128,
+    damp: float = 0.01,
+    lstsq_damp: float = 1e-4,
+    progress: bool | None = None,
+) -> PruneResult:
+    """Prune ``model`` in place, one shot, and return a :class:`PruneResult`.
+
+    ``calibration`` is any iterable of input batches (tensor -> ``model(x)``, tuple ->
+    ``model(*b)``, mapping -> ``model(**b)``); it is needed by every method but plain
+    magnitude. ``sparsity`` is the fraction of prunable weights to remove (implied by an N:M
+    ``pattern``). ``budget`` is ``uniform``, ``global`` (optionally with a per-layer ``cap``)
+    or ``erk``; ``overrides`` maps layer-name regexes to fixed sparsities. ``blocks`` names
+    the modules calibrated in order (auto-detected by default); ``capture="rerun"`` re-runs
+    the model to capture each block's inputs instead of chaining outputs, for models whose
+    blocks do not feed each other directly. ``sequential=True`` recomputes statistics after
+    every layer inside a block (always on with ``refine``).
+    """
+    method, refine, pattern, sparsity = _check_args(method, refine, pattern, sparsity, capture)
+    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    if not targets:
+        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
+    _check_weights(targets)
+    skipped = _skip_misfits(targets, pattern, strict)
+    if not targets:
+        raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
+    snows_cfg = _snows_config(snows) if refine == "snows" else None
+    needs_data = method != "magnitude" or refine is not None
+    calls = collect_batches(calibration, max_batches) if needs_data else []
+    if isinstance(pattern, NM):
+        budgets = {n: pattern.sparsity for n in targets}
+    else:
+        scores = {n: magnitude_scores(m.weight) for n, m in targets.items()}
+        budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
+        del scores
+
+    result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity, skipped=skipped)
+    job = _Job(model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
+               sparsegpt_block_size, damp, lstsq_damp, result)
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    start = time.perf_counter()
+    bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
+               disable=(not progress) if progress is not None else None, leave=False)
+    job.bar = bar
+    try:
+        model.eval()
+        if needs_data:
+            job.run_calibrated(calls, blocks, capture)
+        else:
+            for name in targets:
+                job.prune_layer(name, None)
+        job.finish()
+    except BaseException:
+        with torch.no_grad():
+            model.load_state_dict(snapshot)
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class _Job:
+    """The state of one prune() call: which layers, what budgets, what is done."""
+
+    def __init__(self, model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
+                 block_size, damp, lstsq_damp, result) -> None:
+        self.model, self.targets, self.budgets, self.pattern = model, targets, budgets, pattern
+        self.method, self.refine, self.snows_cfg = method, refine, snows_cfg
+        self.sequential = sequential or refine is not None
+        self.block_size, self.damp, self.lstsq_damp = block_size, damp, lstsq_damp
+        self.result = result
+        self.masks: dict[str, torch.Tensor] = {}
+        self.target_ids = {id(m) for m in targets.values()}
+        self.bar = None
+
+    # -- block loop -------------------------------------------------------------------------
+    def run_calibrated(self, calls, block_names, capture) -> None:
+        blocks = find_blocks(self.model, block_names)
+        owned = {n: self._owner(n, blocks) for n in self.targets}
+        inputs = None
+        for i, (bname, block) in enumerate(blocks):
+            layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
+            if inputs is None or capture == "rerun":
+                inputs = _capture(self.model, block, calls)
+            if layers:
+                self.process_block(block, inputs, layers, chain=blocks[i:])
+            if i + 1 < len(blocks) and capture == "chain":
+                inputs = propagate(block, inputs)
+        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
+        if rest:  # layers outside every block: the whole model is their block
+            self.process_block(self.model, list(calls), rest, chain=[("", self.model)])
+
+    @staticmethod
+    def _owner(name: str, blocks) -> int | None:
+        for i, (bname, _) in enumerate(blocks):
+            if bname == "" or name == bname or name.startswith(bname + "."):
+                return i
+        return None
+
+    def process_block(self, block, inputs, layers, chain) -> None:
+        order = execution_order(block, layers, *inputs[0])
+        if not self.sequential:
+            stats = gather_stats(block, inputs, layers)
+            for name in order:
+                self.prune_layer(name, stats[name])
+            return
+        dense: dict[str, torch.Tensor] = {}
+        for name in order:
+            dense[name] = layers[name].weight.detach().clone()
+            stats = gather_stats(block, inputs, {name: layers[name]}, dense_weights=dense, all_layers=layers)
+            self.prune_layer(name, stats[name], inputs=inputs, chain=chain, block_layers=layers, dense=dense)
+
+    # -- one layer --------------------------------------------------------------------------
+    def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
+        t0 = time.perf_counter()
+        layer = self.targets[name]
+        w0 = to_matrix(layer.weight.detach()).to(torch.float64)
+        s = self.budgets[name]
+        report = LayerReport(name, tuple(layer.weight.shape), 0.0)
+        if self.method == "sparsegpt":
+            out = sparsegpt(w0, stats.hessian, s, self.pattern, block_size=self.block_size, damp=self.damp)
+            w, mask = out.weight, out.mask
+            if out.damp_used != self.damp:
+                report.note = f"dampening raised to {out.damp_used:g}"
+        else:
+            scores = magnitude_scores(w0) if self.method == "magnitude" else wanda_scores(w0, stats.sq)
+            mask = select_mask(scores, s, self.pattern, per_row=self.method == "wanda")
+            w = w0 * mask
+        if stats is not None:
+            report.error_selected = self._error(w, w0, stats)
+        if self.refine == "lstsq":
+            w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
+        elif self.refine == "snows":
+            if self.snows_cfg.warm_start == "lstsq":
+                w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
+            self._write(layer, w, mask)
+            solve, before, after = snows_refit(
+                self.model, ctx["chain"], layer, from_matrix(mask, layer.weight.shape), ctx["inputs"],
+                config=self.snows_cfg, targets=self.target_ids, block_layers=ctx["block_layers"],
+                dense_weights=ctx["dense"],
+            )
+            report.lookahead_before, report.lookahead_after = before, after
+            if solve.failed_line_searches:
+                report.note = f"{solve.failed_line_searches} line searches failed"
+            w = to_matrix(layer.weight.detach()).to(torch.float64)
+        self._write(layer, w, mask)
+        if self.refine is not None:
+            report.error_refined = self._error(w * mask, w0, stats)
+        report.sparsity = float((layer.weight == 0).sum()) / layer.weight.numel()
+        report.seconds = time.perf_counter() - t0
+        self.masks[name] = from_matrix(mask, layer.weight.shape)
+        self.result.layers.append(report)
+        if self.bar is not None:
+            self.bar.update()
+
+    @staticmethod
+    @torch.no_grad()
+    def _write(layer: nn.Module, w: torch.Tensor, mask: torch.Tensor) -> None:
+        layer.weight.copy_(from_matrix((w * mask).to(layer.weight.dtype), layer.weight.shape))
+
+    @staticmethod
+    def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
+        return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
+
+    def finish(self) -> None:
+        """Assert the promise: every pruned entry is exactly zero."""
+        for name, mask in self.masks.items():
+            weight = self.targets[name].weight
+            if weight.detach()[~mask].any():
+                raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
+
+
+def _capture(model, block, calls):
+    try:
+        return capture_inputs(model, block, calls)
+    except (ValueError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a forward that fails here means the data does not fit the model
+        raise ValueError(f"the model failed on a calibration batch ({type(exc).__name__}: {exc}); "
+                         "check that the batches match the model's inputs") from exc
+
+
+def _check_args(method, refine, pattern, sparsity, capture):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if refine not in REFINES:
+        raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
+    if capture not in ("chain", "rerun"):
+        raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
+    pattern = parse_pattern(pattern)
+    if isinstance(pattern, NM):
+        if sparsity is not None and abs(check_sparsity(sparsity) - pattern.sparsity) > 1e-9:
+            raise ValueError(f"sparsity={sparsity} contradicts pattern {pattern} ({pattern.sparsity:g}); omit sparsity")
+        return method, refine, pattern, pattern.sparsity
+    if sparsity is None:
+        raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5")
+    return method, refine, pattern, check_sparsity(sparsity)
+
+
+def _check_weights(targets) -> None:
+    for name, module in targets.items():
+        if not torch.isfinite(module.weight).all():
+            raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
+
+
+def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
+    skipped: dict[str, str] = {}
+    for name, module in list(targets.items()):
+        why = None
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
+            why = "grouped/depthwise convolution (not supported yet)"
+        elif isinstance(pattern, NM) and to_matrix(module.weight).shape[1] % pattern.m:
+            why = f"input dimension {to_matrix(module.weight).shape[1]} is not a multiple of {pattern.m}"
+        if why:
+            if strict:
+                raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
+                                 f"exclude it (exclude={name!r}) or pass strict=False to skip it")
+            warnings.warn(f"skipping layer {name!r}: {why}")
+            skipped[name] = why
+            del targets[name]
+    return skipped
+
+
+def _snows_config(snows) -> SnowsConfig:
+    if snows is None:
+        return SnowsConfig()
+    if isinstance(snows, SnowsConfig):
+        return snows
+    if isinstance(snows, Mapping):
+        from .newton_cg import NewtonCGConfig
+        opts = dict(snows)
+        solver_keys = set(NewtonCGConfig.__dataclass_fields__)
+        solver = {k: opts.pop(k) for k in list(opts) if k in solver_keys}
+        unknown = set(opts) - set(SnowsConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown snows options {sorted(unknown)}; known: k, warm_start and {sorted(solver_keys)}")
+        return SnowsConfig(**opts, solver=NewtonCGConfig(**{**SnowsConfig().solver.__dict__, **solver}))
+    raise TypeError(f"snows must be a SnowsConfig or a dict of options, got {type(snows).__name__}")

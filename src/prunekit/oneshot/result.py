@@ -1,0 +1,70 @@
+"""What one-shot pruning did, layer by layer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    """One pruned layer: sparsity read from the tensor, layer-wise reconstruction error
+    ``mean((X_s W'^T - X_t W0^T)^2)`` after selection and after refinement, and time."""
+
+    name: str
+    shape: tuple[int, ...]
+    sparsity: float
+    error_selected: float | None = None
+    error_refined: float | None = None
+    lookahead_before: float | None = None
+    lookahead_after: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class PruneResult:
+    """The outcome of :func:`prunekit.prune`; ``summary()`` prints a per-layer table."""
+
+    method: str
+    refine: str | None
+    pattern: str
+    target_sparsity: float
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Achieved sparsity over the pruned layers' weights (read from the tensors)."""
+        total = sum(_numel(r.shape) for r in self.layers)
+        zeros = sum(r.sparsity * _numel(r.shape) for r in self.layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["sparsity"] = self.sparsity
+        return out
+
+    def summary(self) -> str:
+        head = f"{'layer':<40} {'shape':<18} {'sparsity':>8} {'err sel':>10} {'err ref':>10} {'time s':>7}"
+        lines = [f"prunekit: {self.method}" + (f"+{self.refine}" if self.refine else "") + f", {self.pattern}", head, "-" * len(head)]
+        for r in self.layers:
+            shape = "x".join(map(str, r.shape))
+            lines.append(
+                f"{r.name[-40:]:<40} {shape:<18} {100 * r.sparsity:>7.2f}% {_fmt(r.error_selected):>10} "
+                f"{_fmt(r.error_refined):>10} {r.seconds:>7.2f}"
+            )
+        for name, why in self.skipped.items():
+            lines.append(f"{name[-40:]:<40} skipped: {why}")
+        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3e}"

@@ -1,0 +1,157 @@
+"""SNOWS: refit one layer's surviving weights against a K-operation lookahead loss.
+
+The loss compares the first K+1 *measured* tensors (the layer's own output, then the outputs
+of later prunable layers, activations and attention modules, in execution order, across block
+boundaries) of two sub-networks fed the same pruned-path block input: S, the current model,
+and D, the same modules with the block's pruned layers given back their dense weights
+(Lucas & Mazumder 2025, spec ``snows.md`` section 1). It is minimised on the fixed support by
+Newton-CG (:mod:`prunekit.oneshot.newton_cg`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import StopForward, run_chain, swapped_weights
+from .newton_cg import NewtonCGConfig, SolveStats, newton_cg_refit
+
+ACTIVATION_TYPES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
+    nn.Hardswish, nn.Mish, nn.Softplus,
+)
+NOT_MEASURED = ("shortcut", "downsample")
+
+
+@dataclass
+class SnowsConfig:
+    """SNOWS options. ``k`` counts measured operations after the layer's own output."""
+
+    k: int = 8
+    warm_start: str = "lstsq"  # "lstsq" or "none" (start from the selection's weights)
+    solver: NewtonCGConfig = field(default_factory=lambda: NewtonCGConfig(epochs=2, max_cg=100))
+
+
+def is_measured(name: str, module: nn.Module, targets: set[int]) -> bool:
+    """Default measured operations: prunable layers (not shortcuts), activations, attention."""
+    if any(part in name for part in NOT_MEASURED):
+        return False
+    if id(module) in targets or isinstance(module, ACTIVATION_TYPES):
+        return True
+    cls = type(module)
+    return cls.__module__.startswith("transformers.activations") or (
+        "Attention" in cls.__name__ and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    )
+
+
+class Lookahead:
+    """The K-step lookahead loss of one layer, on stored block inputs."""
+
+    def __init__(
+        self,
+        chain: Sequence[tuple[str, nn.Module]],
+        layer: nn.Module,
+        k: int,
+        targets: set[int],
+        block_layers: dict[str, nn.Module],
+        dense_weights: dict[str, torch.Tensor],
+    ) -> None:
+        self.chain = [m for _, m in chain]
+        self.layer, self.k = layer, k
+        self.block_layers, self.dense_weights = block_layers, dense_weights
+        self.captured: list[torch.Tensor] = []
+        self.active = False
+        measured = {}
+        for prefix, block in chain:
+            for name, module in block.named_modules():
+                full = f"{prefix}.{name}" if prefix and name else (prefix or name)
+                if module is layer or is_measured(full, module, targets):
+                    measured[id(module)] = module
+        self.handles = [m.register_forward_hook(self._hook) for m in measured.values()]
+
+    def _hook(self, module, _args, output):
+        if module is self.layer:
+            self.active = True
+        if not self.active:
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(out, torch.Tensor) or any(out is c for c in self.captured):
+            return
+        self.captured.append(out.clone())
+        if len(self.captured) == self.k + 1:
+            raise StopForward
+
+    def tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The first K+1 measured tensors of the current model on one block input."""
+        self.captured, self.active = [], False
+        try:
+            run_chain(self.chain, args, kwargs)
+        except StopForward:
+            pass
+        out, self.captured = self.captured, []
+        return out
+
+    @torch.no_grad()
+    def dense_tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The same tensors from D (the block's pruned layers restored to dense)."""
+        with swapped_weights(self.block_layers, self.dense_weights):
+            return self.tensors(args, kwargs)
+
+    def loss(self, args: tuple, kwargs: dict, targets: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Sum over measured tensors of the mean squared difference to D."""
+        targets = targets if targets is not None else self.dense_tensors(args, kwargs)
+        mine = self.tensors(args, kwargs)
+        if len(mine) != len(targets):
+            raise RuntimeError("S and D measured different numbers of tensors; their structure differs")
+        return sum(((s - t.detach()) ** 2).mean() for s, t in zip(mine, targets))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def only_grad_for(model: nn.Module, param: nn.Parameter) -> Iterator[None]:
+    """Let autograd track ``param`` alone (other parameters frozen, flags restored after)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(p is param)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def snows_refit(
+    model: nn.Module,
+    chain: Sequence[tuple[str, nn.Module]],
+    layer: nn.Module,
+    mask: torch.Tensor,
+    inputs: list[tuple[tuple, dict]],
+    *,
+    config: SnowsConfig,
+    targets: set[int],
+    block_layers: dict[str, nn.Module],
+    dense_weights: dict[str, torch.Tensor],
+    progress: bool = False,
+) -> tuple[SolveStats, float, float]:
+    """Refit ``layer.weight`` on ``mask`` in place; returns (solver stats, check loss before,
+    after). The last stored batch is held out for the line search (when there are several)."""
+    objective = Lookahead(chain, layer, config.k, targets, block_layers, dense_weights)
+    try:
+        newton = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
+        check = len(inputs) - 1
+        check_targets = objective.dense_tensors(*inputs[check])
+
+        def loss_fn(i: int) -> torch.Tensor:
+            return objective.loss(*inputs[i], targets=check_targets if i == check else None)
+
+        with only_grad_for(model, layer.weight):
+            stats = newton_cg_refit(layer.weight, mask, loss_fn, newton, check, config.solver, progress=progress)
+        return stats, stats.check_loss_before, stats.check_loss_after
+    finally:
+        objective.close()

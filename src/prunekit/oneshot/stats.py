@@ -1,0 +1,118 @@
+"""Per-layer input statistics gathered with forward hooks, one block at a time.
+
+For a layer with inputs ``X_s`` on the pruned path (the current model) and ``X_t`` on the
+target path (the same block input through the block's dense weights), this accumulates
+``sq = sum_n x_nj^2`` (Wanda), ``H = X_s^T X_s / N`` (SparseGPT, least squares) and
+``C = X_s^T X_t / N`` (least squares against the dense target). Inputs are unfolded per batch
+(never the whole calibration set), and only the statistics are kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..layout import input_columns
+from .blocks import swapped_weights
+
+
+@dataclass
+class LayerStats:
+    """Sums of one layer's input statistics; read them through the properties."""
+
+    count: int = 0
+    sq_sum: torch.Tensor | None = None
+    h_sum: torch.Tensor | None = None
+    c_sum: torch.Tensor | None = None
+    t_sum: torch.Tensor | None = None
+
+    @property
+    def sq(self) -> torch.Tensor:
+        return self.sq_sum
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.h_sum / max(self.count, 1)
+
+    @property
+    def hessian_target(self) -> torch.Tensor | None:
+        """``X_t^T X_t / N`` (only with a dense target)."""
+        return None if self.t_sum is None else self.t_sum / max(self.count, 1)
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        return None if self.c_sum is None else self.c_sum / max(self.count, 1)
+
+    def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool) -> None:
+        xs = xs.detach().to(torch.float64)
+        if not torch.isfinite(xs).all():
+            raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
+        self.count += xs.shape[0]
+        sq = (xs * xs).sum(0)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        if want_h:
+            h = xs.T @ xs
+            self.h_sum = h if self.h_sum is None else self.h_sum + h
+        if xt is not None:
+            xt = xt.detach().to(torch.float64)
+            c, t = xs.T @ xt, xt.T @ xt
+            self.c_sum = c if self.c_sum is None else self.c_sum + c
+            self.t_sum = t if self.t_sum is None else self.t_sum + t
+
+
+class _Catcher:
+    """Forward hooks that collect the unfolded inputs of some layers during one call."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.handles = [m.register_forward_hook(self._hook(n, m)) for n, m in layers.items()]
+
+    def _hook(self, name: str, module: nn.Module):
+        def hook(_module, args, _output):
+            self.rows[name].append(input_columns(module, args[0].detach()))
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out = {n: torch.cat(r) for n, r in self.rows.items() if r}
+        for r in self.rows.values():
+            r.clear()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def gather_stats(
+    block: nn.Module,
+    inputs: list[tuple[tuple, dict]],
+    layers: dict[str, nn.Module],
+    *,
+    want_h: bool = True,
+    dense_weights: dict[str, torch.Tensor] | None = None,
+    all_layers: dict[str, nn.Module] | None = None,
+) -> dict[str, LayerStats]:
+    """Statistics of ``layers`` over all stored block inputs.
+
+    With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
+    name in ``all_layers``), each batch is also run through the dense block to get the target
+    inputs ``X_t`` and the cross term ``C``.
+    """
+    stats = {n: LayerStats() for n in layers}
+    catcher = _Catcher(layers)
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+            xs = catcher.take()
+            xt: dict[str, torch.Tensor] = {}
+            if dense_weights is not None:
+                with swapped_weights(all_layers or layers, dense_weights):
+                    block(*args, **kwargs)
+                xt = catcher.take()
+            for n, rows in xs.items():
+                stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h)
+    finally:
+        catcher.close()
+    return stats
