@@ -43,3 +43,8 @@ def test_include_exclude_types():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         find_targets(torch.zeros(3))
+
+
+def test_last_layer_of_sequential_is_the_head():
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    assert list(find_targets(mlp)) == ["0"]

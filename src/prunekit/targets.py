@@ -27,11 +27,17 @@ def _as_patterns(names: str | Iterable[str] | None) -> list[re.Pattern]:
 
 
 def _is_final_head(model: nn.Module, name: str, module: nn.Module, candidates: Sequence[str]) -> bool:
-    """The last prunable layer in registration order, if it is named like a head."""
+    """The last prunable layer in registration order, if it is named like a head or is the
+    last child of a sequential model (its output layer)."""
     if not candidates or name != candidates[-1]:
         return False
     leaf = name.rsplit(".", 1)[-1]
-    return leaf in HEAD_NAMES or leaf.startswith("head")
+    if leaf in HEAD_NAMES or leaf.startswith("head"):
+        return True
+    if isinstance(model, nn.Sequential) and len(model):
+        last = str(len(model) - 1)
+        return name == last or name.startswith(last + ".")
+    return False
 
 
 def find_targets(

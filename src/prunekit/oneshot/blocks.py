@@ -90,8 +90,9 @@ def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
 
 
 @torch.no_grad()
-def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple, kwargs: dict) -> list[str]:
-    """Names of ``layers`` in the order ``block`` calls them on one input."""
+def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple, kwargs: dict) -> tuple[list[str], list[str]]:
+    """Names of ``layers`` in the order ``block`` calls them on one input, and the names of
+    those it never calls."""
     order: list[str] = []
     handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None) for n, m in layers.items()]
     try:
@@ -99,7 +100,7 @@ def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple,
     finally:
         for h in handles:
             h.remove()
-    return order + [n for n in layers if n not in order]  # layers never called go last
+    return order, [n for n in layers if n not in order]
 
 
 @contextlib.contextmanager

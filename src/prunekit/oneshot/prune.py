@@ -136,13 +136,14 @@ class _Job:
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
+        _check_model_runs(self.model, calls[0])
         blocks = find_blocks(self.model, block_names)
         owned = {n: self._owner(n, blocks) for n in self.targets}
         inputs = None
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
             if inputs is None or capture == "rerun":
-                inputs = _capture(self.model, block, calls)
+                inputs = capture_inputs(self.model, block, calls)
             if layers:
                 self.process_block(block, inputs, layers, chain=blocks[i:])
             if i + 1 < len(blocks) and capture == "chain":
@@ -159,9 +160,13 @@ class _Job:
         return None
 
     def process_block(self, block, inputs, layers, chain) -> None:
-        order = execution_order(block, layers, *inputs[0])
+        order, uncalled = execution_order(block, layers, *inputs[0])
+        for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
+            self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
+            if self.bar is not None:
+                self.bar.update()
         if not self.sequential:
-            stats = gather_stats(block, inputs, layers)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order})
             for name in order:
                 self.prune_layer(name, stats[name])
             return
@@ -175,7 +180,7 @@ class _Job:
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
         t0 = time.perf_counter()
         layer = self.targets[name]
-        w0 = to_matrix(layer.weight.detach()).to(torch.float64)
+        w0 = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)  # never a view of the layer
         s = self.budgets[name]
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
         if self.method == "sparsegpt":
@@ -203,7 +208,7 @@ class _Job:
             report.lookahead_before, report.lookahead_after = before, after
             if solve.failed_line_searches:
                 report.note = f"{solve.failed_line_searches} line searches failed"
-            w = to_matrix(layer.weight.detach()).to(torch.float64)
+            w = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)
         self._write(layer, w, mask)
         if self.refine is not None:
             report.error_refined = self._error(w * mask, w0, stats)
@@ -231,13 +236,14 @@ class _Job:
                 raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
 
 
-def _capture(model, block, calls):
+@torch.no_grad()
+def _check_model_runs(model, call) -> None:
+    """One forward on the first batch, so data that does not fit fails early and clearly."""
+    args, kwargs = call
     try:
-        return capture_inputs(model, block, calls)
-    except (ValueError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # a forward that fails here means the data does not fit the model
-        raise ValueError(f"the model failed on a calibration batch ({type(exc).__name__}: {exc}); "
+        model(*args, **kwargs)
+    except Exception as exc:
+        raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
                          "check that the batches match the model's inputs") from exc
 
 

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .blocks import StopForward, run_chain, swapped_weights
 from .newton_cg import NewtonCGConfig, SolveStats, newton_cg_refit
@@ -150,7 +151,9 @@ def snows_refit(
         def loss_fn(i: int) -> torch.Tensor:
             return objective.loss(*inputs[i], targets=check_targets if i == check else None)
 
-        with only_grad_for(model, layer.weight):
+        # The math attention kernel is built from differentiable ops, so it has the double
+        # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
+        with only_grad_for(model, layer.weight), sdpa_kernel([SDPBackend.MATH]):
             stats = newton_cg_refit(layer.weight, mask, loss_fn, newton, check, config.solver, progress=progress)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:

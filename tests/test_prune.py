@@ -1,0 +1,194 @@
+"""End-to-end checks of prunekit.prune on small CNNs and a tiny transformer encoder."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.layout import to_matrix
+from prunekit.oneshot.lstsq import lstsq_refit
+from prunekit.oneshot.prune import prune
+from prunekit.patterns import NM, check_nm
+from prunekit.zoo.models import resnet_mnist, small_cnn
+
+ALL = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("magnitude", "lstsq"),
+       ("wanda", "lstsq"), ("magnitude", "snows"), ("sparsegpt", "snows")]
+FAST_SNOWS = {"k": 3, "max_cg": 10, "epochs": 1}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = resnet_mnist(width=8, blocks_per_stage=1)
+    m.eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _data(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 1, 28, 28, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method,refine", ALL)
+def test_exact_sparsity_zeros_and_keys(method, refine):
+    model = _model()
+    keys = list(model.state_dict())
+    result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    assert list(model.state_dict()) == keys
+    for rep in result.layers:
+        weight = dict(model.named_modules())[rep.name].weight
+        mat = to_matrix(weight)
+        pruned = int((weight == 0).sum())
+        if method == "wanda":  # each row loses exactly round(s * d_in)
+            assert ((mat == 0).sum(1) >= round(0.75 * mat.shape[1])).all()
+        else:
+            assert pruned >= round(0.75 * weight.numel())
+        assert rep.sparsity == pytest.approx(pruned / weight.numel())
+    if refine:
+        assert all(r.error_refined is not None for r in result.layers)
+
+
+@pytest.mark.parametrize("method,refine", ALL)
+def test_nm_valid_after_every_method(method, refine):
+    model = _model()
+    result = prune(model, _data(), pattern="2:4", method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    assert "0.0" in result.skipped  # the stem has 9 inputs: skipped, listed
+    for rep in result.layers:
+        assert check_nm(dict(model.named_modules())[rep.name].weight != 0, NM(2, 4))
+
+
+def test_lstsq_refit_never_worse_than_selection():
+    result = prune(_model(), _data(), sparsity=0.8, method="magnitude", refine="lstsq", progress=False)
+    for rep in result.layers:
+        assert rep.error_refined <= rep.error_selected * (1 + 1e-9)
+
+
+def test_snows_k0_equals_least_squares():
+    """K = 0 is layer-wise least squares against the dense-block target (spec snows.md 9).
+
+    A well-conditioned float64 MLP (tanh keeps every input feature alive, N >> d_in) so the
+    least-squares optimum is unique; one full batch, so the Newton batch is the check batch."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    data = [torch.randn(400, 12, dtype=torch.float64)]
+    ls_model, sn_model = copy.deepcopy(mlp), copy.deepcopy(mlp)
+    ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", lstsq_damp=1e-12, progress=False)
+    sn = prune(sn_model, data, sparsity=0.6, method="magnitude", refine="snows", progress=False,
+               snows={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
+                      "damping": 1e-12, "patience": 0})
+    assert [r.name for r in ls.layers] == ["0", "2", "4"]
+    for a, b in zip(ls.layers, sn.layers):
+        wa, wb = dict(ls_model.named_modules())[a.name].weight, dict(sn_model.named_modules())[a.name].weight
+        assert (wa - wb).norm() <= 1e-3 * wa.norm(), a.name
+        assert b.error_refined == pytest.approx(a.error_refined, rel=1e-6)
+        assert a.error_refined < a.error_selected
+
+
+def test_snows_improves_lookahead_loss_and_keeps_mask():
+    model = _model()
+    result = prune(model, _data(), sparsity=0.8, method="magnitude", refine="snows", progress=False,
+                   snows={"k": 4, "max_cg": 30, "epochs": 2, "warm_start": "none"})
+    for rep in result.layers:
+        assert rep.lookahead_after <= rep.lookahead_before + 1e-12
+
+
+def test_magnitude_needs_no_data_and_global_budget_hits_target():
+    model = _model()
+    result = prune(model, None, sparsity=0.9, budget="global", progress=False)
+    total = sum(r.sparsity * torch.Size(r.shape).numel() for r in result.layers)
+    n = sum(torch.Size(r.shape).numel() for r in result.layers)
+    assert round(total) == round(0.9 * n)
+
+
+def test_sequential_cnn_and_rerun_capture_agree():
+    torch.manual_seed(0)
+    a = small_cnn(width=8).eval()
+    b = copy.deepcopy(a)
+    data = _data()
+    prune(a, data, sparsity=0.5, method="sparsegpt", progress=False)
+    prune(b, data, sparsity=0.5, method="sparsegpt", capture="rerun", progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+class _Encoder(nn.Module):
+    """A tiny transformer encoder with layers in a ModuleList and a kwarg-only mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True) for _ in range(2))
+        self.lm_head = nn.Linear(32, 8)
+
+    def forward(self, ids, mask=None):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=mask)
+        return self.lm_head(h)
+
+
+def test_transformer_encoder_every_method():
+    torch.manual_seed(0)
+    ids = [{"ids": torch.randint(0, 50, (4, 12)), "mask": torch.zeros(4, 12, dtype=torch.bool)} for _ in range(2)]
+    for method, refine in [("wanda", None), ("sparsegpt", "snows"), ("magnitude", "lstsq")]:
+        model = _Encoder().eval()
+        result = prune(model, ids, sparsity=0.5, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+        names = [r.name for r in result.layers]
+        assert "layers.0.linear1" in names and "lm_head" not in names and "layers.0.self_attn.out_proj" in result.skipped
+        assert torch.isfinite(model(**ids[0])).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"sparsity": 1.0}, "sparsity"),
+    ({"sparsity": -0.1}, "sparsity"),
+    ({"sparsity": 0.5, "method": "obs"}, "method"),
+    ({"sparsity": 0.5, "refine": "adam"}, "refine"),
+    ({"pattern": "2:3x"}, "pattern"),
+    ({"pattern": "2:4", "sparsity": 0.7}, "contradicts"),
+    ({"sparsity": 0.5, "pattern": "2:4", "strict": True}, "multiple of 4"),
+    ({"sparsity": 0.5, "method": "wanda", "calibration": []}, "empty"),
+    ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.randn(2, 3, 5, 5)]}, "calibration batch"),
+    ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.full((2, 1, 28, 28), float("nan"))]}, "NaN"),
+    ({"sparsity": 0.5, "include": "nothing-matches"}, "no prunable"),
+])
+def test_bad_input_is_refused_and_model_untouched(kwargs, match):
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    kwargs = dict(kwargs)
+    calibration = kwargs.pop("calibration", _data())
+    with pytest.raises((ValueError, TypeError), match=match):
+        prune(model, calibration, progress=False, **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_nan_weights_refused():
+    model = _model()
+    with torch.no_grad():
+        model[1].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        prune(model, None, sparsity=0.5, progress=False)
+
+
+def test_failure_midway_restores_model(monkeypatch):
+    import prunekit.oneshot.prune as mod
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    calls = {"n": 0}
+    real = mod.lstsq_refit
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "lstsq_refit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, _data(), sparsity=0.5, refine="lstsq", progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
