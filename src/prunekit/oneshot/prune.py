@@ -166,7 +166,7 @@ class _Job:
             if self.bar is not None:
                 self.bar.update()
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order})
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.method == "sparsegpt")
             for name in order:
                 self.prune_layer(name, stats[name])
             return
@@ -192,7 +192,7 @@ class _Job:
             scores = magnitude_scores(w0) if self.method == "magnitude" else wanda_scores(w0, stats.sq)
             mask = select_mask(scores, s, self.pattern, per_row=self.method == "wanda")
             w = w0 * mask
-        if stats is not None:
+        if stats is not None and stats.h_sum is not None:
             report.error_selected = self._error(w, w0, stats)
         if self.refine == "lstsq":
             w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)

@@ -45,18 +45,20 @@ class LayerStats:
         return None if self.c_sum is None else self.c_sum / max(self.count, 1)
 
     def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool) -> None:
-        xs = xs.detach().to(torch.float64)
+        # Each batch's products run in the activations' precision (fast fp32 BLAS); the sums
+        # over batches are kept in float64.
+        xs = xs.detach()
         if not torch.isfinite(xs).all():
             raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
         self.count += xs.shape[0]
-        sq = (xs * xs).sum(0)
+        sq = (xs * xs).sum(0).double()
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if want_h:
-            h = xs.T @ xs
+            h = (xs.T @ xs).double()
             self.h_sum = h if self.h_sum is None else self.h_sum + h
         if xt is not None:
-            xt = xt.detach().to(torch.float64)
-            c, t = xs.T @ xt, xt.T @ xt
+            xt = xt.detach().to(xs.dtype)
+            c, t = (xs.T @ xt).double(), (xt.T @ xt).double()
             self.c_sum = c if self.c_sum is None else self.c_sum + c
             self.t_sum = t if self.t_sum is None else self.t_sum + t
 

@@ -33,7 +33,7 @@ def train_classifier(
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    bar = tqdm(total=steps, desc="train", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc="train", disable=None if progress else True, leave=False)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):
