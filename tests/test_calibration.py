@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from prunekit.oneshot.calibration import as_call, collect_batches
+
+
+def test_batch_kinds():
+    x = torch.ones(2)
+    assert as_call(x) == ((x,), {})
+    assert as_call((x, x))[0][1] is x
+    assert as_call({"input_ids": x}) == ((), {"input_ids": x})
+    with pytest.raises(TypeError, match="tensors, tuples or mappings"):
+        as_call(3)
+
+
+def test_collect_validates():
+    assert len(collect_batches((torch.ones(1) for _ in range(5)), max_batches=2)) == 2
+    with pytest.raises(ValueError, match="empty"):
+        collect_batches([])
+    with pytest.raises(ValueError, match="required"):
+        collect_batches(None)
+    with pytest.raises(TypeError, match="wrap a single batch"):
+        collect_batches(torch.ones(3))
+    with pytest.raises(ValueError, match="NaN"):
+        collect_batches([torch.tensor([float("inf")])])
