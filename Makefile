@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 
-.PHONY: demo test venv bench-oneshot clean
+.PHONY: demo test venv bench-oneshot bench-minilm bench-train bench-train-overhead clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ test: $(STAMP)
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
+
+bench-minilm: $(STAMP)
+	$(PY) benchmarks/minilm.py --method sparsegpt
+	$(PY) benchmarks/minilm.py --method sparsegpt --refine snows
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/training.py
+
+bench-train-overhead: $(STAMP)
+	$(PY) benchmarks/train_overhead.py --rounds 12 --steps 10 --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

