@@ -154,6 +154,8 @@ def test_transformer_encoder_every_method():
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.randn(2, 3, 5, 5)]}, "calibration batch"),
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.full((2, 1, 28, 28), float("nan"))]}, "NaN"),
     ({"sparsity": 0.5, "include": "nothing-matches"}, "no prunable"),
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"k": -1}}, "non-negative"),
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"kk": 3}}, "unknown snows"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()

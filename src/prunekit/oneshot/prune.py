@@ -197,7 +197,8 @@ class _Job:
         if self.refine == "lstsq":
             w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
         elif self.refine == "snows":
-            if self.snows_cfg.warm_start == "lstsq":
+            warm = self.snows_cfg.warm_start
+            if warm == "lstsq" or (warm == "auto" and self.method != "sparsegpt"):
                 w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
             self._write(layer, w, mask)
             solve, before, after = snows_refit(
@@ -289,17 +290,25 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
 
 
 def _snows_config(snows) -> SnowsConfig:
+    """A validated SnowsConfig from None, a SnowsConfig, or a dict of SNOWS and solver options."""
+    from .newton_cg import NewtonCGConfig
+
     if snows is None:
-        return SnowsConfig()
+        snows = {}
     if isinstance(snows, SnowsConfig):
-        return snows
-    if isinstance(snows, Mapping):
-        from .newton_cg import NewtonCGConfig
+        config = snows
+    elif isinstance(snows, Mapping):
         opts = dict(snows)
         solver_keys = set(NewtonCGConfig.__dataclass_fields__)
         solver = {k: opts.pop(k) for k in list(opts) if k in solver_keys}
         unknown = set(opts) - set(SnowsConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown snows options {sorted(unknown)}; known: k, warm_start and {sorted(solver_keys)}")
-        return SnowsConfig(**opts, solver=NewtonCGConfig(**{**SnowsConfig().solver.__dict__, **solver}))
-    raise TypeError(f"snows must be a SnowsConfig or a dict of options, got {type(snows).__name__}")
+        config = SnowsConfig(**opts, solver=NewtonCGConfig(**{**SnowsConfig().solver.__dict__, **solver}))
+    else:
+        raise TypeError(f"snows must be a SnowsConfig or a dict of options, got {type(snows).__name__}")
+    if config.warm_start not in ("auto", "lstsq", "none"):
+        raise ValueError(f"snows warm_start must be 'auto', 'lstsq' or 'none', got {config.warm_start!r}")
+    if isinstance(config.k, bool) or not isinstance(config.k, int) or config.k < 0:
+        raise ValueError(f"snows k must be a non-negative integer (operations to look ahead), got {config.k!r}")
+    return config

@@ -32,7 +32,9 @@ class SnowsConfig:
     """SNOWS options. ``k`` counts measured operations after the layer's own output."""
 
     k: int = 8
-    warm_start: str = "lstsq"  # "lstsq" or "none" (start from the selection's weights)
+    # "auto": a least-squares warm start for supports chosen without weight updates
+    # (magnitude, Wanda), SparseGPT's own updated weights otherwise; "lstsq"; "none".
+    warm_start: str = "auto"
     solver: NewtonCGConfig = field(default_factory=lambda: NewtonCGConfig(epochs=2, max_cg=100))
 
 
