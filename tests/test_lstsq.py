@@ -9,15 +9,6 @@ from prunekit.oneshot.lstsq import lstsq_refit, reconstruction_error
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These layers are tiny: one intra-op thread avoids OpenMP stalls on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _data(seed: int, n: int, d_in: int, d_out: int, density: float = 0.5):
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d_in, d_in, generator=g, dtype=F64) / d_in**0.5 + torch.eye(d_in, dtype=F64)

@@ -13,15 +13,6 @@ from prunekit.patterns import NM, Unstructured, topk_keep
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These layers are tiny: one intra-op thread avoids OpenMP stalls on a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _layer(seed: int, d_out: int, d_in: int, n: int = 200, dtype=F64, outliers: bool = False):
     """Correlated calibration inputs X [n, d_in], H = X^T X / n and a dense weight.
 

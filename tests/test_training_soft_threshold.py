@@ -6,19 +6,7 @@ import torch
 from torch import nn
 
 from prunekit.training import SoftThreshold
-
-TARGETS = ["0", "2"]
-
-
-def make(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-
-
-def data(seed=1, n=64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 16, generator=g), torch.randint(0, 8, (n,), generator=g)
-
+from training_toys import TARGETS, data, make
 
 def train_step(model, opt, pruner, x, y, sched=None):
     loss = nn.functional.cross_entropy(model(x), y)
