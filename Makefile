@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 
-.PHONY: demo test venv bench-oneshot bench-minilm bench-train bench-train-overhead clean
+.PHONY: demo test venv bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ bench-oneshot: $(STAMP)
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt
 	$(PY) benchmarks/minilm.py --method sparsegpt --refine snows
+
+bench-deploy: $(STAMP)
+	$(PY) benchmarks/deploy.py
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/training.py

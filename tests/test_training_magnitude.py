@@ -195,3 +195,25 @@ def test_bad_input_raises_and_changes_nothing():
     assert all(torch.equal(snap[0][k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(snap[1]["masks"][n], pruner.masks[n]) for n in TARGETS)
     assert opt.state_dict() == snap[2]
+
+
+def test_initial_masks_resume_without_reselection():
+    model = make()
+    with torch.no_grad():  # a non-uniform support, as a global budget or SparseGPT would leave
+        model[0].weight[:, :12] = 0
+        model[2].weight[:4] = 0
+    before = copy.deepcopy(model.state_dict())
+    masks = {n: dict(model.named_modules())[n].weight != 0 for n in TARGETS}
+    opt = sgd(model)
+    pruner = MagnitudePruner(model, opt, 0.5, masks=masks, targets=TARGETS)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # building the pruner changed nothing
+    x, y = data()
+    for _ in range(20):
+        train_step(model, opt, pruner, x, y)
+    for n in TARGETS:
+        w = dict(model.named_modules())[n].weight
+        assert not w[~masks[n]].any()
+    other = make()
+    with pytest.raises(ValueError, match="names differ"):
+        MagnitudePruner(other, sgd(other), 0.5, masks={"zzz": torch.ones(3)}, targets=TARGETS)

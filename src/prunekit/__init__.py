@@ -12,7 +12,9 @@ During training, inside your own loop::
         loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad(); pruner.step()
     pruner.finalize()
 """
+from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .allocation import allocate, erk, global_counts
+from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
 from .layout import from_matrix, input_columns, to_matrix
 from .masks import MaskSet
 from .oneshot.newton_cg import NewtonCGConfig

@@ -46,7 +46,7 @@ class MaskSet:
         modules = dict(model.named_modules())
         for name, mask in self._masks.items():
             weight = modules[name].weight
-            weight.mul_(mask.to(weight.device, weight.dtype))
+            weight.masked_fill_(~mask.to(weight.device), 0.0)  # +0.0, never -0.0
 
     def verify(self, model: nn.Module) -> bool:
         """True when every masked-out weight of ``model`` is exactly zero."""

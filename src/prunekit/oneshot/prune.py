@@ -223,7 +223,9 @@ class _Job:
     @staticmethod
     @torch.no_grad()
     def _write(layer: nn.Module, w: torch.Tensor, mask: torch.Tensor) -> None:
-        layer.weight.copy_(from_matrix((w * mask).to(layer.weight.dtype), layer.weight.shape))
+        # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
+        kept = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+        layer.weight.copy_(from_matrix(kept.to(layer.weight.dtype), layer.weight.shape))
 
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:

@@ -51,6 +51,7 @@ class MagnitudePruner(PrunerBase):
         targets=None,
         auto_step: bool = False,
         sync: bool = True,
+        masks: MaskSet | Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.schedule = Constant(schedule) if isinstance(schedule, (int, float)) else schedule
         if not callable(self.schedule):
@@ -76,11 +77,17 @@ class MagnitudePruner(PrunerBase):
         self.masks = MaskSet({n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()})
         self.latent = {n: torch.zeros_like(w) for n, w in self.weights.items()} if mode == "keep" else {}
         self.s_prev = 0.0
+        if masks is not None:  # resume sparse fine-tuning, e.g. from prunekit.load_masks(path)
+            self.masks.load_state_dict(dict(masks.items()))
+            self.s_prev = self._sparsity_at(0)
         self.cycle_stats: list[dict[str, float]] = []
         self._last_end: dict[str, torch.Tensor] | None = None
         self._refresh_keep()
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._mask_grads()))
-        self._update(0)
+        if masks is None:
+            self._update(0)
+        else:
+            self._apply()
         if auto_step:
             self._attach_auto_step()
 
@@ -136,7 +143,7 @@ class MagnitudePruner(PrunerBase):
     def _apply(self) -> None:
         for n, keep in self._keep.items():
             w = self.weights[n]
-            w.mul_(keep)
+            w.masked_fill_(keep == 0, 0.0)  # +0.0 (a product would leave -0.0 behind)
             mask_optimizer_state(self.optimizer, w, keep)
 
     def _record_cycle(self, step: int) -> None:
