@@ -3,7 +3,8 @@
 Issue targets: SparseGPT at 50% on 128 sequences x 128 tokens in under 60 s; SNOWS refinement
 in under 10 minutes; peak memory during pruning below 2x the model plus one block's
 activations. Memory is the growth of the process's peak resident set (VmHWM) over its resident
-set just before pruning, so the Python/transformers baseline is not counted.
+set just before pruning (after one warm-up forward), so the Python/transformers baseline is not
+counted.
 
     python benchmarks/minilm.py --method sparsegpt
     python benchmarks/minilm.py --method sparsegpt --refine snows
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     calibration = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in seqs.split(args.batch)]
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     block_mib = args.sequences * args.length * model.config.intermediate_size * 4 / 2**20
+    with torch.no_grad():  # warm up the allocator and kernels once, as any forward would
+        model(**calibration[0])
     _reset_peak()
     before = _status("VmRSS")
     start = time.perf_counter()

@@ -95,7 +95,8 @@ def prune(
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity, skipped=skipped)
     job = _Job(model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
                sparsegpt_block_size, damp, lstsq_damp, result)
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Only the target weights ever change: they are all the restore point needs.
+    snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
     start = time.perf_counter()
     bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
@@ -111,7 +112,8 @@ def prune(
         job.finish()
     except BaseException:
         with torch.no_grad():
-            model.load_state_dict(snapshot)
+            for name, weight in snapshot.items():
+                targets[name].weight.copy_(weight)
         raise
     finally:
         bar.close()
