@@ -73,12 +73,12 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
 
 @torch.no_grad()
 def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
-    """Next block's inputs: this block's output replaces the first argument."""
-    out = []
-    for args, kwargs in inputs:
+    """Next block's inputs: this block's output replaces the first argument. The list is
+    updated in place, so a block's inputs and outputs are never all held at once."""
+    for i, (args, kwargs) in enumerate(inputs):
         hidden = first_output(block(*args, **kwargs))
-        out.append(((hidden, *args[1:]), kwargs))
-    return out
+        inputs[i] = ((hidden, *args[1:]), kwargs)
+    return inputs
 
 
 def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
