@@ -1,0 +1,53 @@
+"""Decoder LLM layout (llama-style, randomly initialised from a config: no download)."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import prunekit as pk  # noqa: E402
+from prunekit.oneshot.blocks import capture_inputs, find_blocks, propagate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                   max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    return model, [{"input_ids": i} for i in ids]
+
+
+def test_chained_decoder_inputs_equal_a_full_forward_layer_by_layer(llama):
+    model, calib = llama
+    calls = [((), c) for c in calib]
+    blocks = find_blocks(model)
+    assert [n for n, _ in blocks] == ["model.layers.0", "model.layers.1"]
+    chained = capture_inputs(model, blocks[0][1], calls)
+    for _, block in blocks:
+        direct = capture_inputs(model, block, calls)
+        for (a, ka), (b, kb) in zip(chained, direct):
+            first_a = a[0] if a else ka["hidden_states"]
+            first_b = b[0] if b else kb["hidden_states"]
+            assert torch.allclose(first_a, first_b, atol=1e-5)
+        chained = propagate(block, chained)
+
+
+@pytest.mark.parametrize("method,refine,pattern", [
+    ("magnitude", None, "unstructured"), ("wanda", None, "2:4"), ("sparsegpt", None, "unstructured"),
+    ("sparsegpt", "lstsq", "4:8"), ("wanda", "snows", "unstructured")])
+def test_every_method_prunes_the_decoder_and_leaves_the_tied_head(llama, method, refine, pattern):
+    dense, calib = llama
+    model = copy.deepcopy(dense)
+    keys = list(model.state_dict())
+    result = pk.prune(model, calib, sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
+                      method=method, refine=refine, snows={"k": 3, "max_cg": 5, "epochs": 1}, progress=False)
+    assert len(result.layers) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(abs(r.sparsity - 0.5) < 1e-6 for r in result.layers)
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model.lm_head.weight, dense.lm_head.weight)
+    assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    assert torch.isfinite(model(**calib[0]).logits).all()
