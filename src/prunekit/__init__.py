@@ -14,6 +14,7 @@ During training, inside your own loop::
 """
 from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .allocation import allocate, erk, global_counts
+from .eval import perplexity
 from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
 from .layout import from_matrix, input_columns, to_matrix
 from .masks import MaskSet
