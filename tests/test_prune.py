@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from prunekit.layout import to_matrix
-from prunekit.oneshot.lstsq import lstsq_refit
 from prunekit.oneshot.prune import prune
 from prunekit.patterns import NM, check_nm
 from prunekit.zoo.models import resnet_mnist, small_cnn
