@@ -78,7 +78,7 @@ def format_table(rows: list[dict], sparsity: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prunekit.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="prunekit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--sparsity", type=float, default=0.9, help="unstructured sparsity (default 0.9)")
     parser.add_argument("--calibration", type=int, default=256, help="calibration images (default 256)")
     parser.add_argument("--snows-k", type=int, default=4, help="SNOWS lookahead operations (default 4)")
