@@ -88,7 +88,9 @@ def prune(
     if isinstance(pattern, NM):
         budgets = {n: pattern.sparsity for n in targets}
     else:
-        scores = {n: magnitude_scores(m.weight) for n, m in targets.items()}
+        # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
+        scores = {n: magnitude_scores(m.weight) if budget == "global" else m.weight.detach()
+                  for n, m in targets.items()}
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 

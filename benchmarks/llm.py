@@ -1,0 +1,206 @@
+"""Prune SmolLM2-135M-Instruct one shot and measure perplexity, time and peak memory.
+
+Every method x pattern runs in its own subprocess, so each peak resident set (VmHWM) is that
+run's alone. Calibration is the head of the standard library's pydoc text, evaluation its
+held-out tail (disjoint). Results are appended to ``benchmarks/results/llm.json`` as each run
+finishes (a rerun skips the rows already there; ``--fresh`` starts over), then written as
+``llm.md``.
+
+    python benchmarks/llm.py                       # the whole grid (make bench-llm)
+    python benchmarks/llm.py --one sparsegpt 0.5   # one run, printed as a JSON line
+    python benchmarks/llm.py --one sparsegpt 0.5 --threads 2 --no-eval   # time/memory only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PROMPT = "The Python programming language is"
+METHODS = ["magnitude", "wanda", "sparsegpt", "wanda+lstsq", "sparsegpt+lstsq"]
+PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
+SNOWS_PATTERNS = ["0.5", "2:4"]
+
+
+def _status(field: str) -> float:
+    """A VmRSS/VmHWM figure of this process in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_one(args) -> dict:
+    """Load the model, prune it once, evaluate; returns one result row."""
+    import prunekit as pk
+    from prunekit.llm import decoder_blocks, generate_sample, text_calibration, tokenize
+    from prunekit.zoo.smollm2 import load_smollm2
+    from prunekit.zoo.text import pydoc_text, split_text
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok, model = load_smollm2(num_layers=args.layers)
+    calib_text, eval_text = split_text(pydoc_text())
+    method, _, refine = args.one[0].partition("+")
+    pattern = args.one[1]
+    unstructured = ":" not in pattern
+    row = {"method": args.one[0], "pattern": pattern if not unstructured else f"{float(pattern):.0%}",
+           "layers": len(model.model.layers), "threads": args.threads,
+           "calibration": f"{args.sequences}x{args.seq_len}"}
+    calibration = None
+    if method != "magnitude" or refine:
+        calibration = text_calibration(tok, calib_text, seq_len=args.seq_len, n_sequences=args.sequences,
+                                       batch_size=args.batch, model=model)
+        with torch.no_grad():  # warm up kernels and the allocator once, as any forward would
+            model(**calibration[0])
+    _reset_peak()
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    result = pk.prune(model, calibration, sparsity=float(pattern) if unstructured else None,
+                      pattern="unstructured" if unstructured else pattern, method=method, refine=refine or None,
+                      blocks=decoder_blocks(model), progress=False,
+                      snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg})
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    row["peak_growth_mib"] = round(_status("VmHWM") - before, 0)
+    row["rss_before_mib"] = round(before, 0)
+    row["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 0)
+    # prune() keeps a copy of the target weights to restore the model on failure: its size is
+    # fixed by the model; the rest of the growth is the working memory of one decoder layer.
+    row["restore_copy_mib"] = round(sum(model.get_submodule(r.name).weight.numel() * 4 for r in result.layers) / 2**20, 0)
+    row["sparsity"] = round(result.sparsity, 4)
+    row["pruned_layers"] = len(result.layers)
+    if not args.no_eval:
+        ids = tokenize(tok, eval_text)
+        row["perplexity"] = round(pk.perplexity(model, ids, seq_len=args.seq_len, max_sequences=args.eval_sequences), 2)
+        row["sample"] = generate_sample(model, tok, PROMPT, max_new_tokens=30)
+    return row
+
+
+def dense_row(args) -> dict:
+    import prunekit as pk
+    from prunekit.llm import generate_sample, tokenize
+    from prunekit.zoo.smollm2 import load_smollm2
+    from prunekit.zoo.text import pydoc_text, split_text
+
+    torch.set_num_threads(args.threads)
+    tok, model = load_smollm2()
+    ids = tokenize(tok, split_text(pydoc_text())[1])
+    return {"method": "dense", "pattern": "-", "layers": len(model.model.layers), "sparsity": 0.0,
+            "perplexity": round(pk.perplexity(model, ids, seq_len=args.seq_len, max_sequences=args.eval_sequences), 2),
+            "sample": generate_sample(model, tok, PROMPT, max_new_tokens=30)}
+
+
+def grid(args) -> list[tuple[str, str, int | None]]:
+    runs = [(m, p, None) for p in PATTERNS for m in METHODS]
+    runs += [("sparsegpt+snows", p, None) for p in SNOWS_PATTERNS]
+    half = 15
+    runs += [(m, "0.5", half) for m in ["magnitude", "wanda", "sparsegpt", "wanda+lstsq"]]
+    return runs
+
+
+def key(row: dict) -> tuple:
+    return row["method"], row["pattern"], row.get("layers")
+
+
+def write_markdown(rows: list[dict], path: str) -> None:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    base = dense["perplexity"] if dense else None
+    full = [r for r in rows if r["method"] != "dense" and r.get("layers") == 30]
+    half = {(r["method"], r["pattern"]): r for r in rows if r.get("layers") == 15}
+    lines = ["# SmolLM2-135M-Instruct, one-shot pruning of all 210 decoder linear layers", "",
+             "`python benchmarks/llm.py` (make bench-llm). Calibration: the first 80% of the standard library's",
+             "pydoc text; perplexity: its held-out last 20%. One run per row, each in its own process, 1 thread",
+             "unless marked (timings on a shared 2-core machine). Memory: growth of the peak resident set over",
+             "the resident set just before pruning (model loaded, one warm-up forward).", ""]
+    if dense:
+        lines += [f"Dense perplexity: **{base}**.", ""]
+    lines += ["| method | pattern | sparsity | perplexity | x dense | prune s | peak growth MiB | half-depth (15 layers) growth MiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in full:
+        ppl = r.get("perplexity")
+        ratio = f"{ppl / base:.2f}" if ppl and base else "-"
+        h = half.get((r["method"], r["pattern"]))
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
+                     f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {h['peak_growth_mib']:.0f} |" if h else
+                     f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
+                     f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | - |")
+    lines += ["", "## Greedy samples", "", f"Prompt: `{PROMPT}`", ""]
+    for r in ([dense] if dense else []) + full:
+        if r.get("sample") is not None:
+            text = " ".join(r["sample"].split())
+            lines.append(f"- **{r['method']} {r['pattern']}**: {text}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--one", nargs=2, metavar=("METHOD", "PATTERN"),
+                   help="one run: METHOD is magnitude|wanda|sparsegpt[+lstsq|+snows], PATTERN a sparsity or N:M")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first decoder layers")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sequences", type=int, default=64, help="calibration sequences")
+    p.add_argument("--snows-sequences", type=int, default=16, help="calibration sequences for SNOWS runs")
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--k", type=int, default=3, help="SNOWS lookahead")
+    p.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="ignore rows already in llm.json")
+    p.add_argument("--only", default=None, help="run only grid rows whose method contains this string")
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)), flush=True)
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "llm.json")
+    rows = [] if args.fresh or not os.path.exists(path) else json.load(open(path))
+    if not any(r["method"] == "dense" for r in rows):
+        rows.insert(0, dense_row(args))
+        print(json.dumps(rows[0]), flush=True)
+    done = {key(r) for r in rows}
+    for method, pattern, layers in grid(args):
+        label = pattern if ":" in pattern else f"{float(pattern):.0%}"
+        if (method, label, layers or 30) in done or (args.only and args.only not in method):
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, pattern, "--threads", str(args.threads),
+               "--seq-len", str(args.seq_len), "--eval-sequences", str(args.eval_sequences), "--batch", str(args.batch),
+               "--sequences", str(args.snows_sequences if "snows" in method else args.sequences),
+               "--k", str(args.k), "--max-cg", str(args.max_cg)]
+        if layers:
+            cmd += ["--layers", str(layers), "--no-eval"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{method} {pattern} failed:\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    write_markdown(rows, os.path.join(RESULTS, "llm.md"))
+    print(open(os.path.join(RESULTS, "llm.md")).read())
+
+
+if __name__ == "__main__":
+    main()
