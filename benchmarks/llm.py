@@ -131,16 +131,19 @@ def write_markdown(rows: list[dict], path: str) -> None:
              "the resident set just before pruning (model loaded, one warm-up forward).", ""]
     if dense:
         lines += [f"Dense perplexity: **{base}**.", ""]
-    lines += ["| method | pattern | sparsity | perplexity | x dense | prune s | peak growth MiB | half-depth (15 layers) growth MiB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | pattern | sparsity | perplexity | x dense | prune s | peak growth MiB | of which restore copy | "
+              "working MiB, 30 layers | working MiB, 15 layers |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in full:
         ppl = r.get("perplexity")
         ratio = f"{ppl / base:.2f}" if ppl and base else "-"
         h = half.get((r["method"], r["pattern"]))
+        work_half = f"{h['peak_growth_mib'] - h['restore_copy_mib']:.0f}" if h else "-"
         lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
-                     f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {h['peak_growth_mib']:.0f} |" if h else
-                     f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
-                     f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | - |")
+                     f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {r['restore_copy_mib']:.0f} | "
+                     f"{r['peak_growth_mib'] - r['restore_copy_mib']:.0f} | {work_half} |")
+    lines += ["", "Working memory = peak growth minus the restore copy of the target weights that `prune()` keeps to",
+              "undo a failed run (its size is the model's, by design). The working memory is what one decoder",
+              "layer's activations and statistics cost; the half-depth column checks it does not grow with depth."]
     lines += ["", "## Greedy samples", "", f"Prompt: `{PROMPT}`", ""]
     for r in ([dense] if dense else []) + full:
         if r.get("sample") is not None:
@@ -165,6 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in llm.json")
+    p.add_argument("--markdown", action="store_true", help="only rewrite llm.md from llm.json")
     p.add_argument("--only", default=None, help="run only grid rows whose method contains this string")
     args = p.parse_args(argv)
     if args.one:
@@ -173,6 +177,9 @@ def main(argv=None) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "llm.json")
     rows = [] if args.fresh or not os.path.exists(path) else json.load(open(path))
+    if args.markdown:
+        write_markdown(rows, os.path.join(RESULTS, "llm.md"))
+        return
     if not any(r["method"] == "dense" for r in rows):
         rows.insert(0, dense_row(args))
         print(json.dumps(rows[0]), flush=True)

@@ -12,6 +12,7 @@ During training, inside your own loop::
         loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad(); pruner.step()
     pruner.finalize()
 """
+from . import llm
 from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .allocation import allocate, erk, global_counts
 from .eval import perplexity

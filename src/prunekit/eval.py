@@ -13,9 +13,10 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
     """exp(mean next-token negative log-likelihood) over ``tokens`` cut into non-overlapping
     ``seq_len`` sequences (the remainder is dropped). ``model(input_ids=...)`` must return
     ``.logits`` (Hugging Face causal LMs) or the logits tensor itself."""
+    from .llm import check_seq_len
+
     tokens = torch.as_tensor(tokens).reshape(-1)
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    check_seq_len(model, seq_len)
     n = tokens.numel() // seq_len
     if max_sequences is not None:
         n = min(n, max_sequences)

@@ -1,0 +1,214 @@
+"""What a model's sparsity looks like, layer by layer: parameters, non-zeros and FLOPs.
+
+Everything is read from the weight tensors (principle 6: measure, don't assume), so a report is
+correct for any model, however it was pruned. FLOPs count a multiply-accumulate as 2 FLOPs; a
+sparse layer is credited only with its non-zero weights (an upper bound on what a kernel can save).
+Without example inputs FLOPs are per output position; with them, per forward of that input.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .oneshot.calibration import as_call, model_device, to_device
+from .targets import DEFAULT_TYPES, find_targets
+
+PER_POSITION = "per output position"
+PER_FORWARD = "per forward of the example input"
+
+
+@dataclass
+class LayerStat:
+    """One prunable layer: its weight's size, non-zeros and FLOPs (dense vs. sparse)."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    nonzeros: int
+    flops_dense: int
+    flops_sparse: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.params if self.params else 0.0
+
+
+@dataclass
+class ModelReport:
+    """Per-layer stats of the prunable layers, plus whole-model parameter totals.
+
+    ``total_params`` / ``total_nonzeros`` cover every parameter of the model (tied ones once), so
+    embeddings, norms and biases are included; ``sparsity`` covers the listed layers only.
+    """
+
+    layers: list[LayerStat] = field(default_factory=list)
+    total_params: int = 0
+    total_nonzeros: int = 0
+    flops_unit: str = PER_POSITION
+
+    @property
+    def params(self) -> int:
+        return sum(s.params for s in self.layers)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(s.nonzeros for s in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzeros / self.params if self.params else 0.0
+
+    @property
+    def flops_dense(self) -> int:
+        return sum(s.flops_dense for s in self.layers)
+
+    @property
+    def flops_sparse(self) -> int:
+        return sum(s.flops_sparse for s in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: every layer (with its sparsity) and the totals."""
+        layers = [{**asdict(s), "shape": list(s.shape), "sparsity": s.sparsity} for s in self.layers]
+        return {
+            "layers": layers,
+            "params": self.params,
+            "nonzeros": self.nonzeros,
+            "sparsity": self.sparsity,
+            "total_params": self.total_params,
+            "total_nonzeros": self.total_nonzeros,
+            "flops_dense": self.flops_dense,
+            "flops_sparse": self.flops_sparse,
+            "flops_unit": self.flops_unit,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def _totals_line(self, count=str, flops=str) -> str:
+        return (f"Total: {count(self.nonzeros)} of {count(self.params)} prunable weights non-zero "
+                f"(sparsity {self.sparsity:.2%}); model: {count(self.total_nonzeros)} of "
+                f"{count(self.total_params)} parameters non-zero; FLOPs {flops(self.flops_dense)} dense, "
+                f"{flops(self.flops_sparse)} sparse ({self.flops_unit})")
+
+    def to_markdown(self) -> str:
+        """A markdown table with exact counts, then a totals line."""
+        rows = ["| layer | kind | shape | params | non-zeros | sparsity | FLOPs dense | FLOPs sparse |",
+                "|---|---|---|--:|--:|--:|--:|--:|"]
+        for s in self.layers:
+            rows.append(f"| {s.name} | {s.kind} | {_shape(s.shape)} | {s.params} | {s.nonzeros} | "
+                        f"{s.sparsity:.2%} | {s.flops_dense} | {s.flops_sparse} |")
+        return "\n".join(rows) + "\n\n" + self._totals_line() + "\n"
+
+    def to_terminal(self) -> str:
+        """An aligned plain-text table in human units (1.23M, 3.40 GFLOP), then the totals."""
+        head = ("layer", "kind", "shape", "params", "non-zeros", "sparsity", "FLOPs dense", "FLOPs sparse")
+        body = [(s.name or "(model)", s.kind, _shape(s.shape), human_count(s.params), human_count(s.nonzeros),
+                 f"{s.sparsity:.2%}", human_flops(s.flops_dense), human_flops(s.flops_sparse)) for s in self.layers]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+
+        def line(r: Sequence[str]) -> str:  # text columns left-aligned, numbers right-aligned
+            return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+        rule = "-" * len(line(["-" * w for w in widths]))
+        return "\n".join([line(head), rule, *map(line, body), rule,
+                          self._totals_line(human_count, human_flops)]) + "\n"
+
+
+def model_report(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    include_head: bool = True,
+) -> ModelReport:
+    """Report the sparsity and FLOPs of ``model``'s prunable layers (see :func:`find_targets`).
+
+    With ``example_inputs`` (a tensor, tuple or mapping, as for calibration) one forward runs in
+    eval mode under ``no_grad`` to count each layer's output positions; a layer called twice is
+    counted twice, one never called gets 0 FLOPs. The model is left exactly as it was.
+    """
+    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    positions = {name: 1 for name in targets}
+    unit = PER_POSITION
+    if example_inputs is not None:
+        positions, unit = _count_positions(model, targets, example_inputs), PER_FORWARD
+    layers = []
+    for name, module in targets.items():
+        w = module.weight.detach()
+        nnz = int(torch.count_nonzero(w))
+        # Linear and conv alike: one output position costs one MAC per weight (C_in/groups*k*C_out).
+        layers.append(LayerStat(name, type(module).__name__, tuple(w.shape), w.numel(), nnz,
+                                2 * w.numel() * positions[name], 2 * nnz * positions[name]))
+    params = [p.detach() for p in model.parameters()]  # parameters() yields a tied tensor once
+    return ModelReport(layers, sum(p.numel() for p in params),
+                       sum(int(torch.count_nonzero(p)) for p in params), unit)
+
+
+def _out_dim(module: nn.Module) -> int:
+    for attr in ("out_features", "out_channels"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    return module.weight.shape[0]
+
+
+def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_inputs: Any) -> dict[str, int]:
+    """Output positions of each target in one forward; modules sharing a target's weight count
+    towards it (a tied layer's compute is real compute)."""
+    by_weight = {id(m.weight): name for name, m in targets.items()}
+    positions = {name: 0 for name in targets}
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                positions[name] += output.numel() // _out_dim(module)
+        return fn
+
+    try:
+        for m in model.modules():
+            name = by_weight.get(id(getattr(m, "weight", None)))
+            if name is not None and isinstance(m, tuple(type(t) for t in targets.values())):
+                handles.append(m.register_forward_hook(hook(name)))
+        args, kwargs = as_call(to_device(example_inputs, model_device(model)))
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return positions
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _scaled(n: float, units: Sequence[tuple[str, int]]) -> tuple[float, str, int]:
+    """Pick the largest unit that keeps the rounded value below 1000 (no '1000.0k')."""
+    for i, (suffix, digits) in enumerate(units):
+        v = n / 1000 ** i
+        if abs(round(v, digits)) < 1000 or i == len(units) - 1:
+            return v, suffix, digits
+    raise AssertionError("unreachable")
+
+
+def human_count(n: float) -> str:
+    """A count in k/M/B: 12, 456.7k, 1.23M, 4.56B."""
+    v, suffix, digits = _scaled(n, [("", 0), ("k", 1), ("M", 2), ("B", 2), ("T", 2)])
+    return f"{v:.{digits}f}{suffix}"
+
+
+def human_flops(n: float) -> str:
+    """FLOPs with an SI prefix: 12 FLOP, 3.40 GFLOP."""
+    v, prefix, digits = _scaled(n, [("", 0), ("k", 2), ("M", 2), ("G", 2), ("T", 2), ("P", 2)])
+    return f"{v:.{digits}f} {prefix}FLOP"
