@@ -1,0 +1,113 @@
+"""``prunekit prune``: one-shot prune a model from the shell, with a recipe or options."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..oneshot.prune import METHODS
+
+DESCRIPTION = """\
+Prune a model one shot and write it, with a report, to an output directory.
+
+MODEL is a Hugging Face model directory (or a name available offline), 'package.module:factory'
+(with --state-dict), or builtin:minilm / builtin:smollm2. Options override the recipe's values.
+The output directory is written only when the job has finished: an error or Ctrl-C leaves it
+absent (or, with --overwrite, as it was).
+
+examples:
+  prunekit prune builtin:minilm --method wanda --sparsity 0.5 --corpus pydoc --output out/
+  prunekit prune --recipe minilm-sparsegpt-2of4 --output out/
+  prunekit prune my_pkg.models:resnet --state-dict w.pt --data-tensors x.pt --method sparsegpt \\
+      --pattern 2:4 --format compressed --output out/
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prune", help="prune a model one shot and write it with a report",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="model to prune (or take it from --recipe)")
+    p.add_argument("--recipe", help="a recipe YAML file, or the name of a shipped recipe (prunekit recipes)")
+    p.add_argument("-o", "--output", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g = p.add_argument_group("model")
+    g.add_argument("--state-dict", help="weights (.pt/.pth/.safetensors) for a module:factory model")
+    g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", choices=METHODS, help="how the support is chosen")
+    g.add_argument("--refine", choices=["none", "lstsq", "snows"], help="refit the surviving weights")
+    g.add_argument("--pattern", help="unstructured or N:M, e.g. 2:4")
+    g.add_argument("--sparsity", type=float, help="fraction of prunable weights to remove (unstructured)")
+    g.add_argument("--budget", choices=["uniform", "global", "erk"], help="how sparsity is spread over layers")
+    g.add_argument("--cap", type=float, help="largest per-layer sparsity under a global budget")
+    g.add_argument("--include", action="append", help="regex of layer names to prune (repeatable)")
+    g.add_argument("--exclude", action="append", help="regex of layer names to leave dense (repeatable)")
+    g.add_argument("--snows-k", type=int, help="SNOWS lookahead: measured operations after the layer")
+    g.add_argument("--snows-max-cg", type=int, help="SNOWS conjugate-gradient iterations per Newton step")
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
+    g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
+    g.add_argument("--data-tensors", metavar="FILE", help="a .pt or .npy array of inputs [N, ...]")
+    g.add_argument("--seq-len", type=int, help="tokens per calibration sequence (text)")
+    g.add_argument("--n-sequences", type=int, help="number of calibration sequences (text)")
+    g.add_argument("--batch-size", type=int, help="calibration batch size")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", help="comma-separated: hf (save_pretrained), compressed (prunekit.save)")
+    g.add_argument("--plot", action="store_true", help="also write layer_sparsity.png")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    """The recipe sections the command-line options set (None means: keep the recipe's)."""
+    out: dict = {"model": {}, "data": {}, "targets": {}, "prune": {}, "output": {}}
+    if args.model:
+        out["model"]["source"] = args.model
+    for key in ("state_dict", "gguf_file"):
+        if getattr(args, key):
+            out["model"][key] = getattr(args, key)
+    for key in ("method", "pattern", "sparsity", "budget", "cap"):
+        if getattr(args, key) is not None:
+            out["prune"][key] = getattr(args, key)
+    if args.refine is not None:
+        out["prune"]["refine"] = None if args.refine == "none" else args.refine
+    snows = {k: v for k, v in (("k", args.snows_k), ("max_cg", args.snows_max_cg)) if v is not None}
+    if snows:
+        out["prune"]["snows"] = snows
+    if args.pattern and ":" in args.pattern and args.sparsity is None:
+        out["prune"]["sparsity"] = None
+    for key in ("include", "exclude"):
+        if getattr(args, key):
+            out["targets"][key] = getattr(args, key)
+    sources = [("corpus", args.corpus), ("text", args.data_text), ("tensors", args.data_tensors)]
+    chosen = [(k, v) for k, v in sources if v]
+    if len(chosen) > 1:
+        raise ValueError("pass only one of --corpus, --data-text and --data-tensors")
+    if chosen:
+        out["data"]["source"] = chosen[0]
+    for key in ("seq_len", "n_sequences", "batch_size"):
+        if getattr(args, key) is not None:
+            out["data"][key] = getattr(args, key)
+    if args.output:
+        out["output"]["dir"] = args.output
+    if args.format:
+        out["output"]["formats"] = [f.strip() for f in args.format.split(",") if f.strip()]
+    if args.overwrite:
+        out["output"]["overwrite"] = True
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recipe import recipe_from_cli, run_recipe
+
+    if not args.model and not args.recipe:
+        raise ValueError("pass a MODEL or --recipe (see prunekit prune --help)")
+    recipe = recipe_from_cli(args.recipe, overrides_from(args))
+    outcome = run_recipe(recipe, progress=False if args.quiet else None)
+    if args.plot:
+        from ..plots import plot_layer_sparsity
+        from ..report import model_report
+
+        plot_layer_sparsity(model_report(outcome.model), f"{outcome.output_dir}/layer_sparsity.png")
+    if not args.quiet:
+        print(outcome.result.summary())
+        print(f"wrote {outcome.output_dir}", file=sys.stderr)
+    return 0
