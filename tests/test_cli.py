@@ -1,19 +1,174 @@
+"""The prunekit command: help, exit codes, one-line errors, safe output, end to end on MiniLM."""
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 
+import prunekit
 from prunekit.cli import main
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # loading_toys:tiny_mlp
 
-def test_help_and_version(capsys):
+
+def prunekit_exe() -> str:
+    """The installed console script, next to this interpreter."""
+    exe = shutil.which("prunekit", path=os.path.dirname(sys.executable))
+    assert exe, "the package must install a 'prunekit' console script"
+    return exe
+
+
+def job(tmp_path, **prune) -> str:
+    """A recipe for the tiny MLP with 64 random inputs; returns its path."""
+    torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    spec = {"model": "loading_toys:tiny_mlp", "data": {"tensors": "x.pt", "batch_size": 16},
+            "prune": {"method": "sparsegpt", "sparsity": 0.5, **prune}, "output": {"dir": "out", "formats": ["compressed"]}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(tmp_path / "job.yaml")
+
+
+def test_help_on_every_command(capsys):
     assert main([]) == 2
-    assert "demo" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        main(["--version"])
-    assert exc.value.code == 0
+    assert "prune" in capsys.readouterr().out
+    for command in ("prune", "report", "recipes", "bench"):
+        assert main([command, "--help"]) == 0
+        assert "usage: prunekit " + command in capsys.readouterr().out
+    assert main(["--version"]) == 0
+    assert prunekit.__version__ in capsys.readouterr().out
 
 
-def test_demo_help_runs_as_a_subprocess():
-    out = subprocess.run([sys.executable, "-m", "prunekit.cli", "demo", "--help"], capture_output=True, text=True, timeout=120)
+def test_console_script_and_demo_help_run_as_subprocesses():
+    out = subprocess.run([prunekit_exe(), "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--sparsity" in out.stdout
+
+
+def test_prune_a_factory_model_from_a_recipe_then_report_it(tmp_path, capsys):
+    assert main(["prune", job(tmp_path), "--quiet"]) == 0
+    out = tmp_path / "out"
+    assert {"model.prunekit.safetensors", "prune_report.json", "prune_report.md", "layer_sparsity.png",
+            "recipe.yaml"} <= set(os.listdir(out))
+    capsys.readouterr()
+    ckpt = str(out / "model.prunekit.safetensors")
+    assert main(["report", ckpt, "--model", "loading_toys:tiny_mlp", "--format", "json",
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    # the report reads the checkpoint's zeros: 50% of the two hidden layers (the head stays dense)
+    hidden = [layer for layer in report["layers"] if layer["name"] in ("0", "2")]
+    assert [layer["nonzeros"] for layer in hidden] == [64, 128]
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_options_override_the_recipe(tmp_path):
+    assert main(["prune", "--recipe", job(tmp_path), "--method", "wanda", "--pattern", "2:4",
+                 "-o", str(tmp_path / "other"), "--quiet"]) == 0
+    spec = yaml.safe_load((tmp_path / "other" / "recipe.yaml").read_text())
+    assert spec["prune"]["method"] == "wanda" and spec["prune"]["pattern"] == "2:4"
+
+
+def one_line_error(capsys, code, argv, match):
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prunekit: error:") and "\n" not in err and "Traceback" not in err, err
+    assert match in err, err
+
+
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
+    one_line_error(capsys, 2, ["prune", str(tmp_path / "missing"), "--method", "magnitude", "--sparsity", "0.5",
+                               "-o", str(tmp_path / "o")], "does not exist")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: loading_toys:tiny_mlp\nprune: {method: wandaa, sparsity: 0.5}\n")
+    one_line_error(capsys, 2, ["prune", str(bad)], "did you mean 'wanda'")
+    bad.write_text("model: loading_toys:tiny_mlp\nprune: {method: magnitude, sparsty: 0.5}\n")
+    one_line_error(capsys, 2, ["prune", str(bad)], "unknown key 'sparsty' in prune; did you mean 'sparsity'?")
+    torch.save(torch.randn(16, 5), tmp_path / "wrong.pt")  # the MLP takes 8 features
+    one_line_error(capsys, 2, ["prune", job(tmp_path), "--data-tensors", str(tmp_path / "wrong.pt")],
+                   "does not fit the model")
+    assert not (tmp_path / "out").exists()
+    one_line_error(capsys, 2, ["prune", "loading_toys:tiny_mlp", "--sparsity", "1.5", "--method", "magnitude"], "sparsity")
+    one_line_error(capsys, 2, ["bench", "no-such-benchmark"], "unknown benchmark")
+
+
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    one_line_error(capsys, 2, ["prune", job(tmp_path)], "--overwrite")
+    assert os.listdir(tmp_path / "out") == ["mine.txt"]
+    assert main(["prune", job(tmp_path), "--overwrite", "--quiet"]) == 0
+    assert "model.prunekit.safetensors" in os.listdir(tmp_path / "out")
+
+
+def test_ctrl_c_during_pruning_leaves_no_output(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prunekit, "prune", interrupted)
+    assert main(["prune", job(tmp_path)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["x.pt", "job.yaml"] or set(os.listdir(tmp_path)) == {"x.pt", "job.yaml"}
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["prune", str(tmp_path / "missing"), "--method", "magnitude", "--sparsity", "0.5", "--debug"])
+
+
+def test_recipes_lists_and_prints(capsys):
+    assert main(["recipes"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "minilm-wanda-50" in names
+    assert main(["recipes", "minilm-wanda-50"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["prune"]["method"] == "wanda"
+
+
+def held_out_sentences(n: int = 32) -> list[str]:
+    """Sentences from the evaluation part of the built-in corpus (never used to calibrate)."""
+    from prunekit.zoo.text import pydoc_text, split_text
+
+    text = " ".join(split_text(pydoc_text())[1].split())
+    sentences = [s.strip() + "." for s in text.split(". ") if 8 <= len(s.split()) <= 40]
+    return sentences[:: max(1, len(sentences) // n)][:n]
+
+
+def sentence_embeddings(model, tokenizer, sentences) -> torch.Tensor:
+    """Mean-pooled, normalised token embeddings (how all-MiniLM-L6-v2 embeds sentences)."""
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        tokens = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((tokens * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,pattern,floor", [("wanda", "unstructured", 0.8), ("sparsegpt", "2:4", 0.8)])
+def test_prunekit_prune_on_minilm_end_to_end(tmp_path, minilm, method, pattern, floor):
+    """`prunekit prune RECIPE` in a subprocess, then plain transformers loads the output: the
+    encoder's linear layers are exactly as sparse as asked and held-out sentence embeddings
+    stay close to the dense model's."""
+    from transformers import AutoModel
+
+    tokenizer, dense = minilm
+    spec = {"model": "builtin:minilm", "data": {"corpus": "pydoc", "seq_len": 128, "n_sequences": 32},
+            "prune": {"method": method, "pattern": pattern, **({"sparsity": 0.5} if pattern == "unstructured" else {})},
+            "output": {"dir": "out", "formats": ["hf"]}}
+    (tmp_path / "minilm.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([prunekit_exe(), "prune", str(tmp_path / "minilm.yaml"), "--quiet"], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    pruned = AutoModel.from_pretrained(tmp_path / "out").eval()
+    for name, layer in prunekit.find_targets(pruned).items():
+        w = layer.weight
+        assert int((w == 0).sum()) == w.numel() // 2, name
+        if pattern == "2:4":
+            assert prunekit.check_nm(w != 0, prunekit.NM(2, 4)), name
+    sentences = held_out_sentences()
+    cosine = (sentence_embeddings(pruned, tokenizer, sentences) * sentence_embeddings(dense, tokenizer, sentences)).sum(-1)
+    print(f"\n{method} {pattern}: mean cosine similarity to the dense embeddings {cosine.mean():.4f} "
+          f"(min {cosine.min():.4f}) over {len(sentences)} held-out sentences")
+    assert cosine.mean() > floor

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..oneshot.prune import METHODS
 
 DESCRIPTION = """\
-Prune a model one shot and write it, with a report, to an output directory.
+Prune a model one shot and write it to an output directory, with a report (prune_report.md/.json)
+and a per-layer sparsity plot (layer_sparsity.png).
 
 MODEL is a Hugging Face model directory (or a name available offline), 'package.module:factory'
 (with --state-dict), or builtin:minilm / builtin:smollm2. Options override the recipe's values.
@@ -52,7 +54,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="calibration batch size")
     g = p.add_argument_group("output")
     g.add_argument("--format", help="comma-separated: hf (save_pretrained), compressed (prunekit.save)")
-    g.add_argument("--plot", action="store_true", help="also write layer_sparsity.png")
     return p
 
 
@@ -95,18 +96,45 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..recipe import recipe_from_cli, run_recipe
+def is_recipe(name: str | None) -> bool:
+    """A YAML path or the name of a shipped recipe (so ``prunekit prune RECIPE`` works too)."""
+    from ..recipe import list_recipes
 
+    return bool(name) and (name.endswith((".yaml", ".yml")) or name in list_recipes())
+
+
+def build_recipe(args: argparse.Namespace):
+    """The recipe to run: the --recipe file (or a recipe given as MODEL) with the options applied."""
+    from ..recipe import load_recipe
+
+    if is_recipe(args.model) and not args.recipe:
+        args.recipe, args.model = args.model, None
     if not args.model and not args.recipe:
-        raise ValueError("pass a MODEL or --recipe (see prunekit prune --help)")
-    recipe = recipe_from_cli(args.recipe, overrides_from(args))
-    outcome = run_recipe(recipe, progress=False if args.quiet else None)
-    if args.plot:
-        from ..plots import plot_layer_sparsity
-        from ..report import model_report
+        raise ValueError("pass a MODEL or a recipe (prunekit recipes lists the shipped ones; see prunekit prune --help)")
+    overrides = overrides_from(args)
+    raw = load_recipe(args.recipe).to_dict() if args.recipe else {}
+    for section, values in overrides.items():
+        if section == "data" and "source" in values:  # a data option replaces the recipe's data source
+            kind, value = values.pop("source")
+            raw["data"] = {k: v for k, v in (raw.get("data") or {}).items() if k not in ("text", "corpus", "tensors")}
+            raw["data"][kind] = _absolute(value) if kind != "corpus" else value
+        for key, value in values.items():
+            if key in ("dir", "state_dict") or (key == "source" and os.path.exists(value)):
+                value = _absolute(value)
+            raw.setdefault(section, None)
+            raw[section] = {**(raw[section] or {}), key: value}
+    return load_recipe({k: v for k, v in raw.items() if v is not None or k == "data"})
 
-        plot_layer_sparsity(model_report(outcome.model), f"{outcome.output_dir}/layer_sparsity.png")
+
+def _absolute(value):
+    return [os.path.abspath(v) for v in value] if isinstance(value, list) else os.path.abspath(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..recipe import run_recipe
+
+    recipe = build_recipe(args)
+    outcome = run_recipe(recipe, progress=False if args.quiet else None)
     if not args.quiet:
         print(outcome.result.summary())
         print(f"wrote {outcome.output_dir}", file=sys.stderr)

@@ -1,0 +1,16 @@
+"""Tiny models for the loading and recipe tests, imported as ``loading_toys:factory``."""
+import torch
+from torch import nn
+
+
+def tiny_mlp(width: int = 16, classes: int = 4) -> nn.Module:
+    """An 8 -> width -> width -> classes MLP (deterministic weights)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+def not_a_model(**_):
+    return "not a model"
+
+
+NOT_CALLABLE = 3
