@@ -172,3 +172,20 @@ def test_prunekit_prune_on_minilm_end_to_end(tmp_path, minilm, method, pattern, 
     print(f"\n{method} {pattern}: mean cosine similarity to the dense embeddings {cosine.mean():.4f} "
           f"(min {cosine.min():.4f}) over {len(sentences)} held-out sentences")
     assert cosine.mean() > floor
+
+
+def test_the_readme_command_lines_parse():
+    """Every `prunekit ...` line in the README's shell blocks is a valid command line."""
+    import re
+    import shlex
+
+    from prunekit.cli import build_parser
+
+    readme = open(os.path.join(HERE, "..", "README.md"), encoding="utf-8").read()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+             for line in block.splitlines() if line.startswith("prunekit ")]
+    assert len(lines) >= 5
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.command in ("prune", "report", "recipes", "bench"), line

@@ -23,6 +23,9 @@ from .oneshot.newton_cg import NewtonCGConfig
 from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
 from .oneshot.snows import SnowsConfig
+from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
+from .recipe import Recipe, RecipeOutcome, list_recipes, load_recipe, run_recipe
+from .report import ModelReport, model_report
 from .patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
 from .schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .targets import find_targets
