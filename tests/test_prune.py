@@ -193,3 +193,14 @@ def test_failure_midway_restores_model(monkeypatch):
         prune(model, _data(), sparsity=0.5, refine="lstsq", progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_progress_bars_show_only_when_asked(capsys):
+    """Bars for calibration, layers and SNOWS steps with progress=True; nothing otherwise (and
+    nothing by default when stderr is not a terminal, as under pytest)."""
+    prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrate" in err and "prune magnitude+snows" in err and "newton-cg" in err
+    for progress in (False, None):
+        prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=progress)
+        assert capsys.readouterr().err == ""

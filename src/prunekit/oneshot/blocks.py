@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 class StopForward(Exception):
@@ -46,9 +47,10 @@ def first_output(out):
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, dict]],
+                   progress: bool = False) -> list[tuple[tuple, dict]]:
     """Run ``model`` on every calibration call and record the ``(args, kwargs)`` that reach
-    ``block``, stopping the forward there."""
+    ``block``, stopping the forward there (a progress bar over the batches if ``progress``)."""
     if block is model:
         return list(calls)
     captured: list[tuple[tuple, dict]] = []
@@ -59,7 +61,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for args, kwargs in calls:
+        for args, kwargs in tqdm(calls, desc="calibrate", unit="batch", disable=not progress, leave=False):
             try:
                 model(*args, **kwargs)
             except StopForward:

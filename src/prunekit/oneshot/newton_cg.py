@@ -323,7 +323,7 @@ def newton_cg_refit(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="newton-cg", unit="step", disable=None, leave=False)
+        bar = tqdm(total=total, desc="newton-cg", unit="step", leave=False)  # the caller chose to show it
 
     try:
         done = config.max_steps is not None and config.max_steps <= 0

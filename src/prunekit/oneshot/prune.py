@@ -104,6 +104,7 @@ def prune(
     bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
                disable=(not progress) if progress is not None else None, leave=False)
     job.bar = bar
+    job.show_progress = not bar.disable
     try:
         model.eval()
         if needs_data:
@@ -137,6 +138,7 @@ class _Job:
         self.masks: dict[str, torch.Tensor] = {}
         self.target_ids = {id(m) for m in targets.values()}
         self.bar = None
+        self.show_progress = False
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
@@ -147,7 +149,7 @@ class _Job:
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
             if inputs is None or capture == "rerun":
-                inputs = capture_inputs(self.model, block, calls)
+                inputs = capture_inputs(self.model, block, calls, progress=self.show_progress)
             if layers:
                 self.process_block(block, inputs, layers, chain=blocks[i:])
             if i + 1 < len(blocks) and capture == "chain":
@@ -208,7 +210,7 @@ class _Job:
             solve, before, after = snows_refit(
                 self.model, ctx["chain"], layer, from_matrix(mask, layer.weight.shape), ctx["inputs"],
                 config=self.snows_cfg, targets=self.target_ids, block_layers=ctx["block_layers"],
-                dense_weights=ctx["dense"],
+                dense_weights=ctx["dense"], progress=self.show_progress,
             )
             report.lookahead_before, report.lookahead_after = before, after
             if solve.failed_line_searches:
