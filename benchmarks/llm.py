@@ -22,29 +22,13 @@ import time
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from prunekit.memory import reset_peak, resident_mib  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT = "The Python programming language is"
 METHODS = ["magnitude", "wanda", "sparsegpt", "wanda+lstsq", "sparsegpt+lstsq"]
 PATTERNS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
 SNOWS_PATTERNS = ["0.5", "2:4"]
-
-
-def _status(field: str) -> float:
-    """A VmRSS/VmHWM figure of this process in MiB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def run_one(args) -> dict:
@@ -70,15 +54,15 @@ def run_one(args) -> dict:
                                        batch_size=args.batch, model=model)
         with torch.no_grad():  # warm up kernels and the allocator once, as any forward would
             model(**calibration[0])
-    _reset_peak()
-    before = _status("VmRSS")
+    reset_peak()
+    before = resident_mib("VmRSS")
     start = time.perf_counter()
     result = pk.prune(model, calibration, sparsity=float(pattern) if unstructured else None,
                       pattern="unstructured" if unstructured else pattern, method=method, refine=refine or None,
                       blocks=decoder_blocks(model), progress=False,
                       snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg})
     row["seconds"] = round(time.perf_counter() - start, 1)
-    row["peak_growth_mib"] = round(_status("VmHWM") - before, 0)
+    row["peak_growth_mib"] = round(resident_mib("VmHWM") - before, 0)
     row["rss_before_mib"] = round(before, 0)
     row["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 0)
     # prune() keeps a copy of the target weights to restore the model on failure: its size is
@@ -90,7 +74,34 @@ def run_one(args) -> dict:
         ids = tokenize(tok, eval_text)
         row["perplexity"] = round(pk.perplexity(model, ids, seq_len=args.seq_len, max_sequences=args.eval_sequences), 2)
         row["sample"] = generate_sample(model, tok, PROMPT, max_new_tokens=30)
+    if args.save_check:
+        row.update(save_check(model, tok, ids if not args.no_eval else tokenize(tok, eval_text), args))
     return row
+
+
+def save_check(model, tok, ids, args) -> dict:
+    """Save the pruned model as a plain Hugging Face checkpoint and compressed; reload the plain
+    one with transformers alone and check weights, perplexity and generation are unchanged."""
+    import tempfile
+
+    import prunekit as pk
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.llm import generate_sample
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(f"{tmp}/hf")
+        tok.save_pretrained(f"{tmp}/hf")
+        back = AutoModelForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
+        same = all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), back.state_dict().values()))
+        pk.save(model, f"{tmp}/model.prunekit.safetensors")
+        sizes = {"hf_mib": round(sum(os.path.getsize(f"{tmp}/hf/{f}") for f in os.listdir(f"{tmp}/hf")
+                                     if f.endswith(".safetensors")) / 2**20, 1),
+                 "compressed_mib": round(os.path.getsize(f"{tmp}/model.prunekit.safetensors") / 2**20, 1)}
+        return {"reloaded_weights_equal": same,
+                "reloaded_perplexity": round(pk.perplexity(back, ids, seq_len=args.seq_len,
+                                                           max_sequences=args.eval_sequences), 2),
+                "reloaded_sample": generate_sample(back, tok, PROMPT, max_new_tokens=30), **sizes}
 
 
 def dense_row(args) -> dict:
@@ -107,23 +118,26 @@ def dense_row(args) -> dict:
             "sample": generate_sample(model, tok, PROMPT, max_new_tokens=30)}
 
 
-def grid(args) -> list[tuple[str, str, int | None]]:
-    runs = [(m, p, None) for p in PATTERNS for m in METHODS]
-    runs += [("sparsegpt+snows", p, None) for p in SNOWS_PATTERNS]
+def grid(args) -> list[tuple[str, str, int | None, int]]:
+    """(method, pattern, decoder layers kept or None, calibration sequences) of every run."""
+    runs = [(m, p, None, args.sequences) for p in PATTERNS for m in METHODS]
     half = 15
-    runs += [(m, "0.5", half) for m in ["magnitude", "wanda", "sparsegpt", "wanda+lstsq"]]
+    runs += [(m, "0.5", half, args.sequences) for m in ["magnitude", "wanda", "sparsegpt", "wanda+lstsq"]]
+    # SNOWS is run on fewer sequences (its cost is Hessian-vector products on every batch); its
+    # SparseGPT starting point on the same sequences is the row to compare it with.
+    runs += [(m, p, None, args.snows_sequences) for p in SNOWS_PATTERNS for m in ("sparsegpt", "sparsegpt+snows")]
     return runs
 
 
 def key(row: dict) -> tuple:
-    return row["method"], row["pattern"], row.get("layers")
+    return row["method"], row["pattern"], row.get("layers"), row.get("calibration")
 
 
 def write_markdown(rows: list[dict], path: str) -> None:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     base = dense["perplexity"] if dense else None
     full = [r for r in rows if r["method"] != "dense" and r.get("layers") == 30]
-    half = {(r["method"], r["pattern"]): r for r in rows if r.get("layers") == 15}
+    half = {(r["method"], r["pattern"], r["calibration"]): r for r in rows if r.get("layers") == 15}
     lines = ["# SmolLM2-135M-Instruct, one-shot pruning of all 210 decoder linear layers", "",
              "`python benchmarks/llm.py` (make bench-llm). Calibration: the first 80% of the standard library's",
              "pydoc text; perplexity: its held-out last 20%. One run per row, each in its own process, 1 thread",
@@ -131,14 +145,15 @@ def write_markdown(rows: list[dict], path: str) -> None:
              "the resident set just before pruning (model loaded, one warm-up forward).", ""]
     if dense:
         lines += [f"Dense perplexity: **{base}**.", ""]
-    lines += ["| method | pattern | sparsity | perplexity | x dense | prune s | peak growth MiB | of which restore copy | "
-              "working MiB, 30 layers | working MiB, 15 layers |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | pattern | calibration | sparsity | perplexity | x dense | prune s | peak growth MiB | "
+              "of which restore copy | working MiB, 30 layers | working MiB, 15 layers |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in full:
         ppl = r.get("perplexity")
         ratio = f"{ppl / base:.2f}" if ppl and base else "-"
-        h = half.get((r["method"], r["pattern"]))
+        h = half.get((r["method"], r["pattern"], r["calibration"]))
         work_half = f"{h['peak_growth_mib'] - h['restore_copy_mib']:.0f}" if h else "-"
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['calibration']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
                      f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {r['restore_copy_mib']:.0f} | "
                      f"{r['peak_growth_mib'] - r['restore_copy_mib']:.0f} | {work_half} |")
     lines += ["", "Working memory = peak growth minus the restore copy of the target weights that `prune()` keeps to",
@@ -151,6 +166,13 @@ def write_markdown(rows: list[dict], path: str) -> None:
             lines.append(f"- **{r['method']} {r['pattern']}**: {text}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+    plot_rows = [{**r, "sparsity": 100 * r["sparsity"]} for r in full
+                 if r["pattern"].endswith("%") and r.get("perplexity") and r["calibration"].startswith("64x")]
+    if plot_rows:
+        from prunekit.plots import plot_metric_vs_sparsity
+
+        plot_metric_vs_sparsity(plot_rows, path.replace(".md", ".png"), x="sparsity", y="perplexity", logy=True,
+                                title=f"SmolLM2-135M, unstructured (dense perplexity {base})")
 
 
 def main(argv=None) -> None:
@@ -161,12 +183,16 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--sequences", type=int, default=64, help="calibration sequences")
     p.add_argument("--snows-sequences", type=int, default=16, help="calibration sequences for SNOWS runs")
+    p.add_argument("--snows-batch", type=int, default=4,
+                   help="batch size of SNOWS runs (each batch but one is a Newton step)")
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--k", type=int, default=3, help="SNOWS lookahead")
     p.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--save-check", action="store_true",
+                   help="with --one: save as a plain HF checkpoint, reload with transformers, compare")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in llm.json")
     p.add_argument("--markdown", action="store_true", help="only rewrite llm.md from llm.json")
     p.add_argument("--only", default=None, help="run only grid rows whose method contains this string")
@@ -184,13 +210,14 @@ def main(argv=None) -> None:
         rows.insert(0, dense_row(args))
         print(json.dumps(rows[0]), flush=True)
     done = {key(r) for r in rows}
-    for method, pattern, layers in grid(args):
+    for method, pattern, layers, sequences in grid(args):
         label = pattern if ":" in pattern else f"{float(pattern):.0%}"
-        if (method, label, layers or 30) in done or (args.only and args.only not in method):
+        if (method, label, layers or 30, f"{sequences}x{args.seq_len}") in done or (args.only and args.only not in method):
             continue
+        snows_run = sequences == args.snows_sequences and sequences != args.sequences
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, pattern, "--threads", str(args.threads),
-               "--seq-len", str(args.seq_len), "--eval-sequences", str(args.eval_sequences), "--batch", str(args.batch),
-               "--sequences", str(args.snows_sequences if "snows" in method else args.sequences),
+               "--seq-len", str(args.seq_len), "--eval-sequences", str(args.eval_sequences),
+               "--batch", str(args.snows_batch if snows_run else args.batch), "--sequences", str(sequences),
                "--k", str(args.k), "--max-cg", str(args.max_cg)]
         if layers:
             cmd += ["--layers", str(layers), "--no-eval"]

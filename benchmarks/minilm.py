@@ -19,23 +19,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _status(field: str) -> float:
-    """A VmRSS/VmHWM figure of this process in MiB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    """Make VmHWM restart from the current resident set (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+from prunekit.memory import reset_peak, resident_mib  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -67,14 +51,14 @@ def main(argv=None) -> None:
     block_mib = args.sequences * args.length * model.config.intermediate_size * 4 / 2**20
     with torch.no_grad():  # warm up the allocator and kernels once, as any forward would
         model(**calibration[0])
-    _reset_peak()
-    before = _status("VmRSS")
+    reset_peak()
+    before = resident_mib("VmRSS")
     start = time.perf_counter()
     result = pk.prune(model, calibration, sparsity=0.5 if args.pattern == "unstructured" else None,
                       pattern=args.pattern, method=args.method, refine=args.refine,
                       snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg}, progress=False)
     seconds = time.perf_counter() - start
-    grown = _status("VmHWM") - before
+    grown = resident_mib("VmHWM") - before
     name = args.method + (f"+{args.refine}" if args.refine else "")
     print(f"{name} {args.pattern} on {args.sequences}x{args.length} tokens, {args.threads} threads: "
           f"{seconds:.1f} s, sparsity {result.sparsity:.4f}, peak memory growth {grown:.0f} MiB "

@@ -1,10 +1,15 @@
 """Decoder LLM layout (llama-style, randomly initialised from a config: no download)."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from llama_toys import tiny_llama  # noqa: E402
 
 import prunekit as pk  # noqa: E402
 from prunekit.oneshot.blocks import capture_inputs, find_blocks, propagate  # noqa: E402
@@ -12,11 +17,7 @@ from prunekit.oneshot.blocks import capture_inputs, find_blocks, propagate  # no
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(num_layers=2)
     ids = [torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     return model, [{"input_ids": i} for i in ids]
 

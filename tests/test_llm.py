@@ -1,13 +1,17 @@
 """prunekit.llm: calibration windows, decoder-layer blocks, early errors, HF round trip."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.dirname(__file__))
 
 import prunekit as pk  # noqa: E402
+from llama_toys import tiny_llama  # noqa: E402
 from prunekit.llm import check_seq_len, decoder_blocks, generate_sample, max_positions, text_calibration  # noqa: E402
 
 
@@ -27,11 +31,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                   max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(num_layers=3)
 
 
 def test_text_calibration_cuts_consecutive_windows():
