@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -47,3 +48,19 @@ def test_execution_order_and_swapped_weights():
     with swapped_weights(layers, {"head": torch.zeros(2, 8)}):
         assert model.head.weight.abs().sum() == 0
     assert model.head.weight.data_ptr() == original
+
+
+def test_shared_input_groups_on_a_decoder_layer():
+    transformers = pytest.importorskip("transformers")
+    from llama_toys import tiny_llama
+    from prunekit.oneshot.blocks import shared_input_groups
+
+    model = tiny_llama(num_layers=1)
+    layer = model.model.layers[0]
+    layers = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    calls = [((), {"input_ids": torch.randint(0, 100, (2, 8))})]
+    (args, kwargs), = capture_inputs(model, layer, calls)
+    order, _ = execution_order(layer, layers, args, kwargs)
+    groups = shared_input_groups(layer, layers, order, args, kwargs)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

@@ -105,6 +105,36 @@ def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple,
     return order, [n for n in layers if n not in order]
 
 
+@torch.no_grad()
+def shared_input_groups(block: nn.Module, layers: dict[str, nn.Module], order: list[str], args: tuple,
+                        kwargs: dict) -> list[list[str]]:
+    """``order`` cut into runs of consecutive layers that read the very same input tensor (a
+    transformer's q/k/v, an MLP's gate/up). Pruning one layer of a run cannot change the
+    inputs of the others, so their statistics can be gathered in one pass, exactly."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, inputs):
+            if name not in seen and inputs and isinstance(inputs[0], torch.Tensor):
+                seen[name] = inputs[0]
+        return record
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in order]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in order:
+        previous = groups[-1][-1] if groups else None
+        if previous is not None and name in seen and seen.get(previous) is seen[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 @contextlib.contextmanager
 def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily give ``layers`` the given weights (e.g. their dense originals)."""

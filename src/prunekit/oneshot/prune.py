@@ -23,7 +23,7 @@ from ..allocation import allocate, check_sparsity
 from ..layout import from_matrix, to_matrix
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
-from .blocks import capture_inputs, execution_order, find_blocks, propagate
+from .blocks import capture_inputs, execution_order, find_blocks, propagate, shared_input_groups
 from .calibration import collect_batches
 from .lstsq import lstsq_refit, reconstruction_error
 from .result import LayerReport, PruneResult
@@ -177,10 +177,14 @@ class _Job:
                 self.prune_layer(name, stats[name])
             return
         dense: dict[str, torch.Tensor] = {}
-        for name in order:
-            dense[name] = layers[name].weight.detach().clone()
-            stats = gather_stats(block, inputs, {name: layers[name]}, dense_weights=dense, all_layers=layers)
-            self.prune_layer(name, stats[name], inputs=inputs, chain=chain, block_layers=layers, dense=dense)
+        # Layers reading the same input (q/k/v, gate/up) share one statistics pass: pruning one
+        # of them cannot change the others' inputs, so this is exactly the layer-by-layer result.
+        for group in shared_input_groups(block, layers, order, *inputs[0]):
+            for name in group:
+                dense[name] = layers[name].weight.detach().clone()
+            stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense, all_layers=layers)
+            for name in group:
+                self.prune_layer(name, stats.pop(name), inputs=inputs, chain=chain, block_layers=layers, dense=dense)
 
     # -- one layer --------------------------------------------------------------------------
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
