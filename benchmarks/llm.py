@@ -120,12 +120,15 @@ def dense_row(args) -> dict:
 
 def grid(args) -> list[tuple[str, str, int | None, int]]:
     """(method, pattern, decoder layers kept or None, calibration sequences) of every run."""
-    runs = [(m, p, None, args.sequences) for p in PATTERNS for m in METHODS]
+    # least squares on the SparseGPT support only where SparseGPT is compared with SNOWS (time)
+    runs = [(m, p, None, args.sequences) for p in PATTERNS for m in METHODS
+            if m != "sparsegpt+lstsq" or p in SNOWS_PATTERNS]
     half = 15
     runs += [(m, "0.5", half, args.sequences) for m in ["magnitude", "wanda", "sparsegpt", "wanda+lstsq"]]
     # SNOWS is run on fewer sequences (its cost is Hessian-vector products on every batch); its
     # SparseGPT starting point on the same sequences is the row to compare it with.
-    runs += [(m, p, None, args.snows_sequences) for p in SNOWS_PATTERNS for m in ("sparsegpt", "sparsegpt+snows")]
+    if not args.no_snows:
+        runs += [(m, p, None, args.snows_sequences) for p in SNOWS_PATTERNS for m in ("sparsegpt", "sparsegpt+snows")]
     return runs
 
 
@@ -194,6 +197,9 @@ def main(argv=None) -> None:
     p.add_argument("--save-check", action="store_true",
                    help="with --one: save as a plain HF checkpoint, reload with transformers, compare")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in llm.json")
+    p.add_argument("--results", default=None, help="JSON file of the rows (default: results/llm.json)")
+    p.add_argument("--skip", default=None, help="skip grid rows whose method contains this string")
+    p.add_argument("--no-snows", action="store_true", help="leave out the SNOWS rows (and their SparseGPT twins)")
     p.add_argument("--markdown", action="store_true", help="only rewrite llm.md from llm.json")
     p.add_argument("--only", default=None, help="run only grid rows whose method contains this string")
     args = p.parse_args(argv)
@@ -201,7 +207,7 @@ def main(argv=None) -> None:
         print(json.dumps(run_one(args)), flush=True)
         return
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "llm.json")
+    path = args.results or os.path.join(RESULTS, "llm.json")
     rows = [] if args.fresh or not os.path.exists(path) else json.load(open(path))
     if args.markdown:
         write_markdown(rows, os.path.join(RESULTS, "llm.md"))
@@ -212,7 +218,8 @@ def main(argv=None) -> None:
     done = {key(r) for r in rows}
     for method, pattern, layers, sequences in grid(args):
         label = pattern if ":" in pattern else f"{float(pattern):.0%}"
-        if (method, label, layers or 30, f"{sequences}x{args.seq_len}") in done or (args.only and args.only not in method):
+        if (method, label, layers or 30, f"{sequences}x{args.seq_len}") in done or (args.only and args.only not in method) \
+                or (args.skip and any(part in method for part in args.skip.split(","))):
             continue
         snows_run = sequences == args.snows_sequences and sequences != args.sequences
         cmd = [sys.executable, os.path.abspath(__file__), "--one", method, pattern, "--threads", str(args.threads),

@@ -61,6 +61,7 @@ def test_shared_input_groups_on_a_decoder_layer():
     calls = [((), {"input_ids": torch.randint(0, 100, (2, 8))})]
     (args, kwargs), = capture_inputs(model, layer, calls)
     order, _ = execution_order(layer, layers, args, kwargs)
-    groups = shared_input_groups(layer, layers, order, args, kwargs)
+    groups, once = shared_input_groups(layer, layers, order, args, kwargs)
+    assert once
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]

@@ -52,3 +52,19 @@ def test_every_method_prunes_the_decoder_and_leaves_the_tied_head(llama, method,
     assert torch.equal(model.lm_head.weight, dense.lm_head.weight)
     assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight)
     assert torch.isfinite(model(**calib[0]).logits).all()
+
+
+def test_captured_inputs_carry_no_growing_cache(llama):
+    """Calibration batches without use_cache=False: the captured layer inputs hold no key/value
+    cache, so re-running a layer on them (as every statistics pass does) gives the same output."""
+    model, calib = llama
+    calls = [((), c) for c in calib]
+    block = find_blocks(model)[0][1]
+    inputs = capture_inputs(model, block, calls)
+    for _, kwargs in inputs:
+        assert all(kwargs.get(k) is None for k in ("past_key_value", "past_key_values"))
+    args, kwargs = inputs[0]
+    first, again = block(*args, **kwargs), block(*args, **kwargs)
+    first = first[0] if isinstance(first, tuple) else first
+    again = again[0] if isinstance(again, tuple) else again
+    assert torch.equal(first, again)

@@ -9,11 +9,23 @@ the other arguments (attention mask, position embeddings, ...) passed along unch
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+
+CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes a keyword argument ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class StopForward(Exception):
@@ -56,14 +68,17 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
     captured: list[tuple[tuple, dict]] = []
 
     def hook(_module, args, kwargs):
-        captured.append((tuple(args), dict(kwargs)))
+        # A key/value cache would grow each time the block is re-run on these inputs.
+        kwargs = {k: (None if k in CACHE_KWARGS else v) for k, v in kwargs.items()}
+        captured.append((tuple(args), kwargs))
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    no_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
     try:
         for args, kwargs in tqdm(calls, desc="calibrate", unit="batch", disable=not progress, leave=False):
             try:
-                model(*args, **kwargs)
+                model(*args, **{**no_cache, **kwargs, **({"use_cache": False} if "use_cache" in kwargs else {})})
             except StopForward:
                 pass
     finally:
@@ -107,14 +122,17 @@ def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple,
 
 @torch.no_grad()
 def shared_input_groups(block: nn.Module, layers: dict[str, nn.Module], order: list[str], args: tuple,
-                        kwargs: dict) -> list[list[str]]:
+                        kwargs: dict) -> tuple[list[list[str]], bool]:
     """``order`` cut into runs of consecutive layers that read the very same input tensor (a
-    transformer's q/k/v, an MLP's gate/up). Pruning one layer of a run cannot change the
-    inputs of the others, so their statistics can be gathered in one pass, exactly."""
+    transformer's q/k/v, an MLP's gate/up), and whether every layer runs exactly once per
+    call. Pruning one layer of a run cannot change the inputs of the others, so their
+    statistics can be gathered in one pass, exactly."""
     seen: dict[str, torch.Tensor] = {}
+    calls = dict.fromkeys(order, 0)
 
     def hook(name):
         def record(_module, inputs):
+            calls[name] += 1
             if name not in seen and inputs and isinstance(inputs[0], torch.Tensor):
                 seen[name] = inputs[0]
         return record
@@ -132,7 +150,7 @@ def shared_input_groups(block: nn.Module, layers: dict[str, nn.Module], order: l
             groups[-1].append(name)
         else:
             groups.append([name])
-    return groups
+    return groups, all(c == 1 for c in calls.values())
 
 
 @contextlib.contextmanager

@@ -179,10 +179,13 @@ class _Job:
         dense: dict[str, torch.Tensor] = {}
         # Layers reading the same input (q/k/v, gate/up) share one statistics pass: pruning one
         # of them cannot change the others' inputs, so this is exactly the layer-by-layer result.
-        for group in shared_input_groups(block, layers, order, *inputs[0]):
+        # Each forward also stops once the group's layers have run, when every layer runs once.
+        groups, once = shared_input_groups(block, layers, order, *inputs[0])
+        for group in groups:
             for name in group:
                 dense[name] = layers[name].weight.detach().clone()
-            stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense, all_layers=layers)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense,
+                                 all_layers=layers, stop_early=once)
             for name in group:
                 self.prune_layer(name, stats.pop(name), inputs=inputs, chain=chain, block_layers=layers, dense=dense)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layout import input_columns
-from .blocks import swapped_weights
+from .blocks import StopForward, swapped_weights
 
 
 @dataclass
@@ -64,16 +64,27 @@ class LayerStats:
 
 
 class _Catcher:
-    """Forward hooks that collect the unfolded inputs of some layers during one call."""
+    """Forward hooks that collect the unfolded inputs of some layers during one call; with
+    ``stop_early`` the call ends once every layer has been seen (the rest of the block is not
+    needed, when each layer runs once per call)."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], stop_early: bool = False) -> None:
         self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+        self.stop_early = stop_early
         self.handles = [m.register_forward_hook(self._hook(n, m)) for n, m in layers.items()]
 
     def _hook(self, name: str, module: nn.Module):
         def hook(_module, args, _output):
             self.rows[name].append(input_columns(module, args[0].detach()))
+            if self.stop_early and all(self.rows.values()):
+                raise StopForward
         return hook
+
+    def run(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            block(*args, **kwargs)
+        except StopForward:
+            pass
 
     def take(self) -> dict[str, torch.Tensor]:
         out = {n: torch.cat(r) for n, r in self.rows.items() if r}
@@ -95,23 +106,25 @@ def gather_stats(
     want_h: bool = True,
     dense_weights: dict[str, torch.Tensor] | None = None,
     all_layers: dict[str, nn.Module] | None = None,
+    stop_early: bool = False,
 ) -> dict[str, LayerStats]:
-    """Statistics of ``layers`` over all stored block inputs.
+    """Statistics of ``layers`` over all stored block inputs (``stop_early``: end each forward
+    once every layer has been seen; only valid when each layer runs once per block call).
 
     With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
     name in ``all_layers``), each batch is also run through the dense block to get the target
     inputs ``X_t`` and the cross term ``C``.
     """
     stats = {n: LayerStats() for n in layers}
-    catcher = _Catcher(layers)
+    catcher = _Catcher(layers, stop_early)
     try:
         for args, kwargs in inputs:
-            block(*args, **kwargs)
+            catcher.run(block, args, kwargs)
             xs = catcher.take()
             xt: dict[str, torch.Tensor] = {}
             if dense_weights is not None:
                 with swapped_weights(all_layers or layers, dense_weights):
-                    block(*args, **kwargs)
+                    catcher.run(block, args, kwargs)
                 xt = catcher.take()
             for n, rows in xs.items():
                 stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h)
