@@ -220,8 +220,10 @@ class _Job:
                 dense_weights=ctx["dense"], progress=self.show_progress,
             )
             report.lookahead_before, report.lookahead_after = before, after
-            if solve.failed_line_searches:
-                report.note = f"{solve.failed_line_searches} line searches failed"
+            notes = [f"{solve.failed_line_searches} line searches failed"] if solve.failed_line_searches else []
+            if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature
+                notes.append(f"negative curvature in {solve.negative_curvature} of {solve.steps} CG solves")
+            report.note = "; ".join(notes)
             w = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)
         self._write(layer, w, mask)
         if self.refine is not None:
