@@ -70,6 +70,12 @@ def run_one(args) -> dict:
     row["restore_copy_mib"] = round(sum(model.get_submodule(r.name).weight.numel() * 4 for r in result.layers) / 2**20, 0)
     row["sparsity"] = round(result.sparsity, 4)
     row["pruned_layers"] = len(result.layers)
+    notes = {r.name: r.note for r in result.layers if r.note}
+    if notes:
+        row["notes"] = notes
+    ratios = [r.lookahead_after / r.lookahead_before for r in result.layers if r.lookahead_before]
+    if ratios:  # SNOWS: how much each layer's lookahead loss fell (median over layers)
+        row["lookahead_after_over_before_median"] = round(sorted(ratios)[len(ratios) // 2], 4)
     if not args.no_eval:
         ids = tokenize(tok, eval_text)
         row["perplexity"] = round(pk.perplexity(model, ids, seq_len=args.seq_len, max_sequences=args.eval_sequences), 2)
