@@ -14,3 +14,22 @@ def not_a_model(**_):
 
 
 NOT_CALLABLE = 3
+
+
+class _Slow(nn.Module):
+    """Sleeps in every forward, so that a test can interrupt pruning while it runs."""
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.05)
+        return x
+
+
+def slow_mlp(marker: str = "") -> nn.Module:
+    """tiny_mlp with a sleep in every forward; writes ``marker`` once built (the test's cue)."""
+    model = tiny_mlp()
+    model.insert(1, _Slow())
+    if marker:
+        open(marker, "w").close()
+    return model

@@ -189,3 +189,29 @@ def test_the_readme_command_lines_parse():
     for line in lines:
         args = parser.parse_args(shlex.split(line)[1:])
         assert args.command in ("prune", "report", "recipes", "bench"), line
+
+
+def test_sigint_during_pruning_leaves_no_output(tmp_path):
+    """A real Ctrl-C (SIGINT) while a subprocess prunes: exit code 130, one line, no output
+    directory and no hidden temporary folder left behind."""
+    import signal
+    import time
+
+    marker = tmp_path / "model-built"
+    torch.save(torch.randn(2048, 8), tmp_path / "x.pt")
+    spec = {"model": {"source": "loading_toys:slow_mlp", "kwargs": {"marker": str(marker)}},
+            "data": {"tensors": "x.pt", "batch_size": 8}, "prune": {"method": "sparsegpt", "sparsity": 0.5},
+            "output": {"dir": "out"}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([prunekit_exe(), "prune", str(tmp_path / "job.yaml")], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # calibration runs 256 batches of 50 ms: well inside it
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("prunekit: interrupted"), err
+    assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
