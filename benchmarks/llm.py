@@ -146,7 +146,13 @@ def key(row: dict) -> tuple:
 def write_markdown(rows: list[dict], path: str) -> None:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     base = dense["perplexity"] if dense else None
-    full = [r for r in rows if r["method"] != "dense" and r.get("layers") == 30]
+    def order(r):  # pattern, then the 64-sequence rows before the SNOWS comparison, then method
+        pattern = r["pattern"] if ":" in r["pattern"] else str(float(r["pattern"].rstrip("%")) / 100)
+        rank = PATTERNS.index(pattern) if pattern in PATTERNS else len(PATTERNS)
+        method = METHODS.index(r["method"]) if r["method"] in METHODS else len(METHODS)
+        return rank, -int(r["calibration"].split("x")[0]), method
+
+    full = sorted((r for r in rows if r["method"] != "dense" and r.get("layers") == 30), key=order)
     half = {(r["method"], r["pattern"], r["calibration"]): r for r in rows if r.get("layers") == 15}
     lines = ["# SmolLM2-135M-Instruct, one-shot pruning of all 210 decoder linear layers", "",
              "`python benchmarks/llm.py` (make bench-llm). Calibration: the first 80% of the standard library's",

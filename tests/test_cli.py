@@ -204,8 +204,11 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
             "output": {"dir": "out"}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: give the
+    # child the default disposition, as a terminal would.
     proc = subprocess.Popen([prunekit_exe(), "prune", str(tmp_path / "job.yaml")], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
