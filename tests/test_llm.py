@@ -99,3 +99,20 @@ def test_pruned_decoder_saves_as_a_plain_checkpoint_that_generates(llama, tmp_pa
     assert torch.equal(back.generate(ids, max_new_tokens=5, do_sample=False),
                        model.generate(ids, max_new_tokens=5, do_sample=False))
     assert len(generate_sample(back, CharTokenizer(), "hello", max_new_tokens=5)) == 5
+
+
+def test_a_gguf_marked_model_saves_as_a_plain_checkpoint(llama, tmp_path):
+    """transformers keeps a model loaded from GGUF marked as quantized (its weights are
+    dequantised floats) and refuses save_pretrained; as_plain_float removes the marker."""
+    from types import SimpleNamespace
+
+    from prunekit.llm import as_plain_float
+
+    model = copy.deepcopy(llama)
+    model.hf_quantizer = SimpleNamespace(quantization_config=SimpleNamespace(quant_method="gguf"))
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "refused")
+    as_plain_float(model).save_pretrained(tmp_path / "plain")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))

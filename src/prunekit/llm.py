@@ -94,6 +94,25 @@ def decoder_blocks(model: nn.Module) -> list[str]:
     return [f"{name}.{i}" for i in range(len(layers))]
 
 
+def as_plain_float(model: nn.Module) -> nn.Module:
+    """Drop transformers' "quantized with gguf" marker from a model loaded from a GGUF file.
+
+    transformers dequantises GGUF weights to ordinary float tensors on load but keeps the
+    model marked as quantized, and then refuses ``save_pretrained``. The weights are plain
+    floats, so the marker is removed and the pruned model saves as an ordinary checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        for obj in (model, model.config):
+            if hasattr(obj, "quantization_method"):
+                delattr(obj, "quantization_method")
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+    return model
+
+
 @torch.no_grad()
 def generate_sample(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of ``prompt`` (deterministic, to compare methods side by side)."""

@@ -142,6 +142,10 @@ def _from_hf(source: str, kwargs: dict, gguf_file: str | None) -> tuple[nn.Modul
     causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = auto.from_pretrained(source, **{**extra, **kwargs})
+    if gguf_file:  # dequantised on load; without this, save_pretrained refuses the model
+        from .llm import as_plain_float
+
+        as_plain_float(model)
     return model, _tokenizer(transformers, source, is_dir, extra)
 
 

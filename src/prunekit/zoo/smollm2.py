@@ -31,7 +31,9 @@ def load_smollm2(num_layers: int | None = None):
 
     folder = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    from ..llm import as_plain_float
+
+    model = as_plain_float(AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32).eval())
     if num_layers is not None:
         if not 1 <= num_layers <= len(model.model.layers):
             raise ValueError(f"num_layers must be in [1, {len(model.model.layers)}], got {num_layers}")
