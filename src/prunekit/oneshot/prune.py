@@ -112,7 +112,6 @@ def prune(
         else:
             for name in targets:
                 job.prune_layer(name, None)
-        job.finish()
     except BaseException:
         with torch.no_grad():
             for name, weight in snapshot.items():
@@ -135,7 +134,6 @@ class _Job:
         self.sequential = sequential or refine is not None
         self.block_size, self.damp, self.lstsq_damp = block_size, damp, lstsq_damp
         self.result = result
-        self.masks: dict[str, torch.Tensor] = {}
         self.target_ids = {id(m) for m in targets.values()}
         self.bar = None
         self.show_progress = False
@@ -230,7 +228,10 @@ class _Job:
             report.error_refined = self._error(w * mask, w0, stats)
         report.sparsity = float((layer.weight == 0).sum()) / layer.weight.numel()
         report.seconds = time.perf_counter() - t0
-        self.masks[name] = from_matrix(mask, layer.weight.shape)
+        # The promise, checked as each layer is written (later layers never touch this one), so
+        # no mask is kept and memory does not grow with the number of layers.
+        if layer.weight.detach()[~from_matrix(mask, layer.weight.shape)].any():
+            raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
         self.result.layers.append(report)
         if self.bar is not None:
             self.bar.update()
@@ -245,14 +246,6 @@ class _Job:
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
         return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
-
-    def finish(self) -> None:
-        """Assert the promise: every pruned entry is exactly zero."""
-        for name, mask in self.masks.items():
-            weight = self.targets[name].weight
-            if weight.detach()[~mask].any():
-                raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
-
 
 @torch.no_grad()
 def _check_model_runs(model, call) -> None:
