@@ -38,6 +38,7 @@ bench-oneshot: $(STAMP)
 
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
+	$(PY) benchmarks/llm.py --memory
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt

@@ -144,6 +144,7 @@ def key(row: dict) -> tuple:
 
 
 def write_markdown(rows: list[dict], path: str) -> None:
+    """llm.md (and llm.png) from the result rows, plus llm_memory.json when it exists."""
     dense = next((r for r in rows if r["method"] == "dense"), None)
     base = dense["perplexity"] if dense else None
     def order(r):  # pattern, then the 64-sequence rows before the SNOWS comparison, then method
@@ -173,8 +174,21 @@ def write_markdown(rows: list[dict], path: str) -> None:
                      f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {r['restore_copy_mib']:.0f} | "
                      f"{r['peak_growth_mib'] - r['restore_copy_mib']:.0f} | {work_half} |")
     lines += ["", "Working memory = peak growth minus the restore copy of the target weights that `prune()` keeps to",
-              "undo a failed run (its size is the model's, by design). The working memory is what one decoder",
-              "layer's activations and statistics cost; the half-depth column checks it does not grow with depth."]
+              "undo a failed run (its size is the model's, by design). The memory columns of this table were",
+              "measured before two fixes: `prune()`'s early data check then ran the whole model, so a batch's",
+              "LM-head logits (8 x 256 x 49152 floats = 384 MiB) set the peak, and freed heap was not returned",
+              "before the baseline was read. The table below is measured after them."]
+    memory = os.path.join(os.path.dirname(path), "llm_memory.json")
+    if os.path.exists(memory):
+        mem = sorted(json.load(open(memory)), key=lambda r: (METHODS.index(r["method"]), -r["layers"]))
+        lines += ["", "## Memory against depth", "",
+                  "`python benchmarks/llm.py --memory`: 50%, 64 x 256 calibration, no evaluation, the whole model",
+                  "and the model cut to its first 15 decoder layers.", "",
+                  "| method | decoder layers | peak growth MiB | restore copy MiB | working MiB | prune s |",
+                  "|---|---|---|---|---|---|"]
+        for r in mem:
+            lines.append(f"| {r['method']} | {r['layers']} | {r['peak_growth_mib']:.0f} | {r['restore_copy_mib']:.0f} | "
+                         f"{r['peak_growth_mib'] - r['restore_copy_mib']:.0f} | {r['seconds']} |")
     lines += ["", "## Greedy samples", "", f"Prompt: `{PROMPT}`", ""]
     for r in ([dense] if dense else []) + full:
         if r.get("sample") is not None:
@@ -213,6 +227,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", default=None, help="JSON file of the rows (default: results/llm.json)")
     p.add_argument("--skip", default=None, help="skip grid rows whose method contains this string")
     p.add_argument("--no-snows", action="store_true", help="leave out the SNOWS rows (and their SparseGPT twins)")
+    p.add_argument("--memory", action="store_true", help="only the memory-against-depth runs (llm_memory.json)")
     p.add_argument("--markdown", action="store_true", help="only rewrite llm.md from llm.json")
     p.add_argument("--only", default=None, help="run only grid rows whose method contains this string")
     args = p.parse_args(argv)
@@ -223,6 +238,19 @@ def main(argv=None) -> None:
     path = args.results or os.path.join(RESULTS, "llm.json")
     rows = [] if args.fresh or not os.path.exists(path) else json.load(open(path))
     if args.markdown:
+        write_markdown(rows, os.path.join(RESULTS, "llm.md"))
+        return
+    if args.memory:
+        mem = []
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            for layers in (30, 15):
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", method, "0.5", "--no-eval",
+                                      "--layers", str(layers), "--threads", str(args.threads)],
+                                     capture_output=True, text=True, check=True)
+                mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(json.dumps(mem[-1]), flush=True)
+        with open(os.path.join(RESULTS, "llm_memory.json"), "w") as f:
+            json.dump(mem, f, indent=1)
         write_markdown(rows, os.path.join(RESULTS, "llm.md"))
         return
     if not any(r["method"] == "dense" for r in rows):
