@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .oneshot.blocks import forward_until
 from .oneshot.calibration import as_call, model_device, to_device
 
 BUILTIN_MODELS = ("minilm", "smollm2")
@@ -314,17 +315,16 @@ def _read_array(path: str) -> torch.Tensor:
     return x
 
 
-def check_calibration_fits(model: nn.Module, batches: list) -> None:
-    """Run ``model`` on the first batch (no grad, eval mode); raise a ValueError saying so if it
-    fails. The model is left as it was."""
+def check_calibration_fits(model: nn.Module, batches: list, last_block: nn.Module | None = None) -> None:
+    """Run ``model`` on the first batch (no grad, eval mode), up to ``last_block`` when given;
+    raise a ValueError saying so if it fails. The model is left as it was."""
     if not batches:
         raise ValueError("the calibration data is empty; pass at least one batch")
     args, kwargs = to_device(as_call(batches[0]), model_device(model))
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
-            model(*args, **kwargs)
+        forward_until(model, last_block, args, kwargs)
     except Exception as exc:
         shapes = json.dumps({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
                             or [list(a.shape) for a in args if isinstance(a, torch.Tensor)])

@@ -419,6 +419,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
 
     from .llm import decoder_blocks
     from .loading import build_calibration, check_calibration_fits, is_causal_lm, load_model
+    from .oneshot.blocks import find_blocks
 
     recipe = load_recipe(recipe)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
@@ -428,12 +429,12 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     root = os.path.dirname(recipe.path) if recipe.path else None
     model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file, root=root)
     calibration = None
+    blocks = p.blocks
     if recipe.data is not None:
         calibration = build_calibration(dataclasses.asdict(recipe.data), model, tokenizer)
-        check_calibration_fits(model, calibration)
-    blocks = p.blocks
-    if blocks is None and calibration is not None and is_causal_lm(model):
-        blocks = decoder_blocks(model)
+        if blocks is None and is_causal_lm(model):
+            blocks = decoder_blocks(model)
+        check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
     result = prunekit.prune(
         model, calibration, sparsity=p.sparsity, pattern=p.pattern, method=p.method, refine=p.refine,
         budget=p.budget, cap=p.cap, overrides=p.overrides or None, include=t.include, exclude=t.exclude,

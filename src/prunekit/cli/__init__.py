@@ -36,7 +36,6 @@ def quiet_libraries() -> None:
     """Silence other libraries' progress bars and info logs (--quiet, or not a terminal)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,6 +53,24 @@ def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tu
     return [("", model)]
 
 
+@torch.no_grad()
+def forward_until(model: nn.Module, last_block: nn.Module | None, args: tuple, kwargs: dict) -> None:
+    """Run ``model`` on one call, ending the forward once ``last_block`` has run (what follows,
+    e.g. an LM head's logits, is never calibrated and can be the largest tensor of the forward)."""
+    handle = None
+    if last_block is not None and last_block is not model:
+        def stop(*_):
+            raise StopForward
+        handle = last_block.register_forward_hook(stop)
+    try:
+        model(*args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def first_output(out):
     """The hidden state of a block's output (first element of a tuple/list)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -74,11 +92,11 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    no_cache = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    no_cache = _accepts(model, "use_cache")
     try:
         for args, kwargs in tqdm(calls, desc="calibrate", unit="batch", disable=not progress, leave=False):
             try:
-                model(*args, **{**no_cache, **kwargs, **({"use_cache": False} if "use_cache" in kwargs else {})})
+                model(*args, **({**kwargs, "use_cache": False} if no_cache or "use_cache" in kwargs else kwargs))
             except StopForward:
                 pass
     finally:

@@ -23,7 +23,7 @@ from ..allocation import allocate, check_sparsity
 from ..layout import from_matrix, to_matrix
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
-from .blocks import StopForward, capture_inputs, execution_order, find_blocks, propagate, shared_input_groups
+from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from .calibration import collect_batches
 from .lstsq import lstsq_refit, reconstruction_error
 from .result import LayerReport, PruneResult
@@ -248,27 +248,15 @@ class _Job:
         return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
 
 @torch.no_grad()
-@torch.no_grad()
 def _check_model_runs(model, call, last_block=None) -> None:
-    """One forward on the first batch, so data that does not fit fails early and clearly. It
-    stops after ``last_block``: what follows (an LM head's logits, often the largest tensor of
-    the whole forward) is never calibrated, and would set the peak memory of pruning."""
+    """One forward on the first batch, up to the last calibrated block, so data that does not
+    fit fails early and clearly (without computing an LM head's logits)."""
     args, kwargs = call
-    handle = None
-    if last_block is not None and last_block is not model:
-        def stop(*_):
-            raise StopForward
-        handle = last_block.register_forward_hook(stop)
     try:
-        model(*args, **kwargs)
-    except StopForward:
-        pass
+        forward_until(model, last_block, args, kwargs)
     except Exception as exc:
         raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
                          "check that the batches match the model's inputs") from exc
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def _check_args(method, refine, pattern, sparsity, capture):
