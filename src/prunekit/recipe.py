@@ -119,7 +119,7 @@ class Recipe:
                 continue
             section, name = _locate(key)
             if (section, name) in _PATHS or (name == "source" and os.path.exists(value)):
-                value = _abspath(value)  # a path given on the command line is the working folder's
+                value = absolute_path(value)  # a path given on the command line is the working folder's
             if raw.get(section) is None:
                 raw[section] = {}
             raw[section][name] = value
@@ -147,9 +147,10 @@ def _locate(key: str) -> tuple[str, str]:
     return owners[0], key
 
 
-def _abspath(value: Any) -> Any:
+def absolute_path(value: Any) -> Any:
+    """A path (or list of paths) made absolute against the working folder; builtin: sources stay."""
     if isinstance(value, list):
-        return [_abspath(v) for v in value]
+        return [absolute_path(v) for v in value]
     if isinstance(value, (str, os.PathLike)) and not os.fspath(value).startswith("builtin:"):
         return os.path.abspath(os.fspath(value))
     return value

@@ -105,7 +105,7 @@ def is_recipe(name: str | None) -> bool:
 
 def build_recipe(args: argparse.Namespace):
     """The recipe to run: the --recipe file (or a recipe given as MODEL) with the options applied."""
-    from ..recipe import load_recipe
+    from ..recipe import absolute_path, load_recipe
 
     if is_recipe(args.model) and not args.recipe:
         args.recipe, args.model = args.model, None
@@ -117,17 +117,13 @@ def build_recipe(args: argparse.Namespace):
         if section == "data" and "source" in values:  # a data option replaces the recipe's data source
             kind, value = values.pop("source")
             raw["data"] = {k: v for k, v in (raw.get("data") or {}).items() if k not in ("text", "corpus", "tensors")}
-            raw["data"][kind] = _absolute(value) if kind != "corpus" else value
+            raw["data"][kind] = absolute_path(value) if kind != "corpus" else value
         for key, value in values.items():
             if key in ("dir", "state_dict") or (key == "source" and os.path.exists(value)):
-                value = _absolute(value)
+                value = absolute_path(value)
             raw.setdefault(section, None)
             raw[section] = {**(raw[section] or {}), key: value}
     return load_recipe({k: v for k, v in raw.items() if v is not None or k == "data"})
-
-
-def _absolute(value):
-    return [os.path.abspath(v) for v in value] if isinstance(value, list) else os.path.abspath(value)
 
 
 def run(args: argparse.Namespace) -> int:
