@@ -124,6 +124,18 @@ def dense_row(args) -> dict:
             "sample": generate_sample(model, tok, PROMPT, max_new_tokens=30)}
 
 
+def run_in_subprocess(one_args: list[str]) -> dict | None:
+    """One ``--one`` run in its own process (so its peak memory is its own); its result row, or
+    None after printing why it failed."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", *one_args], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"{' '.join(one_args[:2])} failed:\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def grid(args) -> list[tuple[str, str, int | None, int]]:
     """(method, pattern, decoder layers kept or None, calibration sequences) of every run."""
     # least-squares refits (about 15 min each on one thread) only at 50% and 2:4, where
@@ -244,11 +256,10 @@ def main(argv=None) -> None:
         mem = []
         for method in ("magnitude", "wanda", "sparsegpt"):
             for layers in (30, 15):
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", method, "0.5", "--no-eval",
-                                      "--layers", str(layers), "--threads", str(args.threads)],
-                                     capture_output=True, text=True, check=True)
-                mem.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(json.dumps(mem[-1]), flush=True)
+                row = run_in_subprocess([method, "0.5", "--no-eval", "--layers", str(layers), "--threads", str(args.threads)])
+                if row is None:
+                    raise SystemExit(1)
+                mem.append(row)
         with open(os.path.join(RESULTS, "llm_memory.json"), "w") as f:
             json.dump(mem, f, indent=1)
         write_markdown(rows, os.path.join(RESULTS, "llm.md"))
@@ -263,18 +274,15 @@ def main(argv=None) -> None:
                 or (args.skip and any(part in method for part in args.skip.split(","))):
             continue
         snows_run = sequences == args.snows_sequences and sequences != args.sequences
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", method, pattern, "--threads", str(args.threads),
+        cmd = [method, pattern, "--threads", str(args.threads),
                "--seq-len", str(args.seq_len), "--eval-sequences", str(args.eval_sequences),
                "--batch", str(args.snows_batch if snows_run else args.batch), "--sequences", str(sequences),
                "--k", str(args.k), "--max-cg", str(args.max_cg)]
         if layers:
             cmd += ["--layers", str(layers), "--no-eval"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{method} {pattern} failed:\n{out.stderr[-2000:]}", file=sys.stderr, flush=True)
+        row = run_in_subprocess(cmd)
+        if row is None:
             continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(json.dumps(row), flush=True)
         rows.append(row)
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
