@@ -14,6 +14,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
     ``seq_len`` sequences (the remainder is dropped). ``model(input_ids=...)`` must return
     ``.logits`` (Hugging Face causal LMs) or the logits tensor itself."""
     from .llm import check_seq_len
+    from .oneshot.calibration import model_device
 
     tokens = torch.as_tensor(tokens).reshape(-1)
     check_seq_len(model, seq_len)
@@ -28,7 +29,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
     model.eval()
     total, count = 0.0, 0
     try:
+        device = model_device(model)
         for batch in seqs.split(batch_size):
+            batch = batch.to(device)
             out = model(input_ids=batch)
             logits = out.logits if hasattr(out, "logits") else out
             loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

@@ -48,12 +48,13 @@ def lstsq_refit(
     cross: torch.Tensor | None = None,
     *,
     damp: float = 1e-4,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Per-row exact least squares of ``weight`` ``[d_out, d_in]`` on the support ``mask``.
 
     ``hessian`` = ``X_s^T X_s / N``; ``cross`` = ``X_s^T X_t / N`` (None: ``X_t = X_s``, so
     ``C = H``). Returns the refitted matrix in the input dtype, exactly 0 off ``mask``; rows with
-    an empty support are all zero. Solved in float64.
+    an empty support are all zero. Solved in ``dtype`` (float64 by default).
 
     Cost: ``O(sum_i k_i^3)`` flops for rows with ``k_i`` kept weights (one Cholesky each) plus
     ``O(d_out d_in^2)`` for ``C W0^T``. Rows are grouped by support size and solved as batches
@@ -73,7 +74,7 @@ def lstsq_refit(
         raise ValueError(f"damp must be >= 0, got {damp}")
 
     dev = weight.device
-    f64 = torch.float64
+    f64 = dtype
     w0 = weight.detach().to(f64)
     H = hessian.detach().to(device=dev, dtype=f64)
     C = H if cross is None else cross.detach().to(device=dev, dtype=f64)
@@ -90,7 +91,7 @@ def lstsq_refit(
         if k == 0:
             continue  # empty support: the row stays exactly zero
         rows = torch.nonzero(sizes == k).squeeze(1)
-        per_row = 2 * 8 * k * k  # float64 submatrix + int64 gather index
+        per_row = (torch.finfo(f64).bits // 8 + 8) * k * k  # submatrix + int64 gather index
         chunk = max(1, CHUNK_BYTES // per_row)
         eye = torch.eye(k, dtype=f64, device=dev) * delta
         for start in range(0, rows.numel(), chunk):

@@ -24,7 +24,8 @@ from ..layout import from_matrix, to_matrix
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
-from .calibration import collect_batches
+from .calibration import collect_batches, model_device, to_device
+from .placement import execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .lstsq import lstsq_refit, reconstruction_error
 from .result import LayerReport, PruneResult
 from .selection import magnitude_scores, select_mask, wanda_scores
@@ -60,6 +61,8 @@ def prune(
     sparsegpt_block_size: int = 128,
     damp: float = 0.01,
     lstsq_damp: float = 1e-4,
+    device: str | torch.device | None = None,
+    stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, one shot, and return a :class:`PruneResult`.
@@ -73,8 +76,18 @@ def prune(
     the model to capture each block's inputs instead of chaining outputs, for models whose
     blocks do not feed each other directly. ``sequential=True`` recomputes statistics after
     every layer inside a block (always on with ``refine``).
+
+    ``device`` is where the work runs (e.g. ``"cuda"`` for a model kept in CPU memory): one
+    block at a time is moved there with its inputs, pruned and moved back, so nothing else of
+    the model is ever on that device (default: where the model is). ``stats_dtype`` is the
+    precision of the calibration statistics and the solvers: ``float64`` by default on the
+    CPU, ``float32`` on accelerators (as the SparseGPT reference does).
     """
     method, refine, pattern, sparsity = _check_args(method, refine, pattern, sparsity, capture)
+    exec_device = execution_device(device)
+    home = model_device(model)
+    run_device = exec_device or home
+    precision = stats_precision(stats_dtype, run_device)
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
@@ -94,9 +107,11 @@ def prune(
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
-    result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity, skipped=skipped)
+    result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
+                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
     job = _Job(model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
                sparsegpt_block_size, damp, lstsq_damp, result)
+    job.home, job.device, job.dtype = home, run_device, precision
     # Only the target weights ever change: they are all the restore point needs.
     snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
@@ -105,6 +120,7 @@ def prune(
                disable=(not progress) if progress is not None else None, leave=False)
     job.bar = bar
     job.show_progress = not bar.disable
+    tracker = peak_memory_tracker(run_device)
     try:
         model.eval()
         if needs_data:
@@ -121,6 +137,7 @@ def prune(
         bar.close()
         model.train(was_training)
     result.seconds = time.perf_counter() - start
+    result.peak_device_mib = tracker()
     return result
 
 
@@ -135,26 +152,33 @@ class _Job:
         self.block_size, self.damp, self.lstsq_damp = block_size, damp, lstsq_damp
         self.result = result
         self.target_ids = {id(m) for m in targets.values()}
+        self.home = self.device = torch.device("cpu")
+        self.dtype = torch.float64
         self.bar = None
         self.show_progress = False
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
         blocks = find_blocks(self.model, block_names)
+        calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
         _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
         owned = {n: self._owner(n, blocks) for n in self.targets}
         inputs = None
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
             if inputs is None or capture == "rerun":
-                inputs = capture_inputs(self.model, block, calls, progress=self.show_progress)
-            if layers:
-                self.process_block(block, inputs, layers, chain=blocks[i:])
-            if i + 1 < len(blocks) and capture == "chain":
-                inputs = propagate(block, inputs)
+                inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
+            # SNOWS looks ahead into the next block: it comes along to the execution device.
+            ahead = [m for _, m in blocks[i + 1:i + 2]] if self.refine == "snows" and layers else []
+            with to_block_device([block, *ahead], self.device, self.home):
+                if layers:
+                    self.process_block(block, inputs, layers, chain=blocks[i:])
+                if i + 1 < len(blocks) and capture == "chain":
+                    inputs = propagate(block, inputs)
         rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
         if rest:  # layers outside every block: the whole model is their block
-            self.process_block(self.model, list(calls), rest, chain=[("", self.model)])
+            with to_block_device([self.model], self.device, self.home):
+                self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
 
     @staticmethod
     def _owner(name: str, blocks) -> int | None:
@@ -170,7 +194,8 @@ class _Job:
             if self.bar is not None:
                 self.bar.update()
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.method == "sparsegpt")
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.method == "sparsegpt",
+                                 dtype=self.dtype)
             for name in order:
                 self.prune_layer(name, stats[name])
             return
@@ -183,7 +208,7 @@ class _Job:
             for name in group:
                 dense[name] = layers[name].weight.detach().clone()
             stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense,
-                                 all_layers=layers, stop_early=once)
+                                 all_layers=layers, stop_early=once, dtype=self.dtype)
             for name in group:
                 self.prune_layer(name, stats.pop(name), inputs=inputs, chain=chain, block_layers=layers, dense=dense)
 
@@ -191,11 +216,13 @@ class _Job:
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
         t0 = time.perf_counter()
         layer = self.targets[name]
-        w0 = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)  # never a view of the layer
+        # never a view of the layer; on the execution device (a magnitude-only run moves no block)
+        w0 = to_matrix(layer.weight.detach()).to(device=self.device, dtype=self.dtype, copy=True)
         s = self.budgets[name]
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
         if self.method == "sparsegpt":
-            out = sparsegpt(w0, stats.hessian, s, self.pattern, block_size=self.block_size, damp=self.damp)
+            out = sparsegpt(w0, stats.hessian, s, self.pattern, block_size=self.block_size, damp=self.damp,
+                            dtype=self.dtype)
             w, mask = out.weight, out.mask
             if out.damp_used != self.damp:
                 report.note = f"dampening raised to {out.damp_used:g}"
@@ -206,11 +233,11 @@ class _Job:
         if stats is not None and stats.h_sum is not None:
             report.error_selected = self._error(w, w0, stats)
         if self.refine == "lstsq":
-            w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
+            w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp, dtype=self.dtype)
         elif self.refine == "snows":
             warm = self.snows_cfg.warm_start
             if warm == "lstsq" or (warm == "auto" and self.method != "sparsegpt"):
-                w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp)
+                w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp, dtype=self.dtype)
             self._write(layer, w, mask)
             solve, before, after = snows_refit(
                 self.model, ctx["chain"], layer, from_matrix(mask, layer.weight.shape), ctx["inputs"],
@@ -222,7 +249,7 @@ class _Job:
             if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature
                 notes.append(f"negative curvature in {solve.negative_curvature} of {solve.steps} CG solves")
             report.note = "; ".join(notes)
-            w = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)
+            w = to_matrix(layer.weight.detach()).to(dtype=self.dtype, copy=True)
         self._write(layer, w, mask)
         if self.refine is not None:
             report.error_refined = self._error(w * mask, w0, stats)
@@ -230,7 +257,7 @@ class _Job:
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
-        if layer.weight.detach()[~from_matrix(mask, layer.weight.shape)].any():
+        if layer.weight.detach()[~from_matrix(mask, layer.weight.shape).to(layer.weight.device)].any():
             raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
         self.result.layers.append(report)
         if self.bar is not None:
@@ -240,7 +267,7 @@ class _Job:
     @torch.no_grad()
     def _write(layer: nn.Module, w: torch.Tensor, mask: torch.Tensor) -> None:
         # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
-        kept = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
+        kept = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
         layer.weight.copy_(from_matrix(kept.to(layer.weight.dtype), layer.weight.shape))
 
     @staticmethod
@@ -278,6 +305,10 @@ def _check_args(method, refine, pattern, sparsity, capture):
 
 def _check_weights(targets) -> None:
     for name, module in targets.items():
+        if module.weight.is_meta:
+            raise ValueError(f"layer {name!r} has its weight on the meta device (not materialised); load the "
+                             "weights first (e.g. model.to_empty(device='cpu') then load_state_dict, or "
+                             "from_pretrained without device_map='meta')")
         if not torch.isfinite(module.weight).all():
             raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 

@@ -31,6 +31,11 @@ class PruneResult:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: where the work ran, the statistics' precision, and the peak memory allocated there
+    #: (MiB; CUDA only: one block, its activations and one layer's statistics)
+    device: str = "cpu"
+    stats_dtype: str = "float64"
+    peak_device_mib: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -55,7 +60,9 @@ class PruneResult:
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[-40:]:<40} skipped: {why}")
-        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s")
+        peak = f", peak {self.peak_device_mib:.0f} MiB on {self.device}" if self.peak_device_mib is not None else ""
+        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
+                     f" ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
 
 

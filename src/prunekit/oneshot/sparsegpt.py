@@ -142,6 +142,7 @@ def sparsegpt(
     block_size: int = 128,
     damp: float = 0.01,
     mask: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SparseGPTResult:
     """Prune one layer with SparseGPT and return the updated weight and keep-mask.
 
@@ -153,8 +154,9 @@ def sparsegpt(
     and apply only the OBS updates (``pattern``/``sparsity`` are then not used).
 
     Cost: one ``d_in^3`` inverse-Cholesky plus ``O(d_out * d_in * block_size)`` for the in-block
-    updates and ``O(d_out * d_in^2)`` for the lazy batch updates. Works in float64 when
-    ``d_in <= 2048``, float32 otherwise.
+    updates and ``O(d_out * d_in^2)`` for the lazy batch updates. Works in ``dtype``
+    (float32, as the reference, is the default on accelerators); with None or float64, in
+    float64 when ``d_in <= 2048``, float32 otherwise.
     """
     if weight.dim() != 2:
         raise ValueError(f"sparsegpt expects a 2-D weight matrix [d_out, d_in], got shape {tuple(weight.shape)}")
@@ -183,7 +185,10 @@ def sparsegpt(
     else:
         raise TypeError(f"pattern must be Unstructured() or NM(n, m), got {pattern!r}")
 
-    work = torch.float64 if d_in <= FLOAT64_MAX_DIN else torch.float32
+    if dtype == torch.float32:
+        work = torch.float32
+    else:
+        work = torch.float64 if d_in <= FLOAT64_MAX_DIN else torch.float32
     W = weight.detach().to(work).clone()
     H = hessian.detach().to(device=weight.device, dtype=work).clone()
     if not bool(torch.isfinite(H).all()):

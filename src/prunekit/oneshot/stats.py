@@ -26,6 +26,7 @@ class LayerStats:
     h_sum: torch.Tensor | None = None
     c_sum: torch.Tensor | None = None
     t_sum: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float64
 
     @property
     def sq(self) -> torch.Tensor:
@@ -45,20 +46,22 @@ class LayerStats:
         return None if self.c_sum is None else self.c_sum / max(self.count, 1)
 
     def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool) -> None:
-        # Each batch's products run in the activations' precision (fast fp32 BLAS); the sums
-        # over batches are kept in float64.
+        # Each batch's products run in the activations' precision (fast fp32 BLAS, or fp32 for
+        # half-precision activations); the sums over batches are kept in ``self.dtype``.
         xs = xs.detach()
+        if xs.dtype in (torch.float16, torch.bfloat16):
+            xs = xs.float()
         if not torch.isfinite(xs).all():
             raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
         self.count += xs.shape[0]
-        sq = (xs * xs).sum(0).double()
+        sq = (xs * xs).sum(0).to(self.dtype)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if want_h:
-            h = (xs.T @ xs).double()
+            h = (xs.T @ xs).to(self.dtype)
             self.h_sum = h if self.h_sum is None else self.h_sum + h
         if xt is not None:
             xt = xt.detach().to(xs.dtype)
-            c, t = (xs.T @ xt).double(), (xt.T @ xt).double()
+            c, t = (xs.T @ xt).to(self.dtype), (xt.T @ xt).to(self.dtype)
             self.c_sum = c if self.c_sum is None else self.c_sum + c
             self.t_sum = t if self.t_sum is None else self.t_sum + t
 
@@ -107,15 +110,16 @@ def gather_stats(
     dense_weights: dict[str, torch.Tensor] | None = None,
     all_layers: dict[str, nn.Module] | None = None,
     stop_early: bool = False,
+    dtype: torch.dtype = torch.float64,
 ) -> dict[str, LayerStats]:
     """Statistics of ``layers`` over all stored block inputs (``stop_early``: end each forward
     once every layer has been seen; only valid when each layer runs once per block call).
 
     With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
     name in ``all_layers``), each batch is also run through the dense block to get the target
-    inputs ``X_t`` and the cross term ``C``.
+    inputs ``X_t`` and the cross term ``C``. Sums are kept in ``dtype``.
     """
-    stats = {n: LayerStats() for n in layers}
+    stats = {n: LayerStats(dtype=dtype) for n in layers}
     catcher = _Catcher(layers, stop_early)
     try:
         for args, kwargs in inputs:

@@ -1,0 +1,88 @@
+"""Where one-shot pruning runs, and in what precision.
+
+The model stays where the user keeps it; with an execution ``device`` one block at a time is
+moved there with its inputs, pruned and moved back (as the SparseGPT reference and
+llm-compressor do for decoder layers), so the device only ever holds one block, its
+activations and one layer's statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64}
+
+
+def execution_device(device: str | torch.device | None) -> torch.device | None:
+    """The validated execution device (None: where the model is)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'") from exc
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data; pass 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} is not available here (torch.cuda.is_available() is False); "
+                             "omit device to prune where the model is, or pass device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device='mps' is not available here; omit device or pass device='cpu'")
+    return dev
+
+
+def stats_precision(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Statistics / solver precision: float64 on the CPU, float32 on accelerators by default."""
+    if dtype is None:
+        return torch.float64 if device.type == "cpu" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {dtype}; "
+                         "half precision is too coarse for Hessians")
+    return dtype
+
+
+@contextlib.contextmanager
+def to_block_device(modules: Sequence[nn.Module], device: torch.device, home: torch.device) -> Iterator[None]:
+    """Hold ``modules`` on ``device`` for the duration, and put them back ``home`` after (also
+    on error). A no-op when both are the same device."""
+    if device == home:
+        yield
+        return
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m in modules:
+            m.to(home)
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """Device of a module's first parameter or buffer (None if it has neither)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+def peak_memory_tracker(device: torch.device) -> Callable[[], float | None]:
+    """Start tracking peak allocated memory on ``device``; the returned call gives it in MiB
+    (None where PyTorch does not track it: the CPU)."""
+    if device.type != "cuda":
+        return lambda: None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return lambda: torch.cuda.max_memory_allocated(device) / 2**20

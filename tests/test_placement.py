@@ -1,0 +1,137 @@
+"""Execution device and statistics precision of one-shot pruning (prunekit.oneshot.placement).
+
+The CUDA tests run only where a GPU is present (the lent GPU machine, via benchmarks/gpu.py's
+test step); everywhere else they skip.
+"""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+from prunekit.oneshot.placement import execution_device, stats_precision, to_block_device
+from prunekit.zoo.models import resnet_mnist
+
+sys.path.insert(0, os.path.dirname(__file__))
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return resnet_mnist(width=8, blocks_per_stage=1).eval()
+
+
+def _data(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 1, 28, 28, generator=g) for _ in range(n)]
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error where no GPU exists")
+def test_cuda_without_a_gpu_is_a_clear_error_and_the_model_is_untouched():
+    model = _model()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="device='cuda' is not available"):
+        pk.prune(model, _data(), sparsity=0.5, method="sparsegpt", device="cuda")
+    assert _same(model, before)
+
+
+@pytest.mark.parametrize("bad", ["gpu0", "meta", 3.5])
+def test_bad_devices_are_refused(bad):
+    with pytest.raises(ValueError, match="device"):
+        execution_device(bad)
+
+
+def test_explicit_cpu_device_is_the_default_run_bit_for_bit():
+    a, b = _model(), _model()
+    ra = pk.prune(a, _data(), sparsity=0.6, method="sparsegpt", progress=False)
+    rb = pk.prune(b, _data(), sparsity=0.6, method="sparsegpt", device="cpu", progress=False)
+    assert _same(a, b)
+    assert ra.device == rb.device == "cpu" and ra.stats_dtype == "float64"
+    assert ra.peak_device_mib is None  # the CPU's peak is not tracked by PyTorch
+
+
+def test_stats_precision_defaults_and_errors():
+    assert stats_precision(None, torch.device("cpu")) == torch.float64
+    assert stats_precision(None, torch.device("cuda")) == torch.float32
+    assert stats_precision("float64", torch.device("cuda")) == torch.float64
+    with pytest.raises(ValueError, match="stats_dtype"):
+        stats_precision("float16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="stats_dtype"):
+        stats_precision(torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("method,refine", [("sparsegpt", None), ("wanda", "lstsq")])
+def test_float32_statistics_give_the_same_counts_and_nearly_the_same_weights(method, refine):
+    a, b = _model(), _model()
+    pk.prune(a, _data(), sparsity=0.6, method=method, refine=refine, progress=False)
+    r = pk.prune(b, _data(), sparsity=0.6, method=method, refine=refine, stats_dtype="float32", progress=False)
+    assert r.stats_dtype == "float32"
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert int((pa == 0).sum()) == int((pb == 0).sum()), name
+        assert torch.allclose(pa, pb, rtol=1e-3, atol=1e-4), name
+
+
+class _Recorder(nn.Linear):
+    """A layer that records where it is sent instead of moving (no second device here)."""
+
+    def __init__(self):
+        super().__init__(4, 4)
+        self.moves = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        return self
+
+
+def test_blocks_go_back_home_when_pruning_fails():
+    layer = _Recorder()
+    with pytest.raises(RuntimeError, match="boom"):
+        with to_block_device([layer], torch.device("cuda", 0), torch.device("cpu")):
+            raise RuntimeError("boom")
+    assert layer.moves == ["cuda:0", "cpu"]
+    with to_block_device([layer], torch.device("cpu"), torch.device("cpu")):
+        pass
+    assert layer.moves == ["cuda:0", "cpu"]  # same device: nothing moves
+
+
+def test_a_meta_model_is_refused_with_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="meta device"):
+        pk.prune(model, None, sparsity=0.5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method,refine", [("magnitude", None), ("wanda", None), ("sparsegpt", None),
+                                           ("sparsegpt", "lstsq"), ("magnitude", "snows")])
+def test_cuda_execution_keeps_the_model_home_and_matches_the_cpu_run(method, refine):
+    cpu, off = _model(), _model()
+    kw = dict(sparsity=0.6, method=method, refine=refine, progress=False, snows={"k": 2, "max_cg": 5},
+              stats_dtype="float64")
+    pk.prune(cpu, _data(), **kw)
+    result = pk.prune(off, _data(), device="cuda", **kw)
+    assert all(p.device.type == "cpu" for p in off.parameters())
+    assert result.peak_device_mib is not None and result.peak_device_mib > 0
+    for (name, pa), pb in zip(cpu.named_parameters(), off.parameters()):
+        assert int((pa == 0).sum()) == int((pb == 0).sum()), name
+        assert torch.allclose(pa, pb, rtol=1e-3, atol=1e-3), name
+
+
+@needs_cuda
+def test_a_model_on_the_gpu_prunes_there_with_float32_statistics():
+    from llama_toys import tiny_llama
+
+    model = tiny_llama(num_layers=2).cuda()
+    ids = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(3)]  # batches on the CPU are fine
+    result = pk.prune(model, ids, pattern="2:4", method="sparsegpt", progress=False)
+    assert result.stats_dtype == "float32" and result.device.startswith("cuda")
+    assert all(p.is_cuda for p in model.parameters())
+    assert result.sparsity == 0.5
