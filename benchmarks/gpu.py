@@ -17,6 +17,7 @@ written to the results as soon as it finishes (a failing section is recorded, th
    per MLP layer, and a larger-batch microbenchmark of the same layers.
 
     python benchmarks/gpu.py --out results_dir [--quick]
+    python benchmarks/gpu.py --markdown results/gpu.json   # writes results/gpu.md beside it
 """
 from __future__ import annotations
 
@@ -129,6 +130,65 @@ def cpu_reference() -> dict:
             if r.get("layers") == 30 and r.get("calibration") == "64x256" and "perplexity" in r}
 
 
+def markdown(path: str) -> str:
+    """A readable table of one gpu.json, written beside it as gpu.md."""
+    data = json.load(open(path))
+    h, sec = data["header"], data["sections"]
+    out = [f"# GPU check: {h['device']}", "",
+           f"`python benchmarks/gpu.py` on {h['date']}: torch {h['torch']} (CUDA {h['cuda']}), transformers "
+           f"{h['transformers']}; SmolLM2-135M, calibration {h['calibration']} pydoc tokens, perplexity on "
+           f"{h['eval_sequences']} held-out sequences of 256. CPU columns: benchmarks/results/llm.json (same "
+           "calibration and evaluation, float64 statistics, 1 thread).", ""]
+    if "dense" in sec:
+        d = sec["dense"][0]
+        out += [f"Dense perplexity: {d.get('perplexity')} on the GPU, {d.get('cpu_perplexity')} on the CPU.", ""]
+    rows = sec.get("runs", []) + sec.get("offloaded", [])
+    if rows:
+        out += ["| method | pattern | model in | runs on | statistics | seconds | peak GPU MiB | perplexity | CPU perplexity | vs CPU | CPU s (1 thread) | time vs resident |",
+                "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if "error" in r:
+                out.append(f"| error: {r['error']} |")
+                continue
+            out.append(f"| {r['method']} | {r['pattern']} | {r['model_on']} | {r['execution']} | {r['stats_dtype']} | "
+                       f"{r['seconds']} | {r['peak_gpu_mib']} | {r['perplexity']} | {r.get('cpu_perplexity', '-')} | "
+                       f"{100 * r['perplexity_vs_cpu']:+.1f}% | {r.get('cpu_seconds_1_thread', '-')} | "
+                       f"{r.get('time_vs_resident', '-')} |" if "perplexity_vs_cpu" in r else
+                       f"| {r['method']} | {r['pattern']} | {r['model_on']} | {r['execution']} | {r['stats_dtype']} | "
+                       f"{r['seconds']} | {r['peak_gpu_mib']} | {r['perplexity']} | - | - | - | - |")
+        out.append("")
+    if sec.get("layer"):
+        out += ["SparseGPT on one layer (same Hessian from the 64 x 256 calibration tokens, float32, median of 5), "
+                "prunekit against the reference algorithm:", "",
+                "| layer | shape | pattern | prunekit ms | reference ms | ratio | prunekit error | reference error | reference sparsity |",
+                "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sec["layer"]:
+            if "error" in r and isinstance(r["error"], str):
+                out.append(f"| error: {r['error']} |")
+                continue
+            out.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['pattern']} | {r['prunekit_ms']} | "
+                       f"{r['reference_ms']} | {r['time_ratio']} | {r['prunekit_error']:.6g} | {r['reference_error']:.6g} | "
+                       f"{r['reference_sparsity']} |")
+        out.append("")
+    if sec.get("kernels"):
+        out += ["2:4 semi-structured kernel (fp16):", ""]
+        for r in sec["kernels"]:
+            if r.get("what", "").startswith("pk.accelerate"):
+                out.append(f"- `pk.accelerate` on the 2:4 model, 8 x 256 tokens: {r['swapped']} layers swapped, "
+                           f"median MLP-layer kernel speedup {r['mlp_median_kernel_speedup']} (below 1 = slower), "
+                           f"model {r['model_dense_ms']} ms dense vs {r['model_accelerated_ms']} ms after.")
+            elif "speedup" in r:
+                out.append(f"- `F.linear` {r['layer']} ({'x'.join(map(str, r['shape']))}), {r['tokens']} tokens: "
+                           f"dense {r['dense_us']} us, 2:4 {r['semi_structured_us']} us, speedup {r['speedup']}.")
+            else:
+                out.append(f"- {r}")
+        out.append("")
+    text = "\n".join(out)
+    with open(os.path.join(os.path.dirname(path), "gpu.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -139,7 +199,11 @@ def main() -> int:
     p.add_argument("--sections", default="dense,runs,offloaded,layer,kernels")
     p.add_argument("--device", default="cuda", help="'cpu' with --layers for a dry run of the script itself")
     p.add_argument("--layers", type=int, default=None, help="keep only the first decoder layers (dry runs)")
+    p.add_argument("--markdown", default=None, metavar="GPU_JSON", help="only write gpu.md from a gpu.json")
     args = p.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA GPU here; nothing to measure (run it on a GPU machine)")
         return 0
