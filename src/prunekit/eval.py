@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .calls import eval_mode
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batch_size: int = 8,
@@ -24,10 +26,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one sequence of seq_len={seq_len}; "
                          "pass more text or a shorter seq_len")
     seqs = tokens[: n * seq_len].view(n, seq_len)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in seqs.split(batch_size):
             out = model(input_ids=batch)
             logits = out.logits if hasattr(out, "logits") else out
@@ -35,6 +35,4 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
                                                batch[:, 1:].reshape(-1), reduction="sum")
             total += float(loss)
             count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return math.exp(total / count)
