@@ -6,9 +6,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import prunekit
-from prunekit.jobs import run_recipe
+from prunekit.jobs import load_output, run_recipe
 from prunekit.loading import load_model
 from prunekit.recipe import load_recipe
 
@@ -88,3 +89,34 @@ def test_run_recipe_on_minilm(tmp_path, minilm):
     model = prunekit.load_pretrained_compressed(tmp_path / "mini")
     w = model.encoder.layer[0].attention.self.query.weight
     assert abs((w == 0).float().mean().item() - 0.5) < 0.01
+
+
+def test_load_output_rebuilds_a_factory_model_from_its_recipe_folder(tmp_path, monkeypatch):
+    """The factory module lives beside the recipe only; the output and working folders are elsewhere."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "recipe_folder_toy.py").write_text(
+        "import torch\n\ndef build(width=4):\n    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))\n")
+    torch.save(torch.randn(32, 8), project / "x.pt")
+    recipe = {"model": {"source": "recipe_folder_toy:build", "kwargs": {"width": 6}},
+              "data": {"tensors": "x.pt"}, "prune": {"method": "wanda", "sparsity": 0.5},
+              "output": {"dir": str(tmp_path / "outputs" / "out"), "formats": ["compressed"]}}
+    (project / "job.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    outcome = run_recipe(project / "job.yaml", progress=False)
+    monkeypatch.delitem(sys.modules, "recipe_folder_toy")
+    model = load_output(outcome.output_dir)
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), outcome.model.state_dict().values()))
+    assert int((model[0].weight == 0).sum()) == 24  # half of 6 x 8
+
+
+def test_load_output_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither config.json nor recipe.yaml"):
+        load_output(tmp_path)
+    outcome = run_recipe(load_recipe(write_job(tmp_path), formats=[]), progress=False)
+    assert "recipe.yaml" in outcome.files and "model.safetensors" not in outcome.files
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        load_output(outcome.output_dir)

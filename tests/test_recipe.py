@@ -2,7 +2,6 @@ import os
 import sys
 
 import pytest
-import yaml
 
 from prunekit.recipe import Recipe, list_recipes, load_recipe, recipe_path
 

@@ -88,10 +88,55 @@ def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, resu
     with open(os.path.join(folder, "recipe.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
     with open(os.path.join(folder, "prune_report.json"), "w", encoding="utf-8") as f:
-        json.dump({"result": result.to_dict(), "model": report.to_dict(), "recipe": spec}, f, indent=2)
+        json.dump({"result": result.to_dict(), "model": report.to_dict(), "recipe": spec,
+                   "recipe_folder": recipe.folder}, f, indent=2)
     with open(os.path.join(folder, "prune_report.md"), "w", encoding="utf-8") as f:
         f.write(f"# prunekit report\n\n```\n{result.summary()}\n```\n\n## parameters and FLOPs\n\n"
                 f"{report.to_markdown()}\n\n![per-layer sparsity](layer_sparsity.png)\n\n## recipe\n\n```yaml\n"
                 f"{yaml.safe_dump(spec, sort_keys=False)}```\n")
     plot_layer_sparsity(report, os.path.join(folder, "layer_sparsity.png"),
                         title=f"{result.method}{'+' + result.refine if result.refine else ''}, {result.pattern}")
+
+
+DENSE, COMPRESSED = "model.safetensors", "model.prunekit.safetensors"
+
+
+def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = None) -> Any:
+    """The pruned model in an output folder of :func:`run_recipe`, in eval mode.
+
+    A Hugging Face model comes back from its ``config.json`` (a compressed-only folder through
+    :func:`prunekit.load_pretrained_compressed`); any other model, e.g. ``module:factory``, is
+    rebuilt as the folder's ``recipe.yaml`` says (source, kwargs), then given the saved weights:
+    ``weights`` if given, else ``model.safetensors``, else ``model.prunekit.safetensors``."""
+    from .loading import load_model, load_state_dict_file
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist; pass a folder written by prunekit prune")
+    weights = os.fspath(weights) if weights is not None else next(
+        (os.path.join(folder, n) for n in (DENSE, COMPRESSED) if os.path.isfile(os.path.join(folder, n))), None)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        if weights is not None and os.path.basename(weights) == COMPRESSED:
+            from .export import load_pretrained_compressed
+
+            return load_pretrained_compressed(folder)
+        return load_model(folder)[0]
+    if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
+        raise FileNotFoundError(f"{folder!r} has neither config.json nor recipe.yaml, so it is not an output folder "
+                                "of prunekit prune; pass the model with --model (or its folder)")
+    if weights is None:
+        raise FileNotFoundError(f"output folder {folder!r} holds no weights ({DENSE} or {COMPRESSED}): its recipe's "
+                                "output.formats was empty; prune again with formats [hf] or [compressed]")
+    m = load_recipe(os.path.join(folder, "recipe.yaml")).model
+    model, _ = load_model(m.source, kwargs=m.kwargs, gguf_file=m.gguf_file, root=_recipe_folder(folder) or folder)
+    load_state_dict_file(model, weights)
+    return model.eval()
+
+
+def _recipe_folder(folder: str) -> str | None:
+    """The folder of the recipe that wrote ``folder`` (its factory modules may live there)."""
+    try:
+        with open(os.path.join(folder, "prune_report.json"), encoding="utf-8") as f:
+            return json.load(f).get("recipe_folder")
+    except (OSError, ValueError, AttributeError):
+        return None

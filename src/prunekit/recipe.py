@@ -214,12 +214,13 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
         if isinstance(value, Mapping) and isinstance(part.get(name), Mapping):
             value = {**part[name], **value}  # snows, kwargs, overrides: key by key
         part[name] = value
-    if sources:  # a new data source replaces the recipe's, with the options only the old one took
-        dropped = {*_DATA_SOURCES} - {sources[0]}
+    if sources and isinstance(raw["data"], dict):  # a new data source replaces the recipe's, and the
+        dropped = {*_DATA_SOURCES} - {sources[0]}    # options only the old one took
         dropped |= {"n_samples"} if sources[0] != "tensors" else {"seq_len", "n_sequences"}
         raw["data"] = {k: v for k, v in raw["data"].items() if k not in dropped or ("data", k) in given}
     pattern = given.get(("prune", "pattern"))
-    if isinstance(pattern, str) and ":" in pattern and ("prune", "sparsity") not in given:
+    if isinstance(pattern, str) and ":" in pattern and ("prune", "sparsity") not in given \
+            and isinstance(raw["prune"], dict):
         raw["prune"].pop("sparsity", None)  # N:M fixes the sparsity: the recipe's would contradict it
     return raw
 
