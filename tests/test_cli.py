@@ -308,3 +308,22 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("prunekit: interrupted"), err
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
+
+
+@pytest.mark.parametrize("formats", ["compressed", "hf"])
+def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats):
+    """A config-built tiny BERT: the output folder has config.json, with dense or only compressed weights."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    assert main(["prune", str(tmp_path / "bert"), "--method", "magnitude", "--sparsity", "0.5", "--format", formats,
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--format", "json"]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
+    assert report["nonzeros"] * 2 == report["params"]
