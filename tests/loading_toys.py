@@ -1,5 +1,6 @@
-"""Tiny models for the loading and recipe tests, imported as ``loading_toys:factory``."""
+"""Tiny models for the loading and recipe tests, imported as ``loading_toys:factory``, and a job."""
 import torch
+import yaml
 from torch import nn
 
 
@@ -33,3 +34,16 @@ def slow_mlp(marker: str = "") -> nn.Module:
     if marker:
         open(marker, "w").close()
     return model
+
+
+def write_job(tmp_path, **prune):
+    """A recipe file for the tiny MLP with tensor data, next to its data; returns its path."""
+    torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    spec = {"model": "loading_toys:tiny_mlp",
+            "data": {"tensors": "x.pt", "batch_size": 16},
+            "targets": {"include_head": True},
+            "prune": {"method": "wanda", "sparsity": 0.5, **prune},
+            "output": {"dir": "out", "formats": ["hf", "compressed"]}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

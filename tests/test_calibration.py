@@ -1,16 +1,7 @@
 import pytest
 import torch
 
-from prunekit.oneshot.calibration import as_call, collect_batches
-
-
-def test_batch_kinds():
-    x = torch.ones(2)
-    assert as_call(x) == ((x,), {})
-    assert as_call((x, x))[0][1] is x
-    assert as_call({"input_ids": x}) == ((), {"input_ids": x})
-    with pytest.raises(TypeError, match="tensors, tuples or mappings"):
-        as_call(3)
+from prunekit.oneshot.calibration import collect_batches
 
 
 def test_collect_validates():
@@ -21,5 +12,7 @@ def test_collect_validates():
         collect_batches(None)
     with pytest.raises(TypeError, match="wrap a single batch"):
         collect_batches(torch.ones(3))
+    with pytest.raises(TypeError, match="tensors, tuples or mappings"):
+        collect_batches([3])
     with pytest.raises(ValueError, match="NaN"):
         collect_batches([torch.tensor([float("inf")])])

@@ -71,6 +71,96 @@ def test_options_override_the_recipe(tmp_path):
     assert spec["prune"]["method"] == "wanda" and spec["prune"]["pattern"] == "2:4"
 
 
+@pytest.mark.parametrize("argv,overrides", [
+    (["--data-tensors", "y.pt", "-o", "o", "--state-dict", "w.pt", "--overwrite"],
+     {"tensors": "y.pt", "dir": "o", "state_dict": "w.pt", "overwrite": True}),
+    (["--data-tensors", "builtin:mnist", "--pattern", "2:4", "--method", "magnitude", "--format", "hf"],
+     {"tensors": "builtin:mnist", "pattern": "2:4", "method": "magnitude", "formats": ["hf"]}),
+    (["--corpus", "pydoc", "--seq-len", "16", "--refine", "snows", "--snows-k", "2", "--include", "^0$"],
+     {"corpus": "pydoc", "seq_len": 16, "refine": "snows", "snows": {"k": 2}, "include": ["^0$"]}),
+    (["--data-text", "a.txt", "b.txt", "--refine", "none", "--budget", "global", "--cap", "0.8"],
+     {"text": ["a.txt", "b.txt"], "refine": "none", "budget": "global", "cap": 0.8}),
+])
+def test_options_and_python_overrides_give_the_same_recipe(tmp_path, monkeypatch, argv, overrides):
+    """Relative paths in the recipe are its folder's, on the command line the working folder's;
+    builtin: names never become paths; Python's load_recipe overrides and prunekit prune agree."""
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+
+    (tmp_path / "jobs").mkdir()
+    job(tmp_path / "jobs", refine="lstsq")
+    monkeypatch.chdir(tmp_path)
+    cli = build_recipe(build_parser().parse_args(["prune", "jobs/job.yaml", *argv]))
+    python = prunekit.load_recipe("jobs/job.yaml", **overrides)
+    assert cli == python and cli.path == python.path == str(tmp_path / "jobs" / "job.yaml")
+    expected = {"y.pt": str(tmp_path / "y.pt"), "builtin:mnist": "builtin:mnist", None: None}
+    assert cli.data.tensors == expected.get(overrides.get("tensors"), str(tmp_path / "jobs" / "x.pt") if "tensors"
+                                            not in overrides and not {"corpus", "text"} & set(overrides) else None)
+    assert cli.data.text == ([str(tmp_path / n) for n in overrides["text"]] if "text" in overrides else None)
+    assert cli.output.dir == str(tmp_path / ("o" if "dir" in overrides else "jobs/out"))
+
+
+def test_prune_writes_the_recipe_python_builds(tmp_path, monkeypatch):
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+
+    (tmp_path / "jobs").mkdir()
+    job(tmp_path / "jobs")
+    torch.save(torch.randn(32, 8), tmp_path / "y.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "--recipe", "jobs/job.yaml", "--data-tensors", "y.pt", "-o", "o", "--quiet"]) == 0
+    written = prunekit.load_recipe("o/recipe.yaml")
+    assert written == prunekit.load_recipe("jobs/job.yaml", tensors="y.pt", dir="o")
+    assert written.data.tensors == str(tmp_path / "y.pt") and written.output.dir == str(tmp_path / "o")
+    argv = ["prune", "loading_toys:tiny_mlp", "--method", "magnitude", "--sparsity", "0.5", "-o", "p"]
+    assert build_recipe(build_parser().parse_args(argv)) == prunekit.load_recipe(
+        {}, source="loading_toys:tiny_mlp", method="magnitude", sparsity=0.5, dir="p")
+
+
+def small_cnn(width: int = 4) -> torch.nn.Module:
+    """A factory model for `prunekit prune test_cli:small_cnn` (deterministic weights)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, width, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(width * 36, 4))
+
+
+@pytest.mark.parametrize("formats", [["hf"], ["compressed"], ["hf", "compressed"]])
+def test_report_on_the_output_of_a_factory_model(tmp_path, capsys, formats):
+    """`prunekit report OUT` rebuilds a module:factory model as OUT/recipe.yaml says (with its
+    kwargs) and reads the saved weights: the counts are those of the pruned model."""
+    import json
+
+    torch.save(torch.randn(32, 2, 8, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    spec = {"model": {"source": "test_cli:small_cnn", "kwargs": {"width": 6}},
+            "data": {"tensors": "x.pt", "batch_size": 8}, "targets": {"include_head": True},
+            "prune": {"method": "wanda", "sparsity": 0.5}, "output": {"dir": "out", "formats": formats}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["prune", str(tmp_path / "job.yaml"), "--quiet"]) == 0
+    out = tmp_path / "out"
+    pruned = json.loads((out / "prune_report.json").read_text())["model"]
+    assert [layer["nonzeros"] for layer in pruned["layers"]] == [54, 432]  # half of 6*18 and of 4*216
+    capsys.readouterr()
+    targets = [str(out)] + [str(out / f) for f in ("model.safetensors", "model.prunekit.safetensors")
+                            if (out / f).exists()]
+    for target in targets:
+        assert main(["report", target, "--format", "json"]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out) == pruned, target
+
+
+def test_report_on_a_factory_output_from_the_command_line(tmp_path, capsys, monkeypatch):
+    import json
+
+    torch.save(torch.randn(16, 2, 8, 8), tmp_path / "x.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "test_cli:small_cnn", "--data-tensors", "x.pt", "--method", "sparsegpt", "--sparsity",
+                 "0.5", "-o", "out", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", "out", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
+    (tmp_path / "bare").mkdir()
+    one_line_error(capsys, 2, ["report", str(tmp_path / "bare")], "has no config.json")
+
+
 def one_line_error(capsys, code, argv, match):
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
@@ -218,3 +308,22 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("prunekit: interrupted"), err
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
+
+
+@pytest.mark.parametrize("formats", ["compressed", "hf"])
+def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats):
+    """A config-built tiny BERT: the output folder has config.json, with dense or only compressed weights."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    assert main(["prune", str(tmp_path / "bert"), "--method", "magnitude", "--sparsity", "0.5", "--format", formats,
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--format", "json"]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
+    assert report["nonzeros"] * 2 == report["params"]

@@ -1,30 +1,12 @@
-import json
 import os
 import sys
 
-import numpy as np
 import pytest
-import torch
-import yaml
 
-import prunekit
-from prunekit.loading import load_model
-from prunekit.recipe import Recipe, list_recipes, load_recipe, recipe_path, run_recipe
+from prunekit.recipe import Recipe, list_recipes, load_recipe, recipe_path
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-def write_job(tmp_path, **prune):
-    """A recipe file for the tiny MLP with tensor data, next to its data; returns its path."""
-    torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
-    spec = {"model": "loading_toys:tiny_mlp",
-            "data": {"tensors": "x.pt", "batch_size": 16},
-            "targets": {"include_head": True},
-            "prune": {"method": "wanda", "sparsity": 0.5, **prune},
-            "output": {"dir": "out", "formats": ["hf", "compressed"]}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+from loading_toys import write_job  # noqa: E402
 
 
 @pytest.mark.parametrize("name", list_recipes())
@@ -82,78 +64,49 @@ def test_paths_are_the_recipe_folders_and_overrides(tmp_path, monkeypatch):
         recipe.with_overrides(sparsity="x")
 
 
-def test_run_recipe_end_to_end(tmp_path):
-    outcome = run_recipe(write_job(tmp_path), progress=False)
-    out = tmp_path / "out"
-    assert outcome.output_dir == str(out)
-    assert set(outcome.files) == {"model.safetensors", "model.prunekit.safetensors", "prune_report.json", "layer_sparsity.png",
-                                  "prune_report.md", "recipe.yaml"} == set(os.listdir(out))
-    assert abs(outcome.result.sparsity - 0.5) < 0.02
-    model, _ = load_model("loading_toys:tiny_mlp", state_dict=str(out / "model.safetensors"))
-    w = torch.cat([model[i].weight.flatten() for i in (0, 2, 4)])
-    assert abs((w == 0).float().mean().item() - 0.5) < 0.02
-    compressed = prunekit.load(out / "model.prunekit.safetensors")
-    assert torch.equal(compressed["2.weight"], model[2].weight)
-    report = json.loads((out / "prune_report.json").read_text())
-    assert report["recipe"]["prune"]["method"] == "wanda" and report["result"]["sparsity"] == outcome.result.sparsity
-    assert "total:" in (out / "prune_report.md").read_text()
-    assert load_recipe(out / "recipe.yaml") == load_recipe(write_job(tmp_path))
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's 0700
+def test_override_paths_are_the_callers_and_builtin_names_stay_names(tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    path = write_job(tmp_path / "jobs", refine="snows", snows={"max_cg": 5})
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(path)
+    assert recipe.data.tensors == str(tmp_path / "jobs" / "x.pt")  # the recipe file's folder
+    changed = recipe.with_overrides(tensors="y.pt", state_dict="w.pt", dir="o")
+    assert changed == load_recipe(path, tensors="y.pt", state_dict="w.pt", dir="o")  # one path
+    assert (changed.data.tensors, changed.model.state_dict, changed.output.dir) == (
+        str(tmp_path / "y.pt"), str(tmp_path / "w.pt"), str(tmp_path / "o"))  # the caller's folder
+    assert recipe.with_overrides(tensors="builtin:mnist").data.tensors == "builtin:mnist"
+    assert recipe.with_overrides(source="builtin:minilm").model.source == "builtin:minilm"
+    assert recipe.with_overrides(snows={"k": 2}).prune.snows == {"max_cg": 5, "k": 2}  # merged
+    assert recipe.with_overrides(refine="none").prune.refine is None
 
 
-def test_existing_output_refused_untouched_then_overwritten(tmp_path):
-    path = write_job(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="pass --overwrite / overwrite=True"):
-        run_recipe(path, progress=False)
-    assert os.listdir(tmp_path / "out") == ["keep.txt"]
-    run_recipe(path, overwrite=True, progress=False)
-    assert "keep.txt" not in os.listdir(tmp_path / "out") and "model.safetensors" in os.listdir(tmp_path / "out")
-    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+def test_a_data_source_override_replaces_the_recipes(tmp_path):
+    recipe = load_recipe(write_job(tmp_path))
+    text = recipe.with_overrides(corpus="pydoc", seq_len=16)
+    assert (text.data.tensors, text.data.corpus, text.data.seq_len, text.data.batch_size) == (None, "pydoc", 16, 16)
+    back = text.with_overrides(tensors="x.pt")
+    assert (back.data.corpus, back.data.seq_len, back.data.tensors) == (None, None, os.path.abspath("x.pt"))
+    with pytest.raises(ValueError, match="the overrides give 2 data sources"):
+        recipe.with_overrides(corpus="pydoc", tensors="x.pt")
 
 
-@pytest.mark.parametrize("where", ["prunekit.prune", "prunekit.export.save"])
-def test_interrupt_leaves_no_output_and_no_temp(tmp_path, monkeypatch, where):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    module, name = where.rsplit(".", 1)
-    monkeypatch.setattr(sys.modules[module], name, interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(write_job(tmp_path), progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["job.yaml", "x.pt"]
-
-
-def test_interrupted_overwrite_keeps_the_old_output(tmp_path, monkeypatch):
-    path = write_job(tmp_path)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    monkeypatch.setattr(prunekit.export, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        run_recipe(path, overwrite=True, progress=False)
-    assert os.listdir(tmp_path / "out") == ["keep.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["job.yaml", "out", "x.pt"]
+def test_nm_pattern_override_drops_the_sparsity_and_overrides_complete_a_recipe(tmp_path):
+    recipe = load_recipe(write_job(tmp_path))
+    nm = recipe.with_overrides(pattern="2:4")
+    assert (nm.prune.pattern, nm.prune.sparsity) == ("2:4", None)
+    with pytest.raises(ValueError, match="contradicts prune.pattern 2:4"):
+        recipe.with_overrides(pattern="2:4", sparsity=0.6)
+    with pytest.raises(ValueError, match="prune.sparsity is required"):
+        load_recipe({"model": "m", "prune": {"method": "magnitude"}})
+    done = load_recipe({"model": "m", "prune": {"method": "magnitude"}}, sparsity=0.5)
+    assert done.prune.sparsity == 0.5 and done.output.dir == "pruned-model"  # a mapping's paths: as given
 
 
-def test_mismatched_data_fails_before_pruning(tmp_path):
-    path = write_job(tmp_path)
-    np.save(tmp_path / "x.npy", np.zeros((8, 5), dtype=np.float32))
-    with pytest.raises(ValueError, match="does not fit the model"):
-        run_recipe(load_recipe(path).with_overrides(tensors=str(tmp_path / "x.npy")), progress=False)
-    assert not (tmp_path / "out").exists()
+def test_prune_section_is_prune_keyword_arguments():
+    import inspect
 
+    import prunekit
 
-def test_run_recipe_on_minilm(tmp_path, minilm):
-    recipe = load_recipe({"model": "builtin:minilm",
-                          "data": {"corpus": "pydoc", "seq_len": 16, "n_sequences": 4, "batch_size": 4},
-                          "prune": {"method": "wanda", "sparsity": 0.5},
-                          "output": {"dir": str(tmp_path / "mini")}})
-    outcome = run_recipe(recipe, progress=False)
-    assert {"config.json", "model.safetensors", "model.prunekit.safetensors", "tokenizer.json"} <= set(outcome.files)
-    model = prunekit.load_pretrained_compressed(tmp_path / "mini")
-    w = model.encoder.layer[0].attention.self.query.weight
-    assert abs((w == 0).float().mean().item() - 0.5) < 0.01
+    kwargs = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5}}).prune.prune_kwargs()
+    assert set(kwargs) <= set(inspect.signature(prunekit.prune).parameters)
+    assert kwargs["overrides"] is None and kwargs["snows"] is None and kwargs["sparsity"] == 0.5

@@ -17,6 +17,7 @@ from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .allocation import allocate, erk, global_counts
 from .eval import perplexity
 from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
+from .jobs import RecipeOutcome, load_output, run_recipe
 from .layout import from_matrix, input_columns, to_matrix
 from .masks import MaskSet
 from .oneshot.newton_cg import NewtonCGConfig
@@ -24,7 +25,7 @@ from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
 from .oneshot.snows import SnowsConfig
 from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
-from .recipe import Recipe, RecipeOutcome, list_recipes, load_recipe, run_recipe
+from .recipe import Recipe, list_recipes, load_recipe
 from .report import ModelReport, model_report
 from .patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
 from .schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule

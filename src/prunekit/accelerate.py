@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calls import call
+
 KERNELS = ("csr", "bsr", "semi_structured")
 
 
@@ -135,14 +137,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _tensors(out: Any) -> list[torch.Tensor]:
     if torch.is_tensor(out):
         return [out]
@@ -225,7 +219,7 @@ def accelerate(
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, args[0]) if args else None)
              for n, m in pruned.items()]
     try:
-        reference = _tensors(_call(model, example_inputs))
+        reference = _tensors(call(model, example_inputs))
     finally:
         for h in hooks:
             h.remove()
@@ -261,16 +255,16 @@ def accelerate(
             report.layers.append(choice)
 
         if report._swapped:
-            ok, _ = _within(_tensors(_call(model, example_inputs)), reference, rtol, atol)
+            ok, _ = _within(_tensors(call(model, example_inputs)), reference, rtol, atol)
             fast = {n: model.get_submodule(n) for n in report._swapped}
             dense_ms, sparse_ms = [], []
             for _ in range(max(3, repeats // 2)):  # interleaved: the same conditions for both
                 for n, original in report._swapped.items():
                     _set_module(model, n, original)
-                dense_ms.append(_time(lambda: _call(model, example_inputs), 1, device))
+                dense_ms.append(_time(lambda: call(model, example_inputs), 1, device))
                 for n, m in fast.items():
                     _set_module(model, n, m)
-                sparse_ms.append(_time(lambda: _call(model, example_inputs), 1, device))
+                sparse_ms.append(_time(lambda: call(model, example_inputs), 1, device))
             report.model_dense_ms, report.model_accelerated_ms = statistics.median(dense_ms), statistics.median(sparse_ms)
             if not ok:
                 report.reverted = f"model outputs outside tolerance (rtol={rtol}, atol={atol})"
@@ -281,7 +275,7 @@ def accelerate(
                     r.chosen = "dense"
                 report.undo()
         else:
-            report.model_dense_ms = report.model_accelerated_ms = _time(lambda: _call(model, example_inputs),
+            report.model_dense_ms = report.model_accelerated_ms = _time(lambda: call(model, example_inputs),
                                                                         max(3, repeats // 2), device)
     except BaseException:
         report.undo()  # the model is left exactly as it came

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .calls import eval_mode, model_device
+
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, batch_size: int = 8,
@@ -14,7 +16,6 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
     ``seq_len`` sequences (the remainder is dropped). ``model(input_ids=...)`` must return
     ``.logits`` (Hugging Face causal LMs) or the logits tensor itself."""
     from .llm import check_seq_len
-    from .oneshot.calibration import model_device
 
     tokens = torch.as_tensor(tokens).reshape(-1)
     check_seq_len(model, seq_len)
@@ -25,11 +26,9 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
         raise ValueError(f"the text has {tokens.numel()} tokens, fewer than one sequence of seq_len={seq_len}; "
                          "pass more text or a shorter seq_len")
     seqs = tokens[: n * seq_len].view(n, seq_len)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        device = model_device(model)
+    device = model_device(model)
+    with eval_mode(model):
         for batch in seqs.split(batch_size):
             batch = batch.to(device)
             out = model(input_ids=batch)
@@ -38,6 +37,4 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
                                                batch[:, 1:].reshape(-1), reduction="sum")
             total += float(loss)
             count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
     return math.exp(total / count)

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .oneshot.blocks import forward_until
-from .oneshot.calibration import as_call, model_device, to_device
+from .calls import as_call, eval_mode, forward_until, model_device, to_device
 
 BUILTIN_MODELS = ("minilm", "smollm2")
 BUILTIN_TENSORS = ("builtin:mnist",)
@@ -321,14 +320,11 @@ def check_calibration_fits(model: nn.Module, batches: list, last_block: nn.Modul
     if not batches:
         raise ValueError("the calibration data is empty; pass at least one batch")
     args, kwargs = to_device(as_call(batches[0]), model_device(model))
-    was_training = model.training
     try:
-        model.eval()
-        forward_until(model, last_block, args, kwargs)
+        with eval_mode(model):
+            forward_until(model, last_block, args, kwargs)
     except Exception as exc:
         shapes = json.dumps({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
                             or [list(a.shape) for a in args if isinstance(a, torch.Tensor)])
         raise ValueError(f"the calibration data does not fit the model: {exc}; the first batch has shapes {shapes}: "
                          "check data (tensors shape / dtype, or text for a model with a tokenizer)") from exc
-    finally:
-        model.train(was_training)

@@ -9,9 +9,10 @@ output: {dir: pruned-model, formats: [hf, compressed], overwrite: false}
 ```
 
 Unknown keys, wrong types and unknown method/pattern/budget names are reported with the key's
-place and the closest valid spelling. Relative paths are read against the recipe's folder
-(except the output folder of a shipped recipe, which is the working folder's).
-:func:`run_recipe` runs one: load, calibrate, prune, and write the outputs all or nothing.
+place and the closest valid spelling. Relative paths in a recipe file are read against the
+recipe's folder (except the output folder of a shipped recipe, which is the working folder's);
+overrides, from Python or the command line, are the caller's and read against the working
+folder. :func:`prunekit.run_recipe` (in :mod:`prunekit.jobs`) runs a recipe.
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ class PruneSpec:
     snows: dict[str, Any] = field(default_factory=dict)
     blocks: list[str] | None = None
 
+    def prune_kwargs(self) -> dict[str, Any]:
+        """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).
+        Every field is one, under the same name, so a new key is one new field."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: (None if isinstance(v, dict) and not v else v) for k, v in values.items()}
+
 
 @dataclass
 class OutputSpec:
@@ -109,27 +116,20 @@ class Recipe:
         out.pop("path")
         return out
 
-    def with_overrides(self, **flat: Any) -> "Recipe":
-        """A copy with some fields replaced, named flat (``sparsity=0.6``, ``dir="out"``) or as
-        ``section__key``; None values are ignored (a command-line option not given).
-        ``refine="none"`` clears refine. The result is validated again."""
-        raw = self.to_dict()
-        for key, value in flat.items():
-            if value is None:
-                continue
-            section, name = _locate(key)
-            if (section, name) in _PATHS or (name == "source" and os.path.exists(value)):
-                value = absolute_path(value)  # a path given on the command line is the working folder's
-            if raw.get(section) is None:
-                raw[section] = {}
-            raw[section][name] = value
-        base = os.path.dirname(self.path) if self.path else None
-        return _validate(raw, base, source=self.path, packaged=_is_packaged(self.path))
+    @property
+    def folder(self) -> str | None:
+        """The folder of the recipe file (factory modules are imported from it too), or None."""
+        return os.path.dirname(self.path) if self.path else None
+
+    def with_overrides(self, **overrides: Any) -> "Recipe":
+        """A validated copy with some values replaced: ``load_recipe(self, **overrides)``."""
+        return load_recipe(self, **overrides)
 
 
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "targets": TargetSpec,
                               "prune": PruneSpec, "output": OutputSpec}
 _PATHS = {("output", "dir"), ("model", "state_dict"), ("data", "tensors"), ("data", "text")}
+_DATA_SOURCES = ("text", "corpus", "tensors")
 _ALIASES = {"output_dir": ("output", "dir"), "source": ("model", "source"), "model": ("model", "source")}
 
 
@@ -147,13 +147,82 @@ def _locate(key: str) -> tuple[str, str]:
     return owners[0], key
 
 
-def absolute_path(value: Any) -> Any:
-    """A path (or list of paths) made absolute against the working folder; builtin: sources stay."""
+def absolute_path(value: Any, folder: str | None = None) -> Any:
+    """A path (or list of paths) made absolute against ``folder`` (default: the working folder).
+    ``builtin:`` names, empty strings and non-strings stay as they are (validation reports them)."""
     if isinstance(value, list):
-        return [absolute_path(v) for v in value]
-    if isinstance(value, (str, os.PathLike)) and not os.fspath(value).startswith("builtin:"):
-        return os.path.abspath(os.fspath(value))
+        return [absolute_path(v, folder) for v in value]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and value.strip() and not value.startswith("builtin:"):
+        return os.path.normpath(os.path.join(folder or os.getcwd(), os.path.expanduser(value)))
     return value
+
+
+def _resolve(section: str, name: str, value: Any, folder: str | None) -> Any:
+    """``value`` made absolute against ``folder`` (None: the working folder) where the key is a
+    path; a model source only when it is an existing path (else a model name or module:factory)."""
+    if (section, name) in _PATHS:
+        return absolute_path(value, folder)
+    if (section, name) == ("model", "source") and isinstance(value, str) and value.strip() \
+            and not value.startswith("builtin:") and not is_factory(value):
+        path = absolute_path(value, folder)
+        return path if os.path.exists(path) else value
+    return value
+
+
+def _sections(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a raw recipe whose sections can be changed in place (``model: m`` as a mapping)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    if isinstance(out.get("model"), str):
+        out["model"] = {"source": out["model"]}
+    return out
+
+
+def _file_paths(raw: dict[str, Any], folder: str, packaged: bool) -> dict[str, Any]:
+    """A recipe file's relative paths are its folder's; a shipped recipe writes into the working folder."""
+    if raw.get("output") is None and not packaged:
+        raw["output"] = {}
+    for section, part in raw.items():
+        if not isinstance(part, dict):
+            continue  # not a mapping: validation says so
+        if section == "output" and not packaged:
+            part.setdefault("dir", OutputSpec.dir)
+        for name in part:
+            if not (packaged and (section, name) == ("output", "dir")):
+                part[name] = _resolve(section, name, part[name], folder)
+    return raw
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``overrides`` merged in, following the rules of :func:`load_recipe`."""
+    given: dict[tuple[str, str], Any] = {}
+    for key, value in overrides.items():
+        if value is not None:
+            section, name = _locate(key)
+            given[section, name] = _resolve(section, name, value, None)
+    sources = [name for section, name in given if section == "data" and name in _DATA_SOURCES]
+    if len(sources) > 1:
+        raise ValueError(f"the overrides give {len(sources)} data sources ({', '.join(sources)}); give one of "
+                         "text, corpus or tensors (on the command line: --data-text, --corpus or --data-tensors)")
+    for (section, name), value in given.items():
+        if raw.get(section) is None:
+            raw[section] = {}
+        part = raw[section]
+        if not isinstance(part, dict):
+            continue  # not a mapping: validation says so
+        if isinstance(value, Mapping) and isinstance(part.get(name), Mapping):
+            value = {**part[name], **value}  # snows, kwargs, overrides: key by key
+        part[name] = value
+    if sources and isinstance(raw["data"], dict):  # a new data source replaces the recipe's, and the
+        dropped = {*_DATA_SOURCES} - {sources[0]}    # options only the old one took
+        dropped |= {"n_samples"} if sources[0] != "tensors" else {"seq_len", "n_sequences"}
+        raw["data"] = {k: v for k, v in raw["data"].items() if k not in dropped or ("data", k) in given}
+    pattern = given.get(("prune", "pattern"))
+    if isinstance(pattern, str) and ":" in pattern and ("prune", "sparsity") not in given \
+            and isinstance(raw["prune"], dict):
+        raw["prune"].pop("sparsity", None)  # N:M fixes the sparsity: the recipe's would contradict it
+    return raw
 
 
 def _fields(cls: type) -> list[str]:
@@ -161,15 +230,38 @@ def _fields(cls: type) -> list[str]:
 
 
 # -- loading and validation ------------------------------------------------------------------
-def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
-    """A validated :class:`Recipe` from a YAML file, a shipped recipe's name, or a mapping."""
+def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | Recipe, **overrides: Any) -> Recipe:
+    """A validated :class:`Recipe` from a YAML file, a shipped recipe's name, a mapping or a
+    Recipe, with ``overrides`` applied: the one path by which Python and ``prunekit prune``
+    change a recipe.
+
+    Overrides are named flat (``sparsity=0.6``, ``dir="out"``, ``tensors="x.pt"``) or as
+    ``section__key``; None values are ignored (an option not given); ``refine="none"`` clears
+    refine. Their relative paths are the working folder's (a recipe file's own are its
+    folder's); ``builtin:`` names stay names. A data source (``text``, ``corpus``, ``tensors``)
+    replaces the recipe's, an N:M ``pattern`` without ``sparsity`` drops the recipe's sparsity,
+    and mappings (``snows``, ``kwargs``, ``overrides``) are merged key by key. The recipe is
+    validated once, after the overrides, so they can also complete it."""
     if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, Mapping):
-        return _validate(recipe, None)
-    if not isinstance(recipe, (str, os.PathLike)):
+        if not overrides:
+            return recipe
+        raw, path = recipe.to_dict(), recipe.path
+    elif isinstance(recipe, Mapping):
+        raw, path = recipe, None
+    elif isinstance(recipe, (str, os.PathLike)):
+        raw, path = _read(os.fspath(recipe))
+    else:
         raise TypeError(f"recipe must be a path, a shipped recipe name or a mapping, got {type(recipe).__name__}")
-    path = os.fspath(recipe)
+    if isinstance(raw, Mapping):
+        raw = _sections(raw)
+        if path is not None and not isinstance(recipe, Recipe):
+            raw = _file_paths(raw, os.path.dirname(path), _is_packaged(path))
+        raw = _apply_overrides(raw, overrides)
+    return _validate(raw, source=path)
+
+
+def _read(path: str) -> tuple[Any, str]:
+    """The parsed YAML of a recipe file (or a shipped recipe's, by name) and its absolute path."""
     if not os.path.exists(path) and path in list_recipes():
         path = recipe_path(path)
     if not os.path.isfile(path):
@@ -184,11 +276,10 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
         problem = getattr(exc, "problem", None) or str(exc)
         raise ValueError(f"{where}: invalid YAML: {problem}") from exc
-    path = os.path.abspath(path)
-    return _validate(raw, os.path.dirname(path), source=path, packaged=_is_packaged(path))
+    return raw, os.path.abspath(path)
 
 
-def _validate(raw: Any, base: str | None, source: str | None = None, packaged: bool = False) -> Recipe:
+def _validate(raw: Any, source: str | None = None) -> Recipe:
     where = f" in {source}" if source else ""
     if not isinstance(raw, Mapping):
         raise ValueError(f"a recipe must be a mapping with a model: section{where}, got {raw!r}")
@@ -208,7 +299,6 @@ def _validate(raw: Any, base: str | None, source: str | None = None, packaged: b
             parts[name] = _build(_SECTIONS[name], raw[name], name)
     recipe = Recipe(**parts, path=source)
     _check_values(recipe)
-    _resolve_paths(recipe, base, packaged)
     return recipe
 
 
@@ -349,28 +439,6 @@ def _check_data(d: DataSpec) -> None:
         _choice(d.tensors, BUILTIN_TENSORS, "data.tensors")
 
 
-def _resolve_paths(r: Recipe, base: str | None, packaged: bool) -> None:
-    """Relative paths are the recipe file's; a shipped recipe writes into the working folder."""
-    if base is None:
-        return
-
-    def resolve(p: str) -> str:
-        return os.path.normpath(os.path.join(base, os.path.expanduser(p)))
-
-    src = r.model.source
-    if not src.startswith("builtin:") and not is_factory(src) and os.path.exists(resolve(src)):
-        r.model.source = resolve(src)
-    if r.model.state_dict is not None:
-        r.model.state_dict = resolve(r.model.state_dict)
-    if r.data is not None:
-        if r.data.text is not None:
-            r.data.text = [resolve(t) for t in r.data.text]
-        if r.data.tensors is not None and not r.data.tensors.startswith("builtin:"):
-            r.data.tensors = resolve(r.data.tensors)
-    if not packaged:
-        r.output.dir = resolve(r.output.dir)
-
-
 # -- shipped recipes -------------------------------------------------------------------------
 def _recipes_dir() -> Path:
     return Path(str(resources.files("prunekit").joinpath("recipes")))
@@ -395,129 +463,3 @@ def recipe_path(name: str) -> str:
         hint = f"did you mean {close[0]!r}?" if close else f"shipped recipes: {', '.join(names)}"
         raise ValueError(f"no shipped recipe named {name!r}; {hint}")
     return str(_recipes_dir() / f"{stem}.yaml")
-
-
-# -- running ---------------------------------------------------------------------------------
-@dataclass
-class RecipeOutcome:
-    """What :func:`run_recipe` did: the prune result, the output folder, the files in it."""
-
-    result: Any  # prunekit.PruneResult
-    output_dir: str
-    files: list[str]
-    model: Any = None  # the pruned model, still in memory
-
-
-def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwrite: bool | None = None,
-               progress: bool | None = None) -> RecipeOutcome:
-    """Run a whole pruning job: validate, load the model, build and check the calibration
-    data, prune, and write the outputs.
-
-    The outputs are written into a hidden sibling folder and renamed to ``output.dir`` only
-    when complete, so the output folder never holds a half-written model, even after Ctrl-C.
-    An existing output folder is replaced only with ``overwrite`` (default: the recipe's)."""
-    import prunekit  # late: prunekit.prune is looked up at call time
-
-    from .llm import decoder_blocks
-    from .loading import build_calibration, check_calibration_fits, is_causal_lm, load_model
-    from .oneshot.blocks import find_blocks
-
-    recipe = load_recipe(recipe)
-    overwrite = recipe.output.overwrite if overwrite is None else overwrite
-    out = os.path.abspath(recipe.output.dir)
-    _check_output(out, overwrite)
-    m, p, t = recipe.model, recipe.prune, recipe.targets
-    root = os.path.dirname(recipe.path) if recipe.path else None
-    model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file, root=root)
-    calibration = None
-    blocks = p.blocks
-    if recipe.data is not None:
-        calibration = build_calibration(dataclasses.asdict(recipe.data), model, tokenizer)
-        if blocks is None and is_causal_lm(model):
-            blocks = decoder_blocks(model)
-        check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
-    result = prunekit.prune(
-        model, calibration, sparsity=p.sparsity, pattern=p.pattern, method=p.method, refine=p.refine,
-        budget=p.budget, cap=p.cap, overrides=p.overrides or None, include=t.include, exclude=t.exclude,
-        include_head=t.include_head, blocks=blocks, snows=p.snows or None, progress=progress)
-    files = _write_all(out, overwrite, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result))
-    return RecipeOutcome(result, out, files, model)
-
-
-def _check_output(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"output.dir {out!r} is a file, not a folder; choose another output.dir")
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"output.dir {out!r} already exists; pass --overwrite / overwrite=True to replace "
-                              "it, or choose another output.dir")
-
-
-def _write_all(out: str, overwrite: bool, write) -> list[str]:
-    """Call ``write(tmp)`` on a hidden sibling folder, then move it to ``out`` (replacing an old
-    one only with ``overwrite``); on any error, including Ctrl-C, remove what was written."""
-    import shutil
-    import tempfile
-
-    parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    old = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
-        write(tmp)
-        files = sorted(os.listdir(tmp))
-        _check_output(out, overwrite)  # it may have appeared while we pruned
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.exists(out):
-            os.replace(old, out)  # put the previous output back
-            old = None
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return files
-
-
-def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any) -> None:
-    import json
-
-    from .export import save, save_pretrained_compressed
-
-    is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained")
-    formats = recipe.output.formats
-    if "hf" in formats and is_hf:
-        model.save_pretrained(folder)
-    elif "hf" in formats:
-        from safetensors.torch import save_model
-
-        save_model(model, os.path.join(folder, "model.safetensors"))
-    if "compressed" in formats:
-        if is_hf:
-            save_pretrained_compressed(model, folder)  # config.json + model.prunekit.safetensors
-        else:
-            save(model, os.path.join(folder, "model.prunekit.safetensors"))
-    if is_hf and tokenizer is not None and formats:
-        tokenizer.save_pretrained(folder)
-    from .plots import plot_layer_sparsity
-    from .report import model_report
-
-    spec = recipe.to_dict()
-    report = model_report(model)
-    with open(os.path.join(folder, "recipe.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(spec, f, sort_keys=False)
-    with open(os.path.join(folder, "prune_report.json"), "w", encoding="utf-8") as f:
-        json.dump({"result": result.to_dict(), "model": report.to_dict(), "recipe": spec}, f, indent=2)
-    with open(os.path.join(folder, "prune_report.md"), "w", encoding="utf-8") as f:
-        f.write(f"# prunekit report\n\n```\n{result.summary()}\n```\n\n## parameters and FLOPs\n\n"
-                f"{report.to_markdown()}\n\n![per-layer sparsity](layer_sparsity.png)\n\n## recipe\n\n```yaml\n"
-                f"{yaml.safe_dump(spec, sort_keys=False)}```\n")
-    plot_layer_sparsity(report, os.path.join(folder, "layer_sparsity.png"),
-                        title=f"{result.method}{'+' + result.refine if result.refine else ''}, {result.pattern}")

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .oneshot.calibration import as_call, model_device, to_device
+from .calls import call, eval_mode, model_device, to_device
 from .targets import DEFAULT_TYPES, find_targets
 
 PER_POSITION = "per output position"
@@ -163,7 +163,6 @@ def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_in
     towards it (a tied layer's compute is real compute)."""
     by_weight = {id(m.weight): name for name, m in targets.items()}
     positions = {name: 0 for name in targets}
-    modes = {m: m.training for m in model.modules()}
     handles = []
 
     def hook(name: str):
@@ -177,15 +176,11 @@ def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_in
             name = by_weight.get(id(getattr(m, "weight", None)))
             if name is not None and isinstance(m, tuple(type(t) for t in targets.values())):
                 handles.append(m.register_forward_hook(hook(name)))
-        args, kwargs = as_call(to_device(example_inputs, model_device(model)))
-        model.eval()
-        with torch.no_grad():
-            model(*args, **kwargs)
+        with eval_mode(model), torch.no_grad():
+            call(model, to_device(example_inputs, model_device(model)))
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return positions
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..oneshot.prune import METHODS
@@ -58,42 +57,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
-    """The recipe sections the command-line options set (None means: keep the recipe's)."""
-    out: dict = {"model": {}, "data": {}, "targets": {}, "prune": {}, "output": {}}
-    if args.model:
-        out["model"]["source"] = args.model
-    for key in ("state_dict", "gguf_file"):
-        if getattr(args, key):
-            out["model"][key] = getattr(args, key)
-    for key in ("method", "pattern", "sparsity", "budget", "cap"):
-        if getattr(args, key) is not None:
-            out["prune"][key] = getattr(args, key)
-    if args.refine is not None:
-        out["prune"]["refine"] = None if args.refine == "none" else args.refine
+    """The recipe values the command-line options set, named as :func:`prunekit.load_recipe`'s
+    overrides (None: an option not given, the recipe's value stays)."""
     snows = {k: v for k, v in (("k", args.snows_k), ("max_cg", args.snows_max_cg)) if v is not None}
-    if snows:
-        out["prune"]["snows"] = snows
-    if args.pattern and ":" in args.pattern and args.sparsity is None:
-        out["prune"]["sparsity"] = None
-    for key in ("include", "exclude"):
-        if getattr(args, key):
-            out["targets"][key] = getattr(args, key)
-    sources = [("corpus", args.corpus), ("text", args.data_text), ("tensors", args.data_tensors)]
-    chosen = [(k, v) for k, v in sources if v]
-    if len(chosen) > 1:
-        raise ValueError("pass only one of --corpus, --data-text and --data-tensors")
-    if chosen:
-        out["data"]["source"] = chosen[0]
-    for key in ("seq_len", "n_sequences", "batch_size"):
-        if getattr(args, key) is not None:
-            out["data"][key] = getattr(args, key)
-    if args.output:
-        out["output"]["dir"] = args.output
-    if args.format:
-        out["output"]["formats"] = [f.strip() for f in args.format.split(",") if f.strip()]
-    if args.overwrite:
-        out["output"]["overwrite"] = True
-    return out
+    formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else None
+    return {"source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,
+            "method": args.method, "refine": args.refine, "pattern": args.pattern, "sparsity": args.sparsity,
+            "budget": args.budget, "cap": args.cap, "snows": snows or None,
+            "include": args.include, "exclude": args.exclude,
+            "corpus": args.corpus, "text": args.data_text, "tensors": args.data_tensors,
+            "seq_len": args.seq_len, "n_sequences": args.n_sequences, "batch_size": args.batch_size,
+            "dir": args.output, "formats": formats, "overwrite": args.overwrite or None}
 
 
 def is_recipe(name: str | None) -> bool:
@@ -104,30 +78,19 @@ def is_recipe(name: str | None) -> bool:
 
 
 def build_recipe(args: argparse.Namespace):
-    """The recipe to run: the --recipe file (or a recipe given as MODEL) with the options applied."""
-    from ..recipe import absolute_path, load_recipe
+    """The recipe to run: the --recipe file (or a recipe given as MODEL) with the options applied
+    by :func:`prunekit.load_recipe`, as from Python."""
+    from ..recipe import load_recipe
 
     if is_recipe(args.model) and not args.recipe:
         args.recipe, args.model = args.model, None
     if not args.model and not args.recipe:
         raise ValueError("pass a MODEL or a recipe (prunekit recipes lists the shipped ones; see prunekit prune --help)")
-    overrides = overrides_from(args)
-    raw = load_recipe(args.recipe).to_dict() if args.recipe else {}
-    for section, values in overrides.items():
-        if section == "data" and "source" in values:  # a data option replaces the recipe's data source
-            kind, value = values.pop("source")
-            raw["data"] = {k: v for k, v in (raw.get("data") or {}).items() if k not in ("text", "corpus", "tensors")}
-            raw["data"][kind] = absolute_path(value) if kind != "corpus" else value
-        for key, value in values.items():
-            if key in ("dir", "state_dict") or (key == "source" and os.path.exists(value)):
-                value = absolute_path(value)
-            raw.setdefault(section, None)
-            raw[section] = {**(raw[section] or {}), key: value}
-    return load_recipe({k: v for k, v in raw.items() if v is not None or k == "data"})
+    return load_recipe(args.recipe or {}, **overrides_from(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import run_recipe
+    from ..jobs import run_recipe
 
     recipe = build_recipe(args)
     outcome = run_recipe(recipe, progress=False if args.quiet else None)

@@ -7,10 +7,11 @@ import os
 DESCRIPTION = """\
 Per-layer sparsity, parameter and FLOP counts of a model or a pruned checkpoint.
 
-MODEL_OR_CHECKPOINT is a Hugging Face model directory (e.g. the output of prunekit prune),
-'package.module:factory' (with --state-dict), builtin:minilm / builtin:smollm2, or a compressed
-checkpoint written by prunekit.save (a .safetensors file; give its model with --model, or keep
-it in a prunekit output directory beside the Hugging Face files).
+MODEL_OR_CHECKPOINT is an output directory of prunekit prune (any model: one given as
+'package.module:factory' is rebuilt as the directory's recipe.yaml says), a Hugging Face model
+directory, 'package.module:factory' (with --state-dict), builtin:minilm / builtin:smollm2, or a
+compressed checkpoint written by prunekit.save (a .safetensors file; give its model with --model,
+or keep it in a prunekit output directory).
 
 examples:
   prunekit report out/
@@ -33,9 +34,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def load_target(args: argparse.Namespace):
     """The model named by the command line, with a compressed checkpoint's weights applied."""
     from ..export import load
+    from ..jobs import COMPRESSED, DENSE, load_output
     from ..loading import load_model
 
     target = args.target
+    is_file = os.path.isfile(target)
+    output = os.path.dirname(os.path.abspath(target)) if is_file else target
+    if (not args.model and not args.state_dict and os.path.isfile(os.path.join(output, "recipe.yaml"))
+            and (not is_file or os.path.basename(target) in (DENSE, COMPRESSED))):
+        return load_output(output, weights=target if is_file else None)  # a folder prunekit prune wrote
     if target.endswith(".safetensors") and os.path.isfile(target):
         source = args.model or os.path.dirname(os.path.abspath(target))
         if not args.model and not os.path.exists(os.path.join(source, "config.json")):

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calls import StopForward, forward_until, to_device  # noqa: F401 - forward_until: used through blocks by prune()
+
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
 
@@ -26,10 +28,6 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-class StopForward(Exception):
-    """Raised from a hook to end a forward pass early."""
 
 
 def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -51,24 +49,6 @@ def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tu
     if best is not None:
         return [(f"{best[0]}.{i}", m) for i, m in enumerate(best[1])]
     return [("", model)]
-
-
-@torch.no_grad()
-def forward_until(model: nn.Module, last_block: nn.Module | None, args: tuple, kwargs: dict) -> None:
-    """Run ``model`` on one call, ending the forward once ``last_block`` has run (what follows,
-    e.g. an LM head's logits, is never calibrated and can be the largest tensor of the forward)."""
-    handle = None
-    if last_block is not None and last_block is not model:
-        def stop(*_):
-            raise StopForward
-        handle = last_block.register_forward_hook(stop)
-    try:
-        model(*args, **kwargs)
-    except StopForward:
-        pass
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def first_output(out):
@@ -119,7 +99,6 @@ def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
     held on another device (see ``prune(device=...)``) gets its inputs moved there."""
-    from .calibration import to_device
     from .placement import module_device
 
     for block in blocks:

@@ -4,22 +4,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import torch
-from torch import nn
 
-
-def as_call(batch: Any) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` for one batch: a tensor is ``model(x)``, a tuple/list ``model(*b)``,
-    a mapping ``model(**b)``."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch), {}
-    raise TypeError(
-        f"calibration batches must be tensors, tuples or mappings, got {type(batch).__name__}; "
-        "pass e.g. a list of input tensors"
-    )
+from ..calls import as_call
 
 
 def collect_batches(calibration: Iterable[Any], max_batches: int | None = None) -> list[tuple[tuple, dict]]:
@@ -40,21 +26,3 @@ def collect_batches(calibration: Iterable[Any], max_batches: int | None = None) 
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError("calibration contains NaN or Inf values; clean the inputs first")
     return calls
-
-
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless model)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

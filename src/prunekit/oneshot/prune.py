@@ -24,7 +24,8 @@ from ..layout import from_matrix, to_matrix
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
-from .calibration import collect_batches, model_device, to_device
+from ..calls import model_device, to_device
+from .calibration import collect_batches
 from .placement import execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .lstsq import lstsq_refit, reconstruction_error
 from .result import LayerReport, PruneResult

@@ -1,0 +1,88 @@
+"""Calling a model on one batch: the helpers every layer that runs a model shares.
+
+A batch is a tensor (``model(x)``), a tuple or list (``model(*b)``) or a mapping
+(``model(**b)``), as a ``DataLoader`` or a Hugging Face tokenizer yields them. One-shot
+calibration, reports, loading checks and kernel timing all call models this way, so the helpers
+live here, below all of them, and none of those layers imports another's internals.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+def as_call(batch: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for one batch: a tensor is ``model(x)``, a tuple/list ``model(*b)``,
+    a mapping ``model(**b)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise TypeError(
+        f"batches must be tensors, tuples or mappings, got {type(batch).__name__}; "
+        "pass e.g. a list of input tensors"
+    )
+
+
+def call(model: nn.Module, batch: Any) -> Any:
+    """``model`` applied to one batch, unpacked as :func:`as_call` says."""
+    args, kwargs = as_call(batch)
+    return model(*args, **kwargs)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless model)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module in eval mode inside the block; afterwards each gets back its own mode (a
+    model in eval with one dropout left in train stays so), even when the block raises."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@torch.no_grad()
+def forward_until(model: nn.Module, last_block: nn.Module | None, args: tuple, kwargs: dict) -> None:
+    """Run ``model`` on one call, ending the forward once ``last_block`` has run (what follows,
+    e.g. an LM head's logits, is never calibrated and can be the largest tensor of the forward)."""
+    handle = None
+    if last_block is not None and last_block is not model:
+        def stop(*_):
+            raise StopForward
+        handle = last_block.register_forward_hook(stop)
+    try:
+        model(*args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        if handle is not None:
+            handle.remove()
