@@ -21,7 +21,7 @@ def test_one_shot_counts_are_exact_for_every_budget(budget):
     pruner = MagnitudePruner(model, sgd(model), OneShot(0.75), budget=budget, targets=TARGETS)
     for n in TARGETS:
         w = model.get_submodule(n).weight
-        assert int((w == 0).sum()) == round(expected[n] * w.numel()) == int((~pruner.masks[n]).sum())
+        assert int((w == 0).sum()) == round(expected[n] * w.numel()) == int((~pruner.masks()[n]).sum())
     assert abs(pruner.sparsity() - 0.75) < 1e-3
 
 
@@ -68,7 +68,7 @@ def test_pruned_weights_and_optimizer_state_stay_zero_for_1000_steps(optim):
     for t in range(1000):
         train_step(model, opt, pruner, x, y)
         for n in TARGETS:
-            w, m = model.get_submodule(n).weight, pruner.masks[n]
+            w, m = model.get_submodule(n).weight, pruner.masks()[n]
             assert not w[~m].any(), f"step {t}: pruned weight of {n} moved"
             for key, buf in opt.state[w].items():
                 if torch.is_tensor(buf) and buf.shape == w.shape:
@@ -82,10 +82,10 @@ def test_cyclical_masks_never_gain_inside_a_cycle_and_recover_at_resets():
     sched = Cyclical(0.95, total_steps=300, cycles=3, start=0, end=240, every=4)
     pruner = MagnitudePruner(model, opt, sched, budget="global", targets=TARGETS)
     x, y = data()
-    prev, prev_s = pruner.masks.state_dict(), pruner.s_prev
+    prev, prev_s = pruner.masks().state_dict(), pruner.s_prev
     for _ in range(300):
         train_step(model, opt, pruner, x, y)
-        cur = pruner.masks.state_dict()
+        cur = pruner.masks().state_dict()
         if pruner.s_prev >= prev_s:  # inside a cycle
             assert all(not (cur[n] & ~prev[n]).any() for n in TARGETS)
         prev, prev_s = cur, pruner.s_prev
@@ -117,13 +117,13 @@ def test_keep_mode_gives_back_the_value_at_pruning_time():
     sched = lambda t: 0.5 if t < 5 else 0.0  # prune, then re-open at step 5
     pruner = MagnitudePruner(model, opt, sched, mode="keep", targets=TARGETS)
     w0 = model.get_submodule("0").weight
-    mask = pruner.masks["0"].clone()
+    mask = pruner.masks()["0"].clone()
     saved = pruner.latent["0"].clone()
     assert not w0[~mask].any() and saved[~mask].abs().min() > 0
     x, y = data()
     for _ in range(5):
         train_step(model, opt, pruner, x, y)
-    assert pruner.masks["0"].all()
+    assert pruner.masks()["0"].all()
     assert torch.equal(w0.detach()[~mask], saved[~mask])
     assert not opt.state[w0]["momentum_buffer"][~mask].any()  # restarted with zero state
 
@@ -193,7 +193,7 @@ def test_bad_input_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="different model"):
         pruner.load_state_dict(other_state)
     assert all(torch.equal(snap[0][k], v) for k, v in model.state_dict().items())
-    assert all(torch.equal(snap[1]["masks"][n], pruner.masks[n]) for n in TARGETS)
+    assert all(torch.equal(snap[1]["masks"][n], pruner.masks()[n]) for n in TARGETS)
     assert opt.state_dict() == snap[2]
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..allocation import BUDGETS, allocate, check_sparsity
 from ..masks import MaskSet
 from ..schedules import ThresholdSchedule, check_window, exact_lats
-from .base import PrunerBase, drop_forward_weight, broadcast_, magnitude_projection, world_size
+from .base import PrunerBase, broadcast_, magnitude_projection, world_size
 
 
 class SoftThreshold(PrunerBase):
@@ -85,7 +85,7 @@ class SoftThreshold(PrunerBase):
             raise ValueError("shift_init belongs to schedule='constant' with a float final_threshold only")
         if not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"control_every must be an integer >= 1, got {control_every!r}")
-        super().__init__(model, optimizer, targets)
+        super().__init__(model, optimizer, targets, sync)
         names = list(self.targets)
         if isinstance(final_threshold, Mapping):
             if set(final_threshold) != set(names):
@@ -96,7 +96,7 @@ class SoftThreshold(PrunerBase):
         if any(v < 0 for v in self.D.values()) or (lam is not None and lam < 0):
             raise ValueError("thresholds and lam must be >= 0")
         self.total_steps, self.start, self.lam, self.target = total_steps, start_step, lam, target_sparsity
-        self.budget, self.control_every, self.project, self.greedy, self.sync = budget, control_every, project, greedy, sync
+        self.budget, self.control_every, self.project, self.greedy = budget, control_every, project, greedy
         self.lr_total = sum(float(lr_fn(k)) for k in range(start_step, total_steps)) if lr_fn is not None else 0.0
         self.lr_sum = 0.0
         self.d = {n: 0.0 for n in names}
@@ -110,19 +110,17 @@ class SoftThreshold(PrunerBase):
                 for n, w in self.weights.items():
                     w.copy_(torch.sign(w) * (w.abs() + self.D[n]))
         if not greedy:
-            for n, module in self.targets.items():
-                self._hooks.append(module.register_forward_pre_hook(partial(self._pre_forward, n)))
-                self._hooks.append(module.register_forward_hook(drop_forward_weight))
+            for n in self.targets:
+                self._shadow(n, partial(self._soft_threshold, n))
         self._set_d(self._threshold_at(0))
         if auto_step:
             self._attach_auto_step()
 
     # -- forward -----------------------------------------------------------------------------
-    def _pre_forward(self, name: str, module: nn.Module, args: Any) -> None:
+    def _soft_threshold(self, name: str, theta: torch.Tensor) -> torch.Tensor:
+        """``S_d(theta)`` with a straight-through backward (the subtracted part is detached)."""
         d = self.d[name]
-        if d > 0:  # the instance attribute shadows the parameter for this forward only
-            theta = module._parameters["weight"]
-            module.__dict__["weight"] = theta - theta.detach().clamp(-d, d)
+        return theta - theta.detach().clamp(-d, d) if d > 0 else theta
 
     # -- threshold ---------------------------------------------------------------------------
     def _snapshot_lr(self) -> None:
@@ -158,15 +156,21 @@ class SoftThreshold(PrunerBase):
 
     @torch.no_grad()
     def _set_d(self, new: dict[str, float]) -> None:
-        if self.sync and self.target is not None and world_size() > 1:
-            t = broadcast_(torch.tensor([new[n] for n in new], dtype=torch.float64))
-            new = dict(zip(new, t.tolist()))
+        old, self.d = self.d, new
+        if self.sync and self.target is not None:  # d estimated from the weights: rank 0 decides
+            self.synchronize()
         if self.greedy:  # ablation: shrink the stored weights by the increment
             for n, w in self.weights.items():
-                inc = new[n] - self.d[n]
+                inc = self.d[n] - old[n]
                 if inc > 0:
                     w.sub_(w.clamp(-inc, inc))
-        self.d = new
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Replace every rank's thresholds by rank 0's; a no-op in one process."""
+        if world_size() > 1:
+            t = broadcast_(torch.tensor([self.d[n] for n in self.d], dtype=torch.float64))
+            self.d = dict(zip(self.d, t.tolist()))
 
     # -- public API --------------------------------------------------------------------------
     def step(self) -> None:
@@ -190,23 +194,14 @@ class SoftThreshold(PrunerBase):
 
     @torch.no_grad()
     def masks(self) -> MaskSet:
-        """Entries currently non-zero in the forward (``|theta| > d``)."""
-        return MaskSet({n: w.abs() > (0.0 if self.greedy else self.d[n]) for n, w in self.weights.items()})
-
-    def sparsity(self) -> float:
-        """Fraction of prunable weights that are zero in the forward."""
-        masks = self.masks()
-        return 1.0 - sum(int(m.sum()) for _, m in masks.items()) / sum(m.numel() for _, m in masks.items())
+        """Entries currently non-zero in the forward (``|theta| > d``; after ``finalize()``, ``w != 0``)."""
+        plain = self.greedy or self.finalized  # the stored weights are already thresholded
+        return MaskSet({n: w.abs() > (0.0 if plain else self.d[n]) for n, w in self.weights.items()})
 
     @torch.no_grad()
-    def finalize(self) -> MaskSet:
-        """Write ``weight = S_D(theta)`` (exact projection to the target if ``project``), remove every
-        hook; returns the masks (the non-zeros)."""
-        self._check_live()
-        self._remove_hooks()
-        for module in self.targets.values():
-            module.__dict__.pop("weight", None)
-        self.finalized = True
+    def _finalize(self) -> MaskSet:
+        """Write ``weight = S_D(theta)`` (exact projection to the target if ``project``); returns the
+        masks (the non-zeros)."""
         if self.project:
             scores = {n: w.abs() for n, w in self.weights.items()}
             keep = magnitude_projection(scores, self.target, self.budget)
