@@ -105,3 +105,35 @@ def test_str_finalize_sparsity_is_deprecated_and_still_projects():
     assert sum(int((~m).sum()) for _, m in masks.items()) == round(0.6 * 768)
     with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
         STR(model, torch.optim.SGD(model.parameters(), lr=0.1), final_sparsity=1.0, targets=TARGETS)
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "soft", "soft_per_layer", "str"])
+def test_a_compiled_model_trains_50_steps_on_at_most_two_graphs(kind):
+    """Backend: a counting pass-through (like "eager": dynamo still guards and recompiles); dynamic=False,
+    so a threshold read as a Python float would recompile at every change until the limit."""
+    torch._dynamo.reset()
+    compiles = 0
+
+    def counting_backend(gm, example_inputs):
+        nonlocal compiles
+        compiles += 1
+        return gm.forward
+
+    runs = []
+    for compiled in (False, True):
+        model = make()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "soft_per_layer":
+            pruner = SoftThreshold(model, opt, total_steps=40, target_sparsity=0.7, budget="uniform",
+                                   control_every=5, targets=TARGETS)
+        else:
+            pruner = build(kind, model, opt)
+        run = torch.compile(model, backend=counting_backend, dynamic=False) if compiled else model
+        x, y = data()
+        for _ in range(50):
+            train_step(run, opt, pruner, x, y)
+        runs.append((model.state_dict(), pruner.sparsity()))
+    assert 1 <= compiles <= 2
+    assert runs[1][1] == runs[0][1] > 0.1
+    assert all(torch.allclose(v, runs[1][0][k], atol=1e-6) for k, v in runs[0][0].items())
+    torch._dynamo.reset()

@@ -100,6 +100,8 @@ class SoftThreshold(PrunerBase):
         self.lr_total = sum(float(lr_fn(k)) for k in range(start_step, total_steps)) if lr_fn is not None else 0.0
         self.lr_sum = 0.0
         self.d = {n: 0.0 for n in names}
+        # the forward reads d from 0-dim tensors filled in place: one torch.compile graph serves the run
+        self._d_live = {n: w.new_zeros(()) for n, w in self.weights.items()}
         self.last_lambda = 0.0
         self._lr_used: float | None = None
         owner = self.weights[names[0]]
@@ -119,8 +121,8 @@ class SoftThreshold(PrunerBase):
     # -- forward -----------------------------------------------------------------------------
     def _soft_threshold(self, name: str, theta: torch.Tensor) -> torch.Tensor:
         """``S_d(theta)`` with a straight-through backward (the subtracted part is detached)."""
-        d = self.d[name]
-        return theta - theta.detach().clamp(-d, d) if d > 0 else theta
+        d = self._d_live[name]
+        return theta - theta.detach().clamp(-d, d)
 
     # -- threshold ---------------------------------------------------------------------------
     def _snapshot_lr(self) -> None:
@@ -164,6 +166,12 @@ class SoftThreshold(PrunerBase):
                 inc = self.d[n] - old[n]
                 if inc > 0:
                     w.sub_(w.clamp(-inc, inc))
+        self._fill_live()
+
+    @torch.no_grad()
+    def _fill_live(self) -> None:
+        for n, t in self._d_live.items():
+            t.fill_(self.d[n])
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -171,6 +179,7 @@ class SoftThreshold(PrunerBase):
         if world_size() > 1:
             t = broadcast_(torch.tensor([self.d[n] for n in self.d], dtype=torch.float64))
             self.d = dict(zip(self.d, t.tolist()))
+            self._fill_live()
 
     # -- public API --------------------------------------------------------------------------
     def step(self) -> None:
@@ -228,6 +237,7 @@ class SoftThreshold(PrunerBase):
             raise ValueError(f"pruner state_dict was made with {state['config']}, this pruner has {self._config()}")
         self.step_count, self.lr_sum, self.lr_total = int(state["step"]), float(state["lr_sum"]), float(state["lr_total"])
         self.d, self.D, self.last_lambda = dict(state["d"]), dict(state["D"]), float(state["last_lambda"])
+        self._fill_live()
 
     def _config(self) -> dict[str, Any]:
         return {"schedule": repr(self.sched), "lam": self.lam, "target": self.target, "budget": self.budget,
