@@ -217,3 +217,15 @@ def test_initial_masks_resume_without_reselection():
     other = make()
     with pytest.raises(ValueError, match="names differ"):
         MagnitudePruner(other, sgd(other), 0.5, masks={"zzz": torch.ones(3)}, targets=TARGETS)
+
+
+@pytest.mark.parametrize("schedule", [Cubic(final=0.9, total_steps=10), Cyclical(final=0.9, total_steps=10, cycles=2)])
+def test_short_runs_with_default_update_intervals_reach_the_exact_target(schedule):
+    model = make()
+    opt = sgd(model)
+    pruner = MagnitudePruner(model, opt, schedule, targets=TARGETS)
+    x, y = data()
+    for _ in range(10):
+        train_step(model, opt, pruner, x, y)
+    masks = pruner.finalize()
+    assert [int((~m).sum()) for _, m in masks.items()] == [round(0.9 * 512), round(0.9 * 256)]
