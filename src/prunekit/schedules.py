@@ -6,7 +6,7 @@ Sparsity schedules map ``step -> sparsity`` for :class:`~prunekit.training.Magni
 float]`` works too.
 
 Threshold schedules map ``step -> fraction of the final threshold D`` for
-:class:`~prunekit.training.SoftThreshold` (spec ``soft-threshold.md`` section 4): S-LATS, per-epoch
+:class:`~prunekit.training.SoftThreshold` (Chen et al. 2023, arXiv 2302.13019): S-LATS, per-epoch
 LATS, PGH(beta), constant, linear, sine. Exact LATS depends on the learning rates actually used and
 is computed by the pruner from :func:`exact_lats`. Every schedule gives 0 at the start of its
 window and exactly 1 (i.e. D) at its end.

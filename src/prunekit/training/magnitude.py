@@ -1,6 +1,7 @@
 """Magnitude pruning on a sparsity schedule: one-shot + fine-tune, GMP (cubic), cyclical, any function.
 
-Each step (spec ``cyclical.md`` section 5), after ``optimizer.step()``:
+Each step, after ``optimizer.step()`` (gradual pruning as in Zhu & Gupta 2017, arXiv 1710.01878, with
+the mask resets of cyclical pruning, Srinivas et al. 2022, arXiv 2202.01290):
 
 * ``w <- w*m`` and the optimizer's per-entry state (momentum, Adam moments) ``<- *m`` (gradients of
   pruned entries are also masked in an optimizer pre-step hook), so pruned weights stay exactly 0;

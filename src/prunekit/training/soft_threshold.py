@@ -1,12 +1,13 @@
-"""Soft-threshold pruning during training: the LATS family (Chen et al., ICLR 2023).
+"""Soft-threshold pruning during training: the LATS family (Chen et al., ICLR 2023, arXiv 2302.13019).
 
 The optimizer owns the dense latent ``theta`` (still the module's own ``weight``); the forward uses
 ``w = sign(theta) * relu(|theta| - d) = theta - clamp(theta, -d, d)`` with a straight-through
 backward (``dL/dtheta := dL/dw``), so pruned entries keep receiving gradients and can regrow.
 Under SGD this is lazy ISTA on ``L(w) + lambda_k |w|_1`` with ``d_{k+1} - d_k = lr_k * lambda_k``.
 The threshold ``d`` is a scalar (one for all layers, or one per layer) set after every
-``optimizer.step()`` from a schedule in :mod:`prunekit.schedules`; ``finalize()`` writes
-``weight = S_D(theta)`` and detaches everything.
+``optimizer.step()`` from a schedule in :mod:`prunekit.schedules` and reaches the forward as a
+0-dim tensor filled in place (a Python float would make ``torch.compile`` recompile at every change);
+``finalize()`` writes ``weight = S_D(theta)`` and detaches everything.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .base import PrunerBase, broadcast_, magnitude_projection, world_size
 
 
 class SoftThreshold(PrunerBase):
-    """Soft-threshold pruning with a threshold schedule; see spec ``soft-threshold.md``.
+    """Soft-threshold pruning with a threshold schedule (Chen et al. 2023, arXiv 2302.13019).
 
     ``schedule``: ``"s_lats"``, ``"lats"`` (per epoch; needs ``steps_per_epoch``), ``"exact_lats"``
     (increments ``lambda * lr`` actually used; ``lambda = D / sum(lr_fn(k))`` or ``lam`` given),
@@ -101,7 +102,7 @@ class SoftThreshold(PrunerBase):
         self.lr_sum = 0.0
         self.d = {n: 0.0 for n in names}
         # the forward reads d from 0-dim tensors filled in place: one torch.compile graph serves the run
-        self._d_live = {n: w.new_zeros(()) for n, w in self.weights.items()}
+        self._d_live = {n: torch.zeros((), dtype=w.dtype, device=w.device) for n, w in self.weights.items()}
         self.last_lambda = 0.0
         self._lr_used: float | None = None
         owner = self.weights[names[0]]

@@ -1,4 +1,4 @@
-"""STR (Kusupati et al., ICML 2020): learnable per-layer soft thresholds, the LATS baseline.
+"""STR (Kusupati et al., ICML 2020, arXiv 2002.03231): learnable per-layer soft thresholds, the LATS baseline.
 
 Each prunable layer gets a scalar ``s_l``; the forward uses
 ``w = sign(theta) * relu(|theta| - sigmoid(s_l))`` with the *true* autograd gradient, so pruned
