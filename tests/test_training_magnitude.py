@@ -96,15 +96,21 @@ def test_cyclical_masks_never_gain_inside_a_cycle_and_recover_at_resets():
     assert sum(int((model.get_submodule(n).weight == 0).sum()) for n in TARGETS) == round(0.95 * total)
 
 
+def trained(schedule, steps):
+    """A toy model trained ``steps`` steps under ``schedule``, and its pruner."""
+    model = make()
+    opt = sgd(model)
+    pruner = MagnitudePruner(model, opt, schedule, targets=TARGETS)
+    x, y = data()
+    for _ in range(steps):
+        train_step(model, opt, pruner, x, y)
+    return model, pruner
+
+
 def test_one_cycle_is_gmp_bit_for_bit_and_gmp_never_recovers():
     runs = []
     for sched in (Cyclical(0.9, 120, cycles=1, start=10, end=100, every=5), Cubic(0.9, 120, start=10, end=100, every=5)):
-        model = make()
-        opt = sgd(model)
-        pruner = MagnitudePruner(model, opt, sched, targets=TARGETS)
-        x, y = data()
-        for _ in range(120):
-            train_step(model, opt, pruner, x, y)
+        model, pruner = trained(sched, 120)
         pruner.finalize()
         assert pruner.cycle_stats == []  # one cycle: no reset, no re-introduced weight
         runs.append(model.state_dict())
@@ -221,11 +227,5 @@ def test_initial_masks_resume_without_reselection():
 
 @pytest.mark.parametrize("schedule", [Cubic(final=0.9, total_steps=10), Cyclical(final=0.9, total_steps=10, cycles=2)])
 def test_short_runs_with_default_update_intervals_reach_the_exact_target(schedule):
-    model = make()
-    opt = sgd(model)
-    pruner = MagnitudePruner(model, opt, schedule, targets=TARGETS)
-    x, y = data()
-    for _ in range(10):
-        train_step(model, opt, pruner, x, y)
-    masks = pruner.finalize()
+    masks = trained(schedule, 10)[1].finalize()
     assert [int((~m).sum()) for _, m in masks.items()] == [round(0.9 * 512), round(0.9 * 256)]
