@@ -85,7 +85,8 @@ def run(method: str, sparsity: float, seed: int, param: float | None = None, con
             Cyclical(sparsity, T, cycles=3, start=T // 10, end=7 * T // 10, every=4)
         pruner = MagnitudePruner(model, opt, s, budget="global", targets=TARGETS)
     elif method == "str":
-        pruner = STR(model, opt, s_init=CFG["str_s_init"], s_weight_decay=param, targets=TARGETS)
+        pruner = STR(model, opt, s_init=CFG["str_s_init"], s_weight_decay=param, final_sparsity=sparsity,
+                     targets=TARGETS)  # finalize() projects to the target
     elif method != "dense":
         kind = schedule or method
         kw = dict(steps_per_epoch=n_b) if kind == "lats" else dict(beta=CFG["beta"]) if kind == "pgh" else {}
@@ -118,7 +119,7 @@ def run(method: str, sparsity: float, seed: int, param: float | None = None, con
                 log["lam"].append(pruner.last_lambda if isinstance(pruner, SoftThreshold) else None)
                 log["sparsity"].append(pruner.sparsity())
         if pruner is not None:
-            m = pruner.masks if isinstance(pruner, MagnitudePruner) else pruner.masks()
+            m = pruner.masks()
             cur = torch.cat([m[n].flatten() for n in TARGETS])
             if prev_mask is not None:
                 log["regrowth"].append(int((~prev_mask & cur).sum()))
@@ -129,7 +130,7 @@ def run(method: str, sparsity: float, seed: int, param: float | None = None, con
         out["D_final"] = float(sum(pruner.D.values()) / len(pruner.D)) if control else param
     if pruner is not None:
         out["natural_sparsity"] = pruner.sparsity()
-        pruner.finalize(sparsity) if method == "str" else pruner.finalize()  # STR: + projection to the target
+        pruner.finalize()
     with torch.no_grad():
         model.eval()
         acc = sum(int((model(xt[i:i + 1000]).argmax(1) == yt[i:i + 1000]).sum()) for i in range(0, len(xt), 1000)) / len(xt)

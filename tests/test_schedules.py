@@ -6,7 +6,7 @@ from prunekit.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSche
 
 
 def test_threshold_fractions_match_spec_table():
-    table = {  # spec soft-threshold.md section 4, fraction of D reached at x
+    table = {  # fraction of D reached at window progress x (Chen et al. 2023, arXiv 2302.13019)
         "s_lats": (lambda x: s_lats(x), [.198, .475, .703, .818, .975, .998]),
         "sine": (lambda x: sine(x), [.024, .146, .345, .500, .854, .976]),
         "pgh0.01": (lambda x: pgh(x, 0.01), [.436, .785, .929, .970, .998, 1.0]),
@@ -102,3 +102,64 @@ def test_sparsity_schedule_bad_input():
     with pytest.raises(ValueError, match="steps_per_epoch"):
         ThresholdSchedule("lats", 100, steps_per_epoch=7)
     assert OneShot(0.8, at=5)(4) == 0.0 and OneShot(0.8, at=5)(5) == 0.8 and Constant(0.3)(7) == 0.3
+
+
+def test_cubic_is_zhu_and_gupta_equation_1():
+    # s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n dt))^3 for t in {t0, t0 + dt, ..., t0 + n dt}; s_f after
+    t0, dt, n, s_i, s_f = 30, 7, 12, 0.2, 0.85
+    g = Cubic(s_f, total_steps=200, start=t0, end=t0 + n * dt + 1, every=dt, initial=s_i)
+    for t in range(200):
+        if t < t0:
+            expected = 0.0  # dense before the ramp
+        elif t <= t0 + n * dt:
+            grid = t0 + (t - t0) // dt * dt  # masks change only on the dt grid
+            expected = s_f + (s_i - s_f) * (1 - (grid - t0) / (n * dt)) ** 3
+        else:
+            expected = s_f
+        assert abs(g(t) - expected) < 1e-12, t
+    assert g(t0 + n * dt) == s_f and g(t0 + n * dt - 1) < s_f
+
+
+def test_cyclical_is_srinivas_et_al_cubic_restarted_every_cycle():
+    # cycle c of length L from T_s: s = s_f + (s_i^c - s_f) * (1 - tau)^3, tau on the dt grid, reaching 1
+    # at the cycle's last update; dense before T_s, s_f held from T_e on
+    T, T_s, C, L, dt, s_f, s_i = 400, 40, 3, 91, 10, 0.9, (0.0, 0.3, 0.5)
+    c = Cyclical(s_f, T, cycles=C, start=T_s, end=T_s + C * L, every=dt, initial=s_i)
+    n = (L - 1) // dt  # 9 updates after the cycle's first step
+    for t in range(T):
+        if t < T_s:
+            expected = 0.0
+        elif t >= T_s + C * L:
+            expected = s_f
+        else:
+            k, r = divmod(t - T_s, L)
+            tau = min(r // dt / n, 1.0)
+            expected = s_f + (s_i[k] - s_f) * (1 - tau) ** 3
+        assert abs(c(t) - expected) < 1e-12, t
+    assert [c(T_s + k * L) for k in range(C)] == pytest.approx(s_i, abs=1e-15)  # each cycle restarts at its s_i
+    assert [c(T_s + k * L + n * dt) for k in range(C)] == [s_f] * C  # and ends exactly on s_f
+
+
+def test_short_runs_get_an_update_interval_that_fits():
+    g = Cubic(final=0.9, total_steps=10)
+    assert g.every == 1 and g(0) == 0.0 and g(9) == 0.9
+    assert all(a < b for a, b in zip([g(t) for t in range(10)], [g(t) for t in range(1, 10)]))
+    c = Cyclical(final=0.9, total_steps=20, cycles=3)  # window [2, 14): three cycles of 4 steps
+    assert c.every == 1 and [c(t) for t in (2, 5, 6, 9, 10, 13)] == [0.0, 0.9, 0.0, 0.9, 0.0, 0.9]
+    assert Cubic(0.9, 400).every == 20 and Cubic(0.9, 100_000).every == 50  # about 20 updates, at most every 50
+    assert Cyclical(0.9, 1000, cycles=4).every == 7  # cycles of 150 steps
+
+
+def test_a_too_coarse_interval_names_the_schedule_and_every():
+    with pytest.raises(ValueError, match=r"^Cubic\(total_steps=10\): the ramp \[0, 10\) has 10 steps, too short for "
+                                         r"every=50 .* pass every=9 or less") as err:
+        Cubic(0.9, total_steps=10, every=50)
+    assert "cycle" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^Cyclical\(total_steps=100, cycles=8\): each cycle has 7 steps, too short "
+                                         r"for every=10"):
+        Cyclical(0.9, 100, cycles=8, every=10)
+    with pytest.raises(ValueError, match=r"^Cubic\(total_steps=1\): the ramp \[0, 1\) has 1 step, too short.*"
+                                         r"lengthen the pruning window$"):
+        Cubic(0.9, total_steps=1)
+    with pytest.raises(ValueError, match=r"every \(steps between mask updates\) must be an integer >= 1, got 0"):
+        Cyclical(0.9, 100, every=0)

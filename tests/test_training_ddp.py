@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 loss.backward()
                 opt.step()
                 pruner.step()
-            masks = pruner.masks if name == "magnitude" else pruner.masks()
+            masks = pruner.masks()
             thr = pruner.thresholds() if name == "str" else getattr(pruner, "d", {})
             results[name] = {"masks": {n: m.clone() for n, m in masks.items()}, "thr": thr,
                              "sparsity": pruner.sparsity(), "weights": {k: v.clone() for k, v in model.state_dict().items()}}

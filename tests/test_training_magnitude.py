@@ -21,7 +21,7 @@ def test_one_shot_counts_are_exact_for_every_budget(budget):
     pruner = MagnitudePruner(model, sgd(model), OneShot(0.75), budget=budget, targets=TARGETS)
     for n in TARGETS:
         w = model.get_submodule(n).weight
-        assert int((w == 0).sum()) == round(expected[n] * w.numel()) == int((~pruner.masks[n]).sum())
+        assert int((w == 0).sum()) == round(expected[n] * w.numel()) == int((~pruner.masks()[n]).sum())
     assert abs(pruner.sparsity() - 0.75) < 1e-3
 
 
@@ -68,7 +68,7 @@ def test_pruned_weights_and_optimizer_state_stay_zero_for_1000_steps(optim):
     for t in range(1000):
         train_step(model, opt, pruner, x, y)
         for n in TARGETS:
-            w, m = model.get_submodule(n).weight, pruner.masks[n]
+            w, m = model.get_submodule(n).weight, pruner.masks()[n]
             assert not w[~m].any(), f"step {t}: pruned weight of {n} moved"
             for key, buf in opt.state[w].items():
                 if torch.is_tensor(buf) and buf.shape == w.shape:
@@ -82,10 +82,10 @@ def test_cyclical_masks_never_gain_inside_a_cycle_and_recover_at_resets():
     sched = Cyclical(0.95, total_steps=300, cycles=3, start=0, end=240, every=4)
     pruner = MagnitudePruner(model, opt, sched, budget="global", targets=TARGETS)
     x, y = data()
-    prev, prev_s = pruner.masks.state_dict(), pruner.s_prev
+    prev, prev_s = pruner.masks().state_dict(), pruner.s_prev
     for _ in range(300):
         train_step(model, opt, pruner, x, y)
-        cur = pruner.masks.state_dict()
+        cur = pruner.masks().state_dict()
         if pruner.s_prev >= prev_s:  # inside a cycle
             assert all(not (cur[n] & ~prev[n]).any() for n in TARGETS)
         prev, prev_s = cur, pruner.s_prev
@@ -96,15 +96,21 @@ def test_cyclical_masks_never_gain_inside_a_cycle_and_recover_at_resets():
     assert sum(int((model.get_submodule(n).weight == 0).sum()) for n in TARGETS) == round(0.95 * total)
 
 
+def trained(schedule, steps):
+    """A toy model trained ``steps`` steps under ``schedule``, and its pruner."""
+    model = make()
+    opt = sgd(model)
+    pruner = MagnitudePruner(model, opt, schedule, targets=TARGETS)
+    x, y = data()
+    for _ in range(steps):
+        train_step(model, opt, pruner, x, y)
+    return model, pruner
+
+
 def test_one_cycle_is_gmp_bit_for_bit_and_gmp_never_recovers():
     runs = []
     for sched in (Cyclical(0.9, 120, cycles=1, start=10, end=100, every=5), Cubic(0.9, 120, start=10, end=100, every=5)):
-        model = make()
-        opt = sgd(model)
-        pruner = MagnitudePruner(model, opt, sched, targets=TARGETS)
-        x, y = data()
-        for _ in range(120):
-            train_step(model, opt, pruner, x, y)
+        model, pruner = trained(sched, 120)
         pruner.finalize()
         assert pruner.cycle_stats == []  # one cycle: no reset, no re-introduced weight
         runs.append(model.state_dict())
@@ -117,13 +123,13 @@ def test_keep_mode_gives_back_the_value_at_pruning_time():
     sched = lambda t: 0.5 if t < 5 else 0.0  # prune, then re-open at step 5
     pruner = MagnitudePruner(model, opt, sched, mode="keep", targets=TARGETS)
     w0 = model.get_submodule("0").weight
-    mask = pruner.masks["0"].clone()
+    mask = pruner.masks()["0"].clone()
     saved = pruner.latent["0"].clone()
     assert not w0[~mask].any() and saved[~mask].abs().min() > 0
     x, y = data()
     for _ in range(5):
         train_step(model, opt, pruner, x, y)
-    assert pruner.masks["0"].all()
+    assert pruner.masks()["0"].all()
     assert torch.equal(w0.detach()[~mask], saved[~mask])
     assert not opt.state[w0]["momentum_buffer"][~mask].any()  # restarted with zero state
 
@@ -193,7 +199,7 @@ def test_bad_input_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="different model"):
         pruner.load_state_dict(other_state)
     assert all(torch.equal(snap[0][k], v) for k, v in model.state_dict().items())
-    assert all(torch.equal(snap[1]["masks"][n], pruner.masks[n]) for n in TARGETS)
+    assert all(torch.equal(snap[1]["masks"][n], pruner.masks()[n]) for n in TARGETS)
     assert opt.state_dict() == snap[2]
 
 
@@ -217,3 +223,9 @@ def test_initial_masks_resume_without_reselection():
     other = make()
     with pytest.raises(ValueError, match="names differ"):
         MagnitudePruner(other, sgd(other), 0.5, masks={"zzz": torch.ones(3)}, targets=TARGETS)
+
+
+@pytest.mark.parametrize("schedule", [Cubic(final=0.9, total_steps=10), Cyclical(final=0.9, total_steps=10, cycles=2)])
+def test_short_runs_with_default_update_intervals_reach_the_exact_target(schedule):
+    masks = trained(schedule, 10)[1].finalize()
+    assert [int((~m).sum()) for _, m in masks.items()] == [round(0.9 * 512), round(0.9 * 256)]

@@ -41,7 +41,7 @@ def test_resume_is_bit_for_bit_and_finalize_detaches():
     def build(seed=0):
         model = make(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        return model, opt, STR(model, opt, s_init=-3.0, s_weight_decay=0.3, targets=TARGETS)
+        return model, opt, STR(model, opt, s_init=-3.0, s_weight_decay=0.3, final_sparsity=0.7, targets=TARGETS)
 
     def run(resume_at=None):
         model, opt, pruner = build()
@@ -60,7 +60,7 @@ def test_resume_is_bit_for_bit_and_finalize_detaches():
     assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())
     assert pa.thresholds() == pb.thresholds()
     keys = list(ma.state_dict())
-    masks = pa.finalize(sparsity=0.7)
+    masks = pa.finalize()
     assert list(ma.state_dict()) == keys and len(oa.param_groups) == 1
     assert not ma[0]._forward_pre_hooks and "weight" not in ma[0].__dict__
     assert all(torch.equal(ma.get_submodule(n).weight != 0, masks[n]) for n in TARGETS)

@@ -6,7 +6,7 @@ Sparsity schedules map ``step -> sparsity`` for :class:`~prunekit.training.Magni
 float]`` works too.
 
 Threshold schedules map ``step -> fraction of the final threshold D`` for
-:class:`~prunekit.training.SoftThreshold` (spec ``soft-threshold.md`` section 4): S-LATS, per-epoch
+:class:`~prunekit.training.SoftThreshold` (Chen et al. 2023, arXiv 2302.13019): S-LATS, per-epoch
 LATS, PGH(beta), constant, linear, sine. Exact LATS depends on the learning rates actually used and
 is computed by the pruner from :func:`exact_lats`. Every schedule gives 0 at the start of its
 window and exactly 1 (i.e. D) at its end.
@@ -14,7 +14,7 @@ window and exactly 1 (i.e. D) at its end.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .allocation import check_sparsity
 
@@ -59,15 +59,34 @@ class OneShot:
         return self.final if step >= self.at else 0.0
 
 
+def update_interval(every: int | None, span: int, where: str, cycles: int = 1) -> int:
+    """Steps between mask updates in a ramp of ``span`` steps: ``every`` if it leaves room for at least
+    two updates, else a ValueError naming ``where``. ``None`` picks about 20 updates per ramp, never
+    more than 50 steps apart (50 is the Cyclical Pruning authors' GMP interval; Zhu & Gupta 2017 found
+    100-1000 steps on long runs all fine), so short runs work without tuning."""
+    if span < 2:
+        raise ValueError(f"{where} has {span} step{'' if span == 1 else 's'}, too short: a ramp needs two mask "
+                         f"updates at least; lengthen the pruning window{' or use fewer cycles' if cycles > 1 else ''}")
+    if every is None:
+        return max(1, min(50, span // 20))
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{where}: every (steps between mask updates) must be an integer >= 1, got {every!r}")
+    if span <= every:
+        raise ValueError(f"{where} has {span} steps, too short for every={every} (a ramp needs two mask updates); "
+                         f"pass every={span - 1} or less, or leave every=None to fit the run")
+    return every
+
+
 @dataclass(frozen=True)
 class Cyclical:
-    """Cyclical pruning (Srinivas et al. 2022): ``cycles`` cubic ramps in ``[start, end)``.
+    """Cyclical pruning (Srinivas et al. 2022, arXiv 2202.01290): ``cycles`` cubic ramps in ``[start, end)``.
 
     Cycle ``c`` covers ``[b_c, b_{c+1})`` with ``b_c = start + c*(end-start)//cycles``. On its grid
     ``b_c + j*every`` the sparsity is ``final + (initial_c - final)*(1 - j/n_c)**3``, where ``n_c`` is
     the last grid index inside the cycle, so each cycle restarts at ``initial_c`` (a drop that
     re-opens the mask) and its last update lands exactly on ``final``. Dense before ``start``,
-    ``final`` from ``end`` on. ``cycles=1`` is GMP (:func:`Cubic`). Defaults: window [0.1T, 0.7T].
+    ``final`` from ``end`` on. ``cycles=1`` is GMP (:func:`Cubic`). Defaults: window [0.1T, 0.7T];
+    ``every=None``: about 20 updates per cycle, at most every 50 steps (see :func:`update_interval`).
     """
 
     final: float
@@ -75,9 +94,10 @@ class Cyclical:
     cycles: int = 3
     start: int | None = None
     end: int | None = None
-    every: int = 50
+    every: int | None = None
     initial: float | tuple[float, ...] = 0.0
     shape: str = "cubic"
+    _name: str = field(default="Cyclical", repr=False, compare=False)  # "Cubic" when made by Cubic()
 
     def __post_init__(self) -> None:
         check_sparsity(self.final, "final")
@@ -91,8 +111,6 @@ class Cyclical:
             raise ValueError(f"pruning window end ({end}) is after total_steps ({self.total_steps})")
         if not isinstance(self.cycles, int) or self.cycles < 1:
             raise ValueError(f"cycles must be an integer >= 1, got {self.cycles!r}")
-        if not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every (steps between mask updates) must be an integer >= 1, got {self.every!r}")
         if self.shape not in ("cubic", "linear"):
             raise ValueError(f"shape must be 'cubic' or 'linear', got {self.shape!r}")
         initial = self.initial if isinstance(self.initial, (tuple, list)) else (self.initial,) * self.cycles
@@ -103,9 +121,10 @@ class Cyclical:
             if s > self.final:
                 raise ValueError(f"initial sparsity {s} exceeds final {self.final}")
         object.__setattr__(self, "initial", tuple(float(s) for s in initial))
-        if min(self.bounds(c + 1) - self.bounds(c) for c in range(self.cycles)) <= self.every:
-            raise ValueError(f"cycles of {(end - start) // self.cycles} steps are too short for every={self.every}; "
-                             "use fewer cycles, a longer window or a smaller every")
+        span = min(self.bounds(c + 1) - self.bounds(c) for c in range(self.cycles))
+        where = (f"{self._name}(total_steps={self.total_steps}): the ramp [{start}, {end})" if self.cycles == 1 else
+                 f"{self._name}(total_steps={self.total_steps}, cycles={self.cycles}): each cycle")
+        object.__setattr__(self, "every", update_interval(self.every, span, where, self.cycles))
 
     def bounds(self, c: int) -> int:
         """First step of cycle ``c`` (``c = cycles`` gives the window end)."""
@@ -123,12 +142,13 @@ class Cyclical:
         return self.final + (self.initial[c] - self.final) * ramp
 
 
-def Cubic(final: float, total_steps: int, start: int = 0, end: int | None = None, every: int = 50,
+def Cubic(final: float, total_steps: int, start: int = 0, end: int | None = None, every: int | None = None,
           initial: float = 0.0) -> Cyclical:
-    """Gradual magnitude pruning (Zhu & Gupta 2017): one cubic ramp over ``[start, end)``
-    (default: the whole run), updated every ``every`` steps, landing exactly on ``final``."""
+    """Gradual magnitude pruning (Zhu & Gupta 2017, arXiv 1710.01878, eq. 1): one cubic ramp over
+    ``[start, end)`` (default: the whole run), updated every ``every`` steps (default: about 20 updates,
+    at most every 50 steps), landing exactly on ``final``."""
     return Cyclical(final, total_steps, cycles=1, start=start, end=total_steps if end is None else end,
-                    every=every, initial=initial)
+                    every=every, initial=initial, _name="Cubic")
 
 
 # -------------------------------------------------------------------------- threshold schedules

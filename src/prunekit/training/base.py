@@ -7,16 +7,19 @@ optimizer post-step hook).
 """
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..allocation import allocate
+from ..masks import MaskSet
 from ..patterns import unstructured_mask
 from ..targets import find_targets
+from .shadow import shadow_weight, unshadow
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -74,18 +77,19 @@ def magnitude_projection(scores: Mapping[str, torch.Tensor], sparsity: float, bu
     return {n: unstructured_mask(scores[n], per_layer[n]) for n in scores}
 
 
-def drop_forward_weight(module: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook: remove the per-forward weight that shadowed the parameter."""
-    module.__dict__.pop("weight", None)
+class PrunerBase(abc.ABC):
+    """The interface of every in-training pruner, and what they share: targets, the optimizer-ownership
+    check, the step count, hooks, the finalize guard and state checks.
 
+    A pruner implements ``step()``, ``masks()``, ``state_dict()``/``load_state_dict()``,
+    ``synchronize()`` (the torch.distributed agreement of its decisions) and ``_finalize()`` (the
+    final weights); ``sparsity()`` and ``finalize()`` are written here once.
+    """
 
-class PrunerBase:
-    """Targets, optimizer-ownership check, step count, hooks, finalize guard, state checks."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, targets=None) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, targets=None, sync: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer, self.sync = model, optimizer, sync
         self.targets = resolve_targets(model, targets)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name, module in self.targets.items():
@@ -97,9 +101,55 @@ class PrunerBase:
         self.finalized = False
         self._hooks: list[Any] = []
 
+    # -- the interface -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def step(self) -> None:
+        """Call once after every ``optimizer.step()`` (or pass ``auto_step=True``)."""
+
+    @abc.abstractmethod
+    def masks(self) -> MaskSet:
+        """Boolean keep-masks of every prunable layer: True where the forward's weight survives."""
+
+    def sparsity(self) -> float:
+        """Fraction of prunable weights that are zero in the forward (outside :meth:`masks`)."""
+        return self.masks().sparsity()
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit for bit (the model and optimizer save their own state)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises before changing anything if it belongs elsewhere."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Make this pruner's decisions equal on every torch.distributed rank (a no-op in one process).
+
+        ``step()`` calls it where the decisions are made when ``sync=True``.
+        """
+
+    def finalize(self) -> MaskSet:
+        """Write the final sparse weights, detach every hook; returns the keep-masks. The model is a
+        plain ``nn.Module`` afterwards, with the same state-dict keys."""
+        self._check_live()
+        self._remove_hooks()
+        masks = self._finalize()
+        self.finalized = True
+        return masks
+
+    @abc.abstractmethod
+    def _finalize(self) -> MaskSet:
+        """Write the final weights (hooks are already removed); return the keep-masks."""
+
+    # -- shared machinery --------------------------------------------------------------------
     def _attach_auto_step(self) -> None:
         """Call ``self.step()`` from an optimizer post-step hook (registered last)."""
         self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.step()))
+
+    def _shadow(self, name: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run target ``name``'s forward on ``transform(weight)`` (see :func:`shadow_weight`)."""
+        self._hooks.extend(shadow_weight(self.targets[name], transform))
 
     @property
     def weights(self) -> "OrderedDict[str, nn.Parameter]":
@@ -108,12 +158,15 @@ class PrunerBase:
 
     def _check_live(self) -> None:
         if self.finalized:
-            raise RuntimeError(f"{type(self).__name__}.step() called after finalize(); the pruner is detached")
+            raise RuntimeError(f"{type(self).__name__}.step() or finalize() called after finalize(); "
+                               "the pruner is detached")
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for module in self.targets.values():
+            unshadow(module)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(w.shape) for n, w in self.weights.items()}

@@ -1,6 +1,7 @@
 """Magnitude pruning on a sparsity schedule: one-shot + fine-tune, GMP (cubic), cyclical, any function.
 
-Each step (spec ``cyclical.md`` section 5), after ``optimizer.step()``:
+Each step, after ``optimizer.step()`` (gradual pruning as in Zhu & Gupta 2017, arXiv 1710.01878, with
+the mask resets of cyclical pruning, Srinivas et al. 2022, arXiv 2202.01290):
 
 * ``w <- w*m`` and the optimizer's per-entry state (momentum, Adam moments) ``<- *m`` (gradients of
   pruned entries are also masked in an optimizer pre-step hook), so pruned weights stay exactly 0;
@@ -15,7 +16,8 @@ optimizer state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import warnings
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from ..allocation import BUDGETS, allocate, check_sparsity
 from ..masks import MaskSet
 from ..patterns import NM, nm_mask, parse_pattern, unstructured_mask
 from ..schedules import Constant
-from .base import PrunerBase, broadcast_, mask_optimizer_state
+from .base import PrunerBase, broadcast_, mask_optimizer_state, world_size
 
 
 class MagnitudePruner(PrunerBase):
@@ -72,13 +74,13 @@ class MagnitudePruner(PrunerBase):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.every = every
         self._sparsity_at(0)  # validates the schedule before anything is touched
-        super().__init__(model, optimizer, targets)
-        self.budget, self.cap, self.overrides, self.mode, self.sync = budget, cap, overrides, mode, sync
-        self.masks = MaskSet({n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()})
+        super().__init__(model, optimizer, targets, sync)
+        self.budget, self.cap, self.overrides, self.mode = budget, cap, overrides, mode
+        self._masks = MaskSet({n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()})
         self.latent = {n: torch.zeros_like(w) for n, w in self.weights.items()} if mode == "keep" else {}
         self.s_prev = 0.0
         if masks is not None:  # resume sparse fine-tuning, e.g. from prunekit.load_masks(path)
-            self.masks.load_state_dict(dict(masks.items()))
+            self._masks.load_state_dict(dict(masks.items()))
             self.s_prev = self._sparsity_at(0)
         self.cycle_stats: list[dict[str, float]] = []
         self._last_end: dict[str, torch.Tensor] | None = None
@@ -97,11 +99,11 @@ class MagnitudePruner(PrunerBase):
         return check_sparsity(float(s), f"schedule({step})")
 
     def _refresh_keep(self) -> None:
-        self._keep = {n: m.to(self.weights[n].dtype) for n, m in self.masks.items() if not bool(m.all())}
+        self._keep = {n: m.to(self.weights[n].dtype) for n, m in self._masks.items() if not bool(m.all())}
 
     @torch.no_grad()
     def _new_masks(self, s: float) -> dict[str, torch.Tensor]:
-        scores = {n: torch.where(self.masks[n], w.abs(), torch.full_like(w, -1.0)) for n, w in self.weights.items()}
+        scores = {n: torch.where(self._masks[n], w.abs(), torch.full_like(w, -1.0)) for n, w in self.weights.items()}
         if isinstance(self.pattern, NM):
             m = self.pattern.m
             k = max(m - round(s * m), self.pattern.n)
@@ -116,16 +118,18 @@ class MagnitudePruner(PrunerBase):
             self._record_cycle(step)
             for n, w in self.weights.items():
                 if self.mode == "keep":
-                    w.copy_(torch.where(self.masks[n], w, self.latent[n]))
+                    w.copy_(torch.where(self._masks[n], w, self.latent[n]))
                     self.latent[n].zero_()
-                self.masks[n] = torch.ones_like(self.masks[n])
+                self._masks[n] = torch.ones_like(self._masks[n])
         elif s > self.s_prev:
+            old = dict(self._masks.items())
             for n, new in self._new_masks(s).items():
-                new = broadcast_(new & self.masks[n]) if self.sync else new & self.masks[n]
-                if self.mode == "keep":
-                    w = self.weights[n]
-                    self.latent[n] = torch.where(self.masks[n] & ~new, w, self.latent[n])
-                self.masks[n] = new
+                self._masks[n] = new & old[n]
+            if self.sync:
+                self.synchronize()
+            if self.mode == "keep":
+                for n, w in self.weights.items():
+                    self.latent[n] = torch.where(old[n] & ~self._masks[n], w, self.latent[n])
         else:
             return
         self.s_prev = s
@@ -148,7 +152,7 @@ class MagnitudePruner(PrunerBase):
 
     def _record_cycle(self, step: int) -> None:
         """Recovery R_c and mask Hamming distance between consecutive cycle ends."""
-        end = {n: m.clone() for n, m in self.masks.items()}
+        end = {n: m.clone() for n, m in self._masks.items()}
         if self._last_end is not None:
             pruned = sum(int((~p).sum()) for p in self._last_end.values())
             back = sum(int((~self._last_end[n] & end[n]).sum()) for n in end)
@@ -164,22 +168,27 @@ class MagnitudePruner(PrunerBase):
         self.step_count += 1
         self._update(self.step_count)
 
-    def sparsity(self) -> float:
-        """Fraction of exact zeros over the prunable weights, read from the tensors."""
-        ws = list(self.weights.values())
-        return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+    @property
+    def masks(self) -> "_MasksMethod":
+        """``pruner.masks()``: a copy of the current keep-masks, a :class:`~prunekit.MaskSet`."""
+        return _MasksMethod(self._masks)
 
-    def finalize(self) -> MaskSet:
-        """Zero the pruned weights for good, detach every hook; returns the final masks."""
-        self._check_live()
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Replace every rank's masks by rank 0's; a no-op in one process."""
+        if world_size() > 1:
+            for n, m in list(self._masks.items()):
+                self._masks[n] = broadcast_(m.to(torch.uint8)).bool()  # a new tensor: no caller's mask changes
+            self._refresh_keep()
+
+    def _finalize(self) -> MaskSet:
+        """Zero the pruned weights for good; returns the final masks."""
         self._apply()
         self._record_cycle(self.step_count)
-        self._remove_hooks()
-        self.finalized = True
-        return MaskSet(self.masks.state_dict())
+        return MaskSet(self._masks.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._base_state(), "masks": self.masks.state_dict(), "s_prev": self.s_prev,
+        return {**self._base_state(), "masks": self._masks.state_dict(), "s_prev": self.s_prev,
                 "latent": {n: t.clone() for n, t in self.latent.items()}, "mode": self.mode,
                 "pattern": str(self.pattern), "budget": self.budget, "schedule": _describe(self.schedule),
                 "cycle_stats": [dict(c) for c in self.cycle_stats],
@@ -193,7 +202,7 @@ class MagnitudePruner(PrunerBase):
         mine = _describe(self.schedule)
         if mine is not None and state["schedule"] is not None and state["schedule"] != mine:
             raise ValueError(f"pruner state_dict was made with schedule {state['schedule']}, this pruner has {mine}")
-        self.masks.load_state_dict(state["masks"])
+        self._masks.load_state_dict(state["masks"])
         self.latent = {n: t.clone() for n, t in state["latent"].items()}
         self.step_count, self.s_prev = int(state["step"]), float(state["s_prev"])
         self.cycle_stats = [dict(c) for c in state["cycle_stats"]]
@@ -204,3 +213,35 @@ class MagnitudePruner(PrunerBase):
 def _describe(schedule: Callable) -> str | None:
     """A stable description of a schedule object (None for plain functions)."""
     return repr(schedule) if dataclasses.is_dataclass(schedule) else None
+
+
+class _MasksMethod:
+    """What ``MagnitudePruner.masks`` returns: call it (``pruner.masks()``) for a copy of the masks, as
+    on every pruner. The attribute form of earlier versions (``pruner.masks[name]``,
+    ``pruner.masks.items()``...) still reads the live masks, with a DeprecationWarning."""
+
+    def __init__(self, live: MaskSet) -> None:
+        self._live = live
+
+    def __call__(self) -> MaskSet:
+        return MaskSet(self._live.state_dict())
+
+    def _deprecated(self) -> MaskSet:
+        warnings.warn("MagnitudePruner.masks is a method, as on every pruner: use pruner.masks()[name] and "
+                      "pruner.masks().items()", DeprecationWarning, stacklevel=3)
+        return self._live
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._deprecated()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._deprecated())
+
+    def __len__(self) -> int:
+        return len(self._deprecated())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._deprecated()
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._deprecated(), attr)

@@ -1,12 +1,13 @@
-"""Soft-threshold pruning during training: the LATS family (Chen et al., ICLR 2023).
+"""Soft-threshold pruning during training: the LATS family (Chen et al., ICLR 2023, arXiv 2302.13019).
 
 The optimizer owns the dense latent ``theta`` (still the module's own ``weight``); the forward uses
 ``w = sign(theta) * relu(|theta| - d) = theta - clamp(theta, -d, d)`` with a straight-through
 backward (``dL/dtheta := dL/dw``), so pruned entries keep receiving gradients and can regrow.
 Under SGD this is lazy ISTA on ``L(w) + lambda_k |w|_1`` with ``d_{k+1} - d_k = lr_k * lambda_k``.
 The threshold ``d`` is a scalar (one for all layers, or one per layer) set after every
-``optimizer.step()`` from a schedule in :mod:`prunekit.schedules`; ``finalize()`` writes
-``weight = S_D(theta)`` and detaches everything.
+``optimizer.step()`` from a schedule in :mod:`prunekit.schedules` and reaches the forward as a
+0-dim tensor filled in place (a Python float would make ``torch.compile`` recompile at every change);
+``finalize()`` writes ``weight = S_D(theta)`` and detaches everything.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ from torch import nn
 from ..allocation import BUDGETS, allocate, check_sparsity
 from ..masks import MaskSet
 from ..schedules import ThresholdSchedule, check_window, exact_lats
-from .base import PrunerBase, drop_forward_weight, broadcast_, magnitude_projection, world_size
+from .base import PrunerBase, broadcast_, magnitude_projection, world_size
 
 
 class SoftThreshold(PrunerBase):
-    """Soft-threshold pruning with a threshold schedule; see spec ``soft-threshold.md``.
+    """Soft-threshold pruning with a threshold schedule (Chen et al. 2023, arXiv 2302.13019).
 
     ``schedule``: ``"s_lats"``, ``"lats"`` (per epoch; needs ``steps_per_epoch``), ``"exact_lats"``
     (increments ``lambda * lr`` actually used; ``lambda = D / sum(lr_fn(k))`` or ``lam`` given),
@@ -85,7 +86,7 @@ class SoftThreshold(PrunerBase):
             raise ValueError("shift_init belongs to schedule='constant' with a float final_threshold only")
         if not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"control_every must be an integer >= 1, got {control_every!r}")
-        super().__init__(model, optimizer, targets)
+        super().__init__(model, optimizer, targets, sync)
         names = list(self.targets)
         if isinstance(final_threshold, Mapping):
             if set(final_threshold) != set(names):
@@ -96,10 +97,12 @@ class SoftThreshold(PrunerBase):
         if any(v < 0 for v in self.D.values()) or (lam is not None and lam < 0):
             raise ValueError("thresholds and lam must be >= 0")
         self.total_steps, self.start, self.lam, self.target = total_steps, start_step, lam, target_sparsity
-        self.budget, self.control_every, self.project, self.greedy, self.sync = budget, control_every, project, greedy, sync
+        self.budget, self.control_every, self.project, self.greedy = budget, control_every, project, greedy
         self.lr_total = sum(float(lr_fn(k)) for k in range(start_step, total_steps)) if lr_fn is not None else 0.0
         self.lr_sum = 0.0
         self.d = {n: 0.0 for n in names}
+        # the forward reads d from 0-dim tensors filled in place: one torch.compile graph serves the run
+        self._d_live = {n: torch.zeros((), dtype=w.dtype, device=w.device) for n, w in self.weights.items()}
         self.last_lambda = 0.0
         self._lr_used: float | None = None
         owner = self.weights[names[0]]
@@ -110,19 +113,17 @@ class SoftThreshold(PrunerBase):
                 for n, w in self.weights.items():
                     w.copy_(torch.sign(w) * (w.abs() + self.D[n]))
         if not greedy:
-            for n, module in self.targets.items():
-                self._hooks.append(module.register_forward_pre_hook(partial(self._pre_forward, n)))
-                self._hooks.append(module.register_forward_hook(drop_forward_weight))
+            for n in self.targets:
+                self._shadow(n, partial(self._soft_threshold, n))
         self._set_d(self._threshold_at(0))
         if auto_step:
             self._attach_auto_step()
 
     # -- forward -----------------------------------------------------------------------------
-    def _pre_forward(self, name: str, module: nn.Module, args: Any) -> None:
-        d = self.d[name]
-        if d > 0:  # the instance attribute shadows the parameter for this forward only
-            theta = module._parameters["weight"]
-            module.__dict__["weight"] = theta - theta.detach().clamp(-d, d)
+    def _soft_threshold(self, name: str, theta: torch.Tensor) -> torch.Tensor:
+        """``S_d(theta)`` with a straight-through backward (the subtracted part is detached)."""
+        d = self._d_live[name]
+        return theta - theta.detach().clamp(-d, d)
 
     # -- threshold ---------------------------------------------------------------------------
     def _snapshot_lr(self) -> None:
@@ -158,15 +159,28 @@ class SoftThreshold(PrunerBase):
 
     @torch.no_grad()
     def _set_d(self, new: dict[str, float]) -> None:
-        if self.sync and self.target is not None and world_size() > 1:
-            t = broadcast_(torch.tensor([new[n] for n in new], dtype=torch.float64))
-            new = dict(zip(new, t.tolist()))
+        old, self.d = self.d, new
+        if self.sync and self.target is not None:  # d estimated from the weights: rank 0 decides
+            self.synchronize()
         if self.greedy:  # ablation: shrink the stored weights by the increment
             for n, w in self.weights.items():
-                inc = new[n] - self.d[n]
+                inc = self.d[n] - old[n]
                 if inc > 0:
                     w.sub_(w.clamp(-inc, inc))
-        self.d = new
+        self._fill_live()
+
+    @torch.no_grad()
+    def _fill_live(self) -> None:
+        for n, t in self._d_live.items():
+            t.fill_(self.d[n])
+
+    @torch.no_grad()
+    def synchronize(self) -> None:
+        """Replace every rank's thresholds by rank 0's; a no-op in one process."""
+        if world_size() > 1:
+            t = broadcast_(torch.tensor([self.d[n] for n in self.d], dtype=torch.float64))
+            self.d = dict(zip(self.d, t.tolist()))
+            self._fill_live()
 
     # -- public API --------------------------------------------------------------------------
     def step(self) -> None:
@@ -190,23 +204,14 @@ class SoftThreshold(PrunerBase):
 
     @torch.no_grad()
     def masks(self) -> MaskSet:
-        """Entries currently non-zero in the forward (``|theta| > d``)."""
-        return MaskSet({n: w.abs() > (0.0 if self.greedy else self.d[n]) for n, w in self.weights.items()})
-
-    def sparsity(self) -> float:
-        """Fraction of prunable weights that are zero in the forward."""
-        masks = self.masks()
-        return 1.0 - sum(int(m.sum()) for _, m in masks.items()) / sum(m.numel() for _, m in masks.items())
+        """Entries currently non-zero in the forward (``|theta| > d``; after ``finalize()``, ``w != 0``)."""
+        plain = self.greedy or self.finalized  # the stored weights are already thresholded
+        return MaskSet({n: w.abs() > (0.0 if plain else self.d[n]) for n, w in self.weights.items()})
 
     @torch.no_grad()
-    def finalize(self) -> MaskSet:
-        """Write ``weight = S_D(theta)`` (exact projection to the target if ``project``), remove every
-        hook; returns the masks (the non-zeros)."""
-        self._check_live()
-        self._remove_hooks()
-        for module in self.targets.values():
-            module.__dict__.pop("weight", None)
-        self.finalized = True
+    def _finalize(self) -> MaskSet:
+        """Write ``weight = S_D(theta)`` (exact projection to the target if ``project``); returns the
+        masks (the non-zeros)."""
         if self.project:
             scores = {n: w.abs() for n, w in self.weights.items()}
             keep = magnitude_projection(scores, self.target, self.budget)
@@ -233,6 +238,7 @@ class SoftThreshold(PrunerBase):
             raise ValueError(f"pruner state_dict was made with {state['config']}, this pruner has {self._config()}")
         self.step_count, self.lr_sum, self.lr_total = int(state["step"]), float(state["lr_sum"]), float(state["lr_total"])
         self.d, self.D, self.last_lambda = dict(state["d"]), dict(state["D"]), float(state["last_lambda"])
+        self._fill_live()
 
     def _config(self) -> dict[str, Any]:
         return {"schedule": repr(self.sched), "lam": self.lam, "target": self.target, "budget": self.budget,

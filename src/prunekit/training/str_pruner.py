@@ -1,4 +1,4 @@
-"""STR (Kusupati et al., ICML 2020): learnable per-layer soft thresholds, the LATS baseline.
+"""STR (Kusupati et al., ICML 2020, arXiv 2002.03231): learnable per-layer soft thresholds, the LATS baseline.
 
 Each prunable layer gets a scalar ``s_l``; the forward uses
 ``w = sign(theta) * relu(|theta| - sigmoid(s_l))`` with the *true* autograd gradient, so pruned
@@ -10,6 +10,7 @@ weight decay; there is no target.
 """
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Mapping
 
@@ -17,21 +18,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..allocation import check_sparsity
 from ..masks import MaskSet
-from .base import PrunerBase, drop_forward_weight, magnitude_projection, world_size
+from .base import PrunerBase, magnitude_projection, world_size
 
 
 class STR(PrunerBase):
     """Soft Threshold Reparameterization: ``d_l = sigmoid(s_l)`` learned by the optimizer.
 
     ``s_weight_decay`` is the weight decay of the thresholds' parameter group (default: the
-    optimizer's default). ``finalize(sparsity=...)`` optionally projects to an exact global count by
-    magnitude (a prunekit extension for matched-sparsity comparisons).
+    optimizer's default). ``final_sparsity=s`` makes ``finalize()`` project to an exact global count
+    by magnitude (a prunekit extension for matched-sparsity comparisons). ``sync=True``: under DDP the
+    thresholds' gradients are averaged over the ranks, so every rank learns the same thresholds.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, s_init: float = -5.0,
-                 s_weight_decay: float | None = None, targets=None, auto_step: bool = False) -> None:
-        super().__init__(model, optimizer, targets)
+                 s_weight_decay: float | None = None, final_sparsity: float | None = None, targets=None,
+                 auto_step: bool = False, sync: bool = True) -> None:
+        if final_sparsity is not None:
+            check_sparsity(final_sparsity, "final_sparsity")
+        super().__init__(model, optimizer, targets, sync)
+        self.final_sparsity = final_sparsity
         self.s = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.tensor(float(s_init)))
                                    for n in self.targets})
         group: dict[str, Any] = {"params": list(self.s.values())}
@@ -39,18 +46,20 @@ class STR(PrunerBase):
             group["weight_decay"] = s_weight_decay
         optimizer.add_param_group(group)
         self._s_group = optimizer.param_groups[-1]
-        for n, module in self.targets.items():
-            self._hooks.append(module.register_forward_pre_hook(partial(self._pre_forward, n)))
-            self._hooks.append(module.register_forward_hook(drop_forward_weight))
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._sync_grads()))
+        for n in self.targets:
+            self._shadow(n, partial(self._soft_threshold, n))
+        if sync:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.synchronize()))
         if auto_step:
             self._attach_auto_step()
 
-    def _pre_forward(self, name: str, module: nn.Module, args: Any) -> None:
-        theta = module._parameters["weight"]
-        module.__dict__["weight"] = torch.sign(theta) * torch.relu(theta.abs() - torch.sigmoid(self.s[name.replace(".", "/")]))
+    def _soft_threshold(self, name: str, theta: torch.Tensor) -> torch.Tensor:
+        """``sign(theta) * relu(|theta| - sigmoid(s_l))`` with its true gradient."""
+        return torch.sign(theta) * torch.relu(theta.abs() - torch.sigmoid(self.s[name.replace(".", "/")]))
 
-    def _sync_grads(self) -> None:
+    def synchronize(self) -> None:
+        """Average the thresholds' gradients over the ranks (before each optimizer step); a no-op in
+        one process."""
         if world_size() > 1:
             for p in self.s.values():
                 if p.grad is None:
@@ -64,36 +73,40 @@ class STR(PrunerBase):
 
     @torch.no_grad()
     def masks(self) -> MaskSet:
-        d = self.thresholds()
+        """Entries currently non-zero in the forward (``|theta| > d_l``; after ``finalize()``, ``w != 0``)."""
+        d = dict.fromkeys(self.targets, 0.0) if self.finalized else self.thresholds()
         return MaskSet({n: w.abs() > d[n] for n, w in self.weights.items()})
-
-    def sparsity(self) -> float:
-        masks = self.masks()
-        return 1.0 - sum(int(m.sum()) for _, m in masks.items()) / sum(m.numel() for _, m in masks.items())
 
     def step(self) -> None:
         """Call once after every ``optimizer.step()`` (the thresholds are learned by the optimizer)."""
         self._check_live()
         self.step_count += 1
 
-    @torch.no_grad()
     def finalize(self, sparsity: float | None = None) -> MaskSet:
-        """Write ``weight = S_d(theta)``, remove the hooks and the thresholds' optimizer group."""
-        self._check_live()
+        """Write ``weight = S_d(theta)`` (projected to ``final_sparsity`` if given), remove the hooks
+        and the thresholds' optimizer group; returns the masks (the non-zeros).
+
+        ``sparsity`` is deprecated: pass ``STR(..., final_sparsity=s)``.
+        """
+        if sparsity is not None:
+            self._check_live()
+            self.final_sparsity = check_sparsity(sparsity, "sparsity")
+            warnings.warn("STR.finalize(sparsity) is deprecated; pass STR(..., final_sparsity=s) and call "
+                          "finalize() as on every pruner", DeprecationWarning, stacklevel=2)
+        return super().finalize()
+
+    @torch.no_grad()
+    def _finalize(self) -> MaskSet:
         d = self.thresholds()
-        self._remove_hooks()
-        for module in self.targets.values():
-            module.__dict__.pop("weight", None)
         for n, w in self.weights.items():
             w.sub_(w.clamp(-d[n], d[n]))
-        if sparsity is not None:
-            keep = magnitude_projection({n: w.abs() for n, w in self.weights.items()}, sparsity, "global")
+        if self.final_sparsity is not None:
+            keep = magnitude_projection({n: w.abs() for n, w in self.weights.items()}, self.final_sparsity, "global")
             for n, w in self.weights.items():
                 w.mul_(keep[n])
         self.optimizer.param_groups.remove(self._s_group)
         for p in self.s.values():
             self.optimizer.state.pop(p, None)
-        self.finalized = True
         return MaskSet({n: w != 0 for n, w in self.weights.items()})
 
     def state_dict(self) -> dict[str, Any]:
