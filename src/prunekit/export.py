@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: ``save`` / ``load`` / ``load_masks``, and a Hugging Face round trip.
 
 A checkpoint is an ordinary safetensors file whose metadata says ``format: prunekit-sparse``,
-``version: 1`` and, under ``tensors``, a JSON object describing every state-dict entry (in order):
+``version: 2`` and, under ``tensors``, a JSON object describing every state-dict entry (in order):
 
 ``{"enc": "dense"}``
     stored as-is under its own name.
@@ -27,7 +27,10 @@ optional ``name::negzero`` bit set over the unstored entries (in the order above
 when a tensor has a ``-0.0`` there. Bit sets with a density away from 1/2 are compressed with lzma
 (zlib where Python lacks lzma) when that makes them smaller (``codec = {"codec": "raw" | "lzma" |
 "zlib", "bytes": <packed size>}``); lzma comes within ~4% of the entropy at density 0.1.
-Each stored part carries a CRC-32 in the metadata, checked on load. A floating tensor with zeros
+Each stored part carries a CRC-32 in the metadata, checked on load, and ``header_crc`` is the CRC-32
+of the whole header (the safetensors tensor index and the metadata, without ``header_crc`` itself,
+as JSON with sorted keys and no spaces), so a damaged header is refused too rather than read with,
+say, a renamed metadata key. Version 1 files (no header checksum) still load. A floating tensor with zeros
 is written in whichever encoding is smallest, if that saves at least 1% over dense; integer and
 bool tensors are stored dense. Metadata also has ``patterns`` (a count per encoding) and
 ``model_class``.
@@ -57,7 +60,9 @@ from .layout import from_matrix, to_matrix
 from .masks import MaskSet
 
 FORMAT = "prunekit-sparse"
-VERSION = 1
+VERSION = 2  # 2: the header carries its own checksum (header_crc)
+_READABLE = ("1", "2")
+HEADER_CRC = "header_crc"
 # float dtype -> integer dtype of the same width (all encoding works on bit patterns)
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
@@ -350,17 +355,39 @@ def save(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike)
                 "patterns": json.dumps(patterns),
                 "model_class": type(model).__name__ if isinstance(model, nn.Module) else ""}
     from safetensors.torch import save as st_save
-    _atomic_write(path, st_save(tensors, metadata=metadata))
+    _atomic_write(path, _sign_header(st_save(tensors, metadata=metadata)))
     return {"path": path, "bytes": os.path.getsize(path), "dense_bytes": dense_bytes, "patterns": patterns,
             "encodings": {k: e.get("pattern", e["enc"]) for k, e in entries.items()}}
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _header_checksum(header: Mapping[str, Any]) -> str:
+    """CRC-32 (8 hex digits) of a parsed safetensors header, leaving out ``header_crc`` itself."""
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != HEADER_CRC}
+    canonical = json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(canonical.encode()):08x}"
+
+
+def _sign_header(blob: bytes) -> list:
+    """A safetensors file (as chunks) whose metadata also holds the header's own checksum.
+
+    The data section is reused as is: tensor offsets count from its start, so a longer header
+    moves nothing. The header stays JSON padded with spaces to a multiple of 8 bytes.
+    """
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + hlen])
+    header["__metadata__"][HEADER_CRC] = _header_checksum(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [struct.pack("<Q", len(text)), text, memoryview(blob)[8 + hlen:]]
+
+
+def _atomic_write(path: str, data: bytes | list) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -396,15 +423,21 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[
         if hlen > len(data) - 8:
             raise ValueError("header is longer than the file (truncated?)")
         header = json.loads(data[8: 8 + hlen])
-        meta = header.get("__metadata__") or {}
+        meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("header has no metadata object")
     except ValueError as e:
         raise CheckpointError(f"{path!r} is not a readable safetensors file: {e}") from e
+    if HEADER_CRC in meta and meta[HEADER_CRC] != _header_checksum(header):
+        raise CheckpointError(f"{path!r} is corrupt: header checksum mismatch")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a prunekit checkpoint (format={meta.get('format')!r}); "
                               "a plain safetensors file loads with safetensors.torch.load_file")
-    if meta.get("version") != str(VERSION):
+    if meta.get("version") not in _READABLE:
         raise CheckpointError(f"{path!r} has prunekit format version {meta.get('version')!r}; "
-                              f"this prunekit reads version {VERSION}")
+                              f"this prunekit reads versions {', '.join(_READABLE)}")
+    if meta["version"] != "1" and HEADER_CRC not in meta:
+        raise CheckpointError(f"{path!r} is corrupt: its header has no checksum ({HEADER_CRC})")
     try:
         from safetensors.torch import load as st_load
         parts = st_load(data)
