@@ -64,6 +64,21 @@ def test_prune_a_factory_model_from_a_recipe_then_report_it(tmp_path, capsys):
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("fmt", ["compressed", "hf"])
+def test_report_on_the_output_folder_of_a_factory_model(tmp_path, capsys, fmt):
+    """The folder has no config.json: its recipe.yaml says how to rebuild the model."""
+    import json
+
+    assert main(["prune", job(tmp_path), "--format", fmt, "--quiet"]) == 0
+    assert "config.json" not in os.listdir(tmp_path / "out")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [layer["nonzeros"] for layer in report["layers"] if layer["name"] in ("0", "2")] == [64, 128]
+    os.remove(tmp_path / "out" / ("model.prunekit.safetensors" if fmt == "compressed" else "model.safetensors"))
+    one_line_error(capsys, 2, ["report", str(tmp_path / "out")], "no weights (model.prunekit.safetensors or model.safetensors)")
+
+
 def test_options_override_the_recipe(tmp_path):
     assert main(["prune", "--recipe", job(tmp_path), "--method", "wanda", "--pattern", "2:4",
                  "-o", str(tmp_path / "other"), "--quiet"]) == 0

@@ -7,8 +7,8 @@ import os
 DESCRIPTION = """\
 Per-layer sparsity, parameter and FLOP counts of a model or a pruned checkpoint.
 
-MODEL_OR_CHECKPOINT is a Hugging Face model directory (e.g. the output of prunekit prune),
-'package.module:factory' (with --state-dict), builtin:minilm / builtin:smollm2, or a compressed
+MODEL_OR_CHECKPOINT is a Hugging Face model directory, an output directory of prunekit prune
+(for a 'package.module:factory' model, rebuilt from its recipe.yaml), 'package.module:factory' (with --state-dict), builtin:minilm / builtin:smollm2, or a compressed
 checkpoint written by prunekit.save (a .safetensors file; give its model with --model, or keep
 it in a prunekit output directory beside the Hugging Face files).
 
@@ -36,6 +36,9 @@ def load_target(args: argparse.Namespace):
     from ..loading import load_model
 
     target = args.target
+    if (os.path.isdir(target) and not args.model and os.path.isfile(os.path.join(target, "recipe.yaml"))
+            and not os.path.exists(os.path.join(target, "config.json"))):
+        return from_output_folder(target)
     if target.endswith(".safetensors") and os.path.isfile(target):
         source = args.model or os.path.dirname(os.path.abspath(target))
         if not args.model and not os.path.exists(os.path.join(source, "config.json")):
@@ -44,6 +47,26 @@ def load_target(args: argparse.Namespace):
         load(target, model)
         return model
     model, _ = load_model(target, state_dict=args.state_dict)
+    return model
+
+
+OUTPUT_WEIGHTS = ("model.prunekit.safetensors", "model.safetensors")  # what prunekit prune writes
+
+
+def from_output_folder(folder: str):
+    """A model that ``prunekit prune`` wrote without config.json (a ``package.module:factory``
+    model): rebuilt as the folder's recipe.yaml says, with the folder's weights."""
+    import yaml
+
+    from ..loading import load_model
+
+    with open(os.path.join(folder, "recipe.yaml"), encoding="utf-8") as f:
+        spec = (yaml.safe_load(f) or {}).get("model") or {}
+    weights = [os.path.join(folder, w) for w in OUTPUT_WEIGHTS if os.path.isfile(os.path.join(folder, w))]
+    if not spec.get("source") or not weights:
+        raise FileNotFoundError(f"{folder} has a recipe.yaml but no model source in it or no weights "
+                                f"({' or '.join(OUTPUT_WEIGHTS)}); pass the model with --model")
+    model, _ = load_model(spec["source"], kwargs=spec.get("kwargs"), state_dict=weights[0])
     return model
 
 
