@@ -327,3 +327,73 @@ def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats)
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
     assert report["nonzeros"] * 2 == report["params"]
+
+
+def test_quiet_silences_plain_tqdm_bars_such_as_transformers_gguf_conversion():
+    """transformers converts GGUF tensors under a plain tqdm bar, which its own switches do not
+    reach; inside a quiet command it starts disabled, and is back to normal afterwards."""
+    import io
+
+    from tqdm.auto import tqdm
+
+    from prunekit.cli import quiet_libraries
+
+    gguf_tqdm = pytest.importorskip("transformers.modeling_gguf_pytorch_utils").tqdm  # the bar's own factory
+
+    def printed(factory, **kwargs):
+        out = io.StringIO()
+        for _ in factory(range(3), desc="Converting", file=out, mininterval=0, **kwargs):
+            pass
+        return out.getvalue()
+
+    assert "Converting" in printed(gguf_tqdm)
+    with quiet_libraries():
+        assert printed(gguf_tqdm) == "" and printed(tqdm) == ""
+        assert "Converting" in printed(tqdm, disable=False)  # a caller's explicit choice stands
+    assert "Converting" in printed(gguf_tqdm)
+    with quiet_libraries(False):
+        assert "Converting" in printed(gguf_tqdm)
+
+
+WATCH_IMPORTS = """
+import importlib.abc, json, os, sys
+seen = {}
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in ("transformers", "huggingface_hub", "tokenizers") and top not in seen:
+            seen[top] = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                        "HF_HUB_DISABLE_PROGRESS_BARS")}
+sys.meta_path.insert(0, Watch())
+from prunekit.cli import main
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "huggingface_hub"))
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "before": before, "seen": seen}))
+"""
+
+
+def test_offline_and_quiet_are_set_before_hugging_face_is_imported(tmp_path):
+    """In a fresh process: importing the command imports no Hugging Face library, and when
+    `prunekit report MODEL_DIR --quiet` first imports one, offline mode and the progress-bar
+    switch are already set; nothing is printed on stderr."""
+    import json
+
+    pytest.importorskip("transformers")
+    from llama_toys import tiny_llama
+
+    tiny_llama(1).save_pretrained(tmp_path / "model")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-c", WATCH_IMPORTS, "report", str(tmp_path / "model"), "--quiet",
+                          "--format", "json", "--output", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["rc"] == 0 and out["before"] == []
+    assert set(out["seen"]) >= {"transformers", "huggingface_hub"}
+    for library, env_at_import in out["seen"].items():
+        assert env_at_import == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                 "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, library
+    assert (tmp_path / "r.json").exists()

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import prunekit as pk
-from prunekit.export import CheckpointError, load, load_masks, save
+from prunekit.export import HEADER_CRC, CheckpointError, _sign_header, load, load_masks, save
 
 
 class Net(nn.Module):
@@ -158,18 +158,55 @@ def test_truncated_and_corrupt_files_are_refused(saved, tmp_path):
     assert saved.read_bytes() == data
 
 
-def rewrite_metadata(src, dst, **changes):
+def rewrite_metadata(src, dst, sign=True, **changes):
+    """Copy a checkpoint with changed metadata, re-signed (so the inner checks are what refuse it)."""
     with safe_open(str(src), "pt") as fh:
         meta = dict(fh.metadata())
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    meta.pop(HEADER_CRC)
     meta.update(changes)
-    dst.write_bytes(st_save(tensors, metadata=meta))
+    blob = st_save(tensors, metadata=meta)
+    dst.write_bytes(b"".join(_sign_header(blob)) if sign else blob)
+
+
+def header_length(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def test_a_flipped_bit_anywhere_in_the_header_is_refused(saved, tmp_path):
+    data = saved.read_bytes()
+    end = header_length(data)
+    assert json.loads(data[8:end])["__metadata__"][HEADER_CRC]
+    accepted = []
+    for i in range(end):  # the length prefix, the tensor index, the metadata and the padding
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << (i % 8)
+        (tmp_path / "f.st").write_bytes(bytes(flipped))
+        try:
+            load(tmp_path / "f.st")
+            accepted.append(i)
+        except CheckpointError:
+            pass
+    assert accepted == []
+    key = data.index(b'"model_class"')  # the issue's case: a renamed metadata key
+    renamed = data[:key + 1] + b"M" + data[key + 2:]
+    (tmp_path / "r.st").write_bytes(renamed)
+    with pytest.raises(CheckpointError, match="header checksum mismatch"):
+        load(tmp_path / "r.st")
+
+
+def test_header_without_checksum_is_refused_unless_version_1(saved, tmp_path):
+    rewrite_metadata(saved, tmp_path / "nocrc.st", sign=False)
+    with pytest.raises(CheckpointError, match="no checksum"):
+        load(tmp_path / "nocrc.st")
+    rewrite_metadata(saved, tmp_path / "v1.st", sign=False, version="1")  # as prunekit wrote before
+    assert_same_bits(load(tmp_path / "v1.st"), pruned_net().state_dict())
 
 
 def test_unknown_version_and_plain_safetensors_are_refused(saved, tmp_path):
-    rewrite_metadata(saved, tmp_path / "v2.st", version="2")
-    with pytest.raises(CheckpointError, match="version '2'"):
-        load(tmp_path / "v2.st")
+    rewrite_metadata(saved, tmp_path / "v3.st", version="3")
+    with pytest.raises(CheckpointError, match="version '3'"):
+        load(tmp_path / "v3.st")
     save_file({"w": torch.zeros(3)}, tmp_path / "plain.st")
     with pytest.raises(CheckpointError, match="not a prunekit checkpoint"):
         load(tmp_path / "plain.st")

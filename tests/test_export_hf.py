@@ -1,5 +1,6 @@
 """Hugging Face round trips of a pruned all-MiniLM-L6-v2: plain save_pretrained, and compressed."""
 import copy
+import json
 import os
 
 import pytest
@@ -69,3 +70,27 @@ def test_wrong_architecture_is_refused(pruned, tmp_path):
     with pytest.raises(CheckpointError, match="saved from BertModel.*not in model.*encoder.layer.2"):
         load(f, small)
     assert all(torch.equal(v, small.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
+def test_config_built_causal_lm_comes_back_as_its_own_class(name, tmp_path):
+    config_class = {"Qwen2ForCausalLM": transformers.Qwen2Config, "LlamaForCausalLM": transformers.LlamaConfig}[name]
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(config).eval()  # built from a config: config.architectures is None
+    assert model.config.architectures is None
+    pk.prune(model, None, sparsity=0.5, progress=False)
+    save_pretrained_compressed(model, tmp_path)
+    assert model.config.architectures is None  # the model's own config is left as it was
+    back = load_pretrained_compressed(tmp_path)
+    assert type(back) is type(model)
+    assert all(same_bits(v, back.state_dict()[k]) for k, v in model.state_dict().items())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.pop("architectures") == [name]
+    (tmp_path / "config.json").write_text(json.dumps(config))  # as save_pretrained_compressed wrote before
+    assert type(load_pretrained_compressed(tmp_path)) is type(model)  # the checkpoint's model_class
+

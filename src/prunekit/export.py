@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: ``save`` / ``load`` / ``load_masks``, and a Hugging Face round trip.
 
 A checkpoint is an ordinary safetensors file whose metadata says ``format: prunekit-sparse``,
-``version: 1`` and, under ``tensors``, a JSON object describing every state-dict entry (in order):
+``version: 2`` and, under ``tensors``, a JSON object describing every state-dict entry (in order):
 
 ``{"enc": "dense"}``
     stored as-is under its own name.
@@ -27,7 +27,10 @@ optional ``name::negzero`` bit set over the unstored entries (in the order above
 when a tensor has a ``-0.0`` there. Bit sets with a density away from 1/2 are compressed with lzma
 (zlib where Python lacks lzma) when that makes them smaller (``codec = {"codec": "raw" | "lzma" |
 "zlib", "bytes": <packed size>}``); lzma comes within ~4% of the entropy at density 0.1.
-Each stored part carries a CRC-32 in the metadata, checked on load. A floating tensor with zeros
+Each stored part carries a CRC-32 in the metadata, checked on load, and ``header_crc`` is the CRC-32
+of the whole header (the safetensors tensor index and the metadata, without ``header_crc`` itself,
+as JSON with sorted keys and no spaces), so a damaged header is refused too rather than read with,
+say, a renamed metadata key. Version 1 files (no header checksum) still load. A floating tensor with zeros
 is written in whichever encoding is smallest, if that saves at least 1% over dense; integer and
 bool tensors are stored dense. Metadata also has ``patterns`` (a count per encoding) and
 ``model_class``.
@@ -38,6 +41,7 @@ per unstored zero (about ``1 - d`` bits: incompressible, as the signs are the pr
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -57,7 +61,9 @@ from .layout import from_matrix, to_matrix
 from .masks import MaskSet
 
 FORMAT = "prunekit-sparse"
-VERSION = 1
+VERSION = 2  # 2: the header carries its own checksum (header_crc)
+_READABLE = ("1", "2")
+HEADER_CRC = "header_crc"
 # float dtype -> integer dtype of the same width (all encoding works on bit patterns)
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
@@ -350,17 +356,39 @@ def save(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike)
                 "patterns": json.dumps(patterns),
                 "model_class": type(model).__name__ if isinstance(model, nn.Module) else ""}
     from safetensors.torch import save as st_save
-    _atomic_write(path, st_save(tensors, metadata=metadata))
+    _atomic_write(path, _sign_header(st_save(tensors, metadata=metadata)))
     return {"path": path, "bytes": os.path.getsize(path), "dense_bytes": dense_bytes, "patterns": patterns,
             "encodings": {k: e.get("pattern", e["enc"]) for k, e in entries.items()}}
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _header_checksum(header: Mapping[str, Any]) -> str:
+    """CRC-32 (8 hex digits) of a parsed safetensors header, leaving out ``header_crc`` itself."""
+    meta = {k: v for k, v in (header.get("__metadata__") or {}).items() if k != HEADER_CRC}
+    canonical = json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":"))
+    return f"{zlib.crc32(canonical.encode()):08x}"
+
+
+def _sign_header(blob: bytes) -> list:
+    """A safetensors file (as chunks) whose metadata also holds the header's own checksum.
+
+    The data section is reused as is: tensor offsets count from its start, so a longer header
+    moves nothing. The header stays JSON padded with spaces to a multiple of 8 bytes.
+    """
+    (hlen,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + hlen])
+    header["__metadata__"][HEADER_CRC] = _header_checksum(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [struct.pack("<Q", len(text)), text, memoryview(blob)[8 + hlen:]]
+
+
+def _atomic_write(path: str, data: bytes | list) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -396,15 +424,21 @@ def _read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[
         if hlen > len(data) - 8:
             raise ValueError("header is longer than the file (truncated?)")
         header = json.loads(data[8: 8 + hlen])
-        meta = header.get("__metadata__") or {}
+        meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):
+            raise ValueError("header has no metadata object")
     except ValueError as e:
         raise CheckpointError(f"{path!r} is not a readable safetensors file: {e}") from e
+    if HEADER_CRC in meta and meta[HEADER_CRC] != _header_checksum(header):
+        raise CheckpointError(f"{path!r} is corrupt: header checksum mismatch")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a prunekit checkpoint (format={meta.get('format')!r}); "
                               "a plain safetensors file loads with safetensors.torch.load_file")
-    if meta.get("version") != str(VERSION):
+    if meta.get("version") not in _READABLE:
         raise CheckpointError(f"{path!r} has prunekit format version {meta.get('version')!r}; "
-                              f"this prunekit reads version {VERSION}")
+                              f"this prunekit reads versions {', '.join(_READABLE)}")
+    if meta["version"] != "1" and HEADER_CRC not in meta:
+        raise CheckpointError(f"{path!r} is corrupt: its header has no checksum ({HEADER_CRC})")
     try:
         from safetensors.torch import load as st_load
         parts = st_load(data)
@@ -528,26 +562,47 @@ CHECKPOINT_NAME = "model.prunekit.safetensors"
 def save_pretrained_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` (via the model's config) plus a compressed ``model.prunekit.safetensors``.
 
-    For an ordinary checkpoint that plain transformers loads, call ``model.save_pretrained(dir)``:
-    a pruned model is a plain model, its zeros are just zeros.
+    ``config.json`` names the model's class under ``architectures`` (as ``save_pretrained`` does),
+    so a model built from a config alone (e.g. ``Qwen2ForCausalLM(config)``) comes back as its own
+    class; the model's own config is not changed. For an ordinary checkpoint that plain
+    transformers loads, call ``model.save_pretrained(dir)``: a pruned model is a plain model, its
+    zeros are just zeros.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise TypeError("save_pretrained_compressed needs a Hugging Face model (with .config)")
+    config = copy.deepcopy(config)
+    config.architectures = [type(model).__name__]
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
     return save(model, os.path.join(directory, CHECKPOINT_NAME))
 
 
 def load_pretrained_compressed(directory: str | os.PathLike, model_class: Any = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save_pretrained_compressed` (transformers needed)."""
+    """Rebuild a model saved by :func:`save_pretrained_compressed` (transformers needed).
+
+    The class is ``model_class`` if given, else the config's ``architectures`` (else the class the
+    checkpoint recorded) when transformers has it, else ``AutoModel``.
+    """
     try:
         import transformers
     except ImportError as e:  # transformers is an optional extra
         raise ImportError("load_pretrained_compressed needs transformers: pip install 'prunekit[hf]'") from e
     config = transformers.AutoConfig.from_pretrained(directory)
+    path = os.path.join(directory, CHECKPOINT_NAME)
     if model_class is None:
-        archs = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, archs[0], None) if archs else None
+        archs = getattr(config, "architectures", None) or [_recorded_class(path)]
+        model_class = getattr(transformers, archs[0], None) if archs[0] else None
     model = model_class(config) if model_class is not None else transformers.AutoModel.from_config(config)
-    return load(os.path.join(directory, CHECKPOINT_NAME), model.eval())
+    return load(path, model.eval())
+
+
+def _recorded_class(path: str) -> str:
+    """The model class a checkpoint's metadata names ('' when it names none or cannot be read)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("model_class", "")
+    except Exception:  # noqa: BLE001 - load() reports an unreadable file properly
+        return ""

@@ -7,8 +7,11 @@ Errors print as one line (``prunekit: error: ...``) unless ``--debug`` asks for 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
+from typing import Iterator
 
 from .. import __version__
 from . import bench_cmd, prune_cmd, recipes_cmd, report_cmd
@@ -32,14 +35,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Silence other libraries' progress bars and info logs (--quiet, or not a terminal)."""
+def offline() -> None:
+    """The command never downloads: Hugging Face offline mode, set before any of their libraries
+    is imported (huggingface_hub reads it once, at import)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def quiet_libraries(active: bool = True) -> Iterator[None]:
+    """Silence other libraries' progress bars and info logs while a command runs (--quiet, or not
+    a terminal). Hugging Face libraries read their variables at import, which comes later; plain
+    tqdm bars (such as transformers' GGUF conversion) start disabled unless the caller says otherwise."""
+    if not active:
+        yield
+        return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from tqdm import std
+
+    init = std.tqdm.__dict__["__init__"]
+    std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    offline()
     if argv and argv[0] == "demo":  # the demo parses its own options
         from ..demo import main as demo_main
 
@@ -53,10 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.quiet or not sys.stderr.isatty():
-        quiet_libraries()
     try:
-        return int(args.handler(args) or 0)
+        with quiet_libraries(args.quiet or not sys.stderr.isatty()):
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
             raise
