@@ -135,3 +135,16 @@ def test_a_model_on_the_gpu_prunes_there_with_float32_statistics():
     assert result.stats_dtype == "float32" and result.device.startswith("cuda")
     assert all(p.is_cuda for p in model.parameters())
     assert result.sparsity == 0.5
+
+
+def test_exact_float32_is_a_no_op_on_the_cpu_and_restores_cuda_flags():
+    from prunekit.oneshot.placement import exact_float32
+
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with exact_float32(torch.device("cpu")):
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == old
+    with pytest.raises(RuntimeError):
+        with exact_float32(torch.device("cuda")):  # only flags are set: this runs without a GPU too
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            raise RuntimeError("boom")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == old

@@ -110,3 +110,13 @@ def test_prune_section_is_prune_keyword_arguments():
     kwargs = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5}}).prune.prune_kwargs()
     assert set(kwargs) <= set(inspect.signature(prunekit.prune).parameters)
     assert kwargs["overrides"] is None and kwargs["snows"] is None and kwargs["sparsity"] == 0.5
+
+
+def test_execution_device_and_statistics_precision_are_recipe_keys():
+    recipe = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "device": "cpu", "stats_dtype": "float32"}})
+    assert recipe.prune.prune_kwargs()["device"] == "cpu"
+    assert recipe.prune.prune_kwargs()["stats_dtype"] == "float32"
+    with pytest.raises(ValueError, match="prune.stats_dtype must be one of"):
+        load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "stats_dtype": "float16"}})
+    with pytest.raises(ValueError, match="not a torch device"):
+        load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "device": "gpu"}})

@@ -31,6 +31,7 @@ import yaml
 
 from .allocation import BUDGETS, check_sparsity
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
+from .oneshot.placement import execution_device
 from .oneshot.prune import METHODS, REFINES, _snows_config
 from .patterns import NM, parse_pattern
 
@@ -82,6 +83,8 @@ class PruneSpec:
     overrides: dict[str, float] = field(default_factory=dict)
     snows: dict[str, Any] = field(default_factory=dict)
     blocks: list[str] | None = None
+    device: str | None = None
+    stats_dtype: str | None = None
 
     def prune_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).
@@ -398,6 +401,8 @@ def _check_values(r: Recipe) -> None:
             re.compile(regex)
         if p.refine == "snows":
             _snows_config(p.snows)
+        _choice(p.stats_dtype, (None, "float32", "float64"), "prune.stats_dtype")
+        execution_device(p.device)
     except (TypeError, ValueError, re.error) as exc:
         raise ValueError(f"prune/targets: {exc}") from exc
     if isinstance(pattern, NM) and p.sparsity is not None and abs(p.sparsity - pattern.sparsity) > 1e-9:

@@ -44,6 +44,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--exclude", action="append", help="regex of layer names to leave dense (repeatable)")
     g.add_argument("--snows-k", type=int, help="SNOWS lookahead: measured operations after the layer")
     g.add_argument("--snows-max-cg", type=int, help="SNOWS conjugate-gradient iterations per Newton step")
+    g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
+    g.add_argument("--stats-dtype", choices=["float32", "float64"],
+                   help="precision of statistics and solvers (default: float64 on CPU, float32 on GPU)")
     g = p.add_argument_group("calibration data")
     g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
     g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
@@ -64,6 +67,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {"source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,
             "method": args.method, "refine": args.refine, "pattern": args.pattern, "sparsity": args.sparsity,
             "budget": args.budget, "cap": args.cap, "snows": snows or None,
+            "device": args.device, "stats_dtype": args.stats_dtype,
             "include": args.include, "exclude": args.exclude,
             "corpus": args.corpus, "text": args.data_text, "tensors": args.data_tensors,
             "seq_len": args.seq_len, "n_sequences": args.n_sequences, "batch_size": args.batch_size,

@@ -69,6 +69,22 @@ def to_block_device(modules: Sequence[nn.Module], device: torch.device, home: to
             m.to(home)
 
 
+@contextlib.contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """TF32 off for matrix products and convolutions on CUDA for the duration (restored after):
+    calibration statistics are float32 sums, and TF32's 10-bit mantissa in the forward passes
+    moves them more than float32 vs float64 does (the SparseGPT reference turns it off too)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     """Device of a module's first parameter or buffer (None if it has neither)."""
     for t in module.parameters():

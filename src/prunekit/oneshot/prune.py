@@ -26,7 +26,7 @@ from ..targets import DEFAULT_TYPES, find_targets
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
-from .placement import execution_device, peak_memory_tracker, stats_precision, to_block_device
+from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .lstsq import lstsq_refit, reconstruction_error
 from .result import LayerReport, PruneResult
 from .selection import magnitude_scores, select_mask, wanda_scores
@@ -125,7 +125,8 @@ def prune(
     try:
         model.eval()
         if needs_data:
-            job.run_calibrated(calls, blocks, capture)
+            with exact_float32(run_device):
+                job.run_calibrated(calls, blocks, capture)
         else:
             for name in targets:
                 job.prune_layer(name, None)
