@@ -15,6 +15,11 @@ ALL = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("magnitude", 
 FAST_SNOWS = {"k": 3, "max_cg": 10, "epochs": 1}
 
 
+def _fast(refine):
+    """Quick SNOWS settings for refine="snows" (other refits keep their defaults)."""
+    return FAST_SNOWS if refine == "snows" else None
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     m = resnet_mnist(width=8, blocks_per_stage=1)
@@ -36,7 +41,7 @@ def _data(n=3, seed=0):
 def test_exact_sparsity_zeros_and_keys(method, refine):
     model = _model()
     keys = list(model.state_dict())
-    result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, refine_options=_fast(refine))
     assert list(model.state_dict()) == keys
     for rep in result.layers:
         weight = dict(model.named_modules())[rep.name].weight
@@ -54,7 +59,7 @@ def test_exact_sparsity_zeros_and_keys(method, refine):
 @pytest.mark.parametrize("method,refine", ALL)
 def test_nm_valid_after_every_method(method, refine):
     model = _model()
-    result = prune(model, _data(), pattern="2:4", method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    result = prune(model, _data(), pattern="2:4", method=method, refine=refine, progress=False, refine_options=_fast(refine))
     assert "0.0" in result.skipped  # the stem has 9 inputs: skipped, listed
     for rep in result.layers:
         assert check_nm(dict(model.named_modules())[rep.name].weight != 0, NM(2, 4))
@@ -75,9 +80,9 @@ def test_snows_k0_equals_least_squares():
     mlp = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 4)).double()
     data = [torch.randn(400, 12, dtype=torch.float64)]
     ls_model, sn_model = copy.deepcopy(mlp), copy.deepcopy(mlp)
-    ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", lstsq_damp=1e-12, progress=False)
+    ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", refine_options={"damp": 1e-12}, progress=False)
     sn = prune(sn_model, data, sparsity=0.6, method="magnitude", refine="snows", progress=False,
-               snows={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
+               refine_options={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
                       "damping": 1e-12, "patience": 0})
     assert [r.name for r in ls.layers] == ["0", "2", "4"]
     for a, b in zip(ls.layers, sn.layers):
@@ -90,7 +95,7 @@ def test_snows_k0_equals_least_squares():
 def test_snows_improves_lookahead_loss_and_keeps_mask():
     model = _model()
     result = prune(model, _data(), sparsity=0.8, method="magnitude", refine="snows", progress=False,
-                   snows={"k": 4, "max_cg": 30, "epochs": 2, "warm_start": "none"})
+                   refine_options={"k": 4, "max_cg": 30, "epochs": 2, "warm_start": "none"})
     for rep in result.layers:
         assert rep.lookahead_after <= rep.lookahead_before + 1e-12
 
@@ -135,7 +140,7 @@ def test_transformer_encoder_every_method():
     ids = [{"ids": torch.randint(0, 50, (4, 12)), "mask": torch.zeros(4, 12, dtype=torch.bool)} for _ in range(2)]
     for method, refine in [("wanda", None), ("sparsegpt", "snows"), ("magnitude", "lstsq")]:
         model = _Encoder().eval()
-        result = prune(model, ids, sparsity=0.5, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+        result = prune(model, ids, sparsity=0.5, method=method, refine=refine, progress=False, refine_options=_fast(refine))
         names = [r.name for r in result.layers]
         assert "layers.0.linear1" in names and "lm_head" not in names and "layers.0.self_attn.out_proj" in result.skipped
         assert torch.isfinite(model(**ids[0])).all()
@@ -153,8 +158,12 @@ def test_transformer_encoder_every_method():
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.randn(2, 3, 5, 5)]}, "calibration batch"),
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.full((2, 1, 28, 28), float("nan"))]}, "NaN"),
     ({"sparsity": 0.5, "include": "nothing-matches"}, "no prunable"),
-    ({"sparsity": 0.5, "refine": "snows", "snows": {"k": -1}}, "non-negative"),
-    ({"sparsity": 0.5, "refine": "snows", "snows": {"kk": 3}}, "unknown snows"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"k": -1}}, "non-negative"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"kk": 3}}, "unknown snows option 'kk'; did you mean 'k'"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"max_cg": 0}}, "max_cg must be an integer >= 1"),
+    ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"block_size": 0}}, "block_size must be an integer >= 1"),
+    ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"damp": -0.1}}, "damp must be a number"),
+    ({"sparsity": 0.5, "refine_options": {"k": 2}}, "without refine"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()
@@ -176,7 +185,7 @@ def test_nan_weights_refused():
 
 
 def test_failure_midway_restores_model(monkeypatch):
-    import prunekit.oneshot.prune as mod
+    import prunekit.oneshot.methods.lstsq as mod
     model = _model()
     before = copy.deepcopy(model.state_dict())
     calls = {"n": 0}
@@ -198,11 +207,11 @@ def test_failure_midway_restores_model(monkeypatch):
 def test_progress_bars_show_only_when_asked(capsys):
     """Bars for calibration, layers and SNOWS steps with progress=True; nothing otherwise (and
     nothing by default when stderr is not a terminal, as under pytest)."""
-    prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=True)
+    prune(_model(), _data(), sparsity=0.5, refine="snows", refine_options={"k": 1, "max_cg": 2}, progress=True)
     err = capsys.readouterr().err
     assert "calibrate" in err and "prune magnitude+snows" in err and "newton-cg" in err
     for progress in (False, None):
-        prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=progress)
+        prune(_model(), _data(), sparsity=0.5, refine="snows", refine_options={"k": 1, "max_cg": 2}, progress=progress)
         assert capsys.readouterr().err == ""
 
 

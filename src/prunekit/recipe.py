@@ -21,6 +21,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 
 from .allocation import BUDGETS, check_sparsity
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
-from .oneshot.prune import METHODS, REFINES, _snows_config
+from .oneshot import registry
 from .patterns import NM, parse_pattern
 
 FORMATS = ("hf", "compressed")
@@ -79,8 +80,11 @@ class PruneSpec:
     budget: str = "uniform"
     cap: float | None = None
     overrides: dict[str, float] = field(default_factory=dict)
-    snows: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    refine_options: dict[str, Any] = field(default_factory=dict)
     blocks: list[str] | None = None
+    plugins: list[str] | None = None  # modules imported first: they register more methods
+    snows: dict[str, Any] = field(default_factory=dict)  # deprecated: refine_options
 
 
 @dataclass
@@ -292,8 +296,13 @@ def _check_values(r: Recipe) -> None:
         raise ValueError("model.source is empty; pass a Hugging Face model directory or package.module:factory")
     if p.refine in ("none", "null"):
         p.refine = None
-    _choice(p.method, METHODS, "prune.method")
-    _choice(p.refine, REFINES, "prune.refine")
+    registry.load_plugins(p.plugins)
+    _choice(p.method, registry.names("select"), "prune.method")
+    _choice(p.refine, (None, *registry.names("refit")), "prune.refine")
+    if p.snows:
+        warnings.warn("prune.snows in a recipe is deprecated; write prune.refine_options", DeprecationWarning, stacklevel=2)
+        p.refine_options = {**p.snows, **p.refine_options} if p.refine == "snows" else p.refine_options
+        p.snows = {}
     _choice(p.budget, BUDGETS, "prune.budget")
     try:
         pattern = parse_pattern(p.pattern)
@@ -306,8 +315,9 @@ def _check_values(r: Recipe) -> None:
             re.compile(regex)
         for regex in (r.targets.include or []) + (r.targets.exclude or []):
             re.compile(regex)
-        if p.refine == "snows":
-            _snows_config(p.snows)
+        registry.make_options(registry.get(p.method, "select"), p.method_options)
+        if p.refine is not None:
+            registry.make_options(registry.get(p.refine, "refit"), p.refine_options)
     except (TypeError, ValueError, re.error) as exc:
         raise ValueError(f"prune/targets: {exc}") from exc
     if isinstance(pattern, NM) and p.sparsity is not None and abs(p.sparsity - pattern.sparsity) > 1e-9:
@@ -315,7 +325,7 @@ def _check_values(r: Recipe) -> None:
                          f"({pattern.sparsity:g}); remove sparsity")
     if not isinstance(pattern, NM) and p.sparsity is None:
         raise ValueError("prune.sparsity is required for the unstructured pattern; add e.g. sparsity: 0.5")
-    if d is None and (p.method != "magnitude" or p.refine is not None):
+    if d is None and (registry.get(p.method, "select").needs or p.refine is not None):
         raise ValueError(f"prune.method {p.method!r}" + (f" with refine {p.refine!r}" if p.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
                          "tensors: inputs.pt), or use method: magnitude without refine")
@@ -439,7 +449,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     result = prunekit.prune(
         model, calibration, sparsity=p.sparsity, pattern=p.pattern, method=p.method, refine=p.refine,
         budget=p.budget, cap=p.cap, overrides=p.overrides or None, include=t.include, exclude=t.exclude,
-        include_head=t.include_head, blocks=blocks, snows=p.snows or None, progress=progress)
+        include_head=t.include_head, blocks=blocks, method_options=p.method_options,
+        refine_options=p.refine_options if p.refine else None, progress=progress)
     files = _write_all(out, overwrite, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result))
     return RecipeOutcome(result, out, files, model)
 
