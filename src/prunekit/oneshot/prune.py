@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
-from ..layout import from_matrix, to_matrix
+from ..layer_kinds import LayerKind, kind_of
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
 from . import registry
@@ -208,11 +208,11 @@ class _Job:
     # -- one layer --------------------------------------------------------------------------
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
         t0 = time.perf_counter()
-        layer = self.targets[name]
-        w0 = to_matrix(layer.weight.detach()).to(torch.float64, copy=True)  # never a view of the layer
+        layer, kind = self.targets[name], kind_of(self.targets[name])
+        w0 = kind.matrix(layer).to(torch.float64, copy=True)  # never a view of the layer
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
         problem = LayerProblem(name, w0, self.budgets[name], self.pattern, stats, self.selector,
-                               self._context(layer, ctx) if ctx else None)
+                               self._context(layer, kind, ctx) if ctx else None)
         chosen = _checked(self.selector.select(problem), w0, self.selector)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
@@ -224,7 +224,7 @@ class _Job:
             notes.append(refitted.note)
             if refitted.lookahead is not None:
                 report.lookahead_before, report.lookahead_after = refitted.lookahead
-        self._write(layer, w, mask)
+        self._write(layer, kind, w, mask)
         if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
@@ -232,28 +232,26 @@ class _Job:
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
-        if layer.weight.detach()[~from_matrix(mask, layer.weight.shape)].any():
+        if kind.matrix(layer)[~mask].any():
             raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
         self.result.layers.append(report)
         if self.bar is not None:
             self.bar.update()
 
-    def _context(self, layer: nn.Module, ctx: dict) -> LayerContext:
+    def _context(self, layer: nn.Module, kind: LayerKind, ctx: dict) -> LayerContext:
         """What a network-level refit (SNOWS) needs of the current block."""
         return LayerContext(
             self.model, layer, ctx["chain"], ctx["inputs"], self.target_ids, ctx["block_layers"], ctx["dense"],
-            write=lambda w, mask: self._write(layer, w, mask),
-            read=lambda: to_matrix(layer.weight.detach()).to(torch.float64, copy=True),
-            weight_mask=lambda mask: from_matrix(mask, layer.weight.shape),
+            write=lambda w, mask: self._write(layer, kind, w, mask),
+            read=lambda: kind.matrix(layer).to(torch.float64, copy=True),
+            weight_mask=lambda mask: kind.weight_mask(layer, mask),
             progress=self.show_progress,
         )
 
     @staticmethod
-    @torch.no_grad()
-    def _write(layer: nn.Module, w: torch.Tensor, mask: torch.Tensor) -> None:
+    def _write(layer: nn.Module, kind: LayerKind, w: torch.Tensor, mask: torch.Tensor) -> None:
         # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
-        kept = torch.where(mask, w, torch.zeros((), dtype=w.dtype))
-        layer.weight.copy_(from_matrix(kept.to(layer.weight.dtype), layer.weight.shape))
+        kind.write(layer, torch.where(mask, w, torch.zeros((), dtype=w.dtype)))
 
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
@@ -312,11 +310,12 @@ def _check_weights(targets) -> None:
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
     skipped: dict[str, str] = {}
     for name, module in list(targets.items()):
-        why = None
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-            why = "grouped/depthwise convolution (not supported yet)"
-        elif isinstance(pattern, NM) and to_matrix(module.weight).shape[1] % pattern.m:
-            why = f"input dimension {to_matrix(module.weight).shape[1]} is not a multiple of {pattern.m}"
+        kind = kind_of(module)
+        why = kind.why_not(module)
+        if why is None and kind.units(module) != ("",):  # a kind with several matrices per module
+            why = f"layer kind {kind.name!r} has several weight matrices per module; prune() takes one"
+        elif why is None and isinstance(pattern, NM) and kind.matrix(module).shape[1] % pattern.m:
+            why = f"input dimension {kind.matrix(module).shape[1]} is not a multiple of {pattern.m}"
         if why:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
