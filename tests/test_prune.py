@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.layout import to_matrix
 from prunekit.oneshot.prune import prune
 from prunekit.patterns import NM, check_nm
 from prunekit.zoo.models import resnet_mnist, small_cnn
@@ -43,15 +42,16 @@ def test_exact_sparsity_zeros_and_keys(method, refine):
     keys = list(model.state_dict())
     result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, refine_options=_fast(refine))
     assert list(model.state_dict()) == keys
+    assert len(result.layers) == 9  # the stem, 3 blocks x 2 convs, 2 shortcut convs
     for rep in result.layers:
         weight = dict(model.named_modules())[rep.name].weight
-        mat = to_matrix(weight)
         pruned = int((weight == 0).sum())
-        if method == "wanda":  # each row loses exactly round(s * d_in)
-            assert ((mat == 0).sum(1) >= round(0.75 * mat.shape[1])).all()
-        else:
-            assert pruned >= round(0.75 * weight.numel())
-        assert rep.sparsity == pytest.approx(pruned / weight.numel())
+        if method != "sparsegpt" and refine is None:
+            # exact, Wanda's per-row comparison included (the stem's rows of 9 inputs prune 6 or 7)
+            assert pruned == round(0.75 * weight.numel()), rep.name
+        else:  # SparseGPT and the refits also zero weights of input columns dead on the data
+            assert pruned >= round(0.75 * weight.numel()), rep.name
+        assert rep.sparsity == pruned / weight.numel()
     if refine:
         assert all(r.error_refined is not None for r in result.layers)
 
