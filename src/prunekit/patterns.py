@@ -41,10 +41,6 @@ class NM:
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 
-    def fits(self, weight: torch.Tensor) -> bool:
-        """Whether the input axis of ``weight`` splits into whole groups of ``m``."""
-        return weight.shape[1] % self.m == 0
-
 
 Pattern = Unstructured | NM
 
