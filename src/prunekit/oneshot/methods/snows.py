@@ -21,31 +21,22 @@ from ..snows import measured_rule, snows_refit
 WARM_STARTS = ("auto", "lstsq", "none")
 
 
-@dataclass(frozen=True)
-class SnowsOptions:
-    """``k``: measured operations after the layer's own output. ``warm_start``: ``"auto"``
-    (least squares unless the selector already updated the weights, as SparseGPT does),
-    ``"lstsq"`` or ``"none"``; ``warm_start_damp``: its ridge term. ``measured``: which
-    operations the loss compares (None: prunable layers, activations and attention; or a
-    predicate ``(name, module) -> bool``; or a list of module types and name regexes).
-    The rest are Newton-CG settings; ``epochs=1, max_cg=20`` suit CPUs (the SNOWS reference
-    used 3 epochs and up to 500 CG iterations)."""
+@dataclass
+class SnowsOptions(NewtonCGConfig):
+    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` for CPUs
+    (the SNOWS reference used 3 epochs and up to 500 CG iterations), and: ``k``, measured
+    operations after the layer's own output; ``warm_start``: ``"auto"`` (least squares unless
+    the selector already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
+    ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
+    (None: prunable layers, activations and attention; or a predicate ``(name, module) ->
+    bool``; or a list of module types and name regexes)."""
 
+    epochs: int = 1
+    max_cg: int = 20
     k: int = 8
     warm_start: str = "auto"
     warm_start_damp: float = 1e-4
     measured: Any = None
-    epochs: int = 1
-    max_cg: int = 20
-    cg_tol: float = 1e-3
-    relative_tol: bool = False
-    damping: float = 1e-4
-    armijo_c: float = 1e-5
-    shrink: float = 0.9
-    max_backtracks: int = 50
-    max_steps: int | None = None
-    stagnation: float = 0.995
-    patience: int = 5
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
