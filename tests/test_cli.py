@@ -218,3 +218,15 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("prunekit: interrupted"), err
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
+
+
+def test_method_and_refine_options_from_the_command_line(tmp_path, capsys):
+    path = job(tmp_path, method_options={"damp": 0.05})
+    assert main(["prune", path, "--method-option", "block_size=4", "--refine", "lstsq",
+                 "--refine-option", "damp=1e-3", "-o", str(tmp_path / "o"), "--quiet"]) == 0
+    spec = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
+    assert spec["prune"]["method_options"] == {"damp": 0.05, "block_size": 4}  # merged with the recipe's
+    assert spec["prune"]["refine_options"] == {"damp": 1e-3}
+    one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size"], "--method-option takes KEY=VALUE")
+    one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size=0"], "block_size must be an integer >= 1")
+    one_line_error(capsys, 2, ["prune", path, "--method", "sparsgpt"], "did you mean 'sparsegpt'")
