@@ -60,7 +60,7 @@ def run_one(args) -> dict:
     result = pk.prune(model, calibration, sparsity=float(pattern) if unstructured else None,
                       pattern="unstructured" if unstructured else pattern, method=method, refine=refine or None,
                       blocks=decoder_blocks(model), progress=False,
-                      snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg})
+                      refine_options={"k": args.k, "epochs": 1, "max_cg": args.max_cg} if refine == "snows" else None)
     row["seconds"] = round(time.perf_counter() - start, 1)
     row["peak_growth_mib"] = round(resident_mib("VmHWM") - before, 0)
     row["rss_before_mib"] = round(before, 0)

@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     result = pk.prune(model, calibration, sparsity=0.5 if args.pattern == "unstructured" else None,
                       pattern=args.pattern, method=args.method, refine=args.refine,
-                      snows={"k": args.k, "epochs": 1, "max_cg": args.max_cg}, progress=False)
+                      refine_options={"k": args.k, "epochs": 1, "max_cg": args.max_cg} if args.refine == "snows" else None,
+                      progress=False)
     seconds = time.perf_counter() - start
     grown = resident_mib("VmHWM") - before
     name = args.method + (f"+{args.refine}" if args.refine else "")

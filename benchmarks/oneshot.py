@@ -76,7 +76,7 @@ def run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = pk.prune(model, calibration, method=method, refine=refine, exclude=EXCLUDE,
-                          snows=snows if refine == "snows" else None, progress=False, **kwargs)
+                          refine_options=snows if refine == "snows" else None, progress=False, **kwargs)
     seconds = time.perf_counter() - start
     return {"pattern": pattern, "method": method, "refine": refine, "k": k,
             "accuracy": accuracy(model, x_test, y_test), "sparsity": result.sparsity, "seconds": seconds}

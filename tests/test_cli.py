@@ -77,7 +77,7 @@ def test_options_override_the_recipe(tmp_path):
     (["--data-tensors", "builtin:mnist", "--pattern", "2:4", "--method", "magnitude", "--format", "hf"],
      {"tensors": "builtin:mnist", "pattern": "2:4", "method": "magnitude", "formats": ["hf"]}),
     (["--corpus", "pydoc", "--seq-len", "16", "--refine", "snows", "--snows-k", "2", "--include", "^0$"],
-     {"corpus": "pydoc", "seq_len": 16, "refine": "snows", "snows": {"k": 2}, "include": ["^0$"]}),
+     {"corpus": "pydoc", "seq_len": 16, "refine": "snows", "refine_options": {"k": 2}, "include": ["^0$"]}),
     (["--data-text", "a.txt", "b.txt", "--refine", "none", "--budget", "global", "--cap", "0.8"],
      {"text": ["a.txt", "b.txt"], "refine": "none", "budget": "global", "cap": 0.8}),
 ])
@@ -397,3 +397,15 @@ def test_offline_and_quiet_are_set_before_hugging_face_is_imported(tmp_path):
         assert env_at_import == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                  "HF_HUB_DISABLE_PROGRESS_BARS": "1"}, library
     assert (tmp_path / "r.json").exists()
+
+
+def test_method_and_refine_options_from_the_command_line(tmp_path, capsys):
+    path = job(tmp_path, method_options={"damp": 0.05})
+    assert main(["prune", path, "--method-option", "block_size=4", "--refine", "lstsq",
+                 "--refine-option", "damp=1e-3", "-o", str(tmp_path / "o"), "--quiet"]) == 0
+    spec = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
+    assert spec["prune"]["method_options"] == {"damp": 0.05, "block_size": 4}  # merged with the recipe's
+    assert spec["prune"]["refine_options"] == {"damp": 1e-3}
+    one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size"], "--method-option takes KEY=VALUE")
+    one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size=0"], "block_size must be an integer >= 1")
+    one_line_error(capsys, 2, ["prune", path, "--method", "sparsgpt"], "did you mean 'sparsegpt'")

@@ -102,7 +102,7 @@ def test_snippet_runs(path, line, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = namespace()
     try:
-        exec(compile(code, f"{path}:{line}", "exec"), ns)
+        exec(compile(code, f"{path}:{line}", "exec", dont_inherit=True), ns)  # no __future__ flags of this file
     except Exception as exc:
         numbered = "\n".join(f"{line + 1 + i:4d} | {s}" for i, s in enumerate(code.splitlines()))
         raise AssertionError(f"the python block at {path}:{line} failed: {type(exc).__name__}: {exc}\n{numbered}") from exc

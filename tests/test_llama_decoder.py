@@ -45,7 +45,7 @@ def test_every_method_prunes_the_decoder_and_leaves_the_tied_head(llama, method,
     model = copy.deepcopy(dense)
     keys = list(model.state_dict())
     result = pk.prune(model, calib, sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern,
-                      method=method, refine=refine, snows={"k": 3, "max_cg": 5, "epochs": 1}, progress=False)
+                      method=method, refine=refine, refine_options={"k": 3, "max_cg": 5, "epochs": 1} if refine == "snows" else None, progress=False)
     assert len(result.layers) == 14  # 2 layers x (q, k, v, o, gate, up, down)
     assert all(abs(r.sparsity - 0.5) < 1e-6 for r in result.layers)
     assert list(model.state_dict()) == keys

@@ -13,9 +13,18 @@ from prunekit.oneshot.newton_cg import (
     NewtonCGConfig,
     SolveStats,
     conjugate_gradient,
-    hvp,
     newton_cg_refit,
 )
+
+
+def hvp(loss, weight, mask, v):
+    """One masked Pearlmutter HVP, ``(g_masked, Hv_masked)``, through :class:`MaskedHVP`."""
+    op = MaskedHVP(loss, weight, mask)
+    try:
+        return op.grad, op(v)
+    finally:
+        op.release()
+
 
 DT = torch.float64
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.layout import to_matrix
 from prunekit.oneshot.prune import prune
 from prunekit.patterns import NM, check_nm
 from prunekit.zoo.models import resnet_mnist, small_cnn
@@ -13,6 +12,11 @@ from prunekit.zoo.models import resnet_mnist, small_cnn
 ALL = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("magnitude", "lstsq"),
        ("wanda", "lstsq"), ("magnitude", "snows"), ("sparsegpt", "snows")]
 FAST_SNOWS = {"k": 3, "max_cg": 10, "epochs": 1}
+
+
+def _fast(refine):
+    """Quick SNOWS settings for refine="snows" (other refits keep their defaults)."""
+    return FAST_SNOWS if refine == "snows" else None
 
 
 def _model(seed=0):
@@ -36,17 +40,18 @@ def _data(n=3, seed=0):
 def test_exact_sparsity_zeros_and_keys(method, refine):
     model = _model()
     keys = list(model.state_dict())
-    result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    result = prune(model, _data(), sparsity=0.75, method=method, refine=refine, progress=False, refine_options=_fast(refine))
     assert list(model.state_dict()) == keys
+    assert len(result.layers) == 9  # the stem, 3 blocks x 2 convs, 2 shortcut convs
     for rep in result.layers:
         weight = dict(model.named_modules())[rep.name].weight
-        mat = to_matrix(weight)
         pruned = int((weight == 0).sum())
-        if method == "wanda":  # each row loses exactly round(s * d_in)
-            assert ((mat == 0).sum(1) >= round(0.75 * mat.shape[1])).all()
-        else:
-            assert pruned >= round(0.75 * weight.numel())
-        assert rep.sparsity == pytest.approx(pruned / weight.numel())
+        if method != "sparsegpt" and refine is None:
+            # exact, Wanda's per-row comparison included (the stem's rows of 9 inputs prune 6 or 7)
+            assert pruned == round(0.75 * weight.numel()), rep.name
+        else:  # SparseGPT and the refits also zero weights of input columns dead on the data
+            assert pruned >= round(0.75 * weight.numel()), rep.name
+        assert rep.sparsity == pruned / weight.numel()
     if refine:
         assert all(r.error_refined is not None for r in result.layers)
 
@@ -54,7 +59,7 @@ def test_exact_sparsity_zeros_and_keys(method, refine):
 @pytest.mark.parametrize("method,refine", ALL)
 def test_nm_valid_after_every_method(method, refine):
     model = _model()
-    result = prune(model, _data(), pattern="2:4", method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+    result = prune(model, _data(), pattern="2:4", method=method, refine=refine, progress=False, refine_options=_fast(refine))
     assert "0.0" in result.skipped  # the stem has 9 inputs: skipped, listed
     for rep in result.layers:
         assert check_nm(dict(model.named_modules())[rep.name].weight != 0, NM(2, 4))
@@ -75,9 +80,9 @@ def test_snows_k0_equals_least_squares():
     mlp = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 4)).double()
     data = [torch.randn(400, 12, dtype=torch.float64)]
     ls_model, sn_model = copy.deepcopy(mlp), copy.deepcopy(mlp)
-    ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", lstsq_damp=1e-12, progress=False)
+    ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", refine_options={"damp": 1e-12}, progress=False)
     sn = prune(sn_model, data, sparsity=0.6, method="magnitude", refine="snows", progress=False,
-               snows={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
+               refine_options={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
                       "damping": 1e-12, "patience": 0})
     assert [r.name for r in ls.layers] == ["0", "2", "4"]
     for a, b in zip(ls.layers, sn.layers):
@@ -88,11 +93,20 @@ def test_snows_k0_equals_least_squares():
 
 
 def test_snows_improves_lookahead_loss_and_keeps_mask():
-    model = _model()
-    result = prune(model, _data(), sparsity=0.8, method="magnitude", refine="snows", progress=False,
-                   snows={"k": 4, "max_cg": 30, "epochs": 2, "warm_start": "none"})
+    """From the bare magnitude weights (no warm start, far from the optimum) every layer's
+    lookahead loss falls by more than 5%: steps were accepted (a line search that reverts leaves
+    it equal). The stem (9 inputs per filter, ~2 kept at 80%) has too little to refit and stays
+    dense. The support is magnitude's, exactly."""
+    model, ref = _model(), _model()
+    result = prune(model, _data(), sparsity=0.8, method="magnitude", refine="snows", exclude=r"^0\.", progress=False,
+                   refine_options={"k": 4, "max_cg": 30, "epochs": 2, "warm_start": "none"})
+    prune(ref, None, sparsity=0.8, method="magnitude", exclude=r"^0\.", progress=False)
+    assert len(result.layers) == 8
     for rep in result.layers:
-        assert rep.lookahead_after <= rep.lookahead_before + 1e-12
+        assert rep.lookahead_after < 0.95 * rep.lookahead_before, rep.name
+        weight, weight_ref = (dict(m.named_modules())[rep.name].weight for m in (model, ref))
+        assert torch.equal(weight != 0, weight_ref != 0), rep.name
+        assert not torch.equal(weight, weight_ref), rep.name
 
 
 def test_magnitude_needs_no_data_and_global_budget_hits_target():
@@ -135,7 +149,7 @@ def test_transformer_encoder_every_method():
     ids = [{"ids": torch.randint(0, 50, (4, 12)), "mask": torch.zeros(4, 12, dtype=torch.bool)} for _ in range(2)]
     for method, refine in [("wanda", None), ("sparsegpt", "snows"), ("magnitude", "lstsq")]:
         model = _Encoder().eval()
-        result = prune(model, ids, sparsity=0.5, method=method, refine=refine, progress=False, snows=FAST_SNOWS)
+        result = prune(model, ids, sparsity=0.5, method=method, refine=refine, progress=False, refine_options=_fast(refine))
         names = [r.name for r in result.layers]
         assert "layers.0.linear1" in names and "lm_head" not in names and "layers.0.self_attn.out_proj" in result.skipped
         assert torch.isfinite(model(**ids[0])).all()
@@ -153,8 +167,12 @@ def test_transformer_encoder_every_method():
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.randn(2, 3, 5, 5)]}, "calibration batch"),
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.full((2, 1, 28, 28), float("nan"))]}, "NaN"),
     ({"sparsity": 0.5, "include": "nothing-matches"}, "no prunable"),
-    ({"sparsity": 0.5, "refine": "snows", "snows": {"k": -1}}, "non-negative"),
-    ({"sparsity": 0.5, "refine": "snows", "snows": {"kk": 3}}, "unknown snows"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"k": -1}}, "non-negative"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"kk": 3}}, "unknown snows option 'kk'; did you mean 'k'"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"max_cg": 0}}, "max_cg must be an integer >= 1"),
+    ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"block_size": 0}}, "block_size must be an integer >= 1"),
+    ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"damp": -0.1}}, "damp must be a number"),
+    ({"sparsity": 0.5, "refine_options": {"k": 2}}, "without refine"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()
@@ -176,7 +194,7 @@ def test_nan_weights_refused():
 
 
 def test_failure_midway_restores_model(monkeypatch):
-    import prunekit.oneshot.prune as mod
+    import prunekit.oneshot.methods.lstsq as mod
     model = _model()
     before = copy.deepcopy(model.state_dict())
     calls = {"n": 0}
@@ -198,11 +216,11 @@ def test_failure_midway_restores_model(monkeypatch):
 def test_progress_bars_show_only_when_asked(capsys):
     """Bars for calibration, layers and SNOWS steps with progress=True; nothing otherwise (and
     nothing by default when stderr is not a terminal, as under pytest)."""
-    prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=True)
+    prune(_model(), _data(), sparsity=0.5, refine="snows", refine_options={"k": 1, "max_cg": 2}, progress=True)
     err = capsys.readouterr().err
     assert "calibrate" in err and "prune magnitude+snows" in err and "newton-cg" in err
     for progress in (False, None):
-        prune(_model(), _data(), sparsity=0.5, refine="snows", snows={"k": 1, "max_cg": 2}, progress=progress)
+        prune(_model(), _data(), sparsity=0.5, refine="snows", refine_options={"k": 1, "max_cg": 2}, progress=progress)
         assert capsys.readouterr().err == ""
 
 

@@ -66,7 +66,7 @@ def test_paths_are_the_recipe_folders_and_overrides(tmp_path, monkeypatch):
 
 def test_override_paths_are_the_callers_and_builtin_names_stay_names(tmp_path, monkeypatch):
     (tmp_path / "jobs").mkdir()
-    path = write_job(tmp_path / "jobs", refine="snows", snows={"max_cg": 5})
+    path = write_job(tmp_path / "jobs", refine="snows", refine_options={"max_cg": 5})
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(path)
     assert recipe.data.tensors == str(tmp_path / "jobs" / "x.pt")  # the recipe file's folder
@@ -76,7 +76,7 @@ def test_override_paths_are_the_callers_and_builtin_names_stay_names(tmp_path, m
         str(tmp_path / "y.pt"), str(tmp_path / "w.pt"), str(tmp_path / "o"))  # the caller's folder
     assert recipe.with_overrides(tensors="builtin:mnist").data.tensors == "builtin:mnist"
     assert recipe.with_overrides(source="builtin:minilm").model.source == "builtin:minilm"
-    assert recipe.with_overrides(snows={"k": 2}).prune.snows == {"max_cg": 5, "k": 2}  # merged
+    assert recipe.with_overrides(refine_options={"k": 2}).prune.refine_options == {"max_cg": 5, "k": 2}  # merged
     assert recipe.with_overrides(refine="none").prune.refine is None
 
 
@@ -109,7 +109,8 @@ def test_prune_section_is_prune_keyword_arguments():
 
     kwargs = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5}}).prune.prune_kwargs()
     assert set(kwargs) <= set(inspect.signature(prunekit.prune).parameters)
-    assert kwargs["overrides"] is None and kwargs["snows"] is None and kwargs["sparsity"] == 0.5
+    assert kwargs["overrides"] is None and kwargs["refine_options"] is None and kwargs["sparsity"] == 0.5
+    assert "snows" not in kwargs and "plugins" not in kwargs
 
 
 def test_execution_device_and_statistics_precision_are_recipe_keys():

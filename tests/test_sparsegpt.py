@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prunekit.oneshot.lstsq import lstsq_refit, reconstruction_error
-from prunekit.oneshot.sparsegpt import accumulate_hessian, block_prune_counts, sparsegpt
+from prunekit.oneshot.sparsegpt import block_prune_counts, sparsegpt
 from prunekit.patterns import NM, Unstructured, topk_keep
 
 F64 = torch.float64
@@ -309,19 +309,3 @@ def test_float32_path_for_wide_layers():
     assert int((~res.mask).sum()) == 3 * d_in // 2
     assert (res.weight[~res.mask] == 0).all()
 
-
-def test_accumulate_hessian_running_mean():
-    g = torch.Generator().manual_seed(10)
-    x = torch.randn(53, 7, generator=g) * 3 + 1
-    h, count = None, 0
-    for a, b in [(0, 5), (5, 22), (22, 23), (23, 23), (23, 53)]:
-        h, count = accumulate_hessian(h, x[a:b], count)
-    assert count == 53 and h.dtype == torch.float32
-    ref = x.double().T @ x.double() / 53
-    assert torch.allclose(h.double(), ref, rtol=1e-5, atol=1e-5)
-    # float64 rows accumulate in float64; leading dims are flattened into rows
-    xd = x.double().reshape(53, 1, 7)
-    h64, c64 = accumulate_hessian(None, xd[:20], 0)
-    h64, c64 = accumulate_hessian(h64, xd[20:], c64)
-    assert h64.dtype == F64 and c64 == 53
-    assert torch.allclose(h64, ref, rtol=1e-12, atol=1e-12)

@@ -13,13 +13,27 @@ import warnings
 
 import torch
 
+from .oneshot import registry
 from .oneshot.prune import prune
 from .zoo.mnist import load_mnist
 from .zoo.models import small_cnn
 from .zoo.train import accuracy, cached, train_classifier
 
-METHODS = [("magnitude", None), ("wanda", None), ("sparsegpt", None), ("magnitude", "lstsq"),
-           ("magnitude", "snows"), ("sparsegpt", "snows")]
+
+
+def method_pairs() -> list[tuple[str, str | None]]:
+    """From the registry: every selector alone; every refit on the first selector that needs no
+    data; and every refit that looks beyond its layer also on each weight-updating selector."""
+    selectors = [registry.get(n, "select") for n in registry.names("select")]
+    refits = [registry.get(n, "refit") for n in registry.names("refit")]
+    base = next(s for s in selectors if not s.needs)
+    pairs = [(s.name, None) for s in selectors]
+    for r in refits:
+        pairs += [(base.name, r.name)]
+        if "sequential" in r.needs:
+            pairs += [(s.name, r.name) for s in selectors if s.updates_weights]
+    return pairs
+
 # The stem conv has one input channel (9 weights per filter): pruning it to 90% leaves most
 # filters empty, so it stays dense, as in the SNOWS reference setups.
 EXCLUDE = r"^0\."
@@ -51,13 +65,14 @@ def run(sparsity: float = 0.9, calib: int = 256, snows_k: int = 4) -> list[dict]
     calibration = calibration_batches(calib)
     rows = [{"pattern": "-", "method": "dense", "accuracy": accuracy(dense, x_test, y_test), "sparsity": 0.0, "seconds": 0.0}]
     for pattern in ("unstructured", "2:4"):
-        for method, refine in METHODS:
+        for method, refine in method_pairs():
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the 1-channel stem does not fit 2:4; it is listed as skipped
                 result = prune(model, calibration, sparsity=sparsity if pattern == "unstructured" else None,
-                               pattern=pattern, method=method, refine=refine, exclude=EXCLUDE, snows={"k": snows_k, "epochs": 1, "max_cg": 20})
+                               pattern=pattern, method=method, refine=refine, exclude=EXCLUDE,
+                               refine_options={"k": snows_k, "epochs": 1, "max_cg": 20} if refine == "snows" else None)
             seconds = time.perf_counter() - start  # pruning only, not the evaluation below
             rows.append({
                 "pattern": "unstructured" if pattern == "unstructured" else pattern,

@@ -41,10 +41,6 @@ class NM:
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
 
-    def fits(self, weight: torch.Tensor) -> bool:
-        """Whether the input axis of ``weight`` splits into whole groups of ``m``."""
-        return weight.shape[1] % self.m == 0
-
 
 Pattern = Unstructured | NM
 
@@ -81,12 +77,24 @@ def keep_count(numel: int, sparsity: float) -> int:
     return numel - int(round(sparsity * numel))
 
 
+def row_prune_counts(rows: int, width: int, sparsity: float) -> torch.Tensor:
+    """Entries pruned in each row, summing exactly to ``round(sparsity * rows * width)``: every
+    row prunes ``floor`` or ``ceil`` of ``sparsity * width``, the extra entries spread evenly
+    and deterministically (row ``i`` prunes ``c(i+1) - c(i)``, ``c(i) = floor(i * total / rows)``)."""
+    total = rows * width - keep_count(rows * width, sparsity)
+    cum = torch.arange(rows + 1, dtype=torch.int64) * total // max(rows, 1)
+    return cum[1:] - cum[:-1]
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
-    """Keep-mask pruning exactly ``round(sparsity * n)`` lowest scores per tensor (or per row)."""
+    """Keep-mask pruning exactly ``round(sparsity * n)`` lowest scores of the tensor; with
+    ``per_row`` the comparison is within each output row (Wanda, Sun et al. 2023, sec. 3) and the
+    layer's count stays exact when a row's share is not a whole number (:func:`row_prune_counts`)."""
     if not per_row:
         return topk_keep(scores.reshape(-1), keep_count(scores.numel(), sparsity)).view_as(scores)
     mat = to_matrix(scores)
-    return from_matrix(topk_keep(mat, keep_count(mat.shape[1], sparsity)), scores.shape)
+    keep = mat.shape[1] - row_prune_counts(*mat.shape, sparsity).to(mat.device)
+    return from_matrix(topk_keep(mat, keep), scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:

@@ -22,6 +22,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -31,8 +32,8 @@ import yaml
 
 from .allocation import BUDGETS, check_sparsity
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
+from .oneshot import registry
 from .oneshot.placement import execution_device
-from .oneshot.prune import METHODS, REFINES, _snows_config
 from .patterns import NM, parse_pattern
 
 FORMATS = ("hf", "compressed")
@@ -81,15 +82,23 @@ class PruneSpec:
     budget: str = "uniform"
     cap: float | None = None
     overrides: dict[str, float] = field(default_factory=dict)
-    snows: dict[str, Any] = field(default_factory=dict)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    refine_options: dict[str, Any] = field(default_factory=dict)
     blocks: list[str] | None = None
+    plugins: list[str] | None = None  # modules imported first: they register more methods
+    snows: dict[str, Any] = field(default_factory=dict)  # deprecated: refine_options
     device: str | None = None
     stats_dtype: str | None = None
 
     def prune_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).
-        Every field is one, under the same name, so a new key is one new field."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        Every field is one, under the same name, so a new key is one new field; ``plugins``
+        (imported when the recipe is checked) and the deprecated ``snows`` (folded into
+        ``refine_options`` then) are not."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("plugins", "snows")}
+        if self.refine is None:
+            values["refine_options"] = None
         return {k: (None if isinstance(v, dict) and not v else v) for k, v in values.items()}
 
 
@@ -385,8 +394,13 @@ def _check_values(r: Recipe) -> None:
         raise ValueError("model.source is empty; pass a Hugging Face model directory or package.module:factory")
     if p.refine in ("none", "null"):
         p.refine = None
-    _choice(p.method, METHODS, "prune.method")
-    _choice(p.refine, REFINES, "prune.refine")
+    registry.load_plugins(p.plugins)
+    _choice(p.method, registry.names("select"), "prune.method")
+    _choice(p.refine, (None, *registry.names("refit")), "prune.refine")
+    if p.snows:
+        warnings.warn("prune.snows in a recipe is deprecated; write prune.refine_options", DeprecationWarning, stacklevel=2)
+        p.refine_options = {**p.snows, **p.refine_options} if p.refine == "snows" else p.refine_options
+        p.snows = {}
     _choice(p.budget, BUDGETS, "prune.budget")
     try:
         pattern = parse_pattern(p.pattern)
@@ -399,8 +413,9 @@ def _check_values(r: Recipe) -> None:
             re.compile(regex)
         for regex in (r.targets.include or []) + (r.targets.exclude or []):
             re.compile(regex)
-        if p.refine == "snows":
-            _snows_config(p.snows)
+        registry.make_options(registry.get(p.method, "select"), p.method_options)
+        if p.refine is not None:
+            registry.make_options(registry.get(p.refine, "refit"), p.refine_options)
         _choice(p.stats_dtype, (None, "float32", "float64"), "prune.stats_dtype")
         execution_device(p.device)
     except (TypeError, ValueError, re.error) as exc:
@@ -410,7 +425,7 @@ def _check_values(r: Recipe) -> None:
                          f"({pattern.sparsity:g}); remove sparsity")
     if not isinstance(pattern, NM) and p.sparsity is None:
         raise ValueError("prune.sparsity is required for the unstructured pattern; add e.g. sparsity: 0.5")
-    if d is None and (p.method != "magnitude" or p.refine is not None):
+    if d is None and (registry.get(p.method, "select").needs or p.refine is not None):
         raise ValueError(f"prune.method {p.method!r}" + (f" with refine {p.refine!r}" if p.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
                          "tensors: inputs.pt), or use method: magnitude without refine")

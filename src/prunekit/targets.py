@@ -1,7 +1,7 @@
 """Which parameters are prunable.
 
-A *target* is a module whose ``weight`` prunekit may sparsify. By default these are
-Linear and Conv1d/Conv2d layers; embeddings, norms and biases are never targets, and a
+A *target* is a module whose ``weight`` prunekit may sparsify. By default these are the module
+types of the registered layer kinds (:mod:`prunekit.layer_kinds`: Linear, Conv1d/Conv2d); embeddings, norms and biases are never targets, and a
 final classifier / LM head is excluded unless asked for, because pruning it hurts most and
 saves least.
 """
@@ -13,8 +13,13 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-# Names that mark an output head; matched against the last component of a module name.
+from .layer_kinds import check_types, prunable_types
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()
+# Names that mark an output head, matched against the last component of the LAST prunable
+# layer's name only: "lm_head"/"output_projection" (LLMs), "classifier"/"head"/"score"
+# (transformers' sequence-classification heads), "fc" (torchvision ResNets' final layer).
+# Pruning the head hurts accuracy most and saves least (SparseGPT and Wanda leave it dense too).
 HEAD_NAMES = ("lm_head", "classifier", "head", "fc", "score", "output_projection")
 
 
@@ -58,6 +63,7 @@ def find_targets(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     types = tuple(types)
+    check_types(types)
     inc, exc = _as_patterns(include), _as_patterns(exclude)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates: list[tuple[str, nn.Module]] = []
@@ -80,8 +86,3 @@ def find_targets(
             continue
         out[name] = module
     return out
-
-
-def weight_name(module_name: str) -> str:
-    """State-dict key of a target's weight."""
-    return f"{module_name}.weight" if module_name else "weight"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..oneshot.prune import METHODS
+from ..oneshot import registry
 
 DESCRIPTION = """\
 Prune a model one shot and write it to an output directory, with a report (prune_report.md/.json)
@@ -15,17 +15,27 @@ MODEL is a Hugging Face model directory (or a name available offline), 'package.
 The output directory is written only when the job has finished: an error or Ctrl-C leaves it
 absent (or, with --overwrite, as it was).
 
+Methods ('prunekit prune --plugin MODULE' imports a module that registers more):
+{methods}
+
 examples:
   prunekit prune builtin:minilm --method wanda --sparsity 0.5 --corpus pydoc --output out/
   prunekit prune --recipe minilm-sparsegpt-2of4 --output out/
   prunekit prune my_pkg.models:resnet --state-dict w.pt --data-tensors x.pt --method sparsegpt \\
       --pattern 2:4 --format compressed --output out/
+  prunekit prune --recipe cnn-magnitude-snows-90 --refine-option k=2 --refine-option max_cg=10 -o out/
 """
+
+
+def method_table() -> str:
+    """One line per registered method: name, role, what it does, its options."""
+    return "\n".join(f"  {r['name']:<10} {r['role']:<6} {r['summary']} (options: {', '.join(r['options']) or 'none'})"
+                     for r in registry.describe())
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model one shot and write it with a report",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION.format(methods=method_table()), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="model to prune (or take it from --recipe)")
     p.add_argument("--recipe", help="a recipe YAML file, or the name of a shipped recipe (prunekit recipes)")
     p.add_argument("-o", "--output", help="output directory")
@@ -34,16 +44,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--state-dict", help="weights (.pt/.pth/.safetensors) for a module:factory model")
     g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=METHODS, help="how the support is chosen")
-    g.add_argument("--refine", choices=["none", "lstsq", "snows"], help="refit the surviving weights")
+    g.add_argument("--method", help=f"how the support is chosen: {', '.join(registry.names('select'))}")
+    g.add_argument("--refine", help=f"refit the surviving weights: none, {', '.join(registry.names('refit'))}")
+    g.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the method (repeatable; VALUE is YAML, e.g. block_size=64)")
+    g.add_argument("--refine-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the refit (repeatable; e.g. k=4, measured=[relu])")
+    g.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import MODULE first, so the methods it registers can be named (repeatable)")
     g.add_argument("--pattern", help="unstructured or N:M, e.g. 2:4")
     g.add_argument("--sparsity", type=float, help="fraction of prunable weights to remove (unstructured)")
     g.add_argument("--budget", choices=["uniform", "global", "erk"], help="how sparsity is spread over layers")
     g.add_argument("--cap", type=float, help="largest per-layer sparsity under a global budget")
     g.add_argument("--include", action="append", help="regex of layer names to prune (repeatable)")
     g.add_argument("--exclude", action="append", help="regex of layer names to leave dense (repeatable)")
-    g.add_argument("--snows-k", type=int, help="SNOWS lookahead: measured operations after the layer")
-    g.add_argument("--snows-max-cg", type=int, help="SNOWS conjugate-gradient iterations per Newton step")
+    g.add_argument("--snows-k", type=int, help="deprecated: --refine-option k=N")
+    g.add_argument("--snows-max-cg", type=int, help="deprecated: --refine-option max_cg=N")
     g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
     g.add_argument("--stats-dtype", choices=["float32", "float64"],
                    help="precision of statistics and solvers (default: float64 on CPU, float32 on GPU)")
@@ -61,17 +77,40 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def overrides_from(args: argparse.Namespace) -> dict:
     """The recipe values the command-line options set, named as :func:`prunekit.load_recipe`'s
-    overrides (None: an option not given, the recipe's value stays)."""
-    snows = {k: v for k, v in (("k", args.snows_k), ("max_cg", args.snows_max_cg)) if v is not None}
+    overrides (None: an option not given, the recipe's value stays; options mappings add to the
+    recipe's key by key)."""
+    legacy = {k: v for k, v in (("k", args.snows_k), ("max_cg", args.snows_max_cg)) if v is not None}
+    refine_options = {**legacy, **parse_options(args.refine_option, "--refine-option")}
+    method_options = parse_options(args.method_option, "--method-option")
     formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else None
     return {"source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,
             "method": args.method, "refine": args.refine, "pattern": args.pattern, "sparsity": args.sparsity,
-            "budget": args.budget, "cap": args.cap, "snows": snows or None,
+            "budget": args.budget, "cap": args.cap, "method_options": method_options or None,
+            "refine_options": refine_options or None, "plugins": args.plugin,
             "device": args.device, "stats_dtype": args.stats_dtype,
             "include": args.include, "exclude": args.exclude,
             "corpus": args.corpus, "text": args.data_text, "tensors": args.data_tensors,
             "seq_len": args.seq_len, "n_sequences": args.n_sequences, "batch_size": args.batch_size,
             "dir": args.output, "formats": formats, "overwrite": args.overwrite or None}
+
+
+def parse_options(values: list[str] | None, flag: str) -> dict:
+    """``["k=4", "measured=[relu]"]`` -> ``{"k": 4, "measured": ["relu"]}`` (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
 
 
 def is_recipe(name: str | None) -> bool:

@@ -1,4 +1,4 @@
-"""Exact least-squares refit of a layer on a fixed sparse support (spec section 4).
+"""Exact least-squares refit of a layer on a fixed sparse support.
 
 Once a support has been chosen (magnitude, Wanda, SparseGPT, ...), the best surviving weights
 for the layer-wise objective ``mean((X_s W'^T - X_t W0^T)^2)`` are a separate ridge-damped
@@ -8,7 +8,7 @@ least-squares problem per output row:
     H = X_s^T X_s / N,  C = X_s^T X_t / N,  delta = damp * mean(diag H).
 
 This is the ceiling for any fixed-mask layer-wise update (SparseGPT's OBS update approximates
-it). Only the statistics ``H`` (and ``C`` for a dense-path target) are needed, never ``X``.
+it: Frantar & Alistarh 2023, sec. 3; SNOWS warm-starts from it: Lucas & Mazumder 2025). Only the statistics ``H`` (and ``C`` for a dense-path target) are needed, never ``X``.
 """
 from __future__ import annotations
 

@@ -9,13 +9,13 @@ knows nothing about networks, hooks or the K-step lookahead loss; it receives
 * ``loss_fn(batch)`` -- a scalar loss computed from the *current* ``weight`` with a graph to it;
 * ``batches`` -- the Newton mini-batches, and ``check_batch`` -- a held-out Armijo batch.
 
-Per mini-batch (one Newton step; spec ``snows.md`` section 3)::
+Per mini-batch (one Newton step, as in SNOWS: Lucas & Mazumder 2025, arXiv 2411.18376)::
 
     l = loss_fn(x);  g = grad(l, W) * Z                       (graph kept: create_graph=True)
     p = CG(v -> (H v) * Z + damping * v,  -g)                  (Pearlmutter HVPs, same graph)
     alpha = Armijo(p) on check_batch;  W <- W + alpha p if accepted, else W unchanged
 
-Choices that differ from the reference code on purpose (spec section 8):
+Choices that differ from the SNOWS reference code on purpose:
 
 * a failed line search REVERTS (the last trial step is not applied);
 * every Hessian-vector product is one full double backward (no chunking / block-diagonal H);
@@ -36,7 +36,6 @@ __all__ = [
     "NewtonCGConfig",
     "SolveStats",
     "MaskedHVP",
-    "hvp",
     "conjugate_gradient",
     "newton_cg_refit",
 ]
@@ -152,20 +151,6 @@ class MaskedHVP:
         self._g = None
 
 
-def hvp(loss: Tensor, weight: Tensor, mask: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """One masked Pearlmutter HVP: returns ``(g_masked, Hv_masked)``, both detached.
-
-    ``g = grad(loss, weight) * mask``; ``Hv = grad(<g, v * mask>, weight) * mask``. For many
-    HVPs against the same loss (CG), build one :class:`MaskedHVP` instead of calling this
-    repeatedly (each call here redoes the first backward).
-    """
-    op = MaskedHVP(loss, weight, mask)
-    try:
-        return op.grad, op(v)
-    finally:
-        op.release()
-
-
 # --------------------------------------------------------------------------------------------
 # Conjugate gradient
 # --------------------------------------------------------------------------------------------
@@ -279,7 +264,7 @@ def newton_cg_refit(
     loss_fn: Callable[[Any], Tensor],
     batches: Sequence[Any],
     check_batch: Any,
-    config: NewtonCGConfig = NewtonCGConfig(),
+    config: NewtonCGConfig | None = None,
     progress: bool = False,
 ) -> SolveStats:
     """Refit the kept entries of ``weight`` on the fixed ``mask`` by stochastic Newton-CG.
@@ -290,7 +275,8 @@ def newton_cg_refit(
     ``(H_ZZ + damping I) p = -g`` with masked HVPs on that batch's graph, then Armijo
     backtracking on ``check_batch`` (evaluated under ``torch.no_grad``). A failed line search
     leaves ``weight`` exactly unchanged and is counted. ``check_batch`` should be held out from
-    ``batches`` (spec trap 5); it may be the same batch in full-batch tests.
+    ``batches`` (a line search on a Newton batch accepts steps that only fit that batch); it may
+    be the same batch in full-batch tests.
 
     Stop rules:
 
@@ -304,6 +290,7 @@ def newton_cg_refit(
     ``loss_fn`` must not keep references to graph tensors between calls, so that each step's
     graph is freed before the line search.
     """
+    config = NewtonCGConfig() if config is None else config
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
         raise ValueError("weight must be a tensor with requires_grad=True that loss_fn reads")
     bool_mask = mask.to(device=weight.device, dtype=torch.bool)

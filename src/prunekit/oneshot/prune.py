@@ -2,8 +2,9 @@
 
 1. pick the prunable layers and a per-layer budget;
 2. for each block, in order, on inputs from the already-pruned blocks before it:
-   choose each layer's support (magnitude, Wanda, SparseGPT), then optionally refit the
-   surviving weights on that support (exact least squares, or SNOWS);
+   choose each layer's support with a registered ``"select"`` method, then optionally refit
+   the surviving weights on that support with a ``"refit"`` method
+   (:mod:`prunekit.oneshot.registry`);
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
@@ -20,22 +21,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
-from ..layout import from_matrix, to_matrix
+from ..layer_kinds import LayerKind, kind_of
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
+from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
-from .lstsq import lstsq_refit, reconstruction_error
+from .legacy import legacy_options
+from .lstsq import reconstruction_error
+from .registry import LayerContext, LayerProblem, Refit, Selector, Update
 from .result import LayerReport, PruneResult
-from .selection import magnitude_scores, select_mask, wanda_scores
-from .snows import SnowsConfig, snows_refit
-from .sparsegpt import sparsegpt
+from .selection import magnitude_scores
 from .stats import LayerStats, gather_stats
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
-REFINES = (None, "lstsq", "snows")
+
+def __getattr__(name: str) -> tuple:
+    """``METHODS`` / ``REFINES``: the registered names, read when asked (plugins included)."""
+    if name == "METHODS":
+        return registry.names("select")
+    if name == "REFINES":
+        return (None, *registry.names("refit"))
+    raise AttributeError(name)
 
 
 def prune(
@@ -46,6 +54,8 @@ def prune(
     pattern: str | NM | Unstructured = "unstructured",
     method: str = "magnitude",
     refine: str | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    refine_options: Mapping[str, Any] | None = None,
     budget: str = "uniform",
     cap: float | None = None,
     overrides: Mapping[str, float] | None = None,
@@ -58,25 +68,30 @@ def prune(
     sequential: bool = False,
     strict: bool = False,
     max_batches: int | None = None,
-    snows: SnowsConfig | Mapping[str, Any] | None = None,
-    sparsegpt_block_size: int = 128,
-    damp: float = 0.01,
-    lstsq_damp: float = 1e-4,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
+    snows: Any = None,
+    sparsegpt_block_size: int | None = None,
+    damp: float | None = None,
+    lstsq_damp: float | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, one shot, and return a :class:`PruneResult`.
 
     ``calibration`` is any iterable of input batches (tensor -> ``model(x)``, tuple ->
     ``model(*b)``, mapping -> ``model(**b)``); it is needed by every method but plain
     magnitude. ``sparsity`` is the fraction of prunable weights to remove (implied by an N:M
-    ``pattern``). ``budget`` is ``uniform``, ``global`` (optionally with a per-layer ``cap``)
-    or ``erk``; ``overrides`` maps layer-name regexes to fixed sparsities. ``blocks`` names
-    the modules calibrated in order (auto-detected by default); ``capture="rerun"`` re-runs
-    the model to capture each block's inputs instead of chaining outputs, for models whose
-    blocks do not feed each other directly. ``sequential=True`` recomputes statistics after
-    every layer inside a block (always on with ``refine``).
+    ``pattern``). ``method`` chooses the support and ``refine`` (optional) refits the kept
+    weights; both are names in :mod:`prunekit.oneshot.registry`, and ``method_options`` /
+    ``refine_options`` are mappings validated by that method's options class (e.g.
+    ``refine_options={"k": 4}`` for SNOWS). ``budget`` is ``uniform``, ``global``
+    (optionally with a per-layer ``cap``) or ``erk``; ``overrides`` maps layer-name regexes to
+    fixed sparsities. ``blocks`` names the modules calibrated in order (auto-detected by
+    default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
+    chaining outputs, for models whose blocks do not feed each other directly.
+    ``sequential=True`` recomputes statistics after every layer inside a block (always on for
+    refits that fit against the dense target). ``snows``, ``sparsegpt_block_size``, ``damp``
+    and ``lstsq_damp`` are deprecated spellings of the options mappings.
 
     ``device`` is where the work runs (e.g. ``"cuda"`` for a model kept in CPU memory): one
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
@@ -84,7 +99,11 @@ def prune(
     precision of the calibration statistics and the solvers: ``float64`` by default on the
     CPU, ``float32`` on accelerators (as the SparseGPT reference does).
     """
-    method, refine, pattern, sparsity = _check_args(method, refine, pattern, sparsity, capture)
+    method_options, refine_options = legacy_options(
+        method, refine, method_options, refine_options,
+        snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
+    selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
+                                                     pattern, sparsity, capture)
     exec_device = execution_device(device)
     home = model_device(model)
     run_device = exec_device or home
@@ -96,8 +115,7 @@ def prune(
     skipped = _skip_misfits(targets, pattern, strict)
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
-    snows_cfg = _snows_config(snows) if refine == "snows" else None
-    needs_data = method != "magnitude" or refine is not None
+    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
     calls = collect_batches(calibration, max_batches) if needs_data else []
     if isinstance(pattern, NM):
         budgets = {n: pattern.sparsity for n in targets}
@@ -110,8 +128,7 @@ def prune(
 
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
-    job = _Job(model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
-               sparsegpt_block_size, damp, lstsq_damp, result)
+    job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
     job.home, job.device, job.dtype = home, run_device, precision
     # Only the target weights ever change: they are all the restore point needs.
     snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
@@ -146,12 +163,13 @@ def prune(
 class _Job:
     """The state of one prune() call: which layers, what budgets, what is done."""
 
-    def __init__(self, model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
-                 block_size, damp, lstsq_damp, result) -> None:
+    def __init__(self, model, targets, budgets, pattern, selector: Selector, refit: Refit | None, sequential,
+                 result) -> None:
         self.model, self.targets, self.budgets, self.pattern = model, targets, budgets, pattern
-        self.method, self.refine, self.snows_cfg = method, refine, snows_cfg
-        self.sequential = sequential or refine is not None
-        self.block_size, self.damp, self.lstsq_damp = block_size, damp, lstsq_damp
+        self.selector, self.refit = selector, refit
+        needs = selector.needs | (refit.needs if refit else frozenset())
+        self.want_h = "hessian" in needs
+        self.sequential = sequential or bool(needs & {"dense_target", "sequential"})
         self.result = result
         self.target_ids = {id(m) for m in targets.values()}
         self.home = self.device = torch.device("cpu")
@@ -165,13 +183,14 @@ class _Job:
         calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
         _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
         owned = {n: self._owner(n, blocks) for n in self.targets}
+        lookahead = self.refit is not None and "sequential" in self.refit.needs
         inputs = None
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
             if inputs is None or capture == "rerun":
                 inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
-            # SNOWS looks ahead into the next block: it comes along to the execution device.
-            ahead = [m for _, m in blocks[i + 1:i + 2]] if self.refine == "snows" and layers else []
+            # A lookahead refit (SNOWS) reads on into the next block: it comes along to the device.
+            ahead = [m for _, m in blocks[i + 1:i + 2]] if lookahead and layers else []
             with to_block_device([block, *ahead], self.device, self.home):
                 if layers:
                     self.process_block(block, inputs, layers, chain=blocks[i:])
@@ -196,8 +215,7 @@ class _Job:
             if self.bar is not None:
                 self.bar.update()
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.method == "sparsegpt",
-                                 dtype=self.dtype)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
             for name in order:
                 self.prune_layer(name, stats[name])
             return
@@ -217,60 +235,51 @@ class _Job:
     # -- one layer --------------------------------------------------------------------------
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
         t0 = time.perf_counter()
-        layer = self.targets[name]
+        layer, kind = self.targets[name], kind_of(self.targets[name])
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
-        w0 = to_matrix(layer.weight.detach()).to(device=self.device, dtype=self.dtype, copy=True)
-        s = self.budgets[name]
+        w0 = kind.matrix(layer).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
-        if self.method == "sparsegpt":
-            out = sparsegpt(w0, stats.hessian, s, self.pattern, block_size=self.block_size, damp=self.damp,
-                            dtype=self.dtype)
-            w, mask = out.weight, out.mask
-            if out.damp_used != self.damp:
-                report.note = f"dampening raised to {out.damp_used:g}"
-        else:
-            scores = magnitude_scores(w0) if self.method == "magnitude" else wanda_scores(w0, stats.sq)
-            mask = select_mask(scores, s, self.pattern, per_row=self.method == "wanda")
-            w = w0 * mask
-        if stats is not None and stats.h_sum is not None:
+        problem = LayerProblem(name, w0, self.budgets[name], self.pattern, stats, self.selector,
+                               self._context(layer, kind, ctx) if ctx else None)
+        chosen = _checked(self.selector.select(problem), w0, self.selector)
+        w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
+        has_h = stats is not None and stats.h_sum is not None
+        if has_h:
             report.error_selected = self._error(w, w0, stats)
-        if self.refine == "lstsq":
-            w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp, dtype=self.dtype)
-        elif self.refine == "snows":
-            warm = self.snows_cfg.warm_start
-            if warm == "lstsq" or (warm == "auto" and self.method != "sparsegpt"):
-                w = lstsq_refit(w0, mask, stats.hessian, stats.cross, damp=self.lstsq_damp, dtype=self.dtype)
-            self._write(layer, w, mask)
-            solve, before, after = snows_refit(
-                self.model, ctx["chain"], layer, from_matrix(mask, layer.weight.shape), ctx["inputs"],
-                config=self.snows_cfg, targets=self.target_ids, block_layers=ctx["block_layers"],
-                dense_weights=ctx["dense"], progress=self.show_progress,
-            )
-            report.lookahead_before, report.lookahead_after = before, after
-            notes = [f"{solve.failed_line_searches} line searches failed"] if solve.failed_line_searches else []
-            if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature
-                notes.append(f"negative curvature in {solve.negative_curvature} of {solve.steps} CG solves")
-            report.note = "; ".join(notes)
-            w = to_matrix(layer.weight.detach()).to(dtype=self.dtype, copy=True)
-        self._write(layer, w, mask)
-        if self.refine is not None:
+        if self.refit is not None:
+            refitted = _checked(self.refit.refit(problem, chosen), w0, self.refit)
+            w = refitted.weight
+            notes.append(refitted.note)
+            if refitted.lookahead is not None:
+                report.lookahead_before, report.lookahead_after = refitted.lookahead
+        self._write(layer, kind, w, mask)
+        if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
+        report.note = "; ".join(n for n in notes if n)
         report.sparsity = float((layer.weight == 0).sum()) / layer.weight.numel()
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
-        if layer.weight.detach()[~from_matrix(mask, layer.weight.shape).to(layer.weight.device)].any():
+        if kind.matrix(layer)[~mask.to(layer.weight.device)].any():
             raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
         self.result.layers.append(report)
         if self.bar is not None:
             self.bar.update()
 
+    def _context(self, layer: nn.Module, kind: LayerKind, ctx: dict) -> LayerContext:
+        """What a network-level refit (SNOWS) needs of the current block."""
+        return LayerContext(
+            self.model, layer, ctx["chain"], ctx["inputs"], self.target_ids, ctx["block_layers"], ctx["dense"],
+            write=lambda w, mask: self._write(layer, kind, w, mask),
+            read=lambda: kind.matrix(layer).to(dtype=self.dtype, copy=True),
+            weight_mask=lambda mask: kind.weight_mask(layer, mask),
+            progress=self.show_progress,
+        )
+
     @staticmethod
-    @torch.no_grad()
-    def _write(layer: nn.Module, w: torch.Tensor, mask: torch.Tensor) -> None:
+    def _write(layer: nn.Module, kind: LayerKind, w: torch.Tensor, mask: torch.Tensor) -> None:
         # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
-        kept = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-        layer.weight.copy_(from_matrix(kept.to(layer.weight.dtype), layer.weight.shape))
+        kind.write(layer, torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)))
 
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
@@ -288,21 +297,36 @@ def _check_model_runs(model, call, last_block=None) -> None:
                          "check that the batches match the model's inputs") from exc
 
 
-def _check_args(method, refine, pattern, sparsity, capture):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if refine not in REFINES:
-        raise ValueError(f"refine must be one of {REFINES}, got {refine!r}")
+def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Update:
+    """A method's answer, checked: a matrix like the layer's and, from a selector, a boolean
+    keep-mask (a refit keeps the selector's)."""
+    if not isinstance(update, Update) or update.weight.shape != w0.shape:
+        raise TypeError(f"method {method.name!r} must return an Update with a weight of shape {tuple(w0.shape)}")
+    mask = update.mask
+    if method.role == "select" and (mask is None or mask.dtype != torch.bool or mask.shape != w0.shape):
+        raise TypeError(f"method {method.name!r} must return a boolean keep-mask of shape {tuple(w0.shape)}")
+    return update
+
+
+def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture):
+    """The selector and refit instances (options validated), the pattern and the sparsity."""
+    if refine in ("none", "null"):
+        refine = None
+    selector = registry.get(method, "select")(method_options)
+    refit = registry.get(refine, "refit")(refine_options) if refine is not None else None
+    if refine is None and refine_options:
+        raise ValueError(f"refine_options were given without refine; pass refine= one of "
+                         f"{', '.join(registry.names('refit'))} (or drop them)")
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
     if isinstance(pattern, NM):
         if sparsity is not None and abs(check_sparsity(sparsity) - pattern.sparsity) > 1e-9:
             raise ValueError(f"sparsity={sparsity} contradicts pattern {pattern} ({pattern.sparsity:g}); omit sparsity")
-        return method, refine, pattern, pattern.sparsity
+        return selector, refit, pattern, pattern.sparsity
     if sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5")
-    return method, refine, pattern, check_sparsity(sparsity)
+    return selector, refit, pattern, check_sparsity(sparsity)
 
 
 def _check_weights(targets) -> None:
@@ -318,11 +342,12 @@ def _check_weights(targets) -> None:
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
     skipped: dict[str, str] = {}
     for name, module in list(targets.items()):
-        why = None
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-            why = "grouped/depthwise convolution (not supported yet)"
-        elif isinstance(pattern, NM) and to_matrix(module.weight).shape[1] % pattern.m:
-            why = f"input dimension {to_matrix(module.weight).shape[1]} is not a multiple of {pattern.m}"
+        kind = kind_of(module)
+        why = kind.why_not(module)
+        if why is None and kind.units(module) != ("",):  # a kind with several matrices per module
+            why = f"layer kind {kind.name!r} has several weight matrices per module; prune() takes one"
+        elif why is None and isinstance(pattern, NM) and kind.matrix(module).shape[1] % pattern.m:
+            why = f"input dimension {kind.matrix(module).shape[1]} is not a multiple of {pattern.m}"
         if why:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
@@ -331,28 +356,3 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
             skipped[name] = why
             del targets[name]
     return skipped
-
-
-def _snows_config(snows) -> SnowsConfig:
-    """A validated SnowsConfig from None, a SnowsConfig, or a dict of SNOWS and solver options."""
-    from .newton_cg import NewtonCGConfig
-
-    if snows is None:
-        snows = {}
-    if isinstance(snows, SnowsConfig):
-        config = snows
-    elif isinstance(snows, Mapping):
-        opts = dict(snows)
-        solver_keys = set(NewtonCGConfig.__dataclass_fields__)
-        solver = {k: opts.pop(k) for k in list(opts) if k in solver_keys}
-        unknown = set(opts) - set(SnowsConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown snows options {sorted(unknown)}; known: k, warm_start and {sorted(solver_keys)}")
-        config = SnowsConfig(**opts, solver=NewtonCGConfig(**{**SnowsConfig().solver.__dict__, **solver}))
-    else:
-        raise TypeError(f"snows must be a SnowsConfig or a dict of options, got {type(snows).__name__}")
-    if config.warm_start not in ("auto", "lstsq", "none"):
-        raise ValueError(f"snows warm_start must be 'auto', 'lstsq' or 'none', got {config.warm_start!r}")
-    if isinstance(config.k, bool) or not isinstance(config.k, int) or config.k < 0:
-        raise ValueError(f"snows k must be a non-negative integer (operations to look ahead), got {config.k!r}")
-    return config

@@ -4,14 +4,17 @@ The loss compares the first K+1 *measured* tensors (the layer's own output, then
 of later prunable layers, activations and attention modules, in execution order, across block
 boundaries) of two sub-networks fed the same pruned-path block input: S, the current model,
 and D, the same modules with the block's pruned layers given back their dense weights
-(Lucas & Mazumder 2025, spec ``snows.md`` section 1). It is minimised on the fixed support by
-Newton-CG (:mod:`prunekit.oneshot.newton_cg`).
+(Lucas & Mazumder 2025, "Preserving Deep Representations in One-Shot Pruning", arXiv
+2411.18376). It is minimised on the fixed support by Newton-CG
+(:mod:`prunekit.oneshot.newton_cg`). Which operations are measured is the user's choice
+(:func:`measured_rule`); the default is :func:`is_measured`.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -24,12 +27,18 @@ ACTIVATION_TYPES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
     nn.Hardswish, nn.Mish, nn.Softplus,
 )
+# Residual shortcuts hold a prunable conv but are not on the main path whose outputs the
+# lookahead compares: measuring them would count the same output twice (after the addition).
 NOT_MEASURED = ("shortcut", "downsample")
+#: ``(full module name, module, ids of prunable layers) -> measured?``
+MeasuredRule = Callable[[str, nn.Module, "set[int]"], bool]
 
 
 @dataclass
 class SnowsConfig:
-    """SNOWS options. ``k`` counts measured operations after the layer's own output."""
+    """SNOWS options in their older, nested form (``pk.prune(snows=...)``, deprecated: pass
+    ``refine_options`` with the same keys, flat). ``k`` counts measured operations after the
+    layer's own output."""
 
     k: int = 8
     # "auto": a least-squares warm start for supports chosen without weight updates
@@ -41,7 +50,10 @@ class SnowsConfig:
 
 
 def is_measured(name: str, module: nn.Module, targets: set[int]) -> bool:
-    """Default measured operations: prunable layers (not shortcuts), activations, attention."""
+    """Default measured operations: prunable layers (not residual shortcuts), activations, and
+    attention modules. Attention is recognised by class name ("...Attention", as in every
+    transformers model and in ``nn.MultiheadAttention``) because no common base class exists;
+    its output is the first place where the pruned q/k/v projections meet."""
     if any(part in name for part in NOT_MEASURED):
         return False
     if id(module) in targets or isinstance(module, ACTIVATION_TYPES):
@@ -50,6 +62,20 @@ def is_measured(name: str, module: nn.Module, targets: set[int]) -> bool:
     return cls.__module__.startswith("transformers.activations") or (
         "Attention" in cls.__name__ and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
     )
+
+
+def measured_rule(spec: Any) -> MeasuredRule:
+    """The measured-operation rule from a user's choice: None (the default,
+    :func:`is_measured`), a predicate ``(name, module) -> bool``, or a list of module types
+    and name regexes (a module is measured when it is an instance of one of the types or its
+    full name matches one of the regexes). The layer being refit is always measured."""
+    if spec is None:
+        return is_measured
+    if callable(spec) and not isinstance(spec, type):
+        return lambda name, module, targets: bool(spec(name, module))
+    types = tuple(s for s in spec if isinstance(s, type))
+    regexes = [re.compile(s) for s in spec if isinstance(s, str)]
+    return lambda name, module, targets: isinstance(module, types) or any(r.search(name) for r in regexes)
 
 
 class Lookahead:
@@ -63,6 +89,7 @@ class Lookahead:
         targets: set[int],
         block_layers: dict[str, nn.Module],
         dense_weights: dict[str, torch.Tensor],
+        measured_by: MeasuredRule = is_measured,
     ) -> None:
         self.chain = [m for _, m in chain]
         self.layer, self.k = layer, k
@@ -73,7 +100,7 @@ class Lookahead:
         for prefix, block in chain:
             for name, module in block.named_modules():
                 full = f"{prefix}.{name}" if prefix and name else (prefix or name)
-                if module is layer or is_measured(full, module, targets):
+                if module is layer or measured_by(full, module, targets):
                     measured[id(module)] = module
         self.handles = [m.register_forward_hook(self._hook) for m in measured.values()]
 
@@ -138,15 +165,18 @@ def snows_refit(
     mask: torch.Tensor,
     inputs: list[tuple[tuple, dict]],
     *,
-    config: SnowsConfig,
+    k: int,
+    solver: NewtonCGConfig,
     targets: set[int],
     block_layers: dict[str, nn.Module],
     dense_weights: dict[str, torch.Tensor],
+    measured_by: MeasuredRule = is_measured,
     progress: bool = False,
 ) -> tuple[SolveStats, float, float]:
-    """Refit ``layer.weight`` on ``mask`` in place; returns (solver stats, check loss before,
-    after). The last stored batch is held out for the line search (when there are several)."""
-    objective = Lookahead(chain, layer, config.k, targets, block_layers, dense_weights)
+    """Refit ``layer.weight`` on ``mask`` in place against the ``k``-operation lookahead loss;
+    returns (solver stats, check loss before, after). The last stored batch is held out for the
+    line search (when there are several)."""
+    objective = Lookahead(chain, layer, k, targets, block_layers, dense_weights, measured_by)
     try:
         newton = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
         check = len(inputs) - 1
@@ -158,7 +188,7 @@ def snows_refit(
         # The math attention kernel is built from differentiable ops, so it has the double
         # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
         with only_grad_for(model, layer.weight), sdpa_kernel([SDPBackend.MATH]):
-            stats = newton_cg_refit(layer.weight, mask, loss_fn, newton, check, config.solver, progress=progress)
+            stats = newton_cg_refit(layer.weight, mask, loss_fn, newton, check, solver, progress=progress)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:
         objective.close()

@@ -5,7 +5,8 @@ the canonical order of :mod:`prunekit.layout`) and the Hessian ``H = X^T X / N``
 calibration inputs, choose a sparse support (adaptive, block-wise, or a given mask) and update
 the surviving weights column by column with Optimal Brain Surgeon steps that share one inverse
 Hessian across all rows. It approximately solves ``min ||X W'^T - X W^T||_F^2`` over sparse
-``W'``; see the spec ``one-shot-baselines.md`` section 3 for the pseudo-code followed here.
+``W'``; the steps follow Algorithm 1 of Frantar & Alistarh 2023 ("SparseGPT: Massive Language
+Models Can Be Accurately Pruned in One-Shot", sec. 3).
 
 Differences from the reference code (IST-DASLab/sparsegpt), all deliberate:
 
@@ -29,7 +30,7 @@ import torch
 
 from ..patterns import NM, Unstructured, topk_keep
 
-__all__ = ["SparseGPTResult", "sparsegpt", "accumulate_hessian", "block_prune_counts"]
+__all__ = ["SparseGPTResult", "sparsegpt", "block_prune_counts"]
 
 #: above this input width the solver works in float32 (with Cholesky), below in float64
 FLOAT64_MAX_DIN = 2048
@@ -245,31 +246,3 @@ def sparsegpt(
     W[:, dead] = 0.0
     W[~keep] = 0.0
     return SparseGPTResult(W.to(weight.dtype), keep, float(err_sq) / 2.0, damp_used, retries)
-
-
-def accumulate_hessian(h: torch.Tensor | None, cols: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-    """Running-average update of ``H = X^T X / N`` with a new batch of rows ``cols`` ``[n, d_in]``.
-
-    ``h`` is the average over the ``count`` rows seen so far (None at the start). Returns the
-    average over ``count + n`` rows and the new count. Kept as a mean (old part rescaled by
-    ``count / (count + n)``, new rows pre-scaled by ``1 / sqrt(count + n)``) so it never grows
-    into a huge sum. Accumulates in float32, or float64 when ``h`` or ``cols`` is float64.
-    Leading dimensions of ``cols`` beyond the last are flattened into rows.
-    """
-    cols = cols.detach().reshape(-1, cols.shape[-1])
-    n = cols.shape[0]
-    dtype = torch.float64 if (cols.dtype == torch.float64 or (h is not None and h.dtype == torch.float64)) else torch.float32
-    if h is None:
-        h = torch.zeros(cols.shape[1], cols.shape[1], dtype=dtype, device=cols.device)
-        count = 0
-    elif tuple(h.shape) != (cols.shape[1], cols.shape[1]):
-        raise ValueError(f"hessian of shape {tuple(h.shape)} does not match inputs with {cols.shape[1]} columns")
-    else:
-        h = h.to(dtype)
-    if n == 0:
-        return h, count
-    new = count + n
-    x = cols.to(device=h.device, dtype=dtype) * (1.0 / math.sqrt(new))
-    with _no_tf32():
-        h = h * (count / new) + x.T @ x
-    return h, new

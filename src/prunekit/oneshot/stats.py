@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layout import input_columns
+from ..layer_kinds import kind_of
 from .blocks import StopForward, swapped_weights
 
 
@@ -77,8 +77,10 @@ class _Catcher:
         self.handles = [m.register_forward_hook(self._hook(n, m)) for n, m in layers.items()]
 
     def _hook(self, name: str, module: nn.Module):
+        kind = kind_of(module)
+
         def hook(_module, args, _output):
-            self.rows[name].append(input_columns(module, args[0].detach()))
+            self.rows[name].append(kind.input_columns(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args)))
             if self.stop_early and all(self.rows.values()):
                 raise StopForward
         return hook

@@ -1,0 +1,102 @@
+"""SNOWS: refit the kept weights against the next K measured operations (Newton-CG).
+
+Lucas & Mazumder 2025, "Preserving Deep Representations in One-Shot Pruning: A Hessian-Free
+Second-Order Optimization Framework", arXiv 2411.18376. The lookahead loss and the solver are in
+:mod:`prunekit.oneshot.snows` and :mod:`prunekit.oneshot.newton_cg`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from torch import nn
+
+from ..lstsq import lstsq_refit
+from ..newton_cg import NewtonCGConfig
+from ..options import check_choice, check_int, check_number
+from ..registry import LayerProblem, Refit, Update, register
+from ..snows import measured_rule, snows_refit
+
+WARM_STARTS = ("auto", "lstsq", "none")
+
+
+@dataclass
+class SnowsOptions(NewtonCGConfig):
+    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` for CPUs
+    (the SNOWS reference used 3 epochs and up to 500 CG iterations), and: ``k``, measured
+    operations after the layer's own output; ``warm_start``: ``"auto"`` (least squares unless
+    the selector already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
+    ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
+    (None: prunable layers, activations and attention; or a predicate ``(name, module) ->
+    bool``; or a list of module types and name regexes)."""
+
+    epochs: int = 1
+    max_cg: int = 20
+    k: int = 8
+    warm_start: str = "auto"
+    warm_start_damp: float = 1e-4
+    measured: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k must be a non-negative integer (operations to look ahead), got {self.k!r}")
+        check_choice(self.warm_start, "warm_start", WARM_STARTS)
+        check_number(self.warm_start_damp, "warm_start_damp", 0.0)
+        _check_measured(self.measured)
+        for name in ("epochs", "max_cg", "max_backtracks"):
+            check_int(getattr(self, name), name, 1)
+        check_int(self.max_steps, "max_steps", 1, optional=True)
+        check_int(self.patience, "patience", 0)
+        check_number(self.cg_tol, "cg_tol", 0.0, low_open=True)
+        check_number(self.damping, "damping", 0.0)
+        check_number(self.armijo_c, "armijo_c", 0.0, 1.0, high_open=True)
+        check_number(self.shrink, "shrink", 0.0, 1.0, low_open=True, high_open=True)
+        check_number(self.stagnation, "stagnation", 0.0, low_open=True)
+        if not isinstance(self.relative_tol, bool):
+            raise ValueError(f"relative_tol must be true or false, got {self.relative_tol!r}")
+
+    def solver(self) -> NewtonCGConfig:
+        return NewtonCGConfig(**{f.name: getattr(self, f.name) for f in fields(NewtonCGConfig)})
+
+
+def _check_measured(spec: Any) -> None:
+    if spec is None or (callable(spec) and not isinstance(spec, type)):
+        return
+    if isinstance(spec, (list, tuple)) and spec:
+        for item in spec:
+            if isinstance(item, str):
+                try:
+                    re.compile(item)
+                except re.error as exc:
+                    raise ValueError(f"measured regex {item!r} is invalid ({exc})") from exc
+            elif not (isinstance(item, type) and issubclass(item, nn.Module)):
+                raise ValueError(f"measured entries must be nn.Module types or name regexes, got {item!r}")
+        return
+    raise ValueError("measured must be None, a predicate (name, module) -> bool, or a non-empty list of "
+                     f"module types and name regexes, got {spec!r}")
+
+
+@register
+class Snows(Refit):
+    name = "snows"
+    needs = frozenset({"hessian", "dense_target", "sequential"})
+    Options = SnowsOptions
+    summary = "Newton-CG on a K-operation lookahead loss"
+
+    def refit(self, problem: LayerProblem, selected: Update) -> Update:
+        opts, ctx, s = self.options, problem.context, problem.stats
+        w, mask = selected.weight, selected.mask
+        if opts.warm_start == "lstsq" or (opts.warm_start == "auto" and not problem.selector.updates_weights):
+            w = lstsq_refit(problem.weight, mask, s.hessian, s.cross, damp=opts.warm_start_damp,
+                            dtype=problem.weight.dtype)
+        ctx.write(w, mask)
+        solve, before, after = snows_refit(
+            ctx.model, ctx.chain, ctx.layer, ctx.weight_mask(mask), ctx.inputs, k=opts.k, solver=opts.solver(),
+            targets=ctx.targets, block_layers=ctx.block_layers, dense_weights=ctx.dense_weights,
+            measured_by=measured_rule(opts.measured), progress=ctx.progress,
+        )
+        notes = [f"{solve.failed_line_searches} line searches failed"] if solve.failed_line_searches else []
+        if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature
+            notes.append(f"negative curvature in {solve.negative_curvature} of {solve.steps} CG solves")
+        return Update(ctx.read(), mask, "; ".join(notes), (before, after))

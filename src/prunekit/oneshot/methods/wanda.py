@@ -1,0 +1,23 @@
+"""Wanda: keep the largest ``|W_ij| * ||X_j||`` within each output row.
+
+Sun, Liu, Bair & Kolter 2023, "A Simple and Effective Pruning Approach for Large Language
+Models", sec. 3: comparing per output row is what makes the score work on LLMs. When the row
+length does not divide, the layer still prunes exactly ``round(sparsity * d_out * d_in)``.
+"""
+from __future__ import annotations
+
+from ..registry import LayerProblem, Selector, Update, register
+from ..selection import select_mask, wanda_scores
+
+
+@register
+class Wanda(Selector):
+    name = "wanda"
+    needs = frozenset({"col_norms"})
+    summary = "magnitude x input-column norm, per output row"
+
+    def select(self, problem: LayerProblem) -> Update:
+        w = problem.weight
+        scores = wanda_scores(w, problem.stats.sq)
+        mask = select_mask(scores, problem.sparsity, problem.pattern, per_row=True)
+        return Update(w * mask, mask)

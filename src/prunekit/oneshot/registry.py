@@ -1,0 +1,237 @@
+"""The registry of one-shot methods: what ``prune(method=..., refine=...)`` can name.
+
+One-shot pruning is two separate steps (Frantar & Alistarh 2023 choose the support and update
+the weights in one pass; Lucas & Mazumder 2025 refit any given support): a ``"select"`` method
+chooses each layer's keep-mask, possibly updating the kept weights (magnitude, Wanda,
+SparseGPT); a ``"refit"`` method re-fits the surviving weights on that fixed mask (least
+squares, SNOWS). A method is a small class registered by name::
+
+    @register
+    class MyScore(Selector):
+        name = "my-score"
+        needs = frozenset({"col_norms"})
+        def select(self, problem): ...
+
+declaring the calibration statistics it needs (see :data:`STATISTICS`) and an ``Options``
+dataclass that validates its own fields. ``prune()``, recipes, the command line, the demo and
+the docs' method table all read this registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..patterns import Pattern
+from .stats import LayerStats
+
+#: what a method can ask of the calibration pass, per layer:
+#: ``col_norms`` -- per-input-column sums of squares (Wanda); ``hessian`` -- ``X^T X / N``;
+#: ``dense_target`` -- cross terms ``X_s^T X_t / N`` with the inputs the dense block would
+#: see (statistics are then recomputed after every layer); ``sequential`` -- the block's stored
+#: inputs and the model, to evaluate losses through later layers (SNOWS).
+STATISTICS = frozenset({"col_norms", "hessian", "dense_target", "sequential"})
+ROLES = ("select", "refit")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
+@dataclass
+class LayerContext:
+    """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
+    the model, the blocks from this one to the end, the block's stored inputs, the block's
+    pruned layers with their dense weights, and how to read and write the layer's matrix."""
+
+    model: nn.Module
+    layer: nn.Module
+    chain: Sequence[tuple[str, nn.Module]]
+    inputs: list[tuple[tuple, dict]]
+    targets: set[int]
+    block_layers: dict[str, nn.Module]
+    dense_weights: dict[str, torch.Tensor]
+    write: Callable[[torch.Tensor, torch.Tensor], None]
+    read: Callable[[], torch.Tensor]
+    weight_mask: Callable[[torch.Tensor], torch.Tensor]
+    progress: bool = False
+
+
+@dataclass
+class LayerProblem:
+    """One layer as every method sees it: ``weight`` is the dense ``[d_out, d_in]`` matrix (a
+    copy, on the execution device, in the statistics precision: float64 on the CPU, float32 on
+    accelerators unless ``stats_dtype`` says otherwise; solvers work in its dtype), ``stats`` the
+    statistics the methods asked for (None without data)."""
+
+    name: str
+    weight: torch.Tensor
+    sparsity: float
+    pattern: Pattern
+    stats: LayerStats | None
+    selector: "Selector"
+    context: LayerContext | None = None
+
+
+@dataclass
+class Update:
+    """A method's answer: the new ``[d_out, d_in]`` matrix, and for a selector its keep-mask;
+    ``note`` goes to the layer's report, ``lookahead`` is a (before, after) loss pair."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None = None
+    note: str = ""
+    lookahead: tuple[float, float] | None = None
+
+
+class Method:
+    """Base of every one-shot method; subclass :class:`Selector` or :class:`Refit`."""
+
+    name: ClassVar[str]
+    role: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type] = NoOptions
+    summary: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = make_options(type(self), options)
+
+
+class Selector(Method):
+    """Chooses a layer's support. ``updates_weights``: the kept weights come back updated
+    (SparseGPT), so a refit needs no warm start of its own."""
+
+    role = "select"
+    updates_weights: ClassVar[bool] = False
+
+    def select(self, problem: LayerProblem) -> Update:
+        raise NotImplementedError
+
+
+class Refit(Method):
+    """Re-fits the surviving weights of a layer on the selector's fixed mask."""
+
+    role = "refit"
+
+    def refit(self, problem: LayerProblem, selected: Update) -> Update:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method] | None = None, *, replace: bool = False) -> Any:
+    """Class decorator: add a method under its ``name`` (checked: a duplicate name, a missing
+    declaration or an unknown statistic is a ``TypeError``). ``@register(replace=True)``
+    redefines a name, e.g. when a notebook cell runs again."""
+    if cls is None:
+        return lambda c: register(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, (Selector, Refit))):
+        raise TypeError(f"register() takes a subclass of Selector or Refit, got {cls!r}")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name or name in ("none", "null"):
+        raise TypeError(f"{cls.__name__} must declare name = '...' (a non-empty string other than 'none')")
+    if name in _REGISTRY and not replace:
+        raise TypeError(f"a one-shot method named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
+                        "choose another name")
+    work = "select" if cls.role == "select" else "refit"
+    if getattr(cls, work) is getattr(Selector if cls.role == "select" else Refit, work):
+        raise TypeError(f"{cls.__name__} must implement {work}()")
+    needs = cls.needs
+    if not isinstance(needs, (set, frozenset)) or not needs <= STATISTICS:
+        raise TypeError(f"{cls.__name__}.needs must be a set drawn from {sorted(STATISTICS)}, got {needs!r}")
+    if not dataclasses.is_dataclass(cls.Options):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass, got {cls.Options!r}")
+    cls.needs = frozenset(needs)
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a method (for tests and interactive sessions)."""
+    _REGISTRY.pop(name, None)
+
+
+def names(role: str) -> tuple[str, ...]:
+    """Registered method names of one role, in registration order."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    return tuple(n for n, cls in _REGISTRY.items() if cls.role == role)
+
+
+def get(name: str, role: str, where: str | None = None) -> type[Method]:
+    """The method class registered as ``name`` for ``role`` (ValueError with the closest name)."""
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None or cls.role != role:
+        known = names(role)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        label = where or ("method" if role == "select" else "refine")
+        raise ValueError(f"{label} must be one of {', '.join(known)}, got {name!r}{hint}")
+    return cls
+
+
+def make_options(cls: type[Method], options: Any) -> Any:
+    """``cls.Options`` from None, an instance, or a mapping of its fields (unknown key:
+    ValueError naming the closest option)."""
+    if options is None:
+        options = {}
+    if isinstance(options, cls.Options):
+        return options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"{cls.name} options must be a mapping (e.g. a dict) or a {cls.Options.__name__}, "
+                        f"got {type(options).__name__}")
+    known = [f.name for f in dataclasses.fields(cls.Options)]
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else (
+                f"known: {', '.join(known)}" if known else "it takes no options")
+            raise ValueError(f"unknown {cls.name} option {key!r}; {hint}")
+    try:
+        return cls.Options(**options)
+    except ValueError as exc:
+        raise ValueError(f"{cls.name} option {exc}") from exc
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per registered method (name, role, needs, options, summary): what ``--help``
+    and the docs' method table show."""
+    return [{"name": name, "role": cls.role, "needs": sorted(cls.needs),
+             "options": [f.name for f in dataclasses.fields(cls.Options)], "summary": cls.summary}
+            for name, cls in _REGISTRY.items()]
+
+
+def load_plugins(modules: Sequence[str] | None) -> None:
+    """Import user modules that register methods (``--plugin``, a recipe's ``prune.plugins``);
+    a module not on the path is also looked for in the working folder."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module.split(".")[0] or os.getcwd() in sys.path:
+                raise ValueError(f"plugin {module!r} cannot be imported ({exc}); put it on PYTHONPATH") from exc
+            sys.path.insert(0, os.getcwd())
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as again:
+                raise ValueError(f"plugin {module!r} cannot be imported ({again}); put it on PYTHONPATH "
+                                 "or in the working folder") from again
+            finally:
+                sys.path.remove(os.getcwd())
+
+
+def builtins() -> None:
+    """Register the methods that ship with prunekit (imported for their decorators)."""
+    from . import methods  # noqa: F401
+
+
+builtins()
