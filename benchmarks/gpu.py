@@ -196,7 +196,7 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-sequences", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
-    p.add_argument("--sections", default="dense,runs,offloaded,layer,kernels")
+    p.add_argument("--sections", default="dense,dense_diagnostics,runs,offloaded,layer,kernels")
     p.add_argument("--device", default="cuda", help="'cpu' with --layers for a dry run of the script itself")
     p.add_argument("--layers", type=int, default=None, help="keep only the first decoder layers (dry runs)")
     p.add_argument("--markdown", default=None, metavar="GPU_JSON", help="only write gpu.md from a gpu.json")
@@ -256,6 +256,29 @@ def main() -> int:
     def dense():
         fresh(dev)
         res.add("dense", {"perplexity": ppl(), "cpu_perplexity": 14.82})
+
+    def dense_diagnostics():
+        """Why the GPU's dense perplexity differs from the CPU's: the weights (checksums against the
+        CPU's -10067.611953556538 / 18618625.800991118), TF32, and the attention kernel."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        fresh(dev)
+        row = {"weights_sum": sum(float(p.detach().double().sum()) for p in model.parameters()),
+               "weights_abs_sum": sum(float(p.detach().double().abs().sum()) for p in model.parameters()),
+               "tf32_matmul_default": torch.backends.cuda.matmul.allow_tf32,
+               "tf32_cudnn_default": torch.backends.cudnn.allow_tf32,
+               "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        row["perplexity_tf32_off"] = ppl()
+        with sdpa_kernel([SDPBackend.MATH]):
+            row["perplexity_tf32_off_math_attention"] = ppl()
+        model.to(torch.float64)
+        with sdpa_kernel([SDPBackend.MATH]):
+            row["perplexity_float64_model"] = ppl()
+        model.to(torch.float32)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        res.add("dense_diagnostics", row)
 
     resident_seconds = {}
 
@@ -370,6 +393,7 @@ def main() -> int:
                                     "speedup": round(t_dense / t_sparse, 3)})
 
     section("dense", dense)
+    section("dense_diagnostics", dense_diagnostics)
     section("runs", runs)
     section("offloaded", offloaded)
     section("layer", layer)
