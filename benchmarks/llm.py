@@ -59,9 +59,10 @@ def run_one(args) -> dict:
     start = time.perf_counter()
     result = pk.prune(model, calibration, sparsity=float(pattern) if unstructured else None,
                       pattern="unstructured" if unstructured else pattern, method=method, refine=refine or None,
-                      blocks=decoder_blocks(model), progress=False,
+                      blocks=decoder_blocks(model), progress=False, stats_dtype=args.stats_dtype,
                       refine_options={"k": args.k, "epochs": 1, "max_cg": args.max_cg} if refine == "snows" else None)
     row["seconds"] = round(time.perf_counter() - start, 1)
+    row["stats_dtype"] = result.stats_dtype
     row["peak_growth_mib"] = round(resident_mib("VmHWM") - before, 0)
     row["rss_before_mib"] = round(before, 0)
     row["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 0)
@@ -232,6 +233,8 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=3, help="SNOWS lookahead")
     p.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stats-dtype", choices=["float32", "float64"], default=None,
+                   help="precision of statistics and solvers (default: prunekit's, float64 on the CPU)")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--save-check", action="store_true",
                    help="with --one: save as a plain HF checkpoint, reload with transformers, compare")

@@ -1,6 +1,6 @@
 """What a model's sparsity looks like, layer by layer: parameters, non-zeros and FLOPs.
 
-Everything is read from the weight tensors (principle 6: measure, don't assume), so a report is
+Everything is read from the weight tensors (measured, never assumed), so a report is
 correct for any model, however it was pruned. FLOPs count a multiply-accumulate as 2 FLOPs; a
 sparse layer is credited only with its non-zero weights (an upper bound on what a kernel can save).
 Without example inputs FLOPs are per output position; with them, per forward of that input.
