@@ -82,11 +82,16 @@ def keep_count(numel: int, sparsity: float) -> int:
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
-    """Keep-mask pruning exactly ``round(sparsity * n)`` lowest scores per tensor (or per row)."""
+    """Keep-mask pruning exactly ``round(sparsity * n)`` lowest scores of the tensor; with
+    ``per_row`` each row prunes its own lowest, the rows' counts differing by at most one (the
+    remainder spread evenly in row order), so the tensor's count is still exact."""
     if not per_row:
         return topk_keep(scores.reshape(-1), keep_count(scores.numel(), sparsity)).view_as(scores)
     mat = to_matrix(scores)
-    return from_matrix(topk_keep(mat, keep_count(mat.shape[1], sparsity)), scores.shape)
+    rows, cols = mat.shape
+    total = scores.numel() - keep_count(scores.numel(), sparsity)
+    pruned = (torch.arange(rows + 1) * total // max(rows, 1)).diff()  # row i: floor((i+1)T/R) - floor(iT/R)
+    return from_matrix(topk_keep(mat, (cols - pruned).to(mat.device)), scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:

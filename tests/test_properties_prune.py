@@ -1,0 +1,291 @@
+"""Property tests of ``pk.prune``: a clear error with the model untouched, or exactly the promise.
+
+Hypothesis draws a small model (Linear stacks, Conv2d/Conv1d stacks, residual blocks, attention
+blocks with nn.Linear q/k/v/o), a pattern (unstructured, valid and invalid N:M), a sparsity
+(edge values and invalid ones), a budget (uniform, global with cap, ERK, overrides), a method
+and refit, and calibration data (right and wrong shapes, NaN, empty). Then either
+
+* ``prune`` raises ``ValueError``/``TypeError`` and every state-dict tensor is bit-identical to
+  before (required whenever an input was invalid), or
+* every pruned layer has exactly ``round(s_l * n_l)`` zeros for its budget ``s_l`` (exactly
+  ``M - N`` per group of ``M`` for N:M), nothing else changed, the state-dict keys are the same,
+  the outputs are finite, and no hook is left behind.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import prunekit as pk
+from property_settings import examples
+
+ACTS = (nn.Tanh, nn.GELU, nn.SiLU)  # no dead units: every input column carries signal
+
+
+# -- models ---------------------------------------------------------------------------------------
+class Residual(nn.Module):
+    def __init__(self, d: int, hidden: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), act(), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class ToyAttention(nn.Module):
+    """Multi-head self-attention from nn.Linear projections, then an MLP (pre-LN-free)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.mlp_in, self.mlp_out = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp_out(F.gelu(self.mlp_in(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, stem: nn.Module, blocks: list[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = stem, nn.ModuleList(blocks), head
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+WIDTHS = st.sampled_from([3, 4, 5, 6, 8, 12, 16])
+
+
+@st.composite
+def models(draw) -> tuple[nn.Module, tuple[int, ...], tuple[int, ...]]:
+    """A model, the shape of one input sample, and a sample shape with one feature too many."""
+    kind = draw(st.sampled_from(["mlp", "cnn", "conv1d", "residual", "attention"]))
+    act = draw(st.sampled_from(ACTS))
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    if kind == "mlp":
+        dims = draw(st.lists(WIDTHS, min_size=2, max_size=4))
+        layers: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b), act()]
+        model, shape = nn.Sequential(*layers, nn.Linear(dims[-1], 3)), (dims[0],)
+    elif kind in ("cnn", "conv1d"):
+        conv = nn.Conv2d if kind == "cnn" else nn.Conv1d
+        pool = nn.AdaptiveAvgPool2d(1) if kind == "cnn" else nn.AdaptiveAvgPool1d(1)
+        c0, c1, c2 = draw(st.sampled_from([1, 2, 3, 4])), draw(WIDTHS), draw(WIDTHS)
+        k = draw(st.sampled_from([1, 2, 3]))
+        size = draw(st.integers(3, 6))
+        model = nn.Sequential(conv(c0, c1, k, padding=k // 2), act(), conv(c1, c2, 3, stride=draw(st.sampled_from([1, 2])), padding=1),
+                              act(), pool, nn.Flatten(), nn.Linear(c2, 3))
+        shape = (c0, size, size) if kind == "cnn" else (c0, size)
+    elif kind == "residual":
+        d = draw(WIDTHS)
+        blocks = [Residual(d, draw(WIDTHS), act) for _ in range(draw(st.integers(1, 3)))]
+        d_in = draw(WIDTHS)
+        model, shape = Stack(nn.Linear(d_in, d), blocks, nn.Linear(d, 3)), (d_in,)
+    else:
+        heads = draw(st.sampled_from([1, 2]))
+        d = heads * draw(st.sampled_from([2, 4, 6]))
+        d_in, tokens = draw(WIDTHS), draw(st.integers(1, 4))
+        blocks = [ToyAttention(d, heads) for _ in range(draw(st.integers(1, 2)))]
+        model, shape = Stack(nn.Linear(d_in, d), blocks, nn.Linear(d, 3)), (tokens, d_in)
+    if draw(st.booleans()):  # quantised weights: many exact ties in every score
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                    m.weight.copy_(torch.sign(m.weight) * torch.randint(1, 4, m.weight.shape) / 8)
+    model.train(draw(st.booleans()))
+    feature = 0 if kind in ("cnn", "conv1d") else len(shape) - 1  # channels, or features
+    return model, shape, tuple(d + (i == feature) for i, d in enumerate(shape))
+
+
+# -- arguments ------------------------------------------------------------------------------------
+VALID_SPARSITY = st.one_of(st.sampled_from([0, 0.0, 1e-12, 0.01, 0.5, 0.9, 0.999999, 1 - 1e-12]),
+                           st.floats(0.0, 1.0, exclude_max=True))
+INVALID_SPARSITY = st.sampled_from([-0.1, -1e-12, 1, 1.0, 1.5, math.nan, math.inf, -math.inf, "0.5", True, [0.5]])
+INVALID_PATTERNS = st.sampled_from(["0:4", "4:4", "5:4", "2:0", "a:b", "2-4", "", "2:4:8", "-1:4", "unstructured!", 4, 2.4])
+
+
+@st.composite
+def pattern_and_sparsity(draw) -> tuple[object, object, bool]:
+    """(pattern, sparsity, valid)."""
+    kind = draw(st.sampled_from(["unstructured", "unstructured", "nm", "nm", "bad-pattern", "bad-sparsity", "none"]))
+    if kind == "unstructured":
+        return draw(st.sampled_from(["unstructured", " Unstructured ", pk.Unstructured()])), draw(VALID_SPARSITY), True
+    if kind == "none":
+        return "unstructured", None, False
+    if kind == "bad-sparsity":
+        return draw(st.sampled_from(["unstructured", "2:4"])), draw(INVALID_SPARSITY), False
+    if kind == "bad-pattern":
+        return draw(INVALID_PATTERNS), draw(st.sampled_from([None, 0.5])), False
+    m = draw(st.integers(2, 8))
+    n = draw(st.integers(1, m - 1))
+    pattern = draw(st.sampled_from([f"{n}:{m}", f" {n} : {m} ", pk.NM(n, m)]))
+    given_s = draw(st.sampled_from(["omit", "match", "contradict"]))
+    if given_s == "omit":
+        return pattern, None, True
+    if given_s == "match":
+        return pattern, 1 - n / m, True
+    return pattern, 0.5 if abs(1 - n / m - 0.5) > 1e-6 else 0.25, False
+
+
+CALIBRATION = ["ok", "ok", "ok", "tuple", "generator", "wrong-features", "later-wrong", "nan", "inf",
+               "empty", "none", "empty-batch", "int", "bare-tensor"]
+BAD_CALIBRATION = {"wrong-features", "later-wrong", "nan", "inf", "empty", "none", "empty-batch", "int", "bare-tensor"}
+
+
+def batch(shape, n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def calibration(kind: str, shape: tuple[int, ...], wrong: tuple[int, ...], count: int, size: int):
+    """Calibration batches of ``kind``; ``wrong`` is a sample shape the model cannot take."""
+    ok = [batch(shape, size, i) for i in range(count)]
+    return {
+        "ok": lambda: ok,
+        "tuple": lambda: [(x,) for x in ok],
+        "generator": lambda: (x for x in ok),
+        "wrong-features": lambda: [batch(wrong, size, 0)],
+        "later-wrong": lambda: ok[:1] + [batch(wrong, size, 1)],
+        "nan": lambda: ok[:-1] + [ok[-1].index_fill(0, torch.tensor([0]), math.nan)],
+        "inf": lambda: [ok[0].index_fill(0, torch.tensor([0]), math.inf)] + ok[1:],
+        "empty": lambda: [],
+        "none": lambda: None,
+        "empty-batch": lambda: [batch(shape, 0, 0)],
+        "int": lambda: [torch.ones(size, *shape, dtype=torch.int64)],
+        "bare-tensor": lambda: ok[0],
+    }[kind]()
+
+
+@st.composite
+def budgets(draw, names: list[str]) -> tuple[str, object, object, bool]:
+    """(budget, cap, overrides, valid)."""
+    budget = draw(st.sampled_from(["uniform", "uniform", "global", "global", "erk", "Global", None]))
+    cap = draw(st.sampled_from([None, None, 0.0, 0.3, 0.9, 1.5, -0.5]))
+    valid = budget in ("uniform", "global", "erk") and (cap is None or 0 <= cap < 1)
+    overrides = None
+    choice = draw(st.sampled_from(["none", "none", "layer", "layer", "no-match", "bad-regex", "bad-value"]))
+    if choice == "layer":
+        layer = draw(st.sampled_from(names))
+        overrides = {f"^{re.escape(layer)}$": draw(VALID_SPARSITY)}
+    elif choice == "no-match":
+        overrides = {"^no_such_layer$": 0.5}
+    elif choice == "bad-regex":
+        overrides = {"(": 0.5}
+    elif choice == "bad-value":
+        overrides = {f"^{re.escape(names[0])}$": draw(st.sampled_from([1.0, -0.1, math.nan, "0.5"]))}
+    return budget, cap, overrides, valid and choice in ("none", "layer")
+
+
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    views = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return t.view(views[t.dtype]) if t.dtype in views else t
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+@settings(max_examples=examples(60))
+@given(spec=models(), ps=pattern_and_sparsity(), data=st.data())
+def test_prune_refuses_cleanly_or_keeps_every_promise(spec, ps, data):
+    model, shape, wrong = spec
+    pattern, sparsity, valid = ps
+    include_head = data.draw(st.booleans(), label="include_head")
+    targets = pk.find_targets(model, include_head=include_head)
+    names = list(targets)
+    budget, cap, overrides, budget_ok = data.draw(budgets(names), label="budget")
+    method = data.draw(st.sampled_from(["magnitude", "magnitude", "wanda", "sparsegpt", "Wanda"]), label="method")
+    refine = data.draw(st.sampled_from([None, None, "lstsq", "snows", "none"]), label="refine")
+    snows = data.draw(st.sampled_from([None, {"k": 0, "max_cg": 2}, {"k": 1, "max_cg": 3}, {"k": 2, "max_cg": 1},
+                                       {"k": -1}, {"bogus": 1}]), label="snows")
+    calib_kind = data.draw(st.sampled_from(CALIBRATION), label="calibration")
+    calib = calibration(calib_kind, shape, wrong, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)))
+    strict = data.draw(st.booleans(), label="strict")
+    kwargs = dict(sparsity=sparsity, pattern=pattern, method=method, refine=refine, budget=budget, cap=cap,
+                  overrides=overrides, include_head=include_head, strict=strict, progress=False,
+                  sequential=data.draw(st.booleans(), label="sequential"),
+                  capture=data.draw(st.sampled_from(["chain", "rerun"]), label="capture"))
+    if refine == "snows":
+        kwargs["snows"] = snows if snows is not None else {"k": 1, "max_cg": 2}
+
+    parsed = pk.parse_pattern(pattern) if valid else None
+    nm = parsed if isinstance(parsed, pk.NM) else None
+    misfits = [n for n in names if nm is not None and pk.to_matrix(targets[n].weight).shape[1] % nm.m]
+    needs_data = method != "magnitude" or refine is not None
+    valid = (valid and budget_ok and method in pk.METHODS and refine in pk.REFINES
+             and (refine != "snows" or snows in (None,) or snows.get("k", 0) >= 0 and "bogus" not in snows)
+             and not (needs_data and calib_kind in BAD_CALIBRATION)
+             and not (nm is not None and (budget != "uniform" or cap is not None or overrides))
+             and not (strict and misfits) and len(misfits) < len(names))
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            result = pk.prune(model, calib, **kwargs)
+        except (ValueError, TypeError) as exc:
+            after = model.state_dict()
+            assert list(after) == list(before)
+            assert all(torch.equal(bit_view(after[k]), bit_view(before[k])) for k in before), f"refused ({exc}) but changed the model"
+            assert model.training == was_training and hooks_left(model) == 0
+            # a valid request may only be refused when a global/ERK budget cannot honour its overrides
+            assert not valid or (overrides and budget != "uniform" and "overrides" in str(exc)), f"valid input refused: {exc!r}"
+            return
+    assert valid, "invalid input accepted"
+    _check_promise(model, before, targets, misfits, result, kwargs, nm, shape)
+    assert model.training == was_training and hooks_left(model) == 0
+
+
+def _check_promise(model, before, targets, misfits, result, kwargs, nm, shape) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before), "state-dict keys changed"
+    pruned = [n for n in targets if n not in misfits]
+    changed_ok = {pk.targets.weight_name(n) for n in pruned}
+    for k in before:
+        if k not in changed_ok:
+            assert torch.equal(bit_view(after[k]), bit_view(before[k])), f"{k} is not a pruned weight but changed"
+    assert sorted(r.name for r in result.layers) == sorted(pruned)
+    assert sorted(result.skipped) == sorted(misfits)
+    if nm is None:
+        w0 = {n: before[pk.targets.weight_name(n)] for n in pruned}
+        scores = {n: w.abs() if kwargs["budget"] == "global" else w for n, w in w0.items()}
+        per_layer = pk.allocate(scores, kwargs["sparsity"], kwargs["budget"], cap=kwargs["cap"], overrides=kwargs["overrides"])
+    reports = {r.name: r for r in result.layers}
+    for n in pruned:
+        w = targets[n].weight.detach()
+        assert torch.isfinite(w).all(), f"{n} has non-finite weights"
+        zeros = int((w == 0).sum())
+        if nm is not None:
+            groups = w.numel() // nm.m
+            assert zeros == groups * (nm.m - nm.n), f"{n}: {zeros} zeros, expected {groups * (nm.m - nm.n)} for {nm}"
+            assert pk.check_nm(w != 0, nm), f"{n} breaks {nm}"
+        else:
+            expected = round(per_layer[n] * w.numel())
+            assert zeros == expected, f"{n}: {zeros} zeros of {w.numel()}, expected {expected} (s={per_layer[n]})"
+        assert reports[n].sparsity == zeros / w.numel()
+    if nm is None and kwargs["method"] == "magnitude" and kwargs["refine"] is None and kwargs["budget"] == "global" \
+            and not kwargs["overrides"] and kwargs["cap"] is None:
+        kept = [before[pk.targets.weight_name(n)].abs()[targets[n].weight != 0] for n in pruned]
+        gone = [before[pk.targets.weight_name(n)].abs()[targets[n].weight == 0] for n in pruned]
+        kept, gone = torch.cat(kept), torch.cat(gone)
+        if kept.numel() and gone.numel():
+            assert gone.max() <= kept.min(), "global magnitude kept a smaller weight than one it pruned"
+    with torch.no_grad():
+        out = model(batch(shape, 2, 99))
+    assert torch.isfinite(out).all(), "outputs are not finite"
