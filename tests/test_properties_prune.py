@@ -19,7 +19,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -68,7 +68,7 @@ class Stack(nn.Module):
         return self.head(x)
 
 
-WIDTHS = st.sampled_from([3, 4, 5, 6, 8, 12, 16])
+WIDTHS = st.sampled_from([3, 4, 5, 6, 8, 8, 12, 16, 16])
 
 
 @st.composite
@@ -117,35 +117,69 @@ def models(draw) -> tuple[nn.Module, tuple[int, ...], tuple[int, ...]]:
 VALID_SPARSITY = st.one_of(st.sampled_from([0, 0.0, 1e-12, 0.01, 0.5, 0.9, 0.999999, 1 - 1e-12]),
                            st.floats(0.0, 1.0, exclude_max=True))
 INVALID_SPARSITY = st.sampled_from([-0.1, -1e-12, 1, 1.0, 1.5, math.nan, math.inf, -math.inf, "0.5", True, [0.5]])
-INVALID_PATTERNS = st.sampled_from(["0:4", "4:4", "5:4", "2:0", "a:b", "2-4", "", "2:4:8", "-1:4", "unstructured!", 4, 2.4])
+INVALID_PATTERNS = st.sampled_from(["0:4", "4:4", "5:4", "2:0", "a:b", "2-4", "", "2:4:8", "-1:4", "unstructured!", 4, 2.4, None])
+GOOD_CALIBRATION = ["ok", "tuple", "generator"]
+BAD_CALIBRATION = ["wrong-features", "later-wrong", "nan", "inf", "empty", "none", "empty-batch", "int", "bare-tensor"]
+# At most one thing is wrong per request, so that a refusal is always attributable.
+FAULTS = ["none"] * 8 + ["sparsity", "missing-sparsity", "pattern", "nm-sparsity", "budget", "cap", "overrides",
+                         "nm-budget", "method", "refine", "snows", "calibration"]
 
 
 @st.composite
-def pattern_and_sparsity(draw) -> tuple[object, object, bool]:
-    """(pattern, sparsity, valid)."""
-    kind = draw(st.sampled_from(["unstructured", "unstructured", "nm", "nm", "bad-pattern", "bad-sparsity", "none"]))
-    if kind == "unstructured":
-        return draw(st.sampled_from(["unstructured", " Unstructured ", pk.Unstructured()])), draw(VALID_SPARSITY), True
-    if kind == "none":
-        return "unstructured", None, False
-    if kind == "bad-sparsity":
-        return draw(st.sampled_from(["unstructured", "2:4"])), draw(INVALID_SPARSITY), False
-    if kind == "bad-pattern":
-        return draw(INVALID_PATTERNS), draw(st.sampled_from([None, 0.5])), False
-    m = draw(st.integers(2, 8))
-    n = draw(st.integers(1, m - 1))
-    pattern = draw(st.sampled_from([f"{n}:{m}", f" {n} : {m} ", pk.NM(n, m)]))
-    given_s = draw(st.sampled_from(["omit", "match", "contradict"]))
-    if given_s == "omit":
-        return pattern, None, True
-    if given_s == "match":
-        return pattern, 1 - n / m, True
-    return pattern, 0.5 if abs(1 - n / m - 0.5) > 1e-6 else 0.25, False
-
-
-CALIBRATION = ["ok", "ok", "ok", "tuple", "generator", "wrong-features", "later-wrong", "nan", "inf",
-               "empty", "none", "empty-batch", "int", "bare-tensor"]
-BAD_CALIBRATION = {"wrong-features", "later-wrong", "nan", "inf", "empty", "none", "empty-batch", "int", "bare-tensor"}
+def requests(draw, names: list[str]) -> tuple[dict, str, str]:
+    """(keyword arguments of prune() but the model and calibration, calibration kind, fault)."""
+    fault = draw(st.sampled_from(FAULTS))
+    nm = fault in ("nm-sparsity", "nm-budget") or (fault not in ("missing-sparsity",) and draw(st.integers(0, 2)) == 0)
+    if nm:
+        m = draw(st.sampled_from([2, 4, 4, 8, 3, 5, 7]))
+        n = draw(st.integers(1, m - 1))
+        pattern = draw(st.sampled_from([f"{n}:{m}", f" {n} : {m} ", pk.NM(n, m)]))
+        sparsity = draw(st.sampled_from([None, 1 - n / m]))
+        budget, cap, overrides = "uniform", None, None
+    else:
+        pattern = draw(st.sampled_from(["unstructured", " Unstructured ", pk.Unstructured()]))
+        sparsity = draw(VALID_SPARSITY)
+        budget = draw(st.sampled_from(["uniform", "global", "erk"]))
+        cap = draw(st.sampled_from([None, 0.0, 0.3, 0.9])) if budget == "global" else None
+        overrides = {f"^{re.escape(draw(st.sampled_from(names)))}$": draw(VALID_SPARSITY)} if draw(st.booleans()) else None
+    method = draw(st.sampled_from(["magnitude", "wanda", "sparsegpt"]))
+    refine = draw(st.sampled_from([None, None, "lstsq", "snows"]))
+    kwargs = dict(sparsity=sparsity, pattern=pattern, method=method, refine=refine, budget=budget, cap=cap,
+                  overrides=overrides, strict=draw(st.booleans()), progress=False,
+                  sequential=draw(st.booleans()), capture=draw(st.sampled_from(["chain", "rerun"])),
+                  snows=draw(st.sampled_from([{"k": 0, "max_cg": 2}, {"k": 1, "max_cg": 3}, {"k": 2, "max_cg": 1, "epochs": 1}])))
+    calib = draw(st.sampled_from(GOOD_CALIBRATION))
+    if fault == "sparsity":
+        kwargs["sparsity"] = draw(INVALID_SPARSITY)
+    elif fault == "missing-sparsity":
+        kwargs["sparsity"] = None
+    elif fault == "pattern":
+        kwargs["pattern"] = draw(INVALID_PATTERNS)
+    elif fault == "nm-sparsity":
+        s = pk.parse_pattern(pattern).sparsity
+        kwargs["sparsity"] = draw(st.sampled_from([0.5 if abs(s - 0.5) > 1e-6 else 0.25, 0.0]))
+    elif fault == "budget":
+        kwargs["budget"] = draw(st.sampled_from(["Global", "bogus", None, ""]))
+    elif fault == "cap":
+        kwargs.update(budget="global", cap=draw(st.sampled_from([1.0, 1.5, -0.5, math.nan, "0.3"])))
+    elif fault == "overrides":
+        kwargs["overrides"] = draw(st.sampled_from([{"^no_such_layer$": 0.5}, {"(": 0.5}, {names[0]: 1.0},
+                                                    {names[-1]: -0.1}, {names[0]: math.nan}, {names[0]: "0.5"}]))
+    elif fault == "nm-budget":
+        kwargs.update(draw(st.sampled_from([{"budget": "global"}, {"budget": "erk"}, {"cap": 0.5},
+                                            {"overrides": {f"^{re.escape(names[0])}$": 0.0}}])))
+    elif fault == "method":
+        kwargs["method"] = draw(st.sampled_from(["Wanda", "obs", None, ""]))
+    elif fault == "refine":
+        kwargs["refine"] = draw(st.sampled_from(["none", "SNOWS", True, "lsq"]))
+    elif fault == "snows":
+        kwargs.update(refine="snows", snows=draw(st.sampled_from([{"k": -1}, {"k": 1.5}, {"bogus": 1}, "fast",
+                                                                   {"warm_start": "magic"}])))
+    elif fault == "calibration":
+        calib = draw(st.sampled_from(BAD_CALIBRATION))
+        if method == "magnitude" and refine is None:  # magnitude alone reads no data
+            kwargs["method"] = draw(st.sampled_from(["wanda", "sparsegpt"]))
+    return kwargs, calib, fault
 
 
 def batch(shape, n: int, seed: int) -> torch.Tensor:
@@ -171,26 +205,6 @@ def calibration(kind: str, shape: tuple[int, ...], wrong: tuple[int, ...], count
     }[kind]()
 
 
-@st.composite
-def budgets(draw, names: list[str]) -> tuple[str, object, object, bool]:
-    """(budget, cap, overrides, valid)."""
-    budget = draw(st.sampled_from(["uniform", "uniform", "global", "global", "erk", "Global", None]))
-    cap = draw(st.sampled_from([None, None, 0.0, 0.3, 0.9, 1.5, -0.5]))
-    valid = budget in ("uniform", "global", "erk") and (cap is None or 0 <= cap < 1)
-    overrides = None
-    choice = draw(st.sampled_from(["none", "none", "layer", "layer", "no-match", "bad-regex", "bad-value"]))
-    if choice == "layer":
-        layer = draw(st.sampled_from(names))
-        overrides = {f"^{re.escape(layer)}$": draw(VALID_SPARSITY)}
-    elif choice == "no-match":
-        overrides = {"^no_such_layer$": 0.5}
-    elif choice == "bad-regex":
-        overrides = {"(": 0.5}
-    elif choice == "bad-value":
-        overrides = {f"^{re.escape(names[0])}$": draw(st.sampled_from([1.0, -0.1, math.nan, "0.5"]))}
-    return budget, cap, overrides, valid and choice in ("none", "layer")
-
-
 def bit_view(t: torch.Tensor) -> torch.Tensor:
     views = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
     return t.view(views[t.dtype]) if t.dtype in views else t
@@ -201,37 +215,20 @@ def hooks_left(model: nn.Module) -> int:
 
 
 @settings(max_examples=examples(60))
-@given(spec=models(), ps=pattern_and_sparsity(), data=st.data())
-def test_prune_refuses_cleanly_or_keeps_every_promise(spec, ps, data):
+@given(spec=models(), data=st.data())
+def test_prune_refuses_cleanly_or_keeps_every_promise(spec, data):
     model, shape, wrong = spec
-    pattern, sparsity, valid = ps
     include_head = data.draw(st.booleans(), label="include_head")
-    targets = pk.find_targets(model, include_head=include_head)
-    names = list(targets)
-    budget, cap, overrides, budget_ok = data.draw(budgets(names), label="budget")
-    method = data.draw(st.sampled_from(["magnitude", "magnitude", "wanda", "sparsegpt", "Wanda"]), label="method")
-    refine = data.draw(st.sampled_from([None, None, "lstsq", "snows", "none"]), label="refine")
-    snows = data.draw(st.sampled_from([None, {"k": 0, "max_cg": 2}, {"k": 1, "max_cg": 3}, {"k": 2, "max_cg": 1},
-                                       {"k": -1}, {"bogus": 1}]), label="snows")
-    calib_kind = data.draw(st.sampled_from(CALIBRATION), label="calibration")
+    names = list(pk.find_targets(model, include_head=include_head))
+    kwargs, calib_kind, fault = data.draw(requests(names), label="request")
+    kwargs["include_head"] = include_head
     calib = calibration(calib_kind, shape, wrong, data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)))
-    strict = data.draw(st.booleans(), label="strict")
-    kwargs = dict(sparsity=sparsity, pattern=pattern, method=method, refine=refine, budget=budget, cap=cap,
-                  overrides=overrides, include_head=include_head, strict=strict, progress=False,
-                  sequential=data.draw(st.booleans(), label="sequential"),
-                  capture=data.draw(st.sampled_from(["chain", "rerun"]), label="capture"))
-    if refine == "snows":
-        kwargs["snows"] = snows if snows is not None else {"k": 1, "max_cg": 2}
-
-    parsed = pk.parse_pattern(pattern) if valid else None
-    nm = parsed if isinstance(parsed, pk.NM) else None
-    misfits = [n for n in names if nm is not None and pk.to_matrix(targets[n].weight).shape[1] % nm.m]
-    needs_data = method != "magnitude" or refine is not None
-    valid = (valid and budget_ok and method in pk.METHODS and refine in pk.REFINES
-             and (refine != "snows" or snows in (None,) or snows.get("k", 0) >= 0 and "bogus" not in snows)
-             and not (needs_data and calib_kind in BAD_CALIBRATION)
-             and not (nm is not None and (budget != "uniform" or cap is not None or overrides))
-             and not (strict and misfits) and len(misfits) < len(names))
+    targets = pk.find_targets(model, include_head=kwargs["include_head"])
+    nm = pk.parse_pattern(kwargs["pattern"]) if fault not in ("pattern",) else None
+    nm = nm if isinstance(nm, pk.NM) else None
+    misfits = [n for n in targets if nm is not None and pk.to_matrix(targets[n].weight).shape[1] % nm.m]
+    # the only refusals of a valid request: no layer fits N:M, or strict=True and one does not
+    must_refuse = fault != "none" or (nm is not None and (len(misfits) == len(targets) or kwargs["strict"] and misfits))
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
@@ -240,14 +237,18 @@ def test_prune_refuses_cleanly_or_keeps_every_promise(spec, ps, data):
         try:
             result = pk.prune(model, calib, **kwargs)
         except (ValueError, TypeError) as exc:
+            why = "N:M misfit" if "pattern" in str(exc) else "overrides out of reach" if "overrides" in str(exc) else str(exc)
+            event(f"refused: {fault}" + (f" ({why})" if fault == "none" else ""))
             after = model.state_dict()
             assert list(after) == list(before)
             assert all(torch.equal(bit_view(after[k]), bit_view(before[k])) for k in before), f"refused ({exc}) but changed the model"
             assert model.training == was_training and hooks_left(model) == 0
-            # a valid request may only be refused when a global/ERK budget cannot honour its overrides
-            assert not valid or (overrides and budget != "uniform" and "overrides" in str(exc)), f"valid input refused: {exc!r}"
+            # or a global/ERK budget that cannot honour its overrides
+            legit = kwargs["overrides"] and kwargs["budget"] != "uniform" and "overrides" in str(exc)
+            assert must_refuse or legit, f"valid request refused: {exc!r}"
             return
-    assert valid, "invalid input accepted"
+    assert not must_refuse, f"accepted a request with a bad {fault}"
+    event(f"pruned: {kwargs['method']}+{kwargs['refine']}, {'N:M' if nm else kwargs['budget']}")
     _check_promise(model, before, targets, misfits, result, kwargs, nm, shape)
     assert model.training == was_training and hooks_left(model) == 0
 

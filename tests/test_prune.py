@@ -150,6 +150,12 @@ def test_transformer_encoder_every_method():
     ({"sparsity": 0.5, "include": "nothing-matches"}, "no prunable"),
     ({"sparsity": 0.5, "refine": "snows", "snows": {"k": -1}}, "non-negative"),
     ({"sparsity": 0.5, "refine": "snows", "snows": {"kk": 3}}, "unknown snows"),
+    # found by the property tests (tests/test_properties_prune.py):
+    ({"pattern": "2:4", "budget": "global"}, "fixes every layer's sparsity"),  # was silently uniform
+    ({"pattern": "2:4", "budget": "bogus"}, "fixes every layer's sparsity"),
+    ({"pattern": "2:4", "overrides": {"fc": 0.0}}, "fixes every layer's sparsity"),
+    ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.zeros(0, 1, 28, 28)]}, "no samples"),
+    ({"sparsity": 0.5, "overrides": {"(": 0.5}}, "not a regular expression"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()
@@ -160,6 +166,16 @@ def test_bad_input_is_refused_and_model_untouched(kwargs, match):
         prune(model, calibration, progress=False, **kwargs)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_later_batch_that_does_not_fit_is_named(method):
+    # found by the property tests: only the first batch was checked, a later one gave a raw RuntimeError
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration batch 2"):
+        prune(model, [torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5)], sparsity=0.5, method=method, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_nan_weights_refused():

@@ -75,6 +75,10 @@ def prune(
     every layer inside a block (always on with ``refine``).
     """
     method, refine, pattern, sparsity = _check_args(method, refine, pattern, sparsity, capture)
+    if isinstance(pattern, NM) and (budget != "uniform" or cap is not None or overrides):
+        raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
+                         f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
+                         "and exclude= for layers to keep dense")
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
@@ -112,10 +116,12 @@ def prune(
         else:
             for name in targets:
                 job.prune_layer(name, None)
-    except BaseException:
+    except BaseException as exc:
         with torch.no_grad():
             for name, weight in snapshot.items():
                 targets[name].weight.copy_(weight)
+        if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
+            _blame_batch(model, calls[1:], exc)  # only the first batch was checked up front
         raise
     finally:
         bar.close()
@@ -257,6 +263,17 @@ def _check_model_runs(model, call, last_block=None) -> None:
     except Exception as exc:
         raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
                          "check that the batches match the model's inputs") from exc
+
+
+@torch.no_grad()
+def _blame_batch(model, later_calls, exc: Exception) -> None:
+    """After a failure, a ValueError naming the first later batch the restored model cannot run."""
+    for i, (args, kwargs) in enumerate(later_calls, start=1):
+        try:
+            model(*args, **kwargs)
+        except Exception:
+            raise ValueError(f"the model failed on calibration batch {i} ({type(exc).__name__}: {exc}); "
+                             "check that every batch matches the model's inputs") from exc
 
 
 def _check_args(method, refine, pattern, sparsity, capture):
