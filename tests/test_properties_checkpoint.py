@@ -117,7 +117,7 @@ def _apply(data: bytes, how: tuple[str, object]) -> tuple[bytes, bool]:
     return bytes(out), all(pos < header_end for pos, _ in arg)
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=examples(600))
 @given(state=state_dicts(), data=st.data())
 def test_damaged_checkpoint_is_refused_or_exact(state, data):
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,13 +122,13 @@ GOOD_CALIBRATION = ["ok", "tuple", "generator"]
 BAD_CALIBRATION = ["wrong-features", "later-wrong", "nan", "inf", "empty", "none", "empty-batch", "int", "bare-tensor"]
 # At most one thing is wrong per request, so that a refusal is always attributable.
 FAULTS = ["none"] * 8 + ["sparsity", "missing-sparsity", "pattern", "nm-sparsity", "budget", "cap", "overrides",
-                         "nm-budget", "method", "refine", "snows", "calibration"]
+                         "nm-budget", "method", "refine", "snows", "calibration", "meta-model"]
 
 
 @st.composite
-def requests(draw, names: list[str]) -> tuple[dict, str, str]:
+def requests(draw, names: list[str], faults: list[str] = FAULTS) -> tuple[dict, str, str]:
     """(keyword arguments of prune() but the model and calibration, calibration kind, fault)."""
-    fault = draw(st.sampled_from(FAULTS))
+    fault = draw(st.sampled_from(faults))
     nm = fault in ("nm-sparsity", "nm-budget") or (fault not in ("missing-sparsity",) and draw(st.integers(0, 2)) == 0)
     if nm:
         m = draw(st.sampled_from([2, 4, 4, 8, 3, 5, 7]))
@@ -174,7 +174,8 @@ def requests(draw, names: list[str]) -> tuple[dict, str, str]:
         kwargs["refine"] = draw(st.sampled_from(["none", "SNOWS", True, "lsq"]))
     elif fault == "snows":
         kwargs.update(refine="snows", snows=draw(st.sampled_from([{"k": -1}, {"k": 1.5}, {"bogus": 1}, "fast",
-                                                                   {"warm_start": "magic"}])))
+                                                                   {"warm_start": "magic"}, {"max_cg": 0}, {"epochs": 0},
+                                                                   {"shrink": 1.0}, {"cg_tol": 0.0}, {"max_steps": 0}])))
     elif fault == "calibration":
         calib = draw(st.sampled_from(BAD_CALIBRATION))
         if method == "magnitude" and refine is None:  # magnitude alone reads no data
@@ -214,7 +215,7 @@ def hooks_left(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(400))
 @given(spec=models(), data=st.data())
 def test_prune_refuses_cleanly_or_keeps_every_promise(spec, data):
     model, shape, wrong = spec
@@ -230,6 +231,8 @@ def test_prune_refuses_cleanly_or_keeps_every_promise(spec, data):
     # the only refusals of a valid request: no layer fits N:M, or strict=True and one does not
     must_refuse = fault != "none" or (nm is not None and (len(misfits) == len(targets) or kwargs["strict"] and misfits))
 
+    if fault == "meta-model":  # weights not materialised
+        model = model.to("meta")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
     with warnings.catch_warnings():
@@ -237,6 +240,10 @@ def test_prune_refuses_cleanly_or_keeps_every_promise(spec, data):
         try:
             result = pk.prune(model, calib, **kwargs)
         except (ValueError, TypeError) as exc:
+            if fault == "meta-model":
+                event("refused: meta-model")
+                assert "no weights yet" in str(exc) and all(v.is_meta for v in model.state_dict().values())
+                return
             why = "N:M misfit" if "pattern" in str(exc) else "overrides out of reach" if "overrides" in str(exc) else str(exc)
             event(f"refused: {fault}" + (f" ({why})" if fault == "none" else ""))
             after = model.state_dict()
@@ -290,3 +297,51 @@ def _check_promise(model, before, targets, misfits, result, kwargs, nm, shape) -
     with torch.no_grad():
         out = model(batch(shape, 2, 99))
     assert torch.isfinite(out).all(), "outputs are not finite"
+
+
+@settings(max_examples=examples(150))
+@given(spec=models(), data=st.data())
+def test_ctrl_c_anywhere_or_a_failing_data_iterator_leaves_the_model_as_it_was(spec, data):
+    model, shape, _ = spec
+    include_head = data.draw(st.booleans(), label="include_head")
+    kwargs, _, _ = data.draw(requests(list(pk.find_targets(model, include_head=include_head)), faults=["none"]), label="request")
+    kwargs.update(include_head=include_head, strict=False)  # misfit N:M layers are skipped, not refused
+    count = data.draw(st.integers(1, 3), label="batches")
+    how = data.draw(st.sampled_from(["ctrl-c", "ctrl-c", "iterator"]), label="fault")
+    at = data.draw(st.integers(1, 400 if how == "ctrl-c" else count), label="at")
+    ok = [batch(shape, 2, i) for i in range(count)]
+
+    def failing_loader():
+        for i, x in enumerate(ok):
+            if i + 1 == at:
+                raise OSError("the data loader died")
+            yield x
+
+    calls = [0]
+
+    def interrupt(module, args):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    handle = nn.modules.module.register_module_forward_pre_hook(interrupt) if how == "ctrl-c" else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pk.prune(model, failing_loader() if how == "iterator" else ok, **kwargs)
+    except (KeyboardInterrupt, OSError) as exc:
+        event(f"{type(exc).__name__} during prune")
+    except ValueError:  # e.g. no layer fits the drawn N:M pattern
+        event("refused before starting")
+    else:
+        event("finished before the fault")
+        return
+    finally:
+        if handle is not None:
+            handle.remove()
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(bit_view(after[k]), bit_view(before[k])) for k in before), "interrupted prune changed the model"
+    assert model.training == was_training and hooks_left(model) == 0

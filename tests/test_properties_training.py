@@ -181,7 +181,7 @@ def run(cfg: dict, resume_at: int | None = None):
     return model, opt, pruner
 
 
-@settings(max_examples=examples(30))
+@settings(max_examples=examples(200))
 @given(cfg=configs())
 def test_resume_anywhere_is_bit_identical_and_pruned_weights_stay_zero(cfg):
     try:

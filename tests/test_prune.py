@@ -156,6 +156,12 @@ def test_transformer_encoder_every_method():
     ({"pattern": "2:4", "overrides": {"fc": 0.0}}, "fixes every layer's sparsity"),
     ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.zeros(0, 1, 28, 28)]}, "no samples"),
     ({"sparsity": 0.5, "overrides": {"(": 0.5}}, "not a regular expression"),
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"max_cg": 0}}, "max_cg must be >= 1"),  # SNOWS did nothing
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"epochs": 0}}, "epochs must be >= 1"),
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"shrink": 1.0}}, "shrink must be in"),
+    ({"sparsity": 0.5, "refine": "snows", "snows": {"damping": -1.0}}, "damping must be >= 0"),
+    ({"pattern": "1:3", "method": "sparsegpt", "sparsegpt_block_size": 128}, "use 126 or leave it unset"),
+    ({"sparsity": 0.5, "method": "sparsegpt", "sparsegpt_block_size": 0}, "positive integer"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()
@@ -176,6 +182,21 @@ def test_a_later_batch_that_does_not_fit_is_named(method):
     with pytest.raises(ValueError, match="calibration batch 2"):
         prune(model, [torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5)], sparsity=0.5, method=method, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("make", [lambda: small_cnn().to("meta"), lambda: nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))],
+                         ids=["meta", "lazy"])
+def test_weights_not_materialised_are_refused(make):
+    # was "Tensor.item() cannot be called on meta tensors" (a RuntimeError)
+    with pytest.raises(ValueError, match="no weights yet"):
+        prune(make(), None, sparsity=0.5, progress=False)
+
+
+def test_sparsegpt_default_block_fits_any_nm():
+    # found by the property tests: 1:3 with the default block size of 128 was refused mid-run
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    prune(model, [torch.randn(8, 6)], pattern="1:3", method="sparsegpt", progress=False)
+    assert check_nm(model[0].weight != 0, NM(1, 3)) and int((model[2].weight == 0).sum()) == 24
 
 
 def test_nan_weights_refused():

@@ -11,6 +11,7 @@ including Ctrl-C, the model is restored exactly as it was.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -57,7 +58,7 @@ def prune(
     strict: bool = False,
     max_batches: int | None = None,
     snows: SnowsConfig | Mapping[str, Any] | None = None,
-    sparsegpt_block_size: int = 128,
+    sparsegpt_block_size: int | None = None,
     damp: float = 0.01,
     lstsq_damp: float = 1e-4,
     progress: bool | None = None,
@@ -72,13 +73,15 @@ def prune(
     the modules calibrated in order (auto-detected by default); ``capture="rerun"`` re-runs
     the model to capture each block's inputs instead of chaining outputs, for models whose
     blocks do not feed each other directly. ``sequential=True`` recomputes statistics after
-    every layer inside a block (always on with ``refine``).
+    every layer inside a block (always on with ``refine``). ``sparsegpt_block_size`` is the
+    width of SparseGPT's column blocks: 128 by default, rounded down to a multiple of M for N:M.
     """
     method, refine, pattern, sparsity = _check_args(method, refine, pattern, sparsity, capture)
     if isinstance(pattern, NM) and (budget != "uniform" or cap is not None or overrides):
         raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
                          "and exclude= for layers to keep dense")
+    block_size = _sparsegpt_block_size(sparsegpt_block_size, pattern)
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
@@ -100,7 +103,7 @@ def prune(
 
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity, skipped=skipped)
     job = _Job(model, targets, budgets, pattern, method, refine, snows_cfg, sequential,
-               sparsegpt_block_size, damp, lstsq_damp, result)
+               block_size, damp, lstsq_damp, result)
     # Only the target weights ever change: they are all the restore point needs.
     snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
@@ -293,8 +296,24 @@ def _check_args(method, refine, pattern, sparsity, capture):
     return method, refine, pattern, check_sparsity(sparsity)
 
 
+def _sparsegpt_block_size(block_size, pattern) -> int:
+    """SparseGPT chooses N:M masks inside column blocks, so a block must hold whole groups of M."""
+    m = pattern.m if isinstance(pattern, NM) else 1
+    if block_size is None:
+        return max(m, 128 - 128 % m)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"sparsegpt_block_size must be a positive integer, got {block_size!r}")
+    if block_size % m:
+        raise ValueError(f"sparsegpt_block_size={block_size} is not a multiple of M={m} for pattern {pattern}; "
+                         f"use {max(m, block_size - block_size % m)} or leave it unset")
+    return block_size
+
+
 def _check_weights(targets) -> None:
     for name, module in targets.items():
+        if isinstance(module.weight, nn.parameter.UninitializedParameter) or module.weight.is_meta:
+            raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
+                             "model first, e.g. model.to_empty(device='cpu') then load its state_dict")
         if not torch.isfinite(module.weight).all():
             raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 
@@ -339,4 +358,25 @@ def _snows_config(snows) -> SnowsConfig:
         raise ValueError(f"snows warm_start must be 'auto', 'lstsq' or 'none', got {config.warm_start!r}")
     if isinstance(config.k, bool) or not isinstance(config.k, int) or config.k < 0:
         raise ValueError(f"snows k must be a non-negative integer (operations to look ahead), got {config.k!r}")
+    _check_solver(config.solver)
     return config
+
+
+def _check_solver(solver) -> None:
+    """Refuse solver options under which SNOWS would silently do nothing or diverge."""
+    def count(v, low):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= low
+
+    def real(v, ok):
+        return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and ok(v)
+
+    checks = {"epochs": (count(solver.epochs, 1), ">= 1"), "max_cg": (count(solver.max_cg, 1), ">= 1"),
+              "max_backtracks": (count(solver.max_backtracks, 1), ">= 1"), "patience": (count(solver.patience, 0), ">= 0"),
+              "max_steps": (solver.max_steps is None or count(solver.max_steps, 1), "None or >= 1"),
+              "cg_tol": (real(solver.cg_tol, lambda v: v > 0), "> 0"), "damping": (real(solver.damping, lambda v: v >= 0), ">= 0"),
+              "armijo_c": (real(solver.armijo_c, lambda v: 0 < v < 1), "in (0, 1)"),
+              "shrink": (real(solver.shrink, lambda v: 0 < v < 1), "in (0, 1)"),
+              "stagnation": (real(solver.stagnation, lambda v: 0 < v <= 1), "in (0, 1]")}
+    for name, (ok, rule) in checks.items():
+        if not ok:
+            raise ValueError(f"snows option {name} must be {rule}, got {getattr(solver, name)!r}")
