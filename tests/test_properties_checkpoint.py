@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -131,6 +131,7 @@ def test_damaged_checkpoint_is_refused_or_exact(state, data):
         bad, header_only = _apply(raw, how)
         if bad == raw:
             return
+        where = "truncated" if how[0] == "truncate" else "header flip" if header_only else "data flip"
         with open(path, "wb") as f:
             f.write(bad)
 
@@ -140,8 +141,10 @@ def test_damaged_checkpoint_is_refused_or_exact(state, data):
         try:
             pk.load(path, target)
         except pk.CheckpointError:
+            event(f"{where}: refused")
             assert all(same(v, before[k]) for k, v in target.state_dict().items()), "failed load changed the model"
         else:
+            event(f"{where}: loaded exact (into a model)")
             _judge(dict(target.state_dict()), state, header_only, how)
 
         # 2. as a state_dict: CheckpointError, or the same keys and tensors bit for bit
@@ -150,6 +153,7 @@ def test_damaged_checkpoint_is_refused_or_exact(state, data):
         except pk.CheckpointError:
             return
         _judge(loaded, state, header_only, how)
+        event(f"{where}: loaded exact (as a state_dict)")
 
 
 def _judge(loaded, state, header_only: bool, how) -> None:
@@ -163,6 +167,7 @@ def _judge(loaded, state, header_only: bool, how) -> None:
     for v in loaded.values():
         assert any(same(_plus_zero(v), _plus_zero(w)) for w in state.values()), f"silently wrong weights after {how}"
     HEADER_GAP.append(f"{how}: {list(state)} -> {list(loaded)}")
+    event("known header gap (xfail): loaded renamed, dropped or without zero signs")
 
 
 def _plus_zero(t: torch.Tensor) -> torch.Tensor:

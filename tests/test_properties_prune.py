@@ -273,7 +273,9 @@ def _check_promise(model, before, targets, misfits, result, kwargs, nm, shape) -
     if nm is None:
         w0 = {n: before[pk.targets.weight_name(n)] for n in pruned}
         scores = {n: w.abs() if kwargs["budget"] == "global" else w for n, w in w0.items()}
-        per_layer = pk.allocate(scores, kwargs["sparsity"], kwargs["budget"], cap=kwargs["cap"], overrides=kwargs["overrides"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "per-layer cap ... makes the target unreachable", as prune() said
+            per_layer = pk.allocate(scores, kwargs["sparsity"], kwargs["budget"], cap=kwargs["cap"], overrides=kwargs["overrides"])
     reports = {r.name: r for r in result.layers}
     for n in pruned:
         w = targets[n].weight.detach()
