@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test venv bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test fuzz venv bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The property tests with 10x more examples and fresh random inputs each run (a few minutes).
+fuzz: $(STAMP)
+	PRUNEKIT_HYPOTHESIS=fuzz $(PY) -m pytest tests/test_properties_*.py --hypothesis-show-statistics
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py

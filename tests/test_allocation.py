@@ -61,3 +61,9 @@ def test_overrides_and_errors():
         allocate(_scores(), 0.5, "random")
     with pytest.raises(ValueError, match="matches no"):
         allocate(_scores(), 0.5, overrides={"zzz": 0.1})
+
+
+def test_override_key_that_is_not_a_regex_is_a_value_error():
+    # found by the prune() property test: re.error escaped instead of a ValueError
+    with pytest.raises(ValueError, match=r"overrides key '\(' is not a regular expression"):
+        allocate(_scores(), 0.5, overrides={"(": 0.1})

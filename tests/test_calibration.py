@@ -16,3 +16,10 @@ def test_collect_validates():
         collect_batches([3])
     with pytest.raises(ValueError, match="NaN"):
         collect_batches([torch.tensor([float("inf")])])
+
+
+def test_batches_without_samples_are_refused():
+    # found by the prune() property test: a zero-row batch calibrated every method on nothing
+    with pytest.raises(ValueError, match="no samples"):
+        collect_batches([torch.zeros(0, 4), (torch.zeros(0, 4),)])
+    assert len(collect_batches([torch.zeros(0, 4), torch.ones(1, 4)])) == 2  # one empty batch among others is fine

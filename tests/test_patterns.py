@@ -48,6 +48,11 @@ def test_nm_valid_for_every_group(n, m):
         assert int(keep.sum()) == w.numel() * n // m
 
 
+def test_nm_on_a_weight_without_rows():
+    keep = nm_mask(torch.zeros(0, 8), NM(2, 4))
+    assert keep.shape == (0, 8) and check_nm(keep, NM(2, 4))
+
+
 def test_nm_conv_groups_are_input_channels_at_one_kernel_position():
     w = torch.rand(1, 4, 3, 3)
     keep = nm_mask(w, NM(2, 4))

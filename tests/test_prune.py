@@ -173,6 +173,16 @@ def test_transformer_encoder_every_method():
     ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"block_size": 0}}, "block_size must be an integer >= 1"),
     ({"sparsity": 0.5, "method": "sparsegpt", "method_options": {"damp": -0.1}}, "damp must be a number"),
     ({"sparsity": 0.5, "refine_options": {"k": 2}}, "without refine"),
+    # found by the property tests (tests/test_properties_prune.py):
+    ({"pattern": "2:4", "budget": "global"}, "fixes every layer's sparsity"),  # was silently uniform
+    ({"pattern": "2:4", "budget": "bogus"}, "fixes every layer's sparsity"),
+    ({"pattern": "2:4", "overrides": {"fc": 0.0}}, "fixes every layer's sparsity"),
+    ({"sparsity": 0.5, "method": "wanda", "calibration": [torch.zeros(0, 1, 28, 28)]}, "no samples"),
+    ({"sparsity": 0.5, "overrides": {"(": 0.5}}, "not a regular expression"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"epochs": 0}}, "epochs must be"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"shrink": 1.0}}, "shrink must be"),
+    ({"sparsity": 0.5, "refine": "snows", "refine_options": {"damping": -1.0}}, "damping must be"),
+    ({"pattern": "1:3", "method": "sparsegpt", "method_options": {"block_size": 128}}, "use 126 or leave it unset"),
 ])
 def test_bad_input_is_refused_and_model_untouched(kwargs, match):
     model = _model()
@@ -183,6 +193,31 @@ def test_bad_input_is_refused_and_model_untouched(kwargs, match):
         prune(model, calibration, progress=False, **kwargs)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_later_batch_that_does_not_fit_is_named(method):
+    # found by the property tests: only the first batch was checked, a later one gave a raw RuntimeError
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="calibration batch 2"):
+        prune(model, [torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 5)], sparsity=0.5, method=method, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("make", [lambda: small_cnn().to("meta"), lambda: nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 2))],
+                         ids=["meta", "lazy"])
+def test_weights_not_materialised_are_refused(make):
+    # was "Tensor.item() cannot be called on meta tensors" (a RuntimeError)
+    with pytest.raises(ValueError, match="no weights yet"):
+        prune(make(), None, sparsity=0.5, progress=False)
+
+
+def test_sparsegpt_default_block_fits_any_nm():
+    # found by the property tests: 1:3 with the default block size of 128 was refused mid-run
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    prune(model, [torch.randn(8, 6)], pattern="1:3", method="sparsegpt", progress=False)
+    assert check_nm(model[0].weight != 0, NM(1, 3)) and int((model[2].weight == 0).sum()) == 24
 
 
 def test_nan_weights_refused():

@@ -40,6 +40,13 @@ def test_include_exclude_types():
     assert list(find_targets(m, types=(nn.Conv2d,))) == ["b"]
 
 
+def test_bad_include_exclude_regex_is_a_value_error():
+    with pytest.raises(ValueError, match="include must be regular expressions"):
+        find_targets(Classifier(), include="(")
+    with pytest.raises(ValueError, match="exclude must be regular expressions"):
+        find_targets(Classifier(), exclude=["a", "[b"])
+
+
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         find_targets(torch.zeros(3))

@@ -71,7 +71,10 @@ def _apply_overrides(names: list[str], overrides: Mapping[str, float]) -> dict[s
     fixed: dict[str, float] = {}
     for pattern, value in overrides.items():
         value = check_sparsity(value, f"overrides[{pattern!r}]")
-        hits = [n for n in names if re.search(pattern, n)]
+        try:
+            hits = [n for n in names if re.search(pattern, n)]
+        except (re.error, TypeError) as exc:
+            raise ValueError(f"overrides key {pattern!r} is not a regular expression ({exc}); e.g. {{'fc1': 0.3}}") from exc
         if not hits:
             raise ValueError(f"overrides key {pattern!r} matches no prunable layer; known layers: {names[:8]}...")
         for n in hits:

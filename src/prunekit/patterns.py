@@ -105,7 +105,7 @@ def nm_mask(scores: torch.Tensor, pattern: NM) -> torch.Tensor:
             f"N:M pattern {pattern} needs the input dimension to be a multiple of {pattern.m}, "
             f"got {mat.shape[1]}; skip this layer or use another pattern"
         )
-    groups = mat.reshape(mat.shape[0], -1, pattern.m)
+    groups = mat.reshape(mat.shape[0], mat.shape[1] // pattern.m, pattern.m)
     keep = topk_keep(groups, pattern.n).reshape_as(mat)
     return from_matrix(keep, scores.shape)
 
@@ -115,4 +115,4 @@ def check_nm(mask: torch.Tensor, pattern: NM) -> bool:
     mat = to_matrix(mask)
     if mat.shape[1] % pattern.m:
         return False
-    return bool((mat.reshape(mat.shape[0], -1, pattern.m).sum(-1) <= pattern.n).all())
+    return bool((mat.reshape(mat.shape[0], mat.shape[1] // pattern.m, pattern.m).sum(-1) <= pattern.n).all())

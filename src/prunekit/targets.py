@@ -23,12 +23,15 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()
 HEAD_NAMES = ("lm_head", "classifier", "head", "fc", "score", "output_projection")
 
 
-def _as_patterns(names: str | Iterable[str] | None) -> list[re.Pattern]:
+def _as_patterns(names: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
     if names is None:
         return []
     if isinstance(names, str):
         names = [names]
-    return [re.compile(n) for n in names]
+    try:
+        return [re.compile(n) for n in names]
+    except (re.error, TypeError) as exc:
+        raise ValueError(f"{what} must be regular expressions of module names, got {names!r} ({exc})") from exc
 
 
 def _is_final_head(model: nn.Module, name: str, module: nn.Module, candidates: Sequence[str]) -> bool:
@@ -64,7 +67,7 @@ def find_targets(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     types = tuple(types)
     check_types(types)
-    inc, exc = _as_patterns(include), _as_patterns(exclude)
+    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()

@@ -21,8 +21,10 @@ def collect_batches(calibration: Iterable[Any], max_batches: int | None = None) 
         calls.append(as_call(batch))
     if not calls:
         raise ValueError("calibration is empty; pass at least one batch of inputs")
-    for args, kwargs in calls:
-        for t in list(args) + list(kwargs.values()):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError("calibration contains NaN or Inf values; clean the inputs first")
+    tensors = [t for args, kwargs in calls for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError("calibration contains NaN or Inf values; clean the inputs first")
+    if tensors and all(t.numel() == 0 for t in tensors):
+        raise ValueError("calibration batches hold no samples (every tensor is empty); pass at least one input")
     return calls

@@ -12,6 +12,7 @@ including Ctrl-C, the model is restored exactly as it was.
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -108,6 +109,10 @@ def prune(
     home = model_device(model)
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
+    if isinstance(pattern, NM) and (budget != "uniform" or cap is not None or overrides):
+        raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
+                         f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
+                         "and exclude= for layers to keep dense")
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
@@ -147,10 +152,12 @@ def prune(
         else:
             for name in targets:
                 job.prune_layer(name, None)
-    except BaseException:
+    except BaseException as exc:
         with torch.no_grad():
             for name, weight in snapshot.items():
                 targets[name].weight.copy_(weight)
+        if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
+            _blame_batch(model, to_device(calls[1:], home), exc)  # only the first batch was checked up front
         raise
     finally:
         bar.close()
@@ -297,6 +304,17 @@ def _check_model_runs(model, call, last_block=None) -> None:
                          "check that the batches match the model's inputs") from exc
 
 
+@torch.no_grad()
+def _blame_batch(model, later_calls, exc: Exception) -> None:
+    """After a failure, a ValueError naming the first later batch the restored model cannot run."""
+    for i, (args, kwargs) in enumerate(later_calls, start=1):
+        try:
+            model(*args, **kwargs)
+        except Exception:
+            raise ValueError(f"the model failed on calibration batch {i} ({type(exc).__name__}: {exc}); "
+                             "check that every batch matches the model's inputs") from exc
+
+
 def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Update:
     """A method's answer, checked: a matrix like the layer's and, from a selector, a boolean
     keep-mask (a refit keeps the selector's)."""
@@ -320,6 +338,9 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
+    for chosen in (selector, refit):
+        if chosen is not None:
+            chosen.check(pattern)
     if isinstance(pattern, NM):
         if sparsity is not None and abs(check_sparsity(sparsity) - pattern.sparsity) > 1e-9:
             raise ValueError(f"sparsity={sparsity} contradicts pattern {pattern} ({pattern.sparsity:g}); omit sparsity")
@@ -331,10 +352,9 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
 
 def _check_weights(targets) -> None:
     for name, module in targets.items():
-        if module.weight.is_meta:
-            raise ValueError(f"layer {name!r} has its weight on the meta device (not materialised); load the "
-                             "weights first (e.g. model.to_empty(device='cpu') then load_state_dict, or "
-                             "from_pretrained without device_map='meta')")
+        if isinstance(module.weight, nn.parameter.UninitializedParameter) or module.weight.is_meta:
+            raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
+                             "model first, e.g. model.to_empty(device='cpu') then load its state_dict")
         if not torch.isfinite(module.weight).all():
             raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 

@@ -104,6 +104,9 @@ class Method:
     def __init__(self, options: Any = None) -> None:
         self.options = make_options(type(self), options)
 
+    def check(self, pattern: Pattern) -> None:
+        """Refuse (ValueError) a pattern these options cannot serve, before any layer is touched."""
+
 
 class Selector(Method):
     """Chooses a layer's support. ``updates_weights``: the kept weights come back updated
