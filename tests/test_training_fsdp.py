@@ -126,12 +126,25 @@ def _check(name: str, out: str) -> dict:
     return {"masks": full, "weights": weights, "sparsity": s, "cycles": len(getattr(pruner, "cycle_stats", []))}
 
 
+def _check_column_sharding_is_refused() -> None:
+    from torch.distributed.tensor import Shard
+
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 12))
+    fsdp.fully_shard(model, shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: _full(v.detach()).clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"parameter 0\.weight .*Shard\(dim=1\).*shard_placement_fn"):
+        MagnitudePruner(model, opt, 0.5)
+    assert all(torch.equal(_full(v.detach()), before[k]) for k, v in model.state_dict().items())
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
     try:
         results = {name: _check(name, out) for name in CONFIGS}
+        _check_column_sharding_is_refused()
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
