@@ -33,7 +33,15 @@ CONFIGS = {  # name: (pruner factory, optimizer)
     "soft_layer": (lambda m, o: SoftThreshold(m, o, targets=T, total_steps=STEPS, target_sparsity=0.7, budget="uniform",
                                               control_every=3, project=True), "adam"),
     "str": (lambda m, o: STR(m, o, targets=T, s_init=-2.0, final_sparsity=0.6), "sgd"),
+    "soft_greedy": (lambda m, o: SoftThreshold(m, o, targets=T, total_steps=STEPS, schedule="constant",
+                                               final_threshold=0.02, shift_init=True, greedy=True), "sgd"),
+    "given_masks": (lambda m, o: MagnitudePruner(m, o, targets=T, schedule=0.5, masks=_checkerboard()), "adam"),
 }
+
+
+def _checkerboard() -> dict:
+    """Full (unsharded) masks, as read from a file: split like the weights by the pruner."""
+    return {n: torch.arange(r * c).reshape(r, c) % 2 == 0 for n, (r, c) in zip(T, ((24, 16), (12, 24), (1, 12)))}
 RESUMED = ("cyclical", "soft_global", "str")
 
 
@@ -168,4 +176,5 @@ def test_pruners_under_fsdp2_match_an_unsharded_run_on_two_gloo_ranks():
     assert abs(r0["uniform"]["sparsity"] - 0.8) < 1e-3
     assert r0["2:4"]["sparsity"] == 0.5
     assert 0.5 < r0["soft_global"]["sparsity"] < 0.9
+    assert r0["given_masks"]["sparsity"] == 0.5 and torch.equal(r0["given_masks"]["masks"]["2"], _checkerboard()["2"])
     assert r0["cyclical"]["cycles"] == 1  # a second cycle ended at finalize, and its statistics agree
