@@ -108,8 +108,8 @@ class _Shards:
 
     def count_le(self, taus: Sequence[int]) -> list[int]:
         """Per tensor, the number of keys ``<= taus[i]`` over all ranks."""
-        c = torch.tensor([int(torch.searchsorted(s, torch.tensor([tau]), right=True)) for s, tau in zip(self.sorted, taus)],
-                         dtype=torch.int64) * self.weight
+        here = [int(torch.searchsorted(s, torch.tensor([tau]), right=True)) for s, tau in zip(self.sorted, taus)]
+        c = torch.tensor(here, dtype=torch.int64) * self.weight
         dist.all_reduce(c, group=self.group)
         return c.tolist()
 

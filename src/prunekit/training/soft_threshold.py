@@ -218,7 +218,8 @@ class SoftThreshold(PrunerBase):
         if self.project:
             scores = {n: w.abs() for n, w in self.weights.items()}
             keep = magnitude_projection(scores, self.target, self.budget)
-            pruned_max = {n: max(v, 0.0) for n, v in sharding.max_where(scores, {n: ~k for n, k in keep.items()}).items()}
+            pruned_max = sharding.max_where(scores, {n: ~k for n, k in keep.items()})
+            pruned_max = {n: max(v, 0.0) for n, v in pruned_max.items()}  # 0 where nothing is pruned
             if self.budget == "global":
                 pruned_max = dict.fromkeys(scores, max(pruned_max.values()))
             for n, w in self.weights.items():
