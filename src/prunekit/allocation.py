@@ -5,7 +5,8 @@ exact number of entries that layer loses:
 
 * ``uniform`` -- every layer at the target;
 * ``global`` -- one threshold over the scores of all layers (magnitude by default), with an
-  optional per-layer cap (SNOWS convention); never sorts the whole model at once;
+  optional per-layer cap (SNOWS convention); never sorts the whole model at once; scores sharded
+  by FSDP2 (DTensors) are counted over all shards (:mod:`prunekit.sharding`);
 * ``erk`` -- Erdos-Renyi-Kernel densities, proportional to ``sum(shape) / prod(shape)``;
 * ``overrides`` -- ``{regex: sparsity}`` fixing some layers; under ``global``/``erk`` the other
   layers share what is left of the overall target.
@@ -17,6 +18,8 @@ import warnings
 from typing import Mapping
 
 import torch
+
+from . import sharding
 
 BUDGETS = ("uniform", "global", "erk")
 
@@ -86,14 +89,18 @@ def global_counts(scores: Mapping[str, torch.Tensor], to_prune: int, cap: float 
     """Prune the ``to_prune`` lowest scores across layers, each layer losing at most
     ``round(cap * n_l)``; returns per-layer sparsities. Exact, ties filled in layer order."""
     names = list(scores)
-    flat = {n: torch.sort(scores[n].detach().reshape(-1).double()).values for n in names}
-    caps = {n: flat[n].numel() if cap is None else round(cap * flat[n].numel()) for n in names}
+    numel = {n: scores[n].numel() for n in names}
+    caps = {n: numel[n] if cap is None else round(cap * numel[n]) for n in names}
     if to_prune <= 0:
         return {n: 0.0 for n in names}
     if sum(caps.values()) <= to_prune:
         if cap is not None and sum(caps.values()) < to_prune:
             warnings.warn(f"per-layer cap {cap} makes the target unreachable; every layer is pruned to its cap")
-        return {n: caps[n] / flat[n].numel() for n in names}
+        return {n: caps[n] / numel[n] for n in names}
+    if any(sharding.is_sharded(s) for s in scores.values()):  # FSDP2: counts over all shards
+        counts = sharding.global_counts(scores, to_prune, caps)
+        return {n: counts[n] / numel[n] for n in names}
+    flat = {n: torch.sort(scores[n].detach().reshape(-1).double()).values for n in names}
 
     def count(tau: float, right: bool) -> dict[str, int]:
         t = torch.tensor([tau], dtype=torch.float64)

@@ -7,6 +7,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from . import sharding
+
 
 class MaskSet:
     """Boolean keep-masks (True = weight survives) for named layers of one model."""
@@ -46,17 +48,22 @@ class MaskSet:
         modules = dict(model.named_modules())
         for name, mask in self._masks.items():
             weight = modules[name].weight
-            weight.masked_fill_(~mask.to(weight.device), 0.0)  # +0.0, never -0.0
+            mask = sharding.local(sharding.shard_like(weight, mask))  # FSDP2: this rank's rows
+            sharding.local(weight).masked_fill_(~mask.to(weight.device), 0.0)  # +0.0, never -0.0
 
     def verify(self, model: nn.Module) -> bool:
         """True when every masked-out weight of ``model`` is exactly zero."""
         modules = dict(model.named_modules())
-        return all(not modules[n].weight.detach()[~m.to(modules[n].weight.device)].any() for n, m in self._masks.items())
+        weights = [modules[n].weight.detach() for n in self._masks]
+        ok = all(not sharding.local(w)[~sharding.local(sharding.shard_like(w, m)).to(w.device)].any()
+                 for w, m in zip(weights, self._masks.values()))
+        return sharding.all_ranks(ok, weights)
 
     def sparsity(self) -> float:
-        """Fraction of masked-out entries over all masked tensors."""
+        """Fraction of masked-out entries over all masked tensors (for masks sharded by FSDP2, over
+        all shards: the same value on every rank, and a collective every rank must call)."""
         total = sum(m.numel() for m in self._masks.values())
-        kept = sum(int(m.sum()) for m in self._masks.values())
+        kept = sharding.count_true(self._masks.values())
         return 1.0 - kept / total if total else 0.0
 
     def state_dict(self) -> dict[str, torch.Tensor]:

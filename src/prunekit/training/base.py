@@ -1,5 +1,9 @@
 """What every in-training pruner shares: targets, checks, step count, hooks, hygiene, DDP sync.
 
+Under FSDP2 (``fully_shard``) the weights, their gradients and optimizer state are DTensors split
+by rows; the pruners edit each rank's rows in place and compute budgets and thresholds over all
+shards (:mod:`prunekit.sharding`).
+
 A pruner holds *all* its state (step, masks, thresholds); the model keeps its own parameters
 under their own names, and the optimizer owns every pruned weight. ``step()`` is called once per
 optimizer step, after ``optimizer.step()`` (or automatically with ``auto_step=True``, through an
@@ -15,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import sharding
 from ..allocation import allocate
 from ..masks import MaskSet
-from ..patterns import unstructured_mask
 from ..targets import find_targets
 from .shadow import shadow_weight, unshadow
 
@@ -65,16 +69,17 @@ def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mask_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, keep: torch.Tensor) -> None:
-    """Zero every per-entry optimizer buffer of ``param`` (momentum, Adam moments) where not ``keep``."""
+    """Zero every per-entry optimizer buffer of ``param`` (momentum, Adam moments) where not ``keep``
+    (``keep`` is this rank's part when ``param`` is sharded)."""
+    keep = sharding.local(keep)
     for value in optimizer.state.get(param, {}).values():
         if torch.is_tensor(value) and value.shape == param.shape:
-            value.mul_(keep)
+            sharding.local(value).mul_(keep)
 
 
 def magnitude_projection(scores: Mapping[str, torch.Tensor], sparsity: float, budget: str = "global") -> dict[str, torch.Tensor]:
     """Keep-masks pruning exactly ``round(sparsity * n)`` lowest scores (global or per layer)."""
-    per_layer = allocate(scores, sparsity, budget)
-    return {n: unstructured_mask(scores[n], per_layer[n]) for n in scores}
+    return sharding.unstructured_masks(scores, allocate(scores, sparsity, budget))
 
 
 class PrunerBase(abc.ABC):
@@ -93,6 +98,7 @@ class PrunerBase(abc.ABC):
         self.targets = resolve_targets(model, targets)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name, module in self.targets.items():
+            sharding.check_sharding(f"parameter {name}.weight", module.weight)
             if id(module.weight) not in owned:
                 raise ValueError(f"parameter {name}.weight is not owned by the optimizer; create the optimizer "
                                  "over the model's parameters before the pruner")

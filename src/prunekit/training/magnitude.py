@@ -12,6 +12,9 @@ the mask resets of cyclical pruning, Srinivas et al. 2022, arXiv 2202.01290):
 ``mode="zero"`` re-introduces weights at 0; ``mode="keep"`` gives them back the value they had when
 they were pruned (what a mask-in-forward implementation does). Either way they restart with zero
 optimizer state.
+
+Under FSDP2 every rank edits its own rows of each weight; budgets count over all shards, so the
+masks equal an unsharded run's (:mod:`prunekit.sharding`).
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .. import sharding
 from ..allocation import BUDGETS, allocate, check_sparsity
 from ..masks import MaskSet
-from ..patterns import NM, nm_mask, parse_pattern, unstructured_mask
+from ..patterns import NM, parse_pattern
 from ..schedules import Constant
 from .base import PrunerBase, broadcast_, mask_optimizer_state, world_size
 
@@ -80,7 +84,7 @@ class MagnitudePruner(PrunerBase):
         self.latent = {n: torch.zeros_like(w) for n, w in self.weights.items()} if mode == "keep" else {}
         self.s_prev = 0.0
         if masks is not None:  # resume sparse fine-tuning, e.g. from prunekit.load_masks(path)
-            self._masks.load_state_dict(dict(masks.items()))
+            self._load_masks(dict(masks.items()))
             self.s_prev = self._sparsity_at(0)
         self.cycle_stats: list[dict[str, float]] = []
         self._last_end: dict[str, torch.Tensor] | None = None
@@ -98,18 +102,29 @@ class MagnitudePruner(PrunerBase):
         s = self.schedule(self.every * (step // self.every))
         return check_sparsity(float(s), f"schedule({step})")
 
+    def _load_masks(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Masks from a state dict or a file; full (unsharded) masks are split like the weights."""
+        self._masks.load_state_dict(masks)
+        for n, w in self.weights.items():
+            self._masks[n] = sharding.shard_like(w, self._masks[n])
+
     def _refresh_keep(self) -> None:
-        self._keep = {n: m.to(self.weights[n].dtype) for n, m in self._masks.items() if not bool(m.all())}
+        """This rank's part of every mask that prunes something, in the weights' dtype."""
+        local = {n: sharding.local(m) for n, m in self._masks.items()}
+        self._keep = {n: m.to(self.weights[n].dtype) for n, m in local.items() if not bool(m.all())}
 
     @torch.no_grad()
     def _new_masks(self, s: float) -> dict[str, torch.Tensor]:
-        scores = {n: torch.where(self._masks[n], w.abs(), torch.full_like(w, -1.0)) for n, w in self.weights.items()}
+        scores = {n: sharding.like(w, torch.where(sharding.local(self._masks[n]), sharding.local(w).abs(), -1.0))
+                  for n, w in self.weights.items()}
         if isinstance(self.pattern, NM):
             m = self.pattern.m
             k = max(m - round(s * m), self.pattern.n)
-            return {n: nm_mask(sc, NM(k, m)) if k < m else torch.ones_like(sc, dtype=torch.bool) for n, sc in scores.items()}
+            if k == m:
+                return {n: torch.ones_like(self._masks[n]) for n in scores}
+            return sharding.nm_masks(scores, NM(k, m))
         per_layer = allocate(scores, s, self.budget, cap=self.cap, overrides=self.overrides)
-        return {n: unstructured_mask(sc, per_layer[n]) for n, sc in scores.items()}
+        return sharding.unstructured_masks(scores, per_layer)
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
@@ -118,7 +133,8 @@ class MagnitudePruner(PrunerBase):
             self._record_cycle(step)
             for n, w in self.weights.items():
                 if self.mode == "keep":
-                    w.copy_(torch.where(self._masks[n], w, self.latent[n]))
+                    lw = sharding.local(w)
+                    lw.copy_(torch.where(sharding.local(self._masks[n]), lw, sharding.local(self.latent[n])))
                     self.latent[n].zero_()
                 self._masks[n] = torch.ones_like(self._masks[n])
         elif s > self.s_prev:
@@ -141,22 +157,22 @@ class MagnitudePruner(PrunerBase):
         for n, keep in self._keep.items():
             g = self.weights[n].grad
             if g is not None:
-                g.mul_(keep)
+                sharding.local(g).mul_(keep)
 
     @torch.no_grad()
     def _apply(self) -> None:
         for n, keep in self._keep.items():
             w = self.weights[n]
-            w.masked_fill_(keep == 0, 0.0)  # +0.0 (a product would leave -0.0 behind)
+            sharding.local(w).masked_fill_(keep == 0, 0.0)  # +0.0 (a product would leave -0.0 behind)
             mask_optimizer_state(self.optimizer, w, keep)
 
     def _record_cycle(self, step: int) -> None:
         """Recovery R_c and mask Hamming distance between consecutive cycle ends."""
         end = {n: m.clone() for n, m in self._masks.items()}
         if self._last_end is not None:
-            pruned = sum(int((~p).sum()) for p in self._last_end.values())
-            back = sum(int((~self._last_end[n] & end[n]).sum()) for n in end)
-            ham = sum(int((self._last_end[n] ^ end[n]).sum()) for n in end)
+            pruned = sharding.count_true(~p for p in self._last_end.values())
+            back = sharding.count_true(~self._last_end[n] & end[n] for n in end)
+            ham = sharding.count_true(self._last_end[n] ^ end[n] for n in end)
             self.cycle_stats.append({"step": step, "recovery": back / max(pruned, 1), "hamming": ham})
         self._last_end = end
 
@@ -175,10 +191,12 @@ class MagnitudePruner(PrunerBase):
 
     @torch.no_grad()
     def synchronize(self) -> None:
-        """Replace every rank's masks by rank 0's; a no-op in one process."""
+        """Replace every rank's masks by rank 0's; a no-op in one process. Masks sharded by FSDP2
+        are left alone: each rank owns its rows, decided from counts over all shards."""
         if world_size() > 1:
             for n, m in list(self._masks.items()):
-                self._masks[n] = broadcast_(m.to(torch.uint8)).bool()  # a new tensor: no caller's mask changes
+                if not sharding.is_sharded(m):
+                    self._masks[n] = broadcast_(m.to(torch.uint8)).bool()  # a new tensor: no caller's mask changes
             self._refresh_keep()
 
     def _finalize(self) -> MaskSet:
@@ -191,8 +209,11 @@ class MagnitudePruner(PrunerBase):
         return {**self._base_state(), "masks": self._masks.state_dict(), "s_prev": self.s_prev,
                 "latent": {n: t.clone() for n, t in self.latent.items()}, "mode": self.mode,
                 "pattern": str(self.pattern), "budget": self.budget, "schedule": _describe(self.schedule),
-                "cycle_stats": [dict(c) for c in self.cycle_stats],
-                "last_end": None if self._last_end is None else {n: m.clone() for n, m in self._last_end.items()}}
+                # the same keys at every step, as torch.distributed.checkpoint loads into a fresh pruner's
+                # state_dict(): the cycle records as one tuple, the last cycle's masks always present
+                "cycle_stats": tuple(dict(c) for c in self.cycle_stats),
+                "has_last_end": self._last_end is not None,
+                "last_end": {n: m.clone() for n, m in (self._last_end or self._masks).items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._check_state(state)
@@ -202,11 +223,14 @@ class MagnitudePruner(PrunerBase):
         mine = _describe(self.schedule)
         if mine is not None and state["schedule"] is not None and state["schedule"] != mine:
             raise ValueError(f"pruner state_dict was made with schedule {state['schedule']}, this pruner has {mine}")
-        self._masks.load_state_dict(state["masks"])
-        self.latent = {n: t.clone() for n, t in state["latent"].items()}
+        self._load_masks(state["masks"])
+        self.latent = {n: sharding.shard_like(self.weights[n], t.clone()) for n, t in state["latent"].items()}
         self.step_count, self.s_prev = int(state["step"]), float(state["s_prev"])
         self.cycle_stats = [dict(c) for c in state["cycle_stats"]]
-        self._last_end = None if state["last_end"] is None else {n: m.clone() for n, m in state["last_end"].items()}
+        if state.get("has_last_end", state["last_end"] is not None):
+            self._last_end = {n: sharding.shard_like(self.weights[n], m.clone()) for n, m in state["last_end"].items()}
+        else:
+            self._last_end = None
         self._refresh_keep()
 
 

@@ -7,7 +7,8 @@ Under SGD this is lazy ISTA on ``L(w) + lambda_k |w|_1`` with ``d_{k+1} - d_k = 
 The threshold ``d`` is a scalar (one for all layers, or one per layer) set after every
 ``optimizer.step()`` from a schedule in :mod:`prunekit.schedules` and reaches the forward as a
 0-dim tensor filled in place (a Python float would make ``torch.compile`` recompile at every change);
-``finalize()`` writes ``weight = S_D(theta)`` and detaches everything.
+``finalize()`` writes ``weight = S_D(theta)`` and detaches everything. Under FSDP2 the target's
+threshold is the k-th magnitude over all shards (:mod:`prunekit.sharding`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .. import sharding
 from ..allocation import BUDGETS, allocate, check_sparsity
 from ..masks import MaskSet
 from ..schedules import ThresholdSchedule, check_window, exact_lats
@@ -139,15 +141,16 @@ class SoftThreshold(PrunerBase):
         """Extension: D = the magnitude of |theta| at the target sparsity (global or per layer)."""
         scores = {n: w.detach().abs() for n, w in self.weights.items()}
         if self.budget == "global":
-            flat = torch.cat([s.reshape(-1) for s in scores.values()])
-            k = round(self.target * flat.numel())
-            D = float(flat.kthvalue(k).values) if k > 0 else 0.0
+            k = round(self.target * sum(s.numel() for s in scores.values()))
+            D = sharding.kth_smallest([list(scores.values())], [k])[0] if k > 0 else 0.0
             self.D = {n: D for n in scores}
         else:
             per_layer = allocate(scores, self.target, self.budget)
-            for n, s in scores.items():
-                k = round(per_layer[n] * s.numel())
-                self.D[n] = float(s.reshape(-1).kthvalue(k).values) if k > 0 else 0.0
+            ks = {n: round(per_layer[n] * s.numel()) for n, s in scores.items()}
+            live = [n for n in scores if ks[n] > 0]
+            values = sharding.kth_smallest([[scores[n]] for n in live], [ks[n] for n in live])
+            self.D.update(dict.fromkeys(scores, 0.0))
+            self.D.update(zip(live, values))
 
     def _threshold_at(self, k: int) -> dict[str, float]:
         if self.lam is not None:
@@ -215,12 +218,14 @@ class SoftThreshold(PrunerBase):
         if self.project:
             scores = {n: w.abs() for n, w in self.weights.items()}
             keep = magnitude_projection(scores, self.target, self.budget)
-            pruned_max = {n: float(s[~keep[n]].max()) if bool((~keep[n]).any()) else 0.0 for n, s in scores.items()}
+            pruned_max = sharding.max_where(scores, {n: ~k for n, k in keep.items()})
+            pruned_max = {n: max(v, 0.0) for n, v in pruned_max.items()}  # 0 where nothing is pruned
             if self.budget == "global":
                 pruned_max = dict.fromkeys(scores, max(pruned_max.values()))
             for n, w in self.weights.items():
                 t = 0.0 if self.greedy else min(self.d[n], pruned_max[n])
-                w.copy_((w - w.clamp(-t, t)) * keep[n])
+                lw = sharding.local(w)
+                lw.copy_((lw - lw.clamp(-t, t)) * sharding.local(keep[n]))
         elif not self.greedy:
             for n, w in self.weights.items():
                 w.sub_(w.clamp(-self.d[n], self.d[n]))

@@ -6,7 +6,8 @@ entries get no loss gradient. The ``s_l`` live in the pruner (the model's state_
 change) and are added to the user's optimizer as one extra parameter group -- create the pruner
 before any LR scheduler and before loading an optimizer checkpoint. Under DDP their gradients are
 averaged across ranks in an optimizer pre-step hook. Sparsity emerges from ``s_init`` and the
-weight decay; there is no target.
+weight decay; there is no target. Under FSDP2 the thresholds stay plain tensors (replicated, their
+gradients averaged as under DDP) and ``final_sparsity`` counts over all shards.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import sharding
 from ..allocation import check_sparsity
 from ..masks import MaskSet
 from .base import PrunerBase, magnitude_projection, world_size
@@ -103,7 +105,7 @@ class STR(PrunerBase):
         if self.final_sparsity is not None:
             keep = magnitude_projection({n: w.abs() for n, w in self.weights.items()}, self.final_sparsity, "global")
             for n, w in self.weights.items():
-                w.mul_(keep[n])
+                sharding.local(w).mul_(sharding.local(keep[n]))
         self.optimizer.param_groups.remove(self._s_group)
         for p in self.s.values():
             self.optimizer.state.pop(p, None)
