@@ -13,9 +13,11 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .layer_kinds import check_types, prunable_types
+from .layer_kinds import check_types, kind_of, prunable_types
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()
+# The single-weight kinds (Linear, Conv1d/Conv2d): what the training pruners handle. prune()
+# and model_report() pass ``types=None``: every registered kind (attention, HF Conv1D, ...).
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()[:3]
 # Names that mark an output head, matched against the last component of the LAST prunable
 # layer's name only: "lm_head"/"output_projection" (LLMs), "classifier"/"head"/"score"
 # (transformers' sequence-classification heads), "fc" (torchvision ResNets' final layer).
@@ -45,10 +47,18 @@ def _is_final_head(model: nn.Module, name: str, module: nn.Module, candidates: S
     return False
 
 
+def _written(module: nn.Module) -> list:
+    """The parameters its layer kind writes (none when a weight is missing)."""
+    try:
+        return [p for p in kind_of(module).parameters(module).values() if p is not None]
+    except AttributeError:
+        return []
+
+
 def find_targets(
     model: nn.Module,
     *,
-    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    types: Sequence[type[nn.Module]] | None = DEFAULT_TYPES,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     include_head: bool = False,
@@ -62,18 +72,19 @@ def find_targets(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    types = tuple(types)
+    types = prunable_types() if types is None else tuple(types)
     check_types(types)
     inc, exc = _as_patterns(include), _as_patterns(exclude)
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, types) or getattr(module, "weight", None) is None:
+        if not isinstance(module, types):
             continue
-        if id(module.weight) in embedding_weights or id(module.weight) in seen:
-            continue  # tied to an embedding or to another target
-        seen.add(id(module.weight))
+        params = [id(p) for p in _written(module)]
+        if not params or any(p in embedding_weights or p in seen for p in params):
+            continue  # no weight, or tied to an embedding or to another target (attention's out_proj)
+        seen.update(params)
         candidates.append((name, module))
     names = [n for n, _ in candidates]
     out: "OrderedDict[str, nn.Module]" = OrderedDict()
