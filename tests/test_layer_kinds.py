@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import prunekit as pk
@@ -87,3 +88,99 @@ def test_a_new_kind_is_an_entry_not_a_branch():
         unregister_kind("transposed-test")
     with pytest.raises(ValueError, match="no layer kind handles 'TLinear'"):
         pk.find_targets(model, types=(TLinear,))
+
+
+# -- grouped and depthwise convolutions: one unit per group ------------------------------------
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise
+        nn.Conv2d(8, 16, 1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=2), nn.ReLU(),  # 8 input channels per group
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def _images(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def _group_blocks(conv):
+    per = conv.out_channels // conv.groups
+    return [conv.weight.detach()[g * per:(g + 1) * per] for g in range(conv.groups)]
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False),
+                                  nn.Conv2d(4, 4, 3, groups=4, stride=2, bias=False),
+                                  nn.Conv1d(6, 3, 2, groups=3, bias=False)])
+def test_each_group_columns_times_matrix_is_that_groups_output(conv):
+    kind = kind_of(conv)
+    x = torch.randn(2, conv.in_channels, *(7,) * (conv.weight.dim() - 2))
+    out = conv(x).movedim(1, -1)
+    rows = kind.unit_inputs(conv, (x,), {}, kind.units(conv))
+    per = conv.out_channels // conv.groups
+    assert len(rows) == conv.groups
+    for g, unit in enumerate(kind.units(conv)):
+        assert kind.shape(conv, unit) == (per, conv.in_channels // conv.groups, *conv.kernel_size)
+        ref = out[..., g * per:(g + 1) * per].reshape(-1, per)
+        assert torch.allclose(rows[unit] @ kind.matrix(conv, unit).T, ref, atol=1e-5)
+
+
+def test_grouped_least_squares_matches_a_dense_solve_per_group():
+    """Oracle: each group's design matrix built by convolving with one-hot kernels (no unfold),
+    then an exact least-squares solve of every row on its kept columns."""
+    model, images = _cnn(), _images()
+    conv = model[0]
+    dense = conv.weight.detach().clone()
+    pk.prune(model, images, sparsity=0.5, method="magnitude", refine="lstsq", refine_options={"damp": 0.0},
+             include=r"^0$", progress=False)
+    x = torch.cat(images).double()
+    c_in, k = conv.in_channels, conv.kernel_size
+    basis = torch.eye(c_in * k[0] * k[1], dtype=torch.float64).reshape(-1, c_in, *k)
+    design = F.conv2d(x, basis, padding=1).movedim(1, -1).reshape(-1, basis.shape[0])  # one column per weight entry
+    w = conv.weight.detach().double().reshape(conv.out_channels, -1)
+    w0 = dense.double().reshape(conv.out_channels, -1)
+    for row in range(conv.out_channels):
+        kept = w[row] != 0
+        sol = torch.linalg.lstsq(design[:, kept], design @ w0[row]).solution
+        assert torch.allclose(w[row, kept], sol, atol=1e-6), row
+    assert int((w == 0).sum()) == w.numel() // 2
+
+
+@pytest.mark.parametrize("method,refine", [("magnitude", None), ("wanda", None), ("sparsegpt", None),
+                                           ("wanda", "lstsq"), ("magnitude", "snows")])
+def test_every_method_prunes_each_group_exactly(method, refine):
+    model, images = _cnn(), _images()
+    # no least-squares warm start: it zeroes the weights of inputs dead on this random network
+    opts = {"k": 2, "max_cg": 3, "epochs": 1, "warm_start": "none"} if refine == "snows" else None
+    result = pk.prune(model, images, sparsity=0.5, method=method, refine=refine, refine_options=opts, progress=False)
+    names = [r.name for r in result.layers]
+    assert names[:1] == ["0"] and "2.weight[g7]" in names and "6.weight[g1]" in names and len(names) == 1 + 8 + 1 + 2
+    for conv in (model[2], model[6]):
+        for block in _group_blocks(conv):
+            assert int((block == 0).sum()) == round(0.5 * block.numel())
+    if refine == "snows":
+        assert all(r.lookahead_after <= r.lookahead_before for r in result.layers)
+        assert any(r.lookahead_after < r.lookahead_before for r in result.layers if "[g" in r.name)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_nm_runs_along_each_groups_input_channels_and_skips_depthwise(method):
+    model, images = _cnn(), _images()
+    with pytest.warns(UserWarning, match="depthwise kernel"):
+        result = pk.prune(model, images, pattern="2:4", method=method, progress=False)
+    assert set(result.skipped) == {"0", "2"} and result.skipped["2"].startswith("depthwise kernel")
+    assert "3 input channels is not a multiple of 4" in result.skipped["0"]
+    w = model[6].weight.detach()  # [16, 8, 3, 3]: groups of 4 input channels at each kernel position
+    groups = w.permute(0, 2, 3, 1).reshape(16, 3, 3, 2, 4)
+    assert int((groups != 0).sum(-1).max()) <= 2 and int((w == 0).sum()) == w.numel() // 2
+
+
+def test_depthwise_nm_under_strict_is_an_error_and_the_model_is_unchanged():
+    model, images = _cnn(), _images()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer '2' cannot be pruned with pattern 2:4: depthwise kernel"):
+        pk.prune(model, images, pattern="2:4", method="sparsegpt", exclude=r"^0$", strict=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
