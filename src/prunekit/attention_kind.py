@@ -84,7 +84,8 @@ class MultiheadAttentionKind(LayerKind):
         return self.unit_inputs(module, args, {}, (unit,))[unit]
 
     def unit_inputs(self, module: nn.Module, args: tuple, kwargs: dict, units: Sequence[str]) -> dict[str, torch.Tensor]:
-        call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        call = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        call.pop("self")
         out = {}
         for unit in units:
             role = self._role(unit)
