@@ -184,3 +184,15 @@ def test_depthwise_nm_under_strict_is_an_error_and_the_model_is_unchanged():
     with pytest.raises(ValueError, match=r"layer '2' cannot be pruned with pattern 2:4: depthwise kernel"):
         pk.prune(model, images, pattern="2:4", method="sparsegpt", exclude=r"^0$", strict=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_include_naming_a_layer_no_kind_handles_is_an_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv3d(1, 1, 1), nn.Linear(4, 2))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"include='1' selects '1', a Conv3d, which no layer kind handles; "
+                                         r"known kinds: linear \(Linear\), conv \(Conv1d/Conv2d\), attention"):
+        pk.prune(model, None, sparsity=0.5, include="1")
+    with pytest.raises(ValueError, match=r"include='\^0\$' selects '0', a Linear \(layer kind 'linear'\), which types="):
+        pk.prune(model, None, sparsity=0.5, include="^0$", types=(nn.Conv2d,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [r.name for r in pk.prune(model, None, sparsity=0.5, include="^0$").layers] == ["0"]

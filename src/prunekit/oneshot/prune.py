@@ -12,6 +12,7 @@ including Ctrl-C, the model is restored exactly as it was.
 """
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
 from ..layer_kinds import LayerKind, kind_of, unit_name
+from ..layer_kinds import known as known_kinds
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import find_targets
 from . import registry
@@ -112,6 +114,7 @@ def prune(
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    _check_include(model, include, targets, types)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
     _check_weights(targets)
@@ -367,6 +370,28 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5")
     return selector, refit, pattern, check_sparsity(sparsity)
+
+
+def _check_include(model: nn.Module, include, targets, types) -> None:
+    """An ``include`` regex that selects no target but names weighted modules no layer kind
+    handles (or that ``types`` leaves out) is a ValueError naming them and the known kinds."""
+    for pattern in [include] if isinstance(include, str) else list(include or ()):
+        if any(re.search(pattern, n) for n in targets):
+            continue
+        hits = [(n, m) for n, m in model.named_modules()
+                if re.search(pattern, n) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        if not hits:
+            continue
+        name, module = hits[0]
+        try:
+            kind = kind_of(module).name
+        except TypeError:
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__}, which no layer kind "
+                             f"handles; known kinds: {known_kinds()} (prunekit.layer_kinds.register_kind adds one)"
+                             ) from None
+        if types is not None and not isinstance(module, tuple(types)):
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__} (layer kind {kind!r}), "
+                             "which types= leaves out; add its type to types=")
 
 
 def _check_weights(targets) -> None:
