@@ -1,7 +1,9 @@
 """Which parameters are prunable.
 
-A *target* is a module whose ``weight`` prunekit may sparsify. By default these are the module
-types of the registered layer kinds (:mod:`prunekit.layer_kinds`: Linear, Conv1d/Conv2d); embeddings, norms and biases are never targets, and a
+A *target* is a module whose weights prunekit may sparsify: one of the module types of the
+registered layer kinds (:mod:`prunekit.layer_kinds`: Linear, Conv1d/Conv2d, MultiheadAttention,
+transformers' Conv1D); ``types=None`` takes them all, the default ``DEFAULT_TYPES`` the Linear
+and convolution ones; embeddings, norms and biases are never targets, and a
 final classifier / LM head is excluded unless asked for, because pruning it hurts most and
 saves least.
 """
