@@ -128,25 +128,31 @@ def test_each_group_columns_times_matrix_is_that_groups_output(conv):
         assert torch.allclose(rows[unit] @ kind.matrix(conv, unit).T, ref, atol=1e-5)
 
 
-def test_grouped_least_squares_matches_a_dense_solve_per_group():
-    """Oracle: each group's design matrix built by convolving with one-hot kernels (no unfold),
-    then an exact least-squares solve of every row on its kept columns."""
-    model, images = _cnn(), _images()
+@pytest.mark.parametrize("groups", [2, 4])  # 4: depthwise
+def test_grouped_least_squares_matches_a_dense_solve_per_group(groups):
+    """Oracle: each group's design matrix built by convolving its own input channels with
+    one-hot kernels (no unfold), then an exact least-squares solve of every row on its kept
+    columns; every group loses exactly half of its weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    images = [torch.randn(4, 4, 6, 6) for _ in range(3)]
     conv = model[0]
     dense = conv.weight.detach().clone()
-    pk.prune(model, images, sparsity=0.5, method="magnitude", refine="lstsq", refine_options={"damp": 0.0},
-             include=r"^0$", progress=False)
+    result = pk.prune(model, images, sparsity=0.5, method="magnitude", refine="lstsq", refine_options={"damp": 0.0},
+                      progress=False)
+    assert [r.name for r in result.layers] == [f"0.weight[g{g}]" for g in range(groups)]
     x = torch.cat(images).double()
-    c_in, k = conv.in_channels, conv.kernel_size
-    basis = torch.eye(c_in * k[0] * k[1], dtype=torch.float64).reshape(-1, c_in, *k)
-    design = F.conv2d(x, basis, padding=1).movedim(1, -1).reshape(-1, basis.shape[0])  # one column per weight entry
-    w = conv.weight.detach().double().reshape(conv.out_channels, -1)
-    w0 = dense.double().reshape(conv.out_channels, -1)
-    for row in range(conv.out_channels):
-        kept = w[row] != 0
-        sol = torch.linalg.lstsq(design[:, kept], design @ w0[row]).solution
-        assert torch.allclose(w[row, kept], sol, atol=1e-6), row
-    assert int((w == 0).sum()) == w.numel() // 2
+    c, per = 4 // groups, 4 // groups  # input and output channels per group
+    basis = torch.eye(c * 9, dtype=torch.float64).reshape(-1, c, 3, 3)
+    for g in range(groups):
+        design = F.conv2d(x[:, g * c:(g + 1) * c], basis, padding=1).movedim(1, -1).reshape(-1, c * 9)
+        w = conv.weight.detach()[g * per:(g + 1) * per].double().reshape(per, -1)
+        w0 = dense[g * per:(g + 1) * per].double().reshape(per, -1)
+        assert int((w == 0).sum()) == round(0.5 * w.numel()), g
+        for row in range(per):
+            kept = w[row] != 0
+            sol = torch.linalg.lstsq(design[:, kept], design @ w0[row]).solution
+            assert torch.allclose(w[row, kept], sol, atol=1e-5), (g, row)
 
 
 @pytest.mark.parametrize("method,refine", [("magnitude", None), ("wanda", None), ("sparsegpt", None),
