@@ -182,3 +182,27 @@ def test_separate_projection_weights_are_units(method, refine):
     for unit in units:
         matrix = kind_of(model.attn).matrix(model.attn, unit)
         assert check_nm(matrix, NM(2, 4)) and int((matrix == 0).sum()) == matrix.numel() // 2
+
+
+def test_a_failure_after_some_units_restores_every_attention_parameter():
+    from prunekit.oneshot.registry import Selector, Update, register, unregister
+
+    @register(replace=True)
+    class FailsOnV(Selector):
+        name = "fails-on-v"
+
+        def select(self, problem):
+            if problem.name.endswith("[v]"):
+                raise RuntimeError("boom")
+            mask = problem.weight.abs() > problem.weight.abs().median()
+            return Update(problem.weight * mask, mask)
+
+    torch.manual_seed(0)
+    model = _Attn().eval()
+    before = copy.deepcopy(model.state_dict())
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            pk.prune(model, None, sparsity=0.5, method="fails-on-v", progress=False)
+    finally:
+        unregister("fails-on-v")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

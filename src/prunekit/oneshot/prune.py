@@ -91,8 +91,8 @@ def prune(
     fixed sparsities. ``types`` narrows the layer types (default: every registered layer kind,
     :mod:`prunekit.layer_kinds`); a module holding several matrices (attention's q, k, v and
     out_proj, a grouped convolution's groups) is pruned matrix by matrix, each a "layer" of
-    its own for budgets, ``overrides`` and the report. ``blocks`` names the modules calibrated in order (auto-detected by
-    default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
+    its own for budgets, ``overrides`` and the report. ``blocks`` names the modules calibrated
+    in order (auto-detected by default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
     chaining outputs, for models whose blocks do not feed each other directly.
     ``sequential=True`` recomputes statistics after every layer inside a block (always on for
     refits that fit against the dense target). ``snows``, ``sparsegpt_block_size``, ``damp``
