@@ -126,7 +126,7 @@ def gather_stats(
     once every layer has been seen; only valid when each layer runs once per block call.
 
     With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
-    name in ``all_layers``), each batch is also run through the dense block to get the target
+    name in ``all_layers``: a tensor for ``weight``, or ``{parameter name: tensor}``), each batch is also run through the dense block to get the target
     inputs ``X_t`` and the cross term ``C``. Sums are kept in ``dtype``.
     """
     units = {n: tuple(units[n]) if units is not None else kind_of(m).units(m) for n, m in layers.items()}
