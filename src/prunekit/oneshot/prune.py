@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..allocation import allocate, check_sparsity
 from ..layer_kinds import LayerKind, kind_of
 from ..patterns import NM, Unstructured, parse_pattern
-from ..targets import DEFAULT_TYPES, find_targets
+from ..targets import DEFAULT_TYPES, HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
@@ -108,15 +108,20 @@ def prune(
     home = model_device(model)
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
-    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
-    if not targets:
-        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
-    _check_weights(targets)
-    skipped = _skip_misfits(targets, pattern, strict)
-    if not targets:
-        raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
     calls = collect_batches(calibration, max_batches) if needs_data else []
+    example = _first_batch(calls, calibration)
+    found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
+                     example_inputs=example)
+    targets = found.layers
+    if not targets:
+        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
+                         + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
+    check_plain_weights(targets)
+    _check_weights(targets)
+    skipped = {**found.skipped, **_skip_misfits(targets, pattern, strict)}
+    if not targets:
+        raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     if isinstance(pattern, NM):
         budgets = {n: pattern.sparsity for n in targets}
     else:
@@ -156,6 +161,7 @@ def prune(
         bar.close()
         model.train(was_training)
     result.seconds = time.perf_counter() - start
+    _warn_skipped(result.skipped)
     result.peak_device_mib = tracker()
     return result
 
@@ -329,6 +335,25 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     return selector, refit, pattern, check_sparsity(sparsity)
 
 
+def _first_batch(calls, calibration) -> Any:
+    """One calibration batch, to find the head by a forward (None without data)."""
+    if calls:
+        args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
+        return kwargs if kwargs else args
+    if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
+        return None
+    return next(iter(calibration), None)
+
+
+def _warn_skipped(skipped: Mapping[str, str]) -> None:
+    """One warning for every layer left dense other than the head (which the summary lists)."""
+    left = {n: why for n, why in skipped.items() if why != HEAD_REASON}
+    if left:
+        shown = "; ".join(f"{n!r}: {why}" for n, why in list(left.items())[:8])
+        more = f"; and {len(left) - 8} more (see result.summary())" if len(left) > 8 else ""
+        warnings.warn(f"prunekit left {len(left)} layer{'s' if len(left) > 1 else ''} dense: {shown}{more}")
+
+
 def _check_weights(targets) -> None:
     for name, module in targets.items():
         if module.weight.is_meta:
@@ -352,7 +377,6 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
                                  f"exclude it (exclude={name!r}) or pass strict=False to skip it")
-            warnings.warn(f"skipping layer {name!r}: {why}")
             skipped[name] = why
             del targets[name]
     return skipped

@@ -18,7 +18,8 @@ from torch import nn
 from ..allocation import allocate
 from ..masks import MaskSet
 from ..patterns import unstructured_mask
-from ..targets import find_targets
+from ..targets import check_plain_weights, find_targets
+from ..targets import unwrap as unwrap_wrappers
 from .shadow import shadow_weight, unshadow
 
 
@@ -29,7 +30,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequence[str] | None) -> "OrderedDict[str, nn.Module]":
     """Prunable modules by name: :func:`find_targets` by default, or the given names/modules."""
-    model = unwrap(model)
+    model = unwrap_wrappers(model)[0]  # DDP and torch.compile: names as in the user's module
     if targets is None:
         out = find_targets(model)
     elif isinstance(targets, Mapping):
@@ -42,6 +43,7 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
         out = OrderedDict((n, modules[n]) for n in targets)
     if not out:
         raise ValueError("no prunable layers found; pass targets=[...] module names")
+    check_plain_weights(out)
     for name, module in out.items():
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise TypeError(f"target {name!r} has no weight parameter")
