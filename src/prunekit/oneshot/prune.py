@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
+from ..batchnorm import recalibrate_batchnorm
 from ..layer_kinds import LayerKind, kind_of
 from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, HEAD_REASON, check_plain_weights, prunable
@@ -30,6 +31,7 @@ from ..calls import model_device, to_device
 from .calibration import collect_batches
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
+from .dead import dead_columns, keep_dead_dense
 from .lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
 from .result import LayerReport, PruneResult
@@ -67,6 +69,8 @@ def prune(
     capture: str = "chain",
     sequential: bool = False,
     strict: bool = False,
+    exact: bool = True,
+    recalibrate_bn: bool = False,
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
@@ -98,18 +102,30 @@ def prune(
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
     CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+
+    ``exact=True`` keeps the requested number of non-zeros in every layer even where an input is
+    zero on all calibration data (SparseGPT and the refits would zero its weights): those weights
+    are chosen on their dense values and kept dense (:mod:`prunekit.oneshot.dead`); each
+    ``LayerReport`` counts the dead columns. ``exact=False`` is the reference behaviour, with the
+    extra zeros reported in the summary.
+
+    ``recalibrate_bn=True`` re-estimates every BatchNorm's running statistics on the
+    calibration batches after pruning (:func:`prunekit.recalibrate_batchnorm`); it needs data.
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
         snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
     selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
-                                                     pattern, sparsity, capture)
+                                                     pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
     home = model_device(model)
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
     needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
-    calls = collect_batches(calibration, max_batches) if needs_data else []
+    if recalibrate_bn and calibration is None:
+        raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
+                         "pass calibration batches (or recalibrate_bn=False)")
+    calls = collect_batches(calibration, max_batches) if needs_data or recalibrate_bn else []
     example = _first_batch(calls, calibration)
     found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
                      example_inputs=example)
@@ -132,9 +148,10 @@ def prune(
         del scores
 
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
-                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
+                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
+                         exact=exact)
     job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype = home, run_device, precision
+    job.home, job.device, job.dtype, job.exact = home, run_device, precision, exact
     # Only the target weights ever change: they are all the restore point needs.
     snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
@@ -152,6 +169,8 @@ def prune(
         else:
             for name in targets:
                 job.prune_layer(name, None)
+        if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
+            result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
     except BaseException:
         with torch.no_grad():
             for name, weight in snapshot.items():
@@ -180,6 +199,7 @@ class _Job:
         self.target_ids = {id(m) for m in targets.values()}
         self.home = self.device = torch.device("cpu")
         self.dtype = torch.float64
+        self.exact = True
         self.bar = None
         self.show_progress = False
 
@@ -246,7 +266,7 @@ class _Job:
         w0 = kind.matrix(layer).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
         problem = LayerProblem(name, w0, self.budgets[name], self.pattern, stats, self.selector,
-                               self._context(layer, kind, ctx) if ctx else None)
+                               self._context(layer, kind, ctx) if ctx else None, exact=self.exact)
         chosen = _checked(self.selector.select(problem), w0, self.selector)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
@@ -258,11 +278,17 @@ class _Job:
             notes.append(refitted.note)
             if refitted.lookahead is not None:
                 report.lookahead_before, report.lookahead_after = refitted.lookahead
+        dead = dead_columns(stats)
+        if dead is not None:
+            report.dead_columns = int(dead.sum())
+            if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
+                w = keep_dead_dense(w, w0, mask, dead)
         self._write(layer, kind, w, mask)
         if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
         report.sparsity = float((layer.weight == 0).sum()) / layer.weight.numel()
+        report.extra_zeros = int((kind.matrix(layer)[mask.to(layer.weight.device)] == 0).sum())
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
@@ -314,7 +340,8 @@ def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Updat
     return update
 
 
-def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture):
+def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture, exact=True,
+                recalibrate_bn=False):
     """The selector and refit instances (options validated), the pattern and the sparsity."""
     if refine in ("none", "null"):
         refine = None
@@ -323,6 +350,10 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if refine is None and refine_options:
         raise ValueError(f"refine_options were given without refine; pass refine= one of "
                          f"{', '.join(registry.names('refit'))} (or drop them)")
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
+    if not isinstance(recalibrate_bn, bool):
+        raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
