@@ -122,3 +122,16 @@ def test_helpers():
 def test_exact_must_be_a_bool():
     with pytest.raises(TypeError, match="exact must be True or False"):
         pk.prune(mlp(), None, sparsity=0.5, exact="yes")
+
+
+@pytest.mark.parametrize("method,refine", [("sparsegpt", None), ("wanda", "lstsq"), ("sparsegpt", "snows")])
+def test_nm_with_dead_inputs_keeps_n_of_every_m(method, refine):
+    data = [torch.randn(4, 3, 1, 1) for _ in range(2)]
+    model = cnn()
+    opts = {"k": 2, "max_cg": 5} if refine == "snows" else None
+    with pytest.warns(UserWarning, match="input dimension 27 is not a multiple of 4"):
+        result = pk.prune(model, data, pattern="2:4", method=method, refine=refine, refine_options=opts)
+    w = pk.to_matrix(model[2].weight.detach())
+    assert int(torch.count_nonzero(model[2].weight)) == 288
+    assert pk.check_nm(w != 0, pk.NM(2, 4))
+    assert result.layers[0].dead_columns == 64 and result.layers[0].extra_zeros == 0
