@@ -104,6 +104,8 @@ def test_compiled_and_data_parallel_wrappers():
     m = MobileNetLike()
     compiled = torch.compile(m)  # compiles lazily: nothing runs here
     assert list(find_targets(compiled)) == ["_orig_mod.features.0", "_orig_mod.features.3", "_orig_mod.classifier.0"]
+    # a forward to find the head runs the plain module (no compilation)
+    assert find_head(compiled, example_inputs=torch.randn(2, 3, 8, 8)) == "_orig_mod.classifier.3"
     assert list(find_targets(nn.DataParallel(m))) == ["module.features.0", "module.features.3", "module.classifier.0"]
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     pruner = pk.MagnitudePruner(compiled, opt, 0.5)

@@ -84,10 +84,11 @@ def forward_order(model: nn.Module, layers: "OrderedDict[str, nn.Module]", examp
     counter = iter(range(1 << 62))
     handles = [m.register_forward_hook(lambda *_, n=n: last.__setitem__(n, next(counter)))
                for n, m in layers.items()]
+    inner, _ = unwrap(model)  # the plain module: no compilation, no DDP communication
     try:
-        args, kwargs = as_call(to_device(example_inputs, model_device(model)))
-        with eval_mode(model):
-            model(*args, **kwargs)
+        args, kwargs = as_call(to_device(example_inputs, model_device(inner)))
+        with eval_mode(inner):
+            inner(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
