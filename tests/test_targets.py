@@ -118,6 +118,7 @@ def test_plain_sequential_and_single_layer():
     assert list(find_targets(mlp, include_head=True)) == ["0", "2"]
     assert find_head(nn.Linear(3, 4)) is None  # a model that is one layer is not its own head
     assert list(find_targets(nn.Linear(3, 4))) == [""]
+    assert list(find_targets(torch.compile(nn.Linear(3, 4)))) == ["_orig_mod"]
 
 
 def _bert_classifier():

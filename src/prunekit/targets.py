@@ -104,7 +104,7 @@ def find_head(model: nn.Module, *, types: Sequence[type[nn.Module]] = DEFAULT_TY
     there is none or when it is tied to the input embedding (it is then no target anyway)."""
     types = tuple(types)
     candidates = _candidates(model, types)
-    inner, _ = unwrap(model)
+    inner, prefix = unwrap(model)
     get_output = getattr(inner, "get_output_embeddings", None)
     if callable(get_output):
         try:
@@ -132,7 +132,7 @@ def find_head(model: nn.Module, *, types: Sequence[type[nn.Module]] = DEFAULT_TY
             order = []
     last = order[-1] if order else next(reversed(typed))
     # a model that is one layer is pruned as such, not spared as its own head
-    return last if last in candidates and last != "" else None
+    return last if last in candidates and last != prefix[:-1] else None
 
 
 def prunable(
