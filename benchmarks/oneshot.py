@@ -104,7 +104,8 @@ def write_reports(rows: list[dict], dense_acc: float, args) -> None:
         "",
         f"Dense accuracy: {dense_acc:.2f}%. Calibration: {args.calibration} training images, batches of "
         f"{args.batch_size}; SNOWS: {args.epochs} epoch(s), max {args.max_cg} CG iterations, LS warm start "
-        f"for unstructured, none for N:M. {_k_sweep()}. Seeds: {args.seeds}. Command: `make bench-oneshot`.",
+        f"for unstructured, none for N:M. {_k_sweep()}. Seeds: {args.seeds}. Command: "
+        + ("`make bench-oneshot`." if args.out == "oneshot" and not args.only else f"`{_command(args)}`."),
         "Rows marked +BN re-estimate the BatchNorm statistics on the calibration images after pruning "
         "(`--recalibrate-bn`, `prune(..., recalibrate_bn=True)`).",
         "Each cell: mean test accuracy (± std over seeds when > 1) and the mean pruning time in seconds, "
@@ -124,13 +125,19 @@ def write_reports(rows: list[dict], dense_acc: float, args) -> None:
             std = f" ± {acc.std():.2f}" if len(rs) > 1 else ""
             cells.append(f"{acc.mean():.2f}{std} ({sum(r['seconds'] for r in rs) / len(rs):.0f}s)")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    with open(os.path.join(RESULTS, "oneshot.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(by, names, dense_acc)
+    plot(by, names, dense_acc, args.out)
 
 
-def plot(by, names, dense_acc) -> None:
+def _command(args) -> str:
+    opts = [f"--only '{args.only}'" if args.only else "", "--recalibrate-bn" if args.recalibrate_bn else "",
+            f"--out {args.out}" if args.out != "oneshot" else "", f"--threads {args.threads}"]
+    return "python benchmarks/oneshot.py " + " ".join(o for o in opts if o)
+
+
+def plot(by, names, dense_acc, out="oneshot") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,7 +165,7 @@ def plot(by, names, dense_acc) -> None:
     axes[1].set_title("accuracy vs K")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "oneshot.png"), dpi=110)
+    fig.savefig(os.path.join(RESULTS, f"{out}.png"), dpi=110)
 
 
 def main(argv=None) -> None:
@@ -169,14 +176,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step (default 10)")
     parser.add_argument("--seeds", type=int, default=1, help="calibration seeds (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--only", default=None, help="run only configs whose label contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only configs whose key contains this (comma-separated: any of these)")
     parser.add_argument("--report-only", action="store_true", help="write the reports from the cached runs")
     parser.add_argument("--recalibrate-bn", action="store_true",
                         help="also run every configuration with BatchNorm statistics re-estimated after pruning")
+    parser.add_argument("--out", default="oneshot",
+                        help="base name of the results files in benchmarks/results/ (default oneshot)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(RESULTS, exist_ok=True)
-    cache_path = os.path.join(RESULTS, "oneshot.json")
+    cache_path = os.path.join(RESULTS, f"{args.out}.json")
     done = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
     dense = trained_resnet()
     x_train, _ = load_mnist("train")
@@ -188,7 +198,7 @@ def main(argv=None) -> None:
         runs = [(*c, False) for c in configs()] + ([(*c, True) for c in configs()] if args.recalibrate_bn else [])
         for pattern, method, refine, k, bn in runs:
             kk = key(pattern, method, refine, k, seed, bn)
-            if kk in done or (args.only and args.only not in kk):
+            if kk in done or (args.only and not any(part in kk for part in args.only.split(","))):
                 continue
             row = run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args, bn)
             row["seed"] = seed

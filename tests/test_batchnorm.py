@@ -72,6 +72,9 @@ def test_prune_recalibrate_bn():
     result = pk.prune(m, data(), sparsity=0.7, method="magnitude", recalibrate_bn=True)
     assert result.bn_batches == 3 and "re-estimated on 3 calibration batches" in result.summary()
     assert not torch.equal(m[1].running_mean, stale) and not m.training
+    plain = pk.prune(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), [torch.randn(3, 4)], sparsity=0.5,
+                     recalibrate_bn=True)
+    assert plain.bn_batches == 0 and "no BatchNorm layer" in plain.summary()
     with pytest.raises(ValueError, match="recalibrate_bn=True .* pass calibration batches"):
         pk.prune(net(), None, sparsity=0.5, recalibrate_bn=True)
     with pytest.raises(TypeError, match="recalibrate_bn must be True or False"):

@@ -73,7 +73,9 @@ class PruneResult:
         if extra:
             lines.append(f"{extra} weights kept by the support are zero beyond the requested count (dead inputs "
                          f"zeroed with exact=False, or zero already); exact=True keeps dead inputs' weights dense")
-        if self.bn_batches is not None:
+        if self.bn_batches == 0:
+            lines.append("recalibrate_bn: the model has no BatchNorm layer; nothing re-estimated")
+        elif self.bn_batches is not None:
             lines.append(f"BatchNorm running statistics re-estimated on {self.bn_batches} calibration batches")
         lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
                      f" ({self.device}, {self.stats_dtype} statistics{peak})")
