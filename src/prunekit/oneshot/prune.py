@@ -8,7 +8,8 @@
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
-including Ctrl-C, the model is restored exactly as it was.
+including Ctrl-C, the model is restored exactly as it was. Under torch.distributed every rank
+feeds its own calibration batches and the statistics are summed (:mod:`.ranks`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
+from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
 from .lstsq import reconstruction_error
@@ -46,6 +48,7 @@ def __getattr__(name: str) -> tuple:
     raise AttributeError(name)
 
 
+@across_ranks
 def prune(
     model: nn.Module,
     calibration: Iterable[Any] | None = None,
@@ -68,6 +71,7 @@ def prune(
     sequential: bool = False,
     strict: bool = False,
     max_batches: int | None = None,
+    shard_calibration: bool = False,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
@@ -98,6 +102,13 @@ def prune(
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
     CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+
+    Under ``torchrun`` (an initialised default process group, gloo or nccl) every rank calls
+    ``prune`` on the same model with the same arguments and ITS OWN calibration batches; the
+    statistics are summed over the ranks, so every rank ends with the same weights as one
+    process fed all the batches. ``shard_calibration=True`` instead lets every rank pass the
+    same full list and keeps batches ``i`` with ``i % world_size == rank``. Ranks that disagree
+    on the model or the arguments, or one that fails, stop every rank with the same error.
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
@@ -117,6 +128,9 @@ def prune(
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
     calls = collect_batches(calibration, max_batches) if needs_data else []
+    ranks, n_calls = Ranks.current(), len(calls)
+    if shard_calibration and needs_data:
+        calls = shard(calls, ranks)
     if isinstance(pattern, NM):
         budgets = {n: pattern.sparsity for n in targets}
     else:
@@ -126,16 +140,25 @@ def prune(
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
+    if ranks.active:
+        args = dict(method=method, refine=refine, method_options=selector.options, pattern=pattern,
+                    refine_options=refit.options if refit else None, sparsity=sparsity, budget=budget, cap=cap,
+                    overrides=overrides, include=include, exclude=exclude, include_head=include_head, types=types,
+                    blocks=blocks, capture=capture, sequential=sequential, strict=strict, max_batches=max_batches,
+                    device=run_device.type, stats_dtype=precision, shard_calibration=shard_calibration,
+                    batches_before_sharding=n_calls if shard_calibration else None, skipped=skipped)
+        ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
-                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
+                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
+                         processes=ranks.world if needs_data else 1)
     job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype = home, run_device, precision
+    job.home, job.device, job.dtype, job.ranks = home, run_device, precision, ranks
     # Only the target weights ever change: they are all the restore point needs.
     snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
     start = time.perf_counter()
     bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
-               disable=(not progress) if progress is not None else None, leave=False)
+               disable=True if ranks.rank else (not progress) if progress is not None else None, leave=False)
     job.bar = bar
     job.show_progress = not bar.disable
     tracker = peak_memory_tracker(run_device)
@@ -147,6 +170,10 @@ def prune(
         else:
             for name in targets:
                 job.prune_layer(name, None)
+        # a cheap last check that every rank wrote the very same weights
+        ranks.same("the pruned weights", {f"layer {n}": checksum(m.weight) for n, m in targets.items()}, error=RuntimeError,
+                   hint="the statistics were summed, so the ranks computed differently (different libraries, "
+                        "thread counts or devices?)")
     except BaseException:
         with torch.no_grad():
             for name, weight in snapshot.items():
@@ -174,6 +201,7 @@ class _Job:
         self.target_ids = {id(m) for m in targets.values()}
         self.home = self.device = torch.device("cpu")
         self.dtype = torch.float64
+        self.ranks = Ranks()
         self.bar = None
         self.show_progress = False
 
@@ -210,12 +238,14 @@ class _Job:
 
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
+        self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
         for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:
                 self.bar.update()
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype,
+                                 ranks=self.ranks)
             for name in order:
                 self.prune_layer(name, stats[name])
             return
@@ -224,11 +254,12 @@ class _Job:
         # of them cannot change the others' inputs, so this is exactly the layer-by-layer result.
         # Each forward also stops once the group's layers have run, when every layer runs once.
         groups, once = shared_input_groups(block, layers, order, *inputs[0])
+        self.ranks.same("the layers a block calls", {"groups": groups, "once": once})
         for group in groups:
             for name in group:
                 dense[name] = layers[name].weight.detach().clone()
             stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense,
-                                 all_layers=layers, stop_early=once, dtype=self.dtype)
+                                 all_layers=layers, stop_early=once, dtype=self.dtype, ranks=self.ranks)
             for name in group:
                 self.prune_layer(name, stats.pop(name), inputs=inputs, chain=chain, block_layers=layers, dense=dense)
 
@@ -273,7 +304,7 @@ class _Job:
             write=lambda w, mask: self._write(layer, kind, w, mask),
             read=lambda: kind.matrix(layer).to(dtype=self.dtype, copy=True),
             weight_mask=lambda mask: kind.weight_mask(layer, mask),
-            progress=self.show_progress,
+            progress=self.show_progress, ranks=self.ranks,
         )
 
     @staticmethod

@@ -50,7 +50,8 @@ class NoOptions:
 class LayerContext:
     """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
     the model, the blocks from this one to the end, the block's stored inputs, the block's
-    pruned layers with their dense weights, and how to read and write the layer's matrix."""
+    pruned layers with their dense weights, how to read and write the layer's matrix, and the
+    processes calibrating together (``ranks``, :mod:`prunekit.oneshot.ranks`; None: this one)."""
 
     model: nn.Module
     layer: nn.Module
@@ -63,6 +64,7 @@ class LayerContext:
     read: Callable[[], torch.Tensor]
     weight_mask: Callable[[torch.Tensor], torch.Tensor]
     progress: bool = False
+    ranks: Any = None
 
 
 @dataclass

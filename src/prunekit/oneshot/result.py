@@ -36,6 +36,8 @@ class PruneResult:
     device: str = "cpu"
     stats_dtype: str = "float64"
     peak_device_mib: float | None = None
+    #: how many processes (torch.distributed ranks) fed calibration batches, statistics summed
+    processes: int = 1
 
     @property
     def sparsity(self) -> float:
@@ -61,6 +63,7 @@ class PruneResult:
         for name, why in self.skipped.items():
             lines.append(f"{name[-40:]:<40} skipped: {why}")
         peak = f", peak {self.peak_device_mib:.0f} MiB on {self.device}" if self.peak_device_mib is not None else ""
+        peak += f", calibrated over {self.processes} processes" if self.processes > 1 else ""
         lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
                      f" ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
