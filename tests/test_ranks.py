@@ -97,6 +97,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["model"] = _failure(lambda: pk.prune(model, _batches("cnn")[rank::WORLD], method="wanda", sparsity=0.5,
                                                  progress=False))
         model.load_state_dict(original)
+        # one batch for two ranks: rank 1 fails before any collective
+        out["short"] = _failure(lambda: pk.prune(model, _batches("cnn")[:1], method="wanda", sparsity=0.5,
+                                                 shard_calibration=True, progress=False))
 
         # rank 1 fails in the third block, once the first was pruned on every rank
         def boom(*_):
@@ -159,6 +162,14 @@ def test_ranks_that_disagree_on_the_model_all_stop_naming_the_layer(ranks_out):
     assert e0 == e1
     assert e0["type"] == "ValueError"
     assert "rank 1 differs from rank 0 in layers: 2 (shape (8, 8, 3, 3), torch.float32, weights checksum" in e0["message"]
+
+
+def test_a_rank_left_without_batches_stops_every_rank(ranks_out):
+    e0, e1 = (r["short"] for r in ranks_out)
+    assert e0 == e1
+    assert e0["type"] == "ValueError"
+    assert e0["message"] == ("rank 1 of 2 failed with ValueError: shard_calibration=True shares 1 calibration batches "
+                             "among 2 ranks, leaving rank 1 none; pass at least 2 batches; every rank restored its model")
 
 
 def test_a_rank_that_fails_mid_calibration_stops_every_rank_with_its_error_and_all_restore(ranks_out):

@@ -131,6 +131,9 @@ def prune(
     ranks, n_calls = Ranks.current(), len(calls)
     if shard_calibration and needs_data:
         calls = shard(calls, ranks)
+        if not calls:
+            raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
     if isinstance(pattern, NM):
         budgets = {n: pattern.sparsity for n in targets}
     else:

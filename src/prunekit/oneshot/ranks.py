@@ -55,7 +55,12 @@ class Ranks:
             return
         self._exchange()
         for t in tensors:
-            dist.all_reduce(t)
+            if t.device == self.device or self.device.type == "cpu":
+                dist.all_reduce(t)
+            else:  # nccl reduces CUDA tensors only: statistics kept elsewhere travel through it
+                moved = t.to(self.device)
+                dist.all_reduce(moved)
+                t.copy_(moved)
 
     def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks (the argument is consumed)."""
