@@ -97,6 +97,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["model"] = _failure(lambda: pk.prune(model, _batches("cnn")[rank::WORLD], method="wanda", sparsity=0.5,
                                                  progress=False))
         model.load_state_dict(original)
+        # every rank fails alike: each raises its own error, as one process would
+        out["alike"] = _failure(lambda: pk.prune(model, _batches("cnn")[rank::WORLD], method="wanda", sparsity=1.5,
+                                                 progress=False))
         # one batch for two ranks: rank 1 fails before any collective
         out["short"] = _failure(lambda: pk.prune(model, _batches("cnn")[:1], method="wanda", sparsity=0.5,
                                                  shard_calibration=True, progress=False))
@@ -162,6 +165,12 @@ def test_ranks_that_disagree_on_the_model_all_stop_naming_the_layer(ranks_out):
     assert e0 == e1
     assert e0["type"] == "ValueError"
     assert "rank 1 differs from rank 0 in layers: 2 (shape (8, 8, 3, 3), torch.float32, weights checksum" in e0["message"]
+
+
+def test_ranks_that_all_fail_alike_raise_the_error_of_one_process(ranks_out):
+    alone = _failure(lambda: pk.prune(_cnn(), _batches("cnn"), method="wanda", sparsity=1.5, progress=False))
+    assert alone["type"] == "ValueError"
+    assert [r["alike"] for r in ranks_out] == [alone] * WORLD
 
 
 def test_a_rank_left_without_batches_stops_every_rank(ranks_out):
