@@ -13,6 +13,7 @@ alternated over ``--rounds`` (the order flips every round), and the medians are 
 
     python benchmarks/distributed.py --rounds 3            # writes results/distributed.json and .md
     python benchmarks/distributed.py --rounds 1 --layers 4 # a quick look
+    python benchmarks/distributed.py --markdown            # rewrite the .md from the .json
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -99,7 +101,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         return statistics.median(r[key] for r in rows if r["processes"] == procs)
 
     lines = ["# Calibration over 1 vs 2 processes (SmolLM2-135M, SparseGPT 50%)", "",
-             f"Command: `{meta['command']}`. {meta['machine']}", "",
+             f"Command: `{meta['command']}`", "", meta["machine"], "",
              f"{meta['layers']} decoder layers, 32 x 256 calibration sequences (8 batches of 4), float64 statistics, "
              f"1 thread per process, gloo on 127.0.0.1; {meta['rounds']} rounds, configurations alternated; "
              "medians (seconds).", "",
@@ -111,6 +113,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", f"Speed-up of 2 processes: statistics pass x{med(1, 'statistics_s') / med(2, 'statistics_s'):.2f}, "
               f"whole prune() x{med(1, 'prune_s') / med(2, 'prune_s'):.2f} (every rank repeats the per-layer "
               "solves on the summed statistics, so only the statistics pass is shared).", "",
+              f"The per-layer solves are the same work in both configurations, yet took x{med(2, 'solve_s') / med(1, 'solve_s'):.2f} "
+              "as long with 2 processes: the CPU time each process got, relative to the single process. Near x1 "
+              "the machine had a free core for the second process; near x2 it had none, and no speed-up can show.", "",
               "Every run, in order:", "", "| round | processes | prune() | statistics | solves |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['round']} | {r['processes']} | {r['prune_s']:.1f} | {r['statistics_s']:.1f} | {r['solve_s']:.1f} |")
@@ -122,11 +127,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=None, help="keep only the first decoder layers")
     parser.add_argument("--machine", default="", help="a note on the machine (e.g. contended)")
+    parser.add_argument("--markdown", action="store_true", help="rewrite distributed.md from distributed.json")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         _worker_main(args.worker, args.layers, args.out)
+        return
+    if args.markdown:
+        saved = json.load(open(os.path.join(RESULTS, "distributed.json")))
+        with open(os.path.join(RESULTS, "distributed.md"), "w") as f:
+            f.write(markdown(saved["runs"], saved["meta"]))
         return
     rows = []
     for i in range(args.rounds):
@@ -135,7 +146,7 @@ def main() -> None:
             row["round"] = i + 1
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"command": "python benchmarks/distributed.py " + " ".join(sys.argv[1:]), "rounds": args.rounds,
+    meta = {"command": shlex.join(["python", "benchmarks/distributed.py", *sys.argv[1:]]), "rounds": args.rounds,
             "layers": rows[0]["layers"], "machine": args.machine, "cpus": os.cpu_count()}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "distributed.json"), "w") as f:
