@@ -8,7 +8,8 @@
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
-including Ctrl-C, the model is restored exactly as it was.
+including Ctrl-C, the model is restored exactly as it was, from originals saved to disk as each
+layer is first changed (:mod:`prunekit.oneshot.restore`), so no copy of the model is held.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .placement import exact_float32, execution_device, peak_memory_tracker, sta
 from .legacy import legacy_options
 from .lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
+from .restore import RestorePoint
 from .result import LayerReport, PruneResult
 from .selection import magnitude_scores
 from .stats import LayerStats, gather_stats
@@ -130,8 +132,6 @@ def prune(
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
     job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
     job.home, job.device, job.dtype = home, run_device, precision
-    # Only the target weights ever change: they are all the restore point needs.
-    snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
     was_training = model.training
     start = time.perf_counter()
     bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
@@ -141,17 +141,14 @@ def prune(
     tracker = peak_memory_tracker(run_device)
     try:
         model.eval()
-        if needs_data:
-            with exact_float32(run_device):
-                job.run_calibrated(calls, blocks, capture)
-        else:
-            for name in targets:
-                job.prune_layer(name, None)
-    except BaseException:
-        with torch.no_grad():
-            for name, weight in snapshot.items():
-                targets[name].weight.copy_(weight)
-        raise
+        # Only the target weights ever change: each is saved to disk just before its first change.
+        with RestorePoint(lambda name, w: targets[name].weight.copy_(w)) as job.saved:
+            if needs_data:
+                with exact_float32(run_device):
+                    job.run_calibrated(calls, blocks, capture)
+            else:
+                for name in targets:
+                    job.prune_layer(name, None)
     finally:
         bar.close()
         model.train(was_training)
@@ -176,6 +173,7 @@ class _Job:
         self.dtype = torch.float64
         self.bar = None
         self.show_progress = False
+        self.saved: RestorePoint | None = None
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
@@ -236,6 +234,8 @@ class _Job:
     def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
         t0 = time.perf_counter()
         layer, kind = self.targets[name], kind_of(self.targets[name])
+        if self.saved is not None:
+            self.saved.save(name, layer.weight)
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
         w0 = kind.matrix(layer).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(name, tuple(layer.weight.shape), 0.0)
