@@ -98,12 +98,13 @@ def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 
 def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
-    held on another device (see ``prune(device=...)``) gets its inputs moved there."""
+    held on another device (see ``prune(device=...)``) gets its inputs moved there (an
+    offloaded one, on the meta device, has accelerate hooks that move them)."""
     from .placement import module_device
 
     for block in blocks:
         dev = module_device(block)
-        if dev is not None and isinstance(args[0], torch.Tensor) and args[0].device != dev:
+        if dev is not None and dev.type != "meta" and isinstance(args[0], torch.Tensor) and args[0].device != dev:
             args, kwargs = to_device(args, dev), to_device(kwargs, dev)
         hidden = first_output(block(*args, **kwargs))
         args = (hidden, *args[1:])

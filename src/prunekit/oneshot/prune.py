@@ -13,6 +13,7 @@ layer is first changed (:mod:`prunekit.oneshot.restore`), so no copy of the mode
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -27,8 +28,9 @@ from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import DEFAULT_TYPES, find_targets
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
-from ..calls import model_device, to_device
+from ..calls import to_device
 from .calibration import collect_batches
+from .offload import Storage, home_device, is_dispatched, onloaded
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
 from .lstsq import reconstruction_error
@@ -107,13 +109,14 @@ def prune(
     selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
                                                      pattern, sparsity, capture)
     exec_device = execution_device(device)
-    home = model_device(model)
+    home = home_device(model)  # a model dispatched with accelerate may hold no weight in memory
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
-    _check_weights(targets)
+    storage = Storage(model, targets)
+    _check_weights(targets, storage)
     skipped = _skip_misfits(targets, pattern, strict)
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
@@ -123,7 +126,7 @@ def prune(
         budgets = {n: pattern.sparsity for n in targets}
     else:
         # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
-        scores = {n: magnitude_scores(m.weight) if budget == "global" else m.weight.detach()
+        scores = {n: magnitude_scores(storage.read(n)) if budget == "global" else m.weight.detach()
                   for n, m in targets.items()}
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
@@ -131,7 +134,8 @@ def prune(
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
     job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype = home, run_device, precision
+    job.home, job.device, job.dtype, job.storage = home, run_device, precision, storage
+    job.dispatched = is_dispatched(model)
     was_training = model.training
     start = time.perf_counter()
     bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
@@ -142,13 +146,14 @@ def prune(
     try:
         model.eval()
         # Only the target weights ever change: each is saved to disk just before its first change.
-        with RestorePoint(lambda name, w: targets[name].weight.copy_(w)) as job.saved:
+        with RestorePoint(storage.write) as job.saved:
             if needs_data:
                 with exact_float32(run_device):
                     job.run_calibrated(calls, blocks, capture)
             else:
                 for name in targets:
-                    job.prune_layer(name, None)
+                    with job.on_device([targets[name]], [name]) if job.dispatched else contextlib.nullcontext():
+                        job.prune_layer(name, None)
     finally:
         bar.close()
         model.train(was_training)
@@ -174,6 +179,16 @@ class _Job:
         self.bar = None
         self.show_progress = False
         self.saved: RestorePoint | None = None
+        self.storage: Storage | None = None
+        self.dispatched = False
+
+    def on_device(self, modules, write_back=()):
+        """``modules`` held on the execution device for the duration: moved there and back, or,
+        for a model dispatched with accelerate, loaded from its offload storage and the pruned
+        layers in ``write_back`` written back to it."""
+        if self.dispatched:
+            return onloaded(modules, self.device, self.storage, write_back)
+        return to_block_device(modules, self.device, self.home)
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
@@ -189,14 +204,14 @@ class _Job:
                 inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
             # A lookahead refit (SNOWS) reads on into the next block: it comes along to the device.
             ahead = [m for _, m in blocks[i + 1:i + 2]] if lookahead and layers else []
-            with to_block_device([block, *ahead], self.device, self.home):
+            with self.on_device([block, *ahead], list(layers)):
                 if layers:
                     self.process_block(block, inputs, layers, chain=blocks[i:])
                 if i + 1 < len(blocks) and capture == "chain":
                     inputs = propagate(block, inputs)
         rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
         if rest:  # layers outside every block: the whole model is their block
-            with to_block_device([self.model], self.device, self.home):
+            with self.on_device([self.model], list(rest)):
                 self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
 
     @staticmethod
@@ -329,13 +344,13 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     return selector, refit, pattern, check_sparsity(sparsity)
 
 
-def _check_weights(targets) -> None:
+def _check_weights(targets, storage: Storage) -> None:
     for name, module in targets.items():
-        if module.weight.is_meta:
+        if module.weight.is_meta and name not in storage.offloaded:
             raise ValueError(f"layer {name!r} has its weight on the meta device (not materialised); load the "
                              "weights first (e.g. model.to_empty(device='cpu') then load_state_dict, or "
                              "from_pretrained without device_map='meta')")
-        if not torch.isfinite(module.weight).all():
+        if not torch.isfinite(storage.read(name)).all():
             raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 
 
