@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .blocks import StopForward, run_chain, swapped_weights
 from .newton_cg import NewtonCGConfig, SolveStats, newton_cg_refit
+from .placement import float32_working_copy
 
 ACTIVATION_TYPES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
@@ -176,6 +177,13 @@ def snows_refit(
     """Refit ``layer.weight`` on ``mask`` in place against the ``k``-operation lookahead loss;
     returns (solver stats, check loss before, after). The last stored batch is held out for the
     line search (when there are several)."""
+    with float32_working_copy([m for _, m in chain[:2]], dense_weights) as dense_weights:  # a half model
+        return _refit(model, chain, layer, mask, inputs, k, solver, targets, block_layers, dense_weights,
+                      measured_by, progress)
+
+
+def _refit(model, chain, layer, mask, inputs, k, solver, targets, block_layers, dense_weights, measured_by,
+           progress) -> tuple[SolveStats, float, float]:
     objective = Lookahead(chain, layer, k, targets, block_layers, dense_weights, measured_by)
     try:
         newton = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
