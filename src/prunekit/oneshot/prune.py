@@ -101,7 +101,10 @@ def prune(
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
-    CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+    CPU, ``float32`` on accelerators (as the SparseGPT reference does). A model dispatched with
+    accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) is pruned where it is
+    kept: each block is loaded from its offload storage and its pruned weights are written back
+    there. Half-precision models stay in their dtype (statistics in ``stats_dtype``).
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
