@@ -143,3 +143,21 @@ def test_peak_memory_of_a_disk_offloaded_prune_stays_near_one_block():
     size, growth, sparsity = map(float, out.stdout.split()[-3:])
     assert size > 64 and sparsity == 0.5
     assert growth < 24, (size, growth)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("how", ["disk_offload", "cpu_offload"])
+def test_an_offloaded_model_prunes_on_the_gpu_like_in_cpu_memory(how, tmp_path):
+    """The model stays on the CPU / disk, the work runs on the GPU; same counts, near weights."""
+    kw = dict(sparsity=0.5, method="sparsegpt", refine="snows", refine_options={"k": 2, "max_cg": 3},
+              stats_dtype="float64", progress=False)
+    memory = _mlp()
+    pk.prune(memory, _data(), **kw)
+    model = _dispatch(_mlp(), how, tmp_path)
+    result = pk.prune(model, _data(), device="cuda", **kw)
+    assert result.device.startswith("cuda") and result.peak_device_mib > 0
+    assert all(p.device.type in ("meta", "cpu") for p in model.parameters())
+    for name, w in _stored(model).items():
+        ref = memory.state_dict()[name + ".weight"]
+        assert w.device.type == "cpu" and int((w == 0).sum()) == int((ref == 0).sum()), name
+        assert torch.allclose(w, ref, rtol=1e-3, atol=1e-4), name

@@ -230,3 +230,16 @@ def test_snows_refits_a_half_model_as_well_as_a_float32_one():
                           refine_options={"k": 2, "max_cg": 10, "warm_start": "none"}, progress=False)
         ratios[dtype] = [r.lookahead_after / r.lookahead_before for r in result.layers]
     assert max(abs(a - b) for a, b in zip(ratios[torch.float32], ratios[torch.float16])) < 0.01, ratios
+
+
+@needs_cuda
+@pytest.mark.parametrize("method,refine", HALF_RUNS)
+def test_a_bf16_llama_prunes_on_the_gpu_in_bf16(method, refine):
+    from llama_toys import tiny_llama
+
+    model = tiny_llama(num_layers=2).to(torch.bfloat16)
+    result = pk.prune(model, _llama_calibration(2, (2, 16)), sparsity=0.5, method=method, refine=refine,
+                      device="cuda", progress=False, refine_options={"k": 1, "max_cg": 2} if refine == "snows" else None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(r.sparsity == 0.5 for r in result.layers) and len(result.layers) == 14
