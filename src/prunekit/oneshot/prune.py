@@ -232,8 +232,8 @@ class _Job:
                 self.bar.update()
         if not self.sequential:
             stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
-            for name in order:
-                self.prune_layer(name, stats[name])
+            for name in order:  # each layer's statistics freed once it is done
+                self.prune_layer(name, stats.pop(name))
             return
         dense: dict[str, torch.Tensor] = {}
         # Layers reading the same input (q/k/v, gate/up) share one statistics pass: pruning one

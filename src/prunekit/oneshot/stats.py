@@ -92,7 +92,9 @@ class _Catcher:
             pass
 
     def take(self) -> dict[str, torch.Tensor]:
-        out = {n: torch.cat(r) for n, r in self.rows.items() if r}
+        # One call's rows are used as they are (torch.cat would copy each layer's input: q, k and
+        # v read one tensor, and three copies of it would set the peak of a decoder layer).
+        out = {n: r[0] if len(r) == 1 else torch.cat(r) for n, r in self.rows.items() if r}
         for r in self.rows.values():
             r.clear()
         return out
