@@ -6,7 +6,8 @@ the model's size). Instead each layer's original weight is written to a temporar
 bytes, written straight from the tensor: no serialised copy in memory) just before the layer is
 first changed, and read back only if the run fails; layers not
 yet reached have nothing saved, so the memory held never depends on the number of layers. The
-temporary folder is always removed, on success and on failure.
+folder is made in the system's temporary directory (``TMPDIR``: keep it on a disk, not a tmpfs
+held in memory, for large models) and is always removed, on success and on failure.
 """
 from __future__ import annotations
 
