@@ -2,16 +2,15 @@
 empty shards, plain tensors mixed in); plain tensors take the single-process paths."""
 import datetime
 import os
-import socket
 import tempfile
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from two_ranks import run_two_ranks
 from prunekit import sharding
 from prunekit.allocation import global_counts
 from prunekit.masks import MaskSet
@@ -51,12 +50,6 @@ def test_plain_tensors_take_the_single_process_paths():
     assert torch.equal(nm["a"], nm_mask(s["a"], NM(2, 4)))
     with pytest.raises(ValueError, match="input dimension of 'x' to be a multiple of 4"):
         sharding.nm_masks({"x": torch.randn(3, 6)}, NM(2, 4))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -112,11 +105,5 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_selections_over_shards_equal_the_full_tensors_on_two_gloo_ranks():
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=False)
-        deadline = time.time() + 120
-        while not ctx.join(timeout=1):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("workers did not finish in 120 s")
+        run_two_ranks(_worker, out, timeout=120, what="sharding", poll=1)
         assert all(torch.load(os.path.join(out, f"rank{r}")) == "ok" for r in (0, 1))

@@ -1,22 +1,14 @@
 """Two gloo processes on this machine: masks and thresholds must be identical on every rank."""
 import os
-import socket
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+from two_ranks import run_two_ranks
 from prunekit.schedules import Cyclical
 from prunekit.training import STR, MagnitudePruner, SoftThreshold
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -55,13 +47,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_masks_and_thresholds_identical_on_two_gloo_ranks():
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=False)
-        deadline = time.time() + 180
-        while not ctx.join(timeout=5):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("DDP workers did not finish in 180 s")
+        run_two_ranks(_worker, out, timeout=180, what="DDP", poll=5)
         r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     for name in r0:
         assert r0[name]["thr"] == r1[name]["thr"], name

@@ -3,7 +3,6 @@ and weights of an unsharded run, the same sparsity on every rank, clean optimize
 resumed from a torch.distributed.checkpoint must continue bit for bit."""
 import datetime
 import os
-import socket
 import tempfile
 import time
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch import nn
 
+from two_ranks import run_two_ranks
 from prunekit.schedules import Cubic, Cyclical
 from prunekit.training import STR, MagnitudePruner, SoftThreshold
 
@@ -43,12 +42,6 @@ def _checkerboard() -> dict:
     """Full (unsharded) masks, as read from a file: split like the weights by the pruner."""
     return {n: torch.arange(r * c).reshape(r, c) % 2 == 0 for n, (r, c) in zip(T, ((24, 16), (12, 24), (1, 12)))}
 RESUMED = ("cyclical", "soft_global", "str")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(shard: bool) -> nn.Module:
@@ -160,13 +153,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 def test_pruners_under_fsdp2_match_an_unsharded_run_on_two_gloo_ranks():
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=False)
-        deadline = time.time() + 180
-        while not ctx.join(timeout=2):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("FSDP workers did not finish in 180 s")
+        run_two_ranks(_worker, out, timeout=180, what="FSDP", poll=2)
         r0, r1 = (torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1))
     for name in CONFIGS:
         assert r0[name]["sparsity"] == r1[name]["sparsity"], name

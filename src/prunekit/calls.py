@@ -53,6 +53,16 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """Device of a module's first parameter or buffer; None when it holds neither (it runs
+    wherever its inputs are)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Every module in eval mode inside the block; afterwards each gets back its own mode (a

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calls import StopForward, forward_until, to_device  # noqa: F401 - forward_until: used through blocks by prune()
+from ..calls import StopForward, forward_until, module_device, to_device  # noqa: F401 - forward_until: used through blocks by prune()
 
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
@@ -99,8 +99,6 @@ def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
     held on another device (see ``prune(device=...)``) gets its inputs moved there."""
-    from .placement import module_device
-
     for block in blocks:
         dev = module_device(block)
         if dev is not None and isinstance(args[0], torch.Tensor) and args[0].device != dev:

@@ -85,15 +85,6 @@ def exact_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def module_device(module: nn.Module) -> torch.device | None:
-    """Device of a module's first parameter or buffer (None if it has neither)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return None
-
-
 def peak_memory_tracker(device: torch.device) -> Callable[[], float | None]:
     """Start tracking peak allocated memory on ``device``; the returned call gives it in MiB
     (None where PyTorch does not track it: the CPU)."""
