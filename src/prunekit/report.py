@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .calls import call, eval_mode, model_device, to_device
-from .targets import DEFAULT_TYPES, find_targets
+from .layer_kinds import kind_of
+from .targets import find_targets
 
 PER_POSITION = "per output position"
 PER_FORWARD = "per forward of the example input"
@@ -125,7 +126,7 @@ def model_report(
     *,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    types: Sequence[type[nn.Module]] | None = None,
     include_head: bool = True,
 ) -> ModelReport:
     """Report the sparsity and FLOPs of ``model``'s prunable layers (see :func:`find_targets`).
@@ -141,18 +142,22 @@ def model_report(
         positions, unit = _count_positions(model, targets, example_inputs), PER_FORWARD
     layers = []
     for name, module in targets.items():
-        w = module.weight.detach()
-        nnz = int(torch.count_nonzero(w))
-        # Linear and conv alike: one output position costs one MAC per weight (C_in/groups*k*C_out).
-        layers.append(LayerStat(name, type(module).__name__, tuple(w.shape), w.numel(), nnz,
-                                2 * w.numel() * positions[name], 2 * nnz * positions[name]))
+        # One row per parameter its layer kind writes (attention: in_proj_weight, out_proj.weight).
+        params = kind_of(module).parameters(module)
+        for pname, w in params.items():
+            w = w.detach()
+            nnz = int(torch.count_nonzero(w))
+            # Linear and conv alike: one output position costs one MAC per weight (C_in/groups*k*C_out).
+            layers.append(LayerStat(name if len(params) == 1 else f"{name}.{pname}", type(module).__name__,
+                                    tuple(w.shape), w.numel(), nnz, 2 * w.numel() * positions[name],
+                                    2 * nnz * positions[name]))
     params = [p.detach() for p in model.parameters()]  # parameters() yields a tied tensor once
     return ModelReport(layers, sum(p.numel() for p in params),
                        sum(int(torch.count_nonzero(p)) for p in params), unit)
 
 
 def _out_dim(module: nn.Module) -> int:
-    for attr in ("out_features", "out_channels"):
+    for attr in ("out_features", "out_channels", "nf", "embed_dim"):  # nf: transformers' Conv1D
         if isinstance(getattr(module, attr, None), int):
             return getattr(module, attr)
     return module.weight.shape[0]
@@ -161,20 +166,23 @@ def _out_dim(module: nn.Module) -> int:
 def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_inputs: Any) -> dict[str, int]:
     """Output positions of each target in one forward; modules sharing a target's weight count
     towards it (a tied layer's compute is real compute)."""
-    by_weight = {id(m.weight): name for name, m in targets.items()}
+    by_weight = {id(_first(m)): name for name, m in targets.items()}
     positions = {name: 0 for name in targets}
     handles = []
 
     def hook(name: str):
         def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            output = output[0] if isinstance(output, tuple) else output  # attention: (output, weights)
             if isinstance(output, torch.Tensor):
                 positions[name] += output.numel() // _out_dim(module)
         return fn
 
     try:
         for m in model.modules():
-            name = by_weight.get(id(getattr(m, "weight", None)))
-            if name is not None and isinstance(m, tuple(type(t) for t in targets.values())):
+            if not isinstance(m, tuple(type(t) for t in targets.values())):
+                continue
+            name = by_weight.get(id(_first(m)))
+            if name is not None:
                 handles.append(m.register_forward_hook(hook(name)))
         with eval_mode(model), torch.no_grad():
             call(model, to_device(example_inputs, model_device(model)))
@@ -182,6 +190,11 @@ def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_in
         for h in handles:
             h.remove()
     return positions
+
+
+def _first(module: nn.Module) -> Any:
+    """The first parameter its layer kind writes (what identifies a tied layer)."""
+    return next(iter(kind_of(module).parameters(module).values()), None)
 
 
 def _shape(shape: tuple[int, ...]) -> str:

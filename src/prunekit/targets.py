@@ -1,7 +1,9 @@
 """Which parameters are prunable.
 
-A *target* is a module whose ``weight`` prunekit may sparsify. By default these are the module
-types of the registered layer kinds (:mod:`prunekit.layer_kinds`: Linear, Conv1d/Conv2d); embeddings, norms and biases are never targets, and a
+A *target* is a module whose weights prunekit may sparsify: one of the module types of the
+registered layer kinds (:mod:`prunekit.layer_kinds`: Linear, Conv1d/Conv2d, MultiheadAttention,
+transformers' Conv1D); ``types=None`` takes them all, the default ``DEFAULT_TYPES`` the Linear
+and convolution ones; embeddings, norms and biases are never targets, and a
 final classifier / LM head is excluded unless asked for, because pruning it hurts most and
 saves least.
 """
@@ -13,9 +15,11 @@ from typing import Iterable, Sequence
 
 from torch import nn
 
-from .layer_kinds import check_types, prunable_types
+from .layer_kinds import check_types, kind_of, prunable_types
 
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()
+# The single-weight kinds (Linear, Conv1d/Conv2d): what the training pruners handle. prune()
+# and model_report() pass ``types=None``: every registered kind (attention, HF Conv1D, ...).
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = prunable_types()[:3]
 # Names that mark an output head, matched against the last component of the LAST prunable
 # layer's name only: "lm_head"/"output_projection" (LLMs), "classifier"/"head"/"score"
 # (transformers' sequence-classification heads), "fc" (torchvision ResNets' final layer).
@@ -48,10 +52,18 @@ def _is_final_head(model: nn.Module, name: str, module: nn.Module, candidates: S
     return False
 
 
+def _written(module: nn.Module) -> list:
+    """The parameters its layer kind writes (none when a weight is missing)."""
+    try:
+        return [p for p in kind_of(module).parameters(module).values() if p is not None]
+    except AttributeError:
+        return []
+
+
 def find_targets(
     model: nn.Module,
     *,
-    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    types: Sequence[type[nn.Module]] | None = DEFAULT_TYPES,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     include_head: bool = False,
@@ -65,18 +77,19 @@ def find_targets(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    types = tuple(types)
+    types = prunable_types() if types is None else tuple(types)
     check_types(types)
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     candidates: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, types) or getattr(module, "weight", None) is None:
+        if not isinstance(module, types):
             continue
-        if id(module.weight) in embedding_weights or id(module.weight) in seen:
-            continue  # tied to an embedding or to another target
-        seen.add(id(module.weight))
+        params = [id(p) for p in _written(module)]
+        if not params or any(p in embedding_weights or p in seen for p in params):
+            continue  # no weight, or tied to an embedding or to another target (attention's out_proj)
+        seen.update(params)
         candidates.append((name, module))
     names = [n for n, _ in candidates]
     out: "OrderedDict[str, nn.Module]" = OrderedDict()

@@ -156,13 +156,17 @@ def shared_input_groups(block: nn.Module, layers: dict[str, nn.Module], order: l
 
 
 @contextlib.contextmanager
-def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily give ``layers`` the given weights (e.g. their dense originals)."""
-    saved = {n: layers[n].weight.data for n in weights}
+def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor | dict[str, torch.Tensor]]
+                    ) -> Iterator[None]:
+    """Temporarily give ``layers`` the given weights (e.g. their dense originals): a tensor
+    replaces ``weight``, a mapping replaces each named parameter (``{"out_proj.weight": w}``)."""
+    params = [(layers[n].get_parameter(p), w) for n, ws in weights.items()
+              for p, w in (ws.items() if isinstance(ws, dict) else [("weight", ws)])]
+    saved = [(param, param.data) for param, _ in params]
     try:
-        for n, w in weights.items():
-            layers[n].weight.data = w
+        for param, w in params:
+            param.data = w
         yield
     finally:
-        for n, w in saved.items():
-            layers[n].weight.data = w
+        for param, w in saved:
+            param.data = w

@@ -236,8 +236,8 @@ def _armijo(
     """
     alpha = 1.0
     for _ in range(config.max_backtracks):
-        with torch.no_grad():
-            weight.copy_(torch.where(mask, w0 + alpha * p, torch.zeros_like(w0)))
+        with torch.no_grad():  # off the mask, w0 holds zeros (and any frozen entries)
+            weight.copy_(torch.where(mask, w0 + alpha * p, w0))
         f = _check_loss(loss_fn, check_batch)
         if f <= f0 + config.armijo_c * alpha * gp:  # False for NaN
             return alpha, f
@@ -266,6 +266,7 @@ def newton_cg_refit(
     check_batch: Any,
     config: NewtonCGConfig | None = None,
     progress: bool = False,
+    frozen: Tensor | None = None,
 ) -> SolveStats:
     """Refit the kept entries of ``weight`` on the fixed ``mask`` by stochastic Newton-CG.
 
@@ -288,7 +289,9 @@ def newton_cg_refit(
     * ``max_steps`` -- the whole solve stops once that many Newton steps were taken.
 
     ``loss_fn`` must not keep references to graph tensors between calls, so that each step's
-    graph is freed before the line search.
+    graph is freed before the line search. ``frozen`` (optional, bool like ``weight``) marks
+    entries that are neither refit nor zeroed: the rest of a parameter that holds several
+    matrices (attention's k and v rows while q is refit).
     """
     config = NewtonCGConfig() if config is None else config
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
@@ -296,8 +299,9 @@ def newton_cg_refit(
     bool_mask = mask.to(device=weight.device, dtype=torch.bool)
     if tuple(bool_mask.shape) != tuple(weight.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(weight.shape)}")
+    keep = bool_mask if frozen is None else bool_mask | frozen.to(device=weight.device, dtype=torch.bool)
     with torch.no_grad():
-        weight.copy_(torch.where(bool_mask, weight, torch.zeros_like(weight)))
+        weight.copy_(torch.where(keep, weight, torch.zeros_like(weight)))
 
     stats = SolveStats()
     stats.check_loss_before = f_check = _check_loss(loss_fn, check_batch)

@@ -13,6 +13,7 @@ including Ctrl-C, the model is restored exactly as it was.
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -22,9 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
-from ..layer_kinds import LayerKind, kind_of
+from ..layer_kinds import LayerKind, kind_of, unit_name
+from ..layer_kinds import known as known_kinds
 from ..patterns import NM, Unstructured, parse_pattern
-from ..targets import DEFAULT_TYPES, find_targets
+from ..targets import find_targets
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
@@ -63,7 +65,7 @@ def prune(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     include_head: bool = False,
-    types: Sequence[type[nn.Module]] = DEFAULT_TYPES,
+    types: Sequence[type[nn.Module]] | None = None,
     blocks: Sequence[str] | None = None,
     capture: str = "chain",
     sequential: bool = False,
@@ -87,8 +89,11 @@ def prune(
     ``refine_options`` are mappings validated by that method's options class (e.g.
     ``refine_options={"k": 4}`` for SNOWS). ``budget`` is ``uniform``, ``global``
     (optionally with a per-layer ``cap``) or ``erk``; ``overrides`` maps layer-name regexes to
-    fixed sparsities. ``blocks`` names the modules calibrated in order (auto-detected by
-    default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
+    fixed sparsities. ``types`` narrows the layer types (default: every registered layer kind,
+    :mod:`prunekit.layer_kinds`); a module holding several matrices (attention's q, k, v and
+    out_proj, a grouped convolution's groups) is pruned matrix by matrix, each a "layer" of
+    its own for budgets, ``overrides`` and the report. ``blocks`` names the modules calibrated
+    in order (auto-detected by default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
     chaining outputs, for models whose blocks do not feed each other directly.
     ``sequential=True`` recomputes statistics after every layer inside a block (always on for
     refits that fit against the dense target). ``snows``, ``sparsegpt_block_size``, ``damp``
@@ -114,54 +119,60 @@ def prune(
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
                          "and exclude= for layers to keep dense")
     targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    _check_include(model, include, targets, types)
     if not targets:
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
     _check_weights(targets)
     skipped = _skip_misfits(targets, pattern, strict)
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
+    # Each [d_out, d_in] matrix ("unit") of a target is a layer of its own from here on.
+    units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
     needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
     calls = collect_batches(calibration, max_batches) if needs_data else []
     if isinstance(pattern, NM):
-        budgets = {n: pattern.sparsity for n in targets}
+        budgets = {k: pattern.sparsity for k in units}
     else:
         # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
-        scores = {n: magnitude_scores(m.weight) if budget == "global" else m.weight.detach()
-                  for n, m in targets.items()}
+        scores = {k: _unit_scores(targets[n], u, budget == "global") for k, (n, u) in units.items()}
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
-    job = _Job(model, targets, budgets, pattern, selector, refit, sequential, result)
+    job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
     job.home, job.device, job.dtype = home, run_device, precision
-    # Only the target weights ever change: they are all the restore point needs.
-    snapshot = {n: m.weight.detach().clone() for n, m in targets.items()}
+    # Only the parameters the layer kinds write ever change: they are all the restore point needs.
+    snapshot = [(p, p.detach().clone()) for m in targets.values() for p in kind_of(m).parameters(m).values()]
     was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     start = time.perf_counter()
-    bar = tqdm(total=len(targets), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
+    bar = tqdm(total=len(units), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
                disable=(not progress) if progress is not None else None, leave=False)
     job.bar = bar
     job.show_progress = not bar.disable
     tracker = peak_memory_tracker(run_device)
     try:
         model.eval()
+        # nn.TransformerEncoderLayer's fast path never calls its attention module: no hook would fire.
+        torch.backends.mha.set_fastpath_enabled(False)
         if needs_data:
             with exact_float32(run_device):
                 job.run_calibrated(calls, blocks, capture)
         else:
-            for name in targets:
-                job.prune_layer(name, None)
+            for key in units:
+                job.prune_layer(key, None)
     except BaseException as exc:
         with torch.no_grad():
-            for name, weight in snapshot.items():
-                targets[name].weight.copy_(weight)
+            for param, saved in snapshot:
+                param.copy_(saved)
         if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
             _blame_batch(model, to_device(calls[1:], home), exc)  # only the first batch was checked up front
         raise
     finally:
         bar.close()
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     result.seconds = time.perf_counter() - start
     result.peak_device_mib = tracker()
     return result
@@ -170,9 +181,10 @@ def prune(
 class _Job:
     """The state of one prune() call: which layers, what budgets, what is done."""
 
-    def __init__(self, model, targets, budgets, pattern, selector: Selector, refit: Refit | None, sequential,
+    def __init__(self, model, targets, units, budgets, pattern, selector: Selector, refit: Refit | None, sequential,
                  result) -> None:
         self.model, self.targets, self.budgets, self.pattern = model, targets, budgets, pattern
+        self.units: dict[str, tuple[str, str]] = units  # unit name -> (module name, unit)
         self.selector, self.refit = selector, refit
         needs = selector.needs | (refit.needs if refit else frozenset())
         self.want_h = "hessian" in needs
@@ -217,37 +229,44 @@ class _Job:
 
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
-        for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
+        for name in uncalled:  # e.g. a Linear used functionally by its parent
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:
-                self.bar.update()
+                self.bar.update(len(kind_of(layers[name]).units(layers[name])))
         if not self.sequential:
             stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
             for name in order:
-                self.prune_layer(name, stats[name])
+                for unit in kind_of(layers[name]).units(layers[name]):
+                    self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)))
             return
-        dense: dict[str, torch.Tensor] = {}
+        dense: dict[str, dict[str, torch.Tensor]] = {}
         # Layers reading the same input (q/k/v, gate/up) share one statistics pass: pruning one
         # of them cannot change the others' inputs, so this is exactly the layer-by-layer result.
         # Each forward also stops once the group's layers have run, when every layer runs once.
+        # A module's later stages (attention's out_proj after q, k, v) get passes of their own.
         groups, once = shared_input_groups(block, layers, order, *inputs[0])
         for group in groups:
             for name in group:
-                dense[name] = layers[name].weight.detach().clone()
-            stats = gather_stats(block, inputs, {n: layers[n] for n in group}, dense_weights=dense,
-                                 all_layers=layers, stop_early=once, dtype=self.dtype)
-            for name in group:
-                self.prune_layer(name, stats.pop(name), inputs=inputs, chain=chain, block_layers=layers, dense=dense)
+                dense[name] = {p: t.detach().clone() for p, t in kind_of(layers[name]).parameters(layers[name]).items()}
+            for stage in _stages(layers, group):
+                stats = gather_stats(block, inputs, {n: layers[n] for n in stage}, units=stage, dense_weights=dense,
+                                     all_layers=layers, stop_early=once, dtype=self.dtype)
+                for name, names in stage.items():
+                    for unit in names:
+                        self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)), inputs=inputs,
+                                         chain=chain, block_layers=layers, dense=dense)
 
     # -- one layer --------------------------------------------------------------------------
-    def prune_layer(self, name: str, stats: LayerStats | None, **ctx) -> None:
+    def prune_layer(self, key: str, stats: LayerStats | None, **ctx) -> None:
+        """Prune one unit (``key``: its name, e.g. ``attn.in_proj_weight[q]``)."""
         t0 = time.perf_counter()
+        name, unit = self.units[key]
         layer, kind = self.targets[name], kind_of(self.targets[name])
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
-        w0 = kind.matrix(layer).to(device=self.device, dtype=self.dtype, copy=True)
-        report = LayerReport(name, tuple(layer.weight.shape), 0.0)
-        problem = LayerProblem(name, w0, self.budgets[name], self.pattern, stats, self.selector,
-                               self._context(layer, kind, ctx) if ctx else None)
+        w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
+        report = LayerReport(key, kind.shape(layer, unit), 0.0)
+        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.selector,
+                               self._context(layer, kind, unit, ctx) if ctx else None)
         chosen = _checked(self.selector.select(problem), w0, self.selector)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
@@ -259,38 +278,62 @@ class _Job:
             notes.append(refitted.note)
             if refitted.lookahead is not None:
                 report.lookahead_before, report.lookahead_after = refitted.lookahead
-        self._write(layer, kind, w, mask)
+        self._write(layer, kind, unit, w, mask)
         if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
-        report.sparsity = float((layer.weight == 0).sum()) / layer.weight.numel()
+        written = kind.matrix(layer, unit)
+        report.sparsity = float((written == 0).sum()) / written.numel()
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
-        if kind.matrix(layer)[~mask.to(layer.weight.device)].any():
-            raise RuntimeError(f"internal error: layer {name} has non-zero pruned entries")
+        if written[~mask.to(written.device)].any():
+            raise RuntimeError(f"internal error: layer {key} has non-zero pruned entries")
         self.result.layers.append(report)
         if self.bar is not None:
             self.bar.update()
 
-    def _context(self, layer: nn.Module, kind: LayerKind, ctx: dict) -> LayerContext:
+    def _context(self, layer: nn.Module, kind: LayerKind, unit: str, ctx: dict) -> LayerContext:
         """What a network-level refit (SNOWS) needs of the current block."""
+        param = kind.parameter(layer, unit)
+        inside = kind.weight_mask(layer, torch.ones(kind.matrix(layer, unit).shape, dtype=torch.bool,
+                                                    device=param.device), unit)
         return LayerContext(
             self.model, layer, ctx["chain"], ctx["inputs"], self.target_ids, ctx["block_layers"], ctx["dense"],
-            write=lambda w, mask: self._write(layer, kind, w, mask),
-            read=lambda: kind.matrix(layer).to(dtype=self.dtype, copy=True),
-            weight_mask=lambda mask: kind.weight_mask(layer, mask),
+            write=lambda w, mask: self._write(layer, kind, unit, w, mask),
+            read=lambda: kind.matrix(layer, unit).to(dtype=self.dtype, copy=True),
+            weight_mask=lambda mask: kind.weight_mask(layer, mask, unit),
             progress=self.show_progress,
+            parameter=param,
+            frozen=None if bool(inside.all()) else ~inside,
         )
 
     @staticmethod
-    def _write(layer: nn.Module, kind: LayerKind, w: torch.Tensor, mask: torch.Tensor) -> None:
+    def _write(layer: nn.Module, kind: LayerKind, unit: str, w: torch.Tensor, mask: torch.Tensor) -> None:
         # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
-        kind.write(layer, torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)))
+        kind.write(layer, torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)), unit)
 
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
         return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
+
+def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tuple[str, ...]]]:
+    """The statistics passes of a group of layers reading one input: every module's first-stage
+    units together, then each later stage ({module name: units})."""
+    stages = {n: kind_of(layers[n]).stages(layers[n]) for n in group}
+    out = [{n: st[0] for n, st in stages.items()}]
+    for i in range(1, max(len(st) for st in stages.values())):
+        out.append({n: st[i] for n, st in stages.items() if i < len(st)})
+    return out
+
+
+def _unit_scores(module: nn.Module, unit: str, ranked: bool) -> torch.Tensor:
+    """What a budget reads of a unit: its magnitudes (global ranking) or only its shape."""
+    kind = kind_of(module)
+    if ranked:
+        return magnitude_scores(kind.matrix(module, unit))
+    return torch.empty(kind.shape(module, unit), device="meta")
+
 
 @torch.no_grad()
 def _check_model_runs(model, call, last_block=None) -> None:
@@ -350,13 +393,36 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     return selector, refit, pattern, check_sparsity(sparsity)
 
 
+def _check_include(model: nn.Module, include, targets, types) -> None:
+    """An ``include`` regex that selects no target but names weighted modules no layer kind
+    handles (or that ``types`` leaves out) is a ValueError naming them and the known kinds."""
+    for pattern in [include] if isinstance(include, str) else list(include or ()):
+        if any(re.search(pattern, n) for n in targets):
+            continue
+        hits = [(n, m) for n, m in model.named_modules()
+                if re.search(pattern, n) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        if not hits:
+            continue
+        name, module = hits[0]
+        try:
+            kind = kind_of(module).name
+        except TypeError:
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__}, which no layer kind "
+                             f"handles; known kinds: {known_kinds()} (prunekit.layer_kinds.register_kind adds one)"
+                             ) from None
+        if types is not None and not isinstance(module, tuple(types)):
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__} (layer kind {kind!r}), "
+                             "which types= leaves out; add its type to types=")
+
+
 def _check_weights(targets) -> None:
     for name, module in targets.items():
-        if isinstance(module.weight, nn.parameter.UninitializedParameter) or module.weight.is_meta:
-            raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
-                             "model first, e.g. model.to_empty(device='cpu') then load its state_dict")
-        if not torch.isfinite(module.weight).all():
-            raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
+        for weight in kind_of(module).parameters(module).values():
+            if isinstance(weight, nn.parameter.UninitializedParameter) or weight.is_meta:
+                raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
+                                 "model first, e.g. model.to_empty(device='cpu') then load its state_dict")
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 
 
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
@@ -364,10 +430,8 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
     for name, module in list(targets.items()):
         kind = kind_of(module)
         why = kind.why_not(module)
-        if why is None and kind.units(module) != ("",):  # a kind with several matrices per module
-            why = f"layer kind {kind.name!r} has several weight matrices per module; prune() takes one"
-        elif why is None and isinstance(pattern, NM) and kind.matrix(module).shape[1] % pattern.m:
-            why = f"input dimension {kind.matrix(module).shape[1]} is not a multiple of {pattern.m}"
+        if why is None and isinstance(pattern, NM):
+            why = next((r for u in kind.units(module) if (r := kind.nm_why_not(module, u, pattern.m))), None)
         if why:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "

@@ -63,6 +63,10 @@ class LayerContext:
     read: Callable[[], torch.Tensor]
     weight_mask: Callable[[torch.Tensor], torch.Tensor]
     progress: bool = False
+    #: the parameter holding the layer's matrix, and its entries outside that matrix (None:
+    #: none; e.g. the k and v rows of attention's ``in_proj_weight`` while q is refit)
+    parameter: nn.Parameter | None = None
+    frozen: torch.Tensor | None = None
 
 
 @dataclass

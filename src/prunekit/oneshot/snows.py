@@ -172,10 +172,14 @@ def snows_refit(
     dense_weights: dict[str, torch.Tensor],
     measured_by: MeasuredRule = is_measured,
     progress: bool = False,
+    param: nn.Parameter | None = None,
+    frozen: torch.Tensor | None = None,
 ) -> tuple[SolveStats, float, float]:
-    """Refit ``layer.weight`` on ``mask`` in place against the ``k``-operation lookahead loss;
-    returns (solver stats, check loss before, after). The last stored batch is held out for the
-    line search (when there are several)."""
+    """Refit ``param`` (default ``layer.weight``) on ``mask`` in place against the
+    ``k``-operation lookahead loss, leaving its ``frozen`` entries as they are; returns (solver
+    stats, check loss before, after). The last stored batch is held out for the line search
+    (when there are several)."""
+    weight = layer.weight if param is None else param
     objective = Lookahead(chain, layer, k, targets, block_layers, dense_weights, measured_by)
     try:
         newton = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
@@ -187,8 +191,8 @@ def snows_refit(
 
         # The math attention kernel is built from differentiable ops, so it has the double
         # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
-        with only_grad_for(model, layer.weight), sdpa_kernel([SDPBackend.MATH]):
-            stats = newton_cg_refit(layer.weight, mask, loss_fn, newton, check, solver, progress=progress)
+        with only_grad_for(model, weight), sdpa_kernel([SDPBackend.MATH]):
+            stats = newton_cg_refit(weight, mask, loss_fn, newton, check, solver, progress=progress, frozen=frozen)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:
         objective.close()

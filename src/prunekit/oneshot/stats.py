@@ -9,11 +9,12 @@ target path (the same block input through the block's dense weights), this accum
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..layer_kinds import kind_of
+from ..layer_kinds import kind_of, unit_name
 from .blocks import StopForward, swapped_weights
 
 
@@ -67,20 +68,24 @@ class LayerStats:
 
 
 class _Catcher:
-    """Forward hooks that collect the unfolded inputs of some layers during one call; with
-    ``stop_early`` the call ends once every layer has been seen (the rest of the block is not
-    needed, when each layer runs once per call)."""
+    """Forward hooks that collect the unfolded inputs of some layers' units during one call,
+    keyed by unit name; with ``stop_early`` the call ends once every layer has been seen (the
+    rest of the block is not needed, when each layer runs once per call)."""
 
-    def __init__(self, layers: dict[str, nn.Module], stop_early: bool = False) -> None:
-        self.rows: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    def __init__(self, layers: dict[str, nn.Module], units: Mapping[str, Sequence[str]],
+                 stop_early: bool = False) -> None:
+        self.rows: dict[str, list[torch.Tensor]] = {unit_name(n, u): [] for n in layers for u in units[n]}
         self.stop_early = stop_early
-        self.handles = [m.register_forward_hook(self._hook(n, m)) for n, m in layers.items()]
+        self.handles = [m.register_forward_hook(self._hook(n, m, units[n]), with_kwargs=True)
+                        for n, m in layers.items()]
 
-    def _hook(self, name: str, module: nn.Module):
+    def _hook(self, name: str, module: nn.Module, units: Sequence[str]):
         kind = kind_of(module)
 
-        def hook(_module, args, _output):
-            self.rows[name].append(kind.input_columns(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args)))
+        def hook(_module, args, kwargs, _output):
+            args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+            for unit, rows in kind.unit_inputs(module, args, kwargs, units).items():
+                self.rows[unit_name(name, unit)].append(rows)
             if self.stop_early and all(self.rows.values()):
                 raise StopForward
         return hook
@@ -113,16 +118,20 @@ def gather_stats(
     all_layers: dict[str, nn.Module] | None = None,
     stop_early: bool = False,
     dtype: torch.dtype = torch.float64,
+    units: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, LayerStats]:
-    """Statistics of ``layers`` over all stored block inputs (``stop_early``: end each forward
-    once every layer has been seen; only valid when each layer runs once per block call).
+    """Statistics of ``layers`` over all stored block inputs, keyed by unit name
+    (:func:`prunekit.layer_kinds.unit_name`: the module's name for a single-matrix layer);
+    ``units`` picks some units of each layer (default: all). ``stop_early``: end each forward
+    once every layer has been seen; only valid when each layer runs once per block call.
 
     With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
-    name in ``all_layers``), each batch is also run through the dense block to get the target
+    name in ``all_layers``: a tensor for ``weight``, or ``{parameter name: tensor}``), each batch is also run through the dense block to get the target
     inputs ``X_t`` and the cross term ``C``. Sums are kept in ``dtype``.
     """
-    stats = {n: LayerStats(dtype=dtype) for n in layers}
-    catcher = _Catcher(layers, stop_early)
+    units = {n: tuple(units[n]) if units is not None else kind_of(m).units(m) for n, m in layers.items()}
+    stats = {unit_name(n, u): LayerStats(dtype=dtype) for n in layers for u in units[n]}
+    catcher = _Catcher(layers, units, stop_early)
     try:
         for args, kwargs in inputs:
             catcher.run(block, args, kwargs)
