@@ -23,16 +23,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
+from ..batchnorm import recalibrate_batchnorm
 from ..layer_kinds import LayerKind, kind_of, unit_name
 from ..layer_kinds import known as known_kinds
 from ..patterns import NM, Unstructured, parse_pattern
-from ..targets import find_targets
+from ..targets import HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
+from .dead import dead_columns, keep_dead_dense
 from .lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
 from .result import LayerReport, PruneResult
@@ -70,6 +72,8 @@ def prune(
     capture: str = "chain",
     sequential: bool = False,
     strict: bool = False,
+    exact: bool = True,
+    recalibrate_bn: bool = False,
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
@@ -104,12 +108,21 @@ def prune(
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
     CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+
+    ``exact=True`` keeps the requested number of non-zeros in every layer even where an input is
+    zero on all calibration data (SparseGPT and the refits would zero its weights): those weights
+    are chosen on their dense values and kept dense (:mod:`prunekit.oneshot.dead`); each
+    ``LayerReport`` counts the dead columns. ``exact=False`` is the reference behaviour, with the
+    extra zeros reported in the summary.
+
+    ``recalibrate_bn=True`` re-estimates every BatchNorm's running statistics on the
+    calibration batches after pruning (:func:`prunekit.recalibrate_batchnorm`); it needs data.
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
         snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
     selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
-                                                     pattern, sparsity, capture)
+                                                     pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
     home = model_device(model)
     run_device = exec_device or home
@@ -118,18 +131,26 @@ def prune(
         raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
                          "and exclude= for layers to keep dense")
-    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
+    if recalibrate_bn and calibration is None:
+        raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
+                         "pass calibration batches (or recalibrate_bn=False)")
+    calls = collect_batches(calibration, max_batches) if needs_data or recalibrate_bn else []
+    example = _first_batch(calls, calibration)
+    found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
+                     example_inputs=example)
+    targets = found.layers
     _check_include(model, include, targets, types)
     if not targets:
-        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
+        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
+                         + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
+    check_plain_weights(targets)
     _check_weights(targets)
-    skipped = _skip_misfits(targets, pattern, strict)
+    skipped = {**found.skipped, **_skip_misfits(targets, pattern, strict)}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     # Each [d_out, d_in] matrix ("unit") of a target is a layer of its own from here on.
     units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
-    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
-    calls = collect_batches(calibration, max_batches) if needs_data else []
     if isinstance(pattern, NM):
         budgets = {k: pattern.sparsity for k in units}
     else:
@@ -139,9 +160,10 @@ def prune(
         del scores
 
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
-                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
+                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
+                         exact=exact)
     job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype = home, run_device, precision
+    job.home, job.device, job.dtype, job.exact = home, run_device, precision, exact
     # Only the parameters the layer kinds write ever change: they are all the restore point needs.
     snapshot = [(p, p.detach().clone()) for m in targets.values() for p in kind_of(m).parameters(m).values()]
     was_training = model.training
@@ -162,6 +184,8 @@ def prune(
         else:
             for key in units:
                 job.prune_layer(key, None)
+        if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
+            result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
     except BaseException as exc:
         with torch.no_grad():
             for param, saved in snapshot:
@@ -174,6 +198,7 @@ def prune(
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     result.seconds = time.perf_counter() - start
+    _warn_skipped(result.skipped)
     result.peak_device_mib = tracker()
     return result
 
@@ -193,6 +218,7 @@ class _Job:
         self.target_ids = {id(m) for m in targets.values()}
         self.home = self.device = torch.device("cpu")
         self.dtype = torch.float64
+        self.exact = True
         self.bar = None
         self.show_progress = False
 
@@ -266,7 +292,7 @@ class _Job:
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
         problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.selector,
-                               self._context(layer, kind, unit, ctx) if ctx else None)
+                               self._context(layer, kind, unit, ctx) if ctx else None, exact=self.exact)
         chosen = _checked(self.selector.select(problem), w0, self.selector)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
@@ -278,12 +304,18 @@ class _Job:
             notes.append(refitted.note)
             if refitted.lookahead is not None:
                 report.lookahead_before, report.lookahead_after = refitted.lookahead
+        dead = dead_columns(stats)
+        if dead is not None:
+            report.dead_columns = int(dead.sum())
+            if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
+                w = keep_dead_dense(w, w0, mask, dead)
         self._write(layer, kind, unit, w, mask)
         if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
         written = kind.matrix(layer, unit)
         report.sparsity = float((written == 0).sum()) / written.numel()
+        report.extra_zeros = int((written[mask.to(written.device)] == 0).sum())
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
@@ -369,7 +401,8 @@ def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Updat
     return update
 
 
-def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture):
+def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture, exact=True,
+                recalibrate_bn=False):
     """The selector and refit instances (options validated), the pattern and the sparsity."""
     if refine in ("none", "null"):
         refine = None
@@ -378,6 +411,10 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if refine is None and refine_options:
         raise ValueError(f"refine_options were given without refine; pass refine= one of "
                          f"{', '.join(registry.names('refit'))} (or drop them)")
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
+    if not isinstance(recalibrate_bn, bool):
+        raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
@@ -415,6 +452,25 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
                              "which types= leaves out; add its type to types=")
 
 
+def _first_batch(calls, calibration) -> Any:
+    """One calibration batch, to find the head by a forward (None without data)."""
+    if calls:
+        args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
+        return kwargs if kwargs else args
+    if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
+        return None
+    return next(iter(calibration), None)
+
+
+def _warn_skipped(skipped: Mapping[str, str]) -> None:
+    """One warning for every layer left dense other than the head (which the summary lists)."""
+    left = {n: why for n, why in skipped.items() if why != HEAD_REASON}
+    if left:
+        shown = "; ".join(f"{n!r}: {why}" for n, why in list(left.items())[:8])
+        more = f"; and {len(left) - 8} more (see result.summary())" if len(left) > 8 else ""
+        warnings.warn(f"prunekit left {len(left)} layer{'s' if len(left) > 1 else ''} dense: {shown}{more}")
+
+
 def _check_weights(targets) -> None:
     for name, module in targets.items():
         for weight in kind_of(module).parameters(module).values():
@@ -436,7 +492,6 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
                                  f"exclude it (exclude={name!r}) or pass strict=False to skip it")
-            warnings.warn(f"skipping layer {name!r}: {why}")
             skipped[name] = why
             del targets[name]
     return skipped

@@ -74,7 +74,8 @@ class LayerProblem:
     """One layer as every method sees it: ``weight`` is the dense ``[d_out, d_in]`` matrix (a
     copy, on the execution device, in the statistics precision: float64 on the CPU, float32 on
     accelerators unless ``stats_dtype`` says otherwise; solvers work in its dtype), ``stats`` the
-    statistics the methods asked for (None without data)."""
+    statistics the methods asked for (None without data); ``exact``: a method must not zero the
+    kept weights of dead inputs (:mod:`prunekit.oneshot.dead`)."""
 
     name: str
     weight: torch.Tensor
@@ -83,6 +84,8 @@ class LayerProblem:
     stats: LayerStats | None
     selector: "Selector"
     context: LayerContext | None = None
+    #: keep the requested count of non-zeros: weights of dead inputs stay dense where kept
+    exact: bool = True
 
 
 @dataclass
