@@ -8,7 +8,8 @@
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
-including Ctrl-C, the model is restored exactly as it was.
+including Ctrl-C, the model is restored exactly as it was. Under torch.distributed every rank
+feeds its own calibration batches and the statistics are summed (:mod:`.ranks`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
+from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
 from .dead import dead_columns, keep_dead_dense
@@ -51,6 +53,7 @@ def __getattr__(name: str) -> tuple:
     raise AttributeError(name)
 
 
+@across_ranks
 def prune(
     model: nn.Module,
     calibration: Iterable[Any] | None = None,
@@ -75,6 +78,7 @@ def prune(
     exact: bool = True,
     recalibrate_bn: bool = False,
     max_batches: int | None = None,
+    shard_calibration: bool = False,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
@@ -117,6 +121,13 @@ def prune(
 
     ``recalibrate_bn=True`` re-estimates every BatchNorm's running statistics on the
     calibration batches after pruning (:func:`prunekit.recalibrate_batchnorm`); it needs data.
+
+    Under ``torchrun`` (an initialised default process group, gloo or nccl) every rank calls
+    ``prune`` on the same model with the same arguments and ITS OWN calibration batches; the
+    statistics are summed over the ranks, so every rank ends with the same weights as one
+    process fed all the batches. ``shard_calibration=True`` instead lets every rank pass the
+    same full list and keeps batches ``i`` with ``i % world_size == rank``. Ranks that disagree
+    on the model or the arguments, or one that fails, stop every rank with the same error.
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
@@ -151,6 +162,12 @@ def prune(
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     # Each [d_out, d_in] matrix ("unit") of a target is a layer of its own from here on.
     units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
+    ranks, n_calls = Ranks.current(), len(calls)
+    if shard_calibration and needs_data:
+        calls = shard(calls, ranks)
+        if not calls:
+            raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
     if isinstance(pattern, NM):
         budgets = {k: pattern.sparsity for k in units}
     else:
@@ -159,18 +176,27 @@ def prune(
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
+    if ranks.active:
+        args = dict(method=method, refine=refine, method_options=selector.options, pattern=pattern,
+                    refine_options=refit.options if refit else None, sparsity=sparsity, budget=budget, cap=cap,
+                    overrides=overrides, include=include, exclude=exclude, include_head=include_head, types=types,
+                    blocks=blocks, capture=capture, sequential=sequential, strict=strict, max_batches=max_batches,
+                    device=run_device.type, stats_dtype=precision, shard_calibration=shard_calibration,
+                    batches_before_sharding=n_calls if shard_calibration else None, skipped=skipped, exact=exact,
+                    recalibrate_bn=recalibrate_bn)
+        ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
-                         exact=exact)
+                         exact=exact, processes=ranks.world if needs_data else 1)
     job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype, job.exact = home, run_device, precision, exact
+    job.home, job.device, job.dtype, job.exact, job.ranks = home, run_device, precision, exact, ranks
     # Only the parameters the layer kinds write ever change: they are all the restore point needs.
     snapshot = [(p, p.detach().clone()) for m in targets.values() for p in kind_of(m).parameters(m).values()]
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     start = time.perf_counter()
     bar = tqdm(total=len(units), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
-               disable=(not progress) if progress is not None else None, leave=False)
+               disable=True if ranks.rank else (not progress) if progress is not None else None, leave=False)
     job.bar = bar
     job.show_progress = not bar.disable
     tracker = peak_memory_tracker(run_device)
@@ -184,6 +210,11 @@ def prune(
         else:
             for key in units:
                 job.prune_layer(key, None)
+        # a cheap last check that every rank wrote the very same weights
+        ranks.same("the pruned weights", {f"layer {n}.{p}": checksum(w) for n, m in targets.items()
+                                          for p, w in kind_of(m).parameters(m).items()}, error=RuntimeError,
+                   hint="the statistics were summed, so the ranks computed differently (different libraries, "
+                        "thread counts or devices?)")
         if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
             result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
     except BaseException as exc:
@@ -219,6 +250,7 @@ class _Job:
         self.home = self.device = torch.device("cpu")
         self.dtype = torch.float64
         self.exact = True
+        self.ranks = Ranks()
         self.bar = None
         self.show_progress = False
 
@@ -255,12 +287,14 @@ class _Job:
 
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
-        for name in uncalled:  # e.g. a Linear used functionally by its parent
+        self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
+        for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:
                 self.bar.update(len(kind_of(layers[name]).units(layers[name])))
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype,
+                                 ranks=self.ranks)
             for name in order:
                 for unit in kind_of(layers[name]).units(layers[name]):
                     self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)))
@@ -271,12 +305,13 @@ class _Job:
         # Each forward also stops once the group's layers have run, when every layer runs once.
         # A module's later stages (attention's out_proj after q, k, v) get passes of their own.
         groups, once = shared_input_groups(block, layers, order, *inputs[0])
+        self.ranks.same("the layers a block calls", {"groups": groups, "once": once})
         for group in groups:
             for name in group:
                 dense[name] = {p: t.detach().clone() for p, t in kind_of(layers[name]).parameters(layers[name]).items()}
             for stage in _stages(layers, group):
                 stats = gather_stats(block, inputs, {n: layers[n] for n in stage}, units=stage, dense_weights=dense,
-                                     all_layers=layers, stop_early=once, dtype=self.dtype)
+                                     all_layers=layers, stop_early=once, dtype=self.dtype, ranks=self.ranks)
                 for name, names in stage.items():
                     for unit in names:
                         self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)), inputs=inputs,
@@ -335,7 +370,7 @@ class _Job:
             write=lambda w, mask: self._write(layer, kind, unit, w, mask),
             read=lambda: kind.matrix(layer, unit).to(dtype=self.dtype, copy=True),
             weight_mask=lambda mask: kind.weight_mask(layer, mask, unit),
-            progress=self.show_progress,
+            progress=self.show_progress, ranks=self.ranks,
             parameter=param,
             frozen=None if bool(inside.all()) else ~inside,
         )

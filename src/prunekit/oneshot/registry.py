@@ -50,7 +50,8 @@ class NoOptions:
 class LayerContext:
     """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
     the model, the blocks from this one to the end, the block's stored inputs, the block's
-    pruned layers with their dense weights, and how to read and write the layer's matrix."""
+    pruned layers with their dense weights, how to read and write the layer's matrix, and the
+    processes calibrating together (``ranks``, :mod:`prunekit.oneshot.ranks`; None: this one)."""
 
     model: nn.Module
     layer: nn.Module
@@ -67,6 +68,7 @@ class LayerContext:
     #: none; e.g. the k and v rows of attention's ``in_proj_weight`` while q is refit)
     parameter: nn.Parameter | None = None
     frozen: torch.Tensor | None = None
+    ranks: Any = None
 
 
 @dataclass

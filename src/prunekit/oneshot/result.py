@@ -44,6 +44,8 @@ class PruneResult:
     exact: bool = True
     #: calibration batches BatchNorm statistics were re-estimated on (``recalibrate_bn``; None: not)
     bn_batches: int | None = None
+    #: how many processes (torch.distributed ranks) fed calibration batches, statistics summed
+    processes: int = 1
 
     @property
     def sparsity(self) -> float:
@@ -77,6 +79,7 @@ class PruneResult:
             lines.append("recalibrate_bn: the model has no BatchNorm layer; nothing re-estimated")
         elif self.bn_batches is not None:
             lines.append(f"BatchNorm running statistics re-estimated on {self.bn_batches} calibration batches")
+        peak += f", calibrated over {self.processes} processes" if self.processes > 1 else ""
         lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
                      f" ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
