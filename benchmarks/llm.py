@@ -66,9 +66,10 @@ def run_one(args) -> dict:
     row["peak_growth_mib"] = round(resident_mib("VmHWM") - before, 0)
     row["rss_before_mib"] = round(before, 0)
     row["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 0)
-    # prune() keeps a copy of the target weights to restore the model on failure: its size is
-    # fixed by the model; the rest of the growth is the working memory of one decoder layer.
-    row["restore_copy_mib"] = round(sum(model.get_submodule(r.name).weight.numel() * 4 for r in result.layers) / 2**20, 0)
+    # prune() once kept a copy of the target weights in memory to restore the model on failure;
+    # its restore point is now on disk (prunekit.oneshot.restore), so rows written since hold 0
+    # here and the whole growth is the working memory of one decoder layer.
+    row["restore_copy_mib"] = 0
     row["sparsity"] = round(result.sparsity, 4)
     row["pruned_layers"] = len(result.layers)
     notes = {r.name: r.note for r in result.layers if r.note}
@@ -186,8 +187,9 @@ def write_markdown(rows: list[dict], path: str) -> None:
         lines.append(f"| {r['method']} | {r['pattern']} | {r['calibration']} | {r['sparsity']:.4f} | {ppl if ppl is not None else '-'} | "
                      f"{ratio} | {r['seconds']} | {r['peak_growth_mib']:.0f} | {r['restore_copy_mib']:.0f} | "
                      f"{r['peak_growth_mib'] - r['restore_copy_mib']:.0f} | {work_half} |")
-    lines += ["", "Working memory = peak growth minus the restore copy of the target weights that `prune()` keeps to",
-              "undo a failed run (its size is the model's, by design). The memory columns of this table were",
+    lines += ["", "Working memory = peak growth minus the restore copy of the target weights that `prune()` kept in",
+              "memory to undo a failed run until its restore point moved to disk (rows measured since show 0",
+              "there). The memory columns of this table were",
               "measured before two fixes: `prune()`'s early data check then ran the whole model, so a batch's",
               "LM-head logits (8 x 256 x 49152 floats = 384 MiB) set the peak, and freed heap was not returned",
               "before the baseline was read. The table below is measured after them."]

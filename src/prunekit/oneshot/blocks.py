@@ -98,11 +98,17 @@ def propagate(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
 
 def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
-    held on another device (see ``prune(device=...)``) gets its inputs moved there."""
+    held on another device (see ``prune(device=...)``) gets its inputs moved there (an
+    offloaded one, on the meta device, has accelerate hooks that move them), and a block held
+    in a float32 working copy of a half-precision model gets them in float32."""
+    from ..calls import module_device
+    from .placement import as_dtype_of
+
     for block in blocks:
         dev = module_device(block)
-        if dev is not None and isinstance(args[0], torch.Tensor) and args[0].device != dev:
+        if dev is not None and dev.type != "meta" and isinstance(args[0], torch.Tensor) and args[0].device != dev:
             args, kwargs = to_device(args, dev), to_device(kwargs, dev)
+        args, kwargs = as_dtype_of(block, (args, kwargs))
         hidden = first_output(block(*args, **kwargs))
         args = (hidden, *args[1:])
     return args[0]

@@ -93,3 +93,53 @@ def peak_memory_tracker(device: torch.device) -> Callable[[], float | None]:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     return lambda: torch.cuda.max_memory_allocated(device) / 2**20
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def float32_working_copy(modules: Sequence[nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[dict]:
+    """The half-precision parameters and buffers of ``modules`` held in float32 for the
+    duration (the same Parameter objects, new data), and back in their own dtype after, rounded
+    once; yields ``weights`` (e.g. dense originals swapped in later) in float32 too.
+
+    Newton-CG refits (SNOWS) need it: bfloat16's 8-bit mantissa rounds a step smaller than
+    1/256 of a weight away, and losses that coarse stall the line search. Only the modules given
+    (the block and the one the lookahead reads into) are converted, never the whole model.
+    Modules already in float32 or float64, and weights on the meta device, are left alone."""
+    changed = [(t, t.dtype) for m in modules for t in [*m.parameters(), *m.buffers()]
+               if t.dtype in HALF and not t.is_meta]
+    try:
+        for t, _ in changed:
+            t.data = t.data.float()
+        yield {n: _as_float32(w) for n, w in weights.items()}
+    finally:
+        for t, dtype in changed:
+            t.data = t.data.to(dtype)
+
+
+def _as_float32(weight):
+    """A half-precision tensor in float32 (a dict of them: each; anything else unchanged)."""
+    if isinstance(weight, dict):
+        return {k: _as_float32(v) for k, v in weight.items()}
+    return weight.float() if weight.dtype in HALF else weight
+
+
+def as_dtype_of(module: nn.Module, obj):
+    """Floating tensors inside nested tuples/lists/dicts cast to the dtype of ``module``'s
+    first floating parameter (unchanged when it has none): the input of a block held in a
+    float32 working copy next to blocks left in half precision."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        return obj
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        if isinstance(x, dict):
+            return {k: cast(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(cast(v) for v in x)
+        return x
+    return cast(obj)

@@ -8,11 +8,14 @@
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
-including Ctrl-C, the model is restored exactly as it was. Under torch.distributed every rank
-feeds its own calibration batches and the statistics are summed (:mod:`.ranks`).
+including Ctrl-C, the model is restored exactly as it was, from originals saved to disk as each
+layer is first changed (:mod:`prunekit.oneshot.restore`), so no copy of the model is held. Under
+torch.distributed every rank feeds its own calibration batches and the statistics are summed
+(:mod:`.ranks`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -31,14 +34,16 @@ from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
-from ..calls import model_device, to_device
+from ..calls import to_device
 from .calibration import collect_batches
 from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
+from .offload import Storage, home_device, is_dispatched, onloaded
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
 from .dead import dead_columns, keep_dead_dense
 from .lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
+from .restore import RestorePoint
 from .result import LayerReport, PruneResult
 from .selection import magnitude_scores
 from .stats import LayerStats, gather_stats
@@ -111,7 +116,10 @@ def prune(
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
-    CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+    CPU, ``float32`` on accelerators (as the SparseGPT reference does). A model dispatched with
+    accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) is pruned where it is
+    kept: each block is loaded from its offload storage and its pruned weights are written back
+    there. Half-precision models stay in their dtype (statistics in ``stats_dtype``).
 
     ``exact=True`` keeps the requested number of non-zeros in every layer even where an input is
     zero on all calibration data (SparseGPT and the refits would zero its weights): those weights
@@ -135,7 +143,7 @@ def prune(
     selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
                                                      pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
-    home = model_device(model)
+    home = home_device(model)  # a model dispatched with accelerate may hold no weight in memory
     run_device = exec_device or home
     precision = stats_precision(stats_dtype, run_device)
     if isinstance(pattern, NM) and (budget != "uniform" or cap is not None or overrides):
@@ -156,7 +164,8 @@ def prune(
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
                          + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
     check_plain_weights(targets)
-    _check_weights(targets)
+    storage = Storage(model, targets)
+    _check_weights(targets, storage)
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, strict)}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
@@ -172,7 +181,7 @@ def prune(
         budgets = {k: pattern.sparsity for k in units}
     else:
         # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
-        scores = {k: _unit_scores(targets[n], u, budget == "global") for k, (n, u) in units.items()}
+        scores = {k: _unit_scores(n, u, budget == "global", targets, storage) for k, (n, u) in units.items()}
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
@@ -190,8 +199,7 @@ def prune(
                          exact=exact, processes=ranks.world if needs_data else 1)
     job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
     job.home, job.device, job.dtype, job.exact, job.ranks = home, run_device, precision, exact, ranks
-    # Only the parameters the layer kinds write ever change: they are all the restore point needs.
-    snapshot = [(p, p.detach().clone()) for m in targets.values() for p in kind_of(m).parameters(m).values()]
+    job.storage, job.dispatched = storage, is_dispatched(model)
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     start = time.perf_counter()
@@ -204,23 +212,25 @@ def prune(
         model.eval()
         # nn.TransformerEncoderLayer's fast path never calls its attention module: no hook would fire.
         torch.backends.mha.set_fastpath_enabled(False)
-        if needs_data:
-            with exact_float32(run_device):
-                job.run_calibrated(calls, blocks, capture)
-        else:
-            for key in units:
-                job.prune_layer(key, None)
-        # a cheap last check that every rank wrote the very same weights
-        ranks.same("the pruned weights", {f"layer {n}.{p}": checksum(w) for n, m in targets.items()
-                                          for p, w in kind_of(m).parameters(m).items()}, error=RuntimeError,
-                   hint="the statistics were summed, so the ranks computed differently (different libraries, "
-                        "thread counts or devices?)")
-        if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
-            result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
+        # Only the parameters the layer kinds write ever change: each is saved to disk just before
+        # its first change, and written back from there on any failure.
+        with RestorePoint(storage.write) as job.saved:
+            if needs_data:
+                with exact_float32(run_device):
+                    job.run_calibrated(calls, blocks, capture)
+            else:
+                for key in units:
+                    name = units[key][0]
+                    with job.on_device([targets[name]], [name]) if job.dispatched else contextlib.nullcontext():
+                        job.prune_layer(key, None)
+            # a cheap last check that every rank wrote the very same weights
+            if ranks.active:
+                ranks.same("the pruned weights", {path: checksum(storage.read(path)) for path in storage.params},
+                           error=RuntimeError, hint="the statistics were summed, so the ranks computed differently "
+                                                    "(different libraries, thread counts or devices?)")
+            if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
+                result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
     except BaseException as exc:
-        with torch.no_grad():
-            for param, saved in snapshot:
-                param.copy_(saved)
         if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
             _blame_batch(model, to_device(calls[1:], home), exc)  # only the first batch was checked up front
         raise
@@ -253,6 +263,17 @@ class _Job:
         self.ranks = Ranks()
         self.bar = None
         self.show_progress = False
+        self.saved: RestorePoint | None = None
+        self.storage: Storage | None = None
+        self.dispatched = False
+
+    def on_device(self, modules, write_back=()):
+        """``modules`` held on the execution device for the duration: moved there and back, or,
+        for a model dispatched with accelerate, loaded from its offload storage and the pruned
+        layers in ``write_back`` written back to it."""
+        if self.dispatched:
+            return onloaded(modules, self.device, self.storage, write_back)
+        return to_block_device(modules, self.device, self.home)
 
     # -- block loop -------------------------------------------------------------------------
     def run_calibrated(self, calls, block_names, capture) -> None:
@@ -268,14 +289,14 @@ class _Job:
                 inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
             # A lookahead refit (SNOWS) reads on into the next block: it comes along to the device.
             ahead = [m for _, m in blocks[i + 1:i + 2]] if lookahead and layers else []
-            with to_block_device([block, *ahead], self.device, self.home):
+            with self.on_device([block, *ahead], list(layers)):
                 if layers:
                     self.process_block(block, inputs, layers, chain=blocks[i:])
                 if i + 1 < len(blocks) and capture == "chain":
                     inputs = propagate(block, inputs)
         rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
         if rest:  # layers outside every block: the whole model is their block
-            with to_block_device([self.model], self.device, self.home):
+            with self.on_device([self.model], list(rest)):
                 self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
 
     @staticmethod
@@ -295,7 +316,7 @@ class _Job:
         if not self.sequential:
             stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype,
                                  ranks=self.ranks)
-            for name in order:
+            for name in order:  # each layer's statistics freed once it is done
                 for unit in kind_of(layers[name]).units(layers[name]):
                     self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)))
             return
@@ -323,6 +344,9 @@ class _Job:
         t0 = time.perf_counter()
         name, unit = self.units[key]
         layer, kind = self.targets[name], kind_of(self.targets[name])
+        if self.saved is not None:
+            for path in self.storage.keys(name):
+                self.saved.save(path, self.storage.live(path))
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
@@ -394,12 +418,19 @@ def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tu
     return out
 
 
-def _unit_scores(module: nn.Module, unit: str, ranked: bool) -> torch.Tensor:
+def _unit_scores(name: str, unit: str, ranked: bool, targets, storage: Storage) -> torch.Tensor:
     """What a budget reads of a unit: its magnitudes (global ranking) or only its shape."""
+    module = targets[name]
     kind = kind_of(module)
-    if ranked:
+    if not ranked:
+        return torch.empty(kind.shape(module, unit), device="meta")
+    paths = storage.keys(name)
+    if not any(storage.live(p).is_meta for p in paths):
         return magnitude_scores(kind.matrix(module, unit))
-    return torch.empty(kind.shape(module, unit), device="meta")
+    if len(paths) == 1 and kind.units(module) == ("",):  # offloaded: a global ranking needs values, not layout
+        return magnitude_scores(storage.read(paths[0]))
+    raise ValueError(f"budget='global' cannot rank layer {name!r}: its weights are offloaded and it holds several "
+                     "matrices; use budget='uniform' or 'erk', or load the model into memory")
 
 
 @torch.no_grad()
@@ -506,13 +537,15 @@ def _warn_skipped(skipped: Mapping[str, str]) -> None:
         warnings.warn(f"prunekit left {len(left)} layer{'s' if len(left) > 1 else ''} dense: {shown}{more}")
 
 
-def _check_weights(targets) -> None:
+def _check_weights(targets, storage: Storage) -> None:
     for name, module in targets.items():
-        for weight in kind_of(module).parameters(module).values():
-            if isinstance(weight, nn.parameter.UninitializedParameter) or weight.is_meta:
+        for path in storage.keys(name):
+            weight = storage.live(path)
+            if isinstance(weight, nn.parameter.UninitializedParameter) or (weight.is_meta and path not in storage.offloaded):
                 raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
-                                 "model first, e.g. model.to_empty(device='cpu') then load its state_dict")
-            if not torch.isfinite(weight).all():
+                                 "model first, e.g. model.to_empty(device='cpu') then load its state_dict "
+                                 "(an accelerate-dispatched model with offloaded weights is fine)")
+            if not torch.isfinite(storage.read(path)).all():
                 raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
 
 

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .blocks import StopForward, run_chain, swapped_weights
 from .newton_cg import NewtonCGConfig, SolveStats, newton_cg_refit
 from .ranks import Ranks
+from .placement import float32_working_copy
 
 ACTIVATION_TYPES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
@@ -186,6 +187,13 @@ def snows_refit(
     ``k``-operation lookahead loss, leaving its ``frozen`` entries as they are; returns (solver
     stats, check loss before, after). The last stored batch is held out for the line search
     (when there are several); with ``ranks``, one per rank."""
+    with float32_working_copy([m for _, m in chain[:2]], dense_weights) as dense_weights:  # a half model
+        return _refit(model, chain, layer, mask, inputs, k, solver, targets, block_layers, dense_weights,
+                      measured_by, progress, param, frozen, ranks)
+
+
+def _refit(model, chain, layer, mask, inputs, k, solver, targets, block_layers, dense_weights, measured_by,
+           progress, param, frozen, ranks) -> tuple[SolveStats, float, float]:
     weight = layer.weight if param is None else param
     objective = Lookahead(chain, layer, k, targets, block_layers, dense_weights, measured_by)
     try:

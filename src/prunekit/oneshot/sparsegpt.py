@@ -114,9 +114,12 @@ def _upper_inverse_cholesky(
         hd = h.clone()
         hd[idx, idx] += damp * mean_diag
         lower, info = torch.linalg.cholesky_ex(hd)
+        del hd  # each d_in x d_in intermediate is freed as soon as it is used (peak memory)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if retry:
                     warnings.warn(

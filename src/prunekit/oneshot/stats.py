@@ -56,16 +56,19 @@ class LayerStats:
         if not torch.isfinite(xs).all():
             raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
         self.count += xs.shape[0]
-        sq = (xs * xs).sum(0).to(self.dtype)
-        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.sq_sum = _accumulate(self.sq_sum, (xs * xs).sum(0), self.dtype)
         if want_h:
-            h = (xs.T @ xs).to(self.dtype)
-            self.h_sum = h if self.h_sum is None else self.h_sum + h
+            self.h_sum = _accumulate(self.h_sum, xs.T @ xs, self.dtype)
         if xt is not None:
             xt = xt.detach().to(xs.dtype)
-            c, t = (xs.T @ xt).to(self.dtype), (xt.T @ xt).to(self.dtype)
-            self.c_sum = c if self.c_sum is None else self.c_sum + c
-            self.t_sum = t if self.t_sum is None else self.t_sum + t
+            self.c_sum = _accumulate(self.c_sum, xs.T @ xt, self.dtype)
+            self.t_sum = _accumulate(self.t_sum, xt.T @ xt, self.dtype)
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``total + part`` in ``dtype``, added in place: no second d_in x d_in temporary (for a
+    1536-input layer in float64, two fewer 18 MiB matrices at the peak of a statistics pass)."""
+    return part.to(dtype) if total is None else total.add_(part)
 
 
 class _Catcher:
@@ -98,7 +101,9 @@ class _Catcher:
             pass
 
     def take(self) -> dict[str, torch.Tensor]:
-        out = {n: torch.cat(r) for n, r in self.rows.items() if r}
+        # One call's rows are used as they are (torch.cat would copy each layer's input: q, k and
+        # v read one tensor, and three copies of it would set the peak of a decoder layer).
+        out = {n: r[0] if len(r) == 1 else torch.cat(r) for n, r in self.rows.items() if r}
         for r in self.rows.values():
             r.clear()
         return out
