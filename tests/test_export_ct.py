@@ -253,3 +253,22 @@ def test_package_decompresses_and_transformers_generates_alike(tmp_path, prune, 
     assert report["loaded_class"] == "LlamaForCausalLM"
     assert report["loaded_exact"] == report["reference_entries"] == len(reference)
     assert report["same_tokens"] and report["max_logit_diff"] <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_load_into_a_model_checks_first_and_keeps_ties(tmp_path):
+    from test_export import Net  # Linear, Conv2d, a tied head, an integer buffer, a bf16 parameter
+
+    torch.manual_seed(0)
+    model = Net()
+    pk.prune(model, None, sparsity=0.6, progress=False)
+    info = save_compressed_tensors(model, tmp_path)
+    assert info["compressed"] == ["fc1", "fc2"]  # the conv (4-D) and the tied head stay dense
+    fresh = Net()
+    assert pk.load_compressed_tensors(tmp_path, fresh) is fresh
+    assert fresh.head.weight is fresh.emb.weight
+    assert all(same(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    other = nn.Sequential(nn.Linear(32, 64))
+    before = other[0].weight.clone()
+    with pytest.raises(ValueError, match=r"does not fit this Sequential: missing in file \['0.weight', '0.bias'\]"):
+        pk.load_compressed_tensors(tmp_path, other)
+    assert torch.equal(other[0].weight, before)

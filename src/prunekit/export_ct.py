@@ -237,10 +237,36 @@ def _write_config(model: nn.Module, folder: str, qconfig: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
-def load_compressed_tensors(folder: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+def load_compressed_tensors(folder: str | os.PathLike, model: nn.Module | None = None) -> Any:
     """The dense state dict of a directory written by :func:`save_compressed_tensors` (or by
     compressed-tensors' sparse compressors): every ``<module>.weight`` rebuilt from its parts.
-    Tied entries left out on save are absent here too."""
+    Tied entries left out on save are absent here too.
+
+    With ``model``: checks every key, shape and dtype first (nothing changes when one differs; a
+    key may be absent only when it is tied to one that is present), loads the weights into the
+    model in place and returns it.
+    """
+    state = _read_state(folder)
+    if model is None:
+        return state
+    ours = model.state_dict()
+    tied = {k for k, v in ours.items() if k not in state and any(
+        v.data_ptr() == w.data_ptr() and v.shape == w.shape for j, w in ours.items() if j in state)}
+    missing = [k for k in ours if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in ours]
+    bad = [f"{k}: file {tuple(v.shape)} {v.dtype}, model {tuple(ours[k].shape)} {ours[k].dtype}"
+           for k, v in state.items() if k in ours and (v.shape != ours[k].shape or v.dtype != ours[k].dtype)]
+    if missing or unexpected or bad:
+        raise ValueError(f"{os.fspath(folder)!r} does not fit this {type(model).__name__}: " + "; ".join(
+            s for s in (f"missing in file {missing[:5]}" if missing else "",
+                        f"not in model {unexpected[:5]}" if unexpected else "",
+                        f"shape/dtype mismatch {bad[:5]}" if bad else "") if s))
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def _read_state(folder: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     from safetensors.torch import load_file
 
     folder = os.fspath(folder)
