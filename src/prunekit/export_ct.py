@@ -115,6 +115,8 @@ def targets_and_ignore(model: nn.Module, compressed: set[str]) -> tuple[list[str
     for cls in dict.fromkeys(type(modules[n]).__name__ for n in modules if n in compressed):
         members = [n for n in weighted if cls in _class_names(modules[n])]
         hit = [n for n in members if n in compressed]
+        if all(_matches(n, modules[n], targets) for n in hit):
+            continue  # already selected by a base class's name
         if len(hit) >= len(members) - len(hit):
             targets.append(cls)
             ignore += [n for n in members if n not in compressed and n not in ignore]
