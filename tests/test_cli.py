@@ -137,7 +137,7 @@ def small_cnn(width: int = 4) -> torch.nn.Module:
                                torch.nn.Linear(width * 36, 4))
 
 
-@pytest.mark.parametrize("formats", [["hf"], ["compressed"], ["hf", "compressed"]])
+@pytest.mark.parametrize("formats", [["hf"], ["compressed"], ["hf", "compressed"], ["compressed-tensors"]])
 def test_report_on_the_output_of_a_factory_model(tmp_path, capsys, formats):
     """`prunekit report OUT` rebuilds a module:factory model as OUT/recipe.yaml says (with its
     kwargs) and reads the saved weights: the counts are those of the pruned model."""
@@ -323,7 +323,7 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
 
 
-@pytest.mark.parametrize("formats", ["compressed", "hf"])
+@pytest.mark.parametrize("formats", ["compressed", "hf", "compressed-tensors"])
 def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats):
     """A config-built tiny BERT: the output folder has config.json, with dense or only compressed weights."""
     import json
@@ -340,6 +340,9 @@ def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats)
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
     assert report["nonzeros"] * 2 == report["params"]
+    if formats == "compressed-tensors":
+        config = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())
+        assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
 
 
 def test_quiet_silences_plain_tqdm_bars_such_as_transformers_gguf_conversion():

@@ -113,6 +113,16 @@ def test_load_output_rebuilds_a_factory_model_from_its_recipe_folder(tmp_path, m
     assert int((model[0].weight == 0).sum()) == 24  # half of 6 x 8
 
 
+def test_compressed_tensors_output_goes_in_its_own_subfolder(tmp_path):
+    outcome = run_recipe(load_recipe(write_job(tmp_path), formats=["hf", "compressed-tensors"]), progress=False)
+    out = tmp_path / "out"
+    assert "compressed-tensors" in outcome.files
+    assert sorted(os.listdir(out / "compressed-tensors")) == ["config.json", "model.safetensors"]
+    os.remove(out / "model.safetensors")  # only the compressed-tensors copy is left: load_output reads it
+    model = load_output(out)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), outcome.model.state_dict().values()))
+
+
 def test_load_output_says_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither config.json nor recipe.yaml"):
         load_output(tmp_path)

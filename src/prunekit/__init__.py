@@ -18,6 +18,7 @@ from .allocation import allocate, erk, global_counts
 from .batchnorm import recalibrate_batchnorm
 from .eval import perplexity
 from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
+from .export_ct import load_compressed_tensors, save_compressed_tensors
 from .jobs import RecipeOutcome, load_output, run_recipe
 from .layout import from_matrix, input_columns, to_matrix
 from .masks import MaskSet

@@ -36,7 +36,7 @@ from .oneshot import registry
 from .oneshot.placement import execution_device
 from .patterns import NM, parse_pattern
 
-FORMATS = ("hf", "compressed")
+FORMATS = ("hf", "compressed", "compressed-tensors")
 
 
 @dataclass
@@ -106,10 +106,11 @@ class PruneSpec:
 
 @dataclass
 class OutputSpec:
-    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``."""
+    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``,
+    ``compressed-tensors`` (in a ``compressed-tensors/`` subfolder)."""
 
     dir: str = "pruned-model"
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    formats: list[str] = field(default_factory=lambda: ["hf", "compressed"])
     overwrite: bool = False
 
 
