@@ -16,6 +16,7 @@ import yaml
 
 from .atomic import check_output, write_folder
 from .recipe import Recipe, load_recipe
+from .torchrun import is_writer, process_group, wait_for_writer
 
 
 @dataclass
@@ -56,9 +57,21 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
         if blocks is None and is_causal_lm(model):
             blocks = decoder_blocks(model)
         check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
-    result = prunekit.prune(model, calibration, **{**p.prune_kwargs(), "blocks": blocks}, include=t.include,
-                            exclude=t.exclude, include_head=t.include_head, progress=progress)
-    files = write_folder(out, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result), overwrite=overwrite)
+    kwargs = {**p.prune_kwargs(), "blocks": blocks}
+    with process_group(kwargs.get("device")) as processes:
+        if processes > 1:  # torchrun: every rank built the same list; each keeps its share
+            kwargs["shard_calibration"] = True
+        result = prunekit.prune(model, calibration, **kwargs, include=t.include, exclude=t.exclude,
+                                include_head=t.include_head, progress=progress)
+        files: list[str] = []
+        written = False
+        try:
+            if is_writer():
+                files = write_folder(out, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result),
+                                     overwrite=overwrite)
+            written = True
+        finally:
+            wait_for_writer(written)
     return RecipeOutcome(result, out, files, model)
 
 

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = build_recipe(args)
     outcome = run_recipe(recipe, progress=False if args.quiet else None)
-    if not args.quiet:
+    if not args.quiet and outcome.files:  # under torchrun, rank 0 writes and speaks for all
         print(outcome.result.summary())
         print(f"wrote {outcome.output_dir}", file=sys.stderr)
     return 0
