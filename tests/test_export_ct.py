@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import prunekit as pk
+sys.path.insert(0, os.path.dirname(__file__))
+from ct_interop import same  # noqa: E402  (equal tensors, -0.0 read as +0.0: the format drops zeros' sign)
 from prunekit.export_ct import (bitmask_compress, decompress, is_24, load_compressed_tensors, save_compressed_tensors,
                                 sparse24_compress, targets_and_ignore)
 
@@ -23,17 +25,6 @@ SPARSITY_KEYS = {"format", "global_sparsity", "ignore", "registry_requires_subcl
 def mlp(dtype=torch.float32):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).to(dtype)
-
-
-def bits(t):
-    """Bit pattern with -0.0 read as +0.0 (the format keeps zeros, not their sign)."""
-    t = t.clone()
-    t[t == 0] = 0
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
-def same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def config(folder):
