@@ -5,6 +5,9 @@ Reproduces the ordering claimed by SNOWS (Lucas & Mazumder 2025): SNOWS > layer-
 falling as the lookahead K grows. Every method prunes the same 12 block convolutions (stem and
 1x1 shortcuts stay dense, as in the SNOWS reference) with the same calibration images.
 
+``--recalibrate-bn`` also runs every configuration with ``prune(..., recalibrate_bn=True)`` (the
+BatchNorm statistics re-estimated on the calibration images after pruning), in rows marked "+BN".
+
 Writes ``benchmarks/results/oneshot.{json,md,png}``; finished runs are cached in the JSON, so
 an interrupted benchmark resumes where it stopped.
 """
@@ -64,11 +67,11 @@ def _k_sweep() -> str:
     return f"SNOWS K in {SNOWS_KS} at {', '.join(FULL_K)}; K in {[SNOWS_KS[0], SNOWS_KS[-1]]} elsewhere"
 
 
-def key(pattern, method, refine, k, seed) -> str:
-    return f"{pattern}|{method}|{refine}|{k}|{seed}"
+def key(pattern, method, refine, k, seed, bn=False) -> str:
+    return f"{pattern}|{method}|{refine}|{k}|" + ("bn|" if bn else "") + f"{seed}"
 
 
-def run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args) -> dict:
+def run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args, bn=False) -> dict:
     model = copy.deepcopy(dense)
     kwargs = {"sparsity": float(pattern)} if ":" not in pattern else {"pattern": pattern}
     snows = {"k": k, "epochs": args.epochs, "max_cg": args.max_cg, "warm_start": "lstsq" if ":" not in pattern else "none"}
@@ -76,15 +79,18 @@ def run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = pk.prune(model, calibration, method=method, refine=refine, exclude=EXCLUDE,
-                          refine_options=snows if refine == "snows" else None, progress=False, **kwargs)
+                          refine_options=snows if refine == "snows" else None, progress=False,
+                          recalibrate_bn=bn, **kwargs)
     seconds = time.perf_counter() - start
-    return {"pattern": pattern, "method": method, "refine": refine, "k": k,
-            "accuracy": accuracy(model, x_test, y_test), "sparsity": result.sparsity, "seconds": seconds}
+    row = {"pattern": pattern, "method": method, "refine": refine, "k": k,
+           "accuracy": accuracy(model, x_test, y_test), "sparsity": result.sparsity, "seconds": seconds}
+    return {**row, "recalibrate_bn": True} if bn else row
 
 
 def label(r: dict) -> str:
     name = r["method"] + (f"+{r['refine']}" if r["refine"] else "")
-    return name + (f" K={r['k']}" if r["refine"] == "snows" else "")
+    name += f" K={r['k']}" if r["refine"] == "snows" else ""
+    return name + (" +BN" if r.get("recalibrate_bn") else "")
 
 
 def write_reports(rows: list[dict], dense_acc: float, args) -> None:
@@ -98,7 +104,10 @@ def write_reports(rows: list[dict], dense_acc: float, args) -> None:
         "",
         f"Dense accuracy: {dense_acc:.2f}%. Calibration: {args.calibration} training images, batches of "
         f"{args.batch_size}; SNOWS: {args.epochs} epoch(s), max {args.max_cg} CG iterations, LS warm start "
-        f"for unstructured, none for N:M. {_k_sweep()}. Seeds: {args.seeds}. Command: `make bench-oneshot`.",
+        f"for unstructured, none for N:M. {_k_sweep()}. Seeds: {args.seeds}. Command: "
+        + ("`make bench-oneshot`." if args.out == "oneshot" and not args.only else f"`{_command(args)}`."),
+        "Rows marked +BN re-estimate the BatchNorm statistics on the calibration images after pruning "
+        "(`--recalibrate-bn`, `prune(..., recalibrate_bn=True)`).",
         "Each cell: mean test accuracy (± std over seeds when > 1) and the mean pruning time in seconds, "
         "measured on a shared 2-core machine with 1 thread; '-' marks a configuration not run.",
         "",
@@ -116,13 +125,19 @@ def write_reports(rows: list[dict], dense_acc: float, args) -> None:
             std = f" ± {acc.std():.2f}" if len(rs) > 1 else ""
             cells.append(f"{acc.mean():.2f}{std} ({sum(r['seconds'] for r in rs) / len(rs):.0f}s)")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    with open(os.path.join(RESULTS, "oneshot.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.out}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(by, names, dense_acc)
+    plot(by, names, dense_acc, args.out)
 
 
-def plot(by, names, dense_acc) -> None:
+def _command(args) -> str:
+    opts = [f"--only '{args.only}'" if args.only else "", "--recalibrate-bn" if args.recalibrate_bn else "",
+            f"--out {args.out}" if args.out != "oneshot" else "", f"--threads {args.threads}"]
+    return "python benchmarks/oneshot.py " + " ".join(o for o in opts if o)
+
+
+def plot(by, names, dense_acc, out="oneshot") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,7 +165,7 @@ def plot(by, names, dense_acc) -> None:
     axes[1].set_title("accuracy vs K")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "oneshot.png"), dpi=110)
+    fig.savefig(os.path.join(RESULTS, f"{out}.png"), dpi=110)
 
 
 def main(argv=None) -> None:
@@ -161,12 +176,17 @@ def main(argv=None) -> None:
     parser.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step (default 10)")
     parser.add_argument("--seeds", type=int, default=1, help="calibration seeds (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--only", default=None, help="run only configs whose label contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only configs whose key contains this (comma-separated: any of these)")
     parser.add_argument("--report-only", action="store_true", help="write the reports from the cached runs")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="also run every configuration with BatchNorm statistics re-estimated after pruning")
+    parser.add_argument("--out", default="oneshot",
+                        help="base name of the results files in benchmarks/results/ (default oneshot)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(RESULTS, exist_ok=True)
-    cache_path = os.path.join(RESULTS, "oneshot.json")
+    cache_path = os.path.join(RESULTS, f"{args.out}.json")
     done = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
     dense = trained_resnet()
     x_train, _ = load_mnist("train")
@@ -175,11 +195,12 @@ def main(argv=None) -> None:
     for seed in range(0 if args.report_only else args.seeds):
         idx = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(100 + seed))[: args.calibration]
         calibration = list(x_train[idx].split(args.batch_size))
-        for pattern, method, refine, k in configs():
-            kk = key(pattern, method, refine, k, seed)
-            if kk in done or (args.only and args.only not in kk):
+        runs = [(*c, False) for c in configs()] + ([(*c, True) for c in configs()] if args.recalibrate_bn else [])
+        for pattern, method, refine, k, bn in runs:
+            kk = key(pattern, method, refine, k, seed, bn)
+            if kk in done or (args.only and not any(part in kk for part in args.only.split(","))):
                 continue
-            row = run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args)
+            row = run_one(dense, calibration, x_test, y_test, pattern, method, refine, k, args, bn)
             row["seed"] = seed
             done[kk] = row
             print(f"{kk}: acc {row['accuracy']:.2f} sparsity {row['sparsity']:.4f} {row['seconds']:.1f}s", flush=True)

@@ -100,6 +100,19 @@ def test_options_and_python_overrides_give_the_same_recipe(tmp_path, monkeypatch
     assert cli.output.dir == str(tmp_path / ("o" if "dir" in overrides else "jobs/out"))
 
 
+def test_exact_and_recalibrate_bn_options(tmp_path, monkeypatch):
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+
+    job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    plain = build_recipe(build_parser().parse_args(["prune", "job.yaml"])).prune
+    assert (plain.exact, plain.recalibrate_bn) == (True, False)
+    cli = build_recipe(build_parser().parse_args(["prune", "job.yaml", "--no-exact", "--recalibrate-bn"]))
+    assert cli == prunekit.load_recipe("job.yaml", exact=False, recalibrate_bn=True)
+    assert cli.prune.prune_kwargs()["exact"] is False and cli.prune.prune_kwargs()["recalibrate_bn"] is True
+
+
 def test_prune_writes_the_recipe_python_builds(tmp_path, monkeypatch):
     from prunekit.cli import build_parser
     from prunekit.cli.prune_cmd import build_recipe

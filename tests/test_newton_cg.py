@@ -245,6 +245,29 @@ def test_accepted_steps_never_raise_check_loss() -> None:
     assert torch.count_nonzero(m.weight.detach()[~m.mask]) == 0
 
 
+def test_reduce_sums_every_gradient_hvp_and_loss() -> None:
+    """Two identical "processes" holding half the loss each, summed by ``reduce``, take exactly
+    the steps of one process (halving and doubling are exact in floating point)."""
+    cfg = NewtonCGConfig(epochs=2, max_cg=30, cg_tol=1e-8, patience=0)
+    batches = [slice(i, i + 16) for i in range(0, 80, 16)]
+    plain, halves = _MLP(seed=7, n=96), _MLP(seed=7, n=96)
+    one = newton_cg_refit(plain.weight, plain.mask, plain.loss_fn, batches, slice(80, 96), cfg)
+    sizes: list[int] = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t * 2
+
+    two = newton_cg_refit(halves.weight, halves.mask, lambda idx: 0.5 * halves.loss_fn(idx), batches,
+                          slice(80, 96), cfg, reduce=reduce)
+    assert torch.equal(halves.weight, plain.weight)
+    assert (two.losses, two.alphas, two.cg_iterations, two.check_losses) == (
+        one.losses, one.alphas, one.cg_iterations, one.check_losses)
+    assert one.accepted >= 1
+    # one gradient per step and one product per CG iteration, all of the weight's size
+    assert sizes.count(plain.weight.numel()) == one.steps + sum(one.cg_iterations)
+
+
 def _unpassable_problem(seed: int):
     """Newton batches pull W towards a least-squares fit; the check batch penalises any move."""
     x, y, mask, weight = _least_squares_problem(seed)

@@ -15,6 +15,7 @@ During training, inside your own loop::
 from . import llm
 from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .allocation import allocate, erk, global_counts
+from .batchnorm import recalibrate_batchnorm
 from .eval import perplexity
 from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
 from .jobs import RecipeOutcome, load_output, run_recipe

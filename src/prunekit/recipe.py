@@ -89,6 +89,8 @@ class PruneSpec:
     snows: dict[str, Any] = field(default_factory=dict)  # deprecated: refine_options
     device: str | None = None
     stats_dtype: str | None = None
+    exact: bool = True  # keep every layer's requested non-zeros where inputs are dead
+    recalibrate_bn: bool = False  # re-estimate BatchNorm statistics on the data after pruning
 
     def prune_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).

@@ -16,7 +16,7 @@ from torch import nn
 
 from .calls import call, eval_mode, model_device, to_device
 from .layer_kinds import kind_of
-from .targets import find_targets
+from .targets import prunable
 
 PER_POSITION = "per output position"
 PER_FORWARD = "per forward of the example input"
@@ -51,6 +51,8 @@ class ModelReport:
     total_params: int = 0
     total_nonzeros: int = 0
     flops_unit: str = PER_POSITION
+    #: the model's output layer (:func:`prunekit.targets.find_head`), which ``prune`` leaves dense by default
+    head: str | None = None
 
     @property
     def params(self) -> int:
@@ -85,6 +87,7 @@ class ModelReport:
             "flops_dense": self.flops_dense,
             "flops_sparse": self.flops_sparse,
             "flops_unit": self.flops_unit,
+            "head": self.head,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -96,6 +99,11 @@ class ModelReport:
                 f"{count(self.total_params)} parameters non-zero; FLOPs {flops(self.flops_dense)} dense, "
                 f"{flops(self.flops_sparse)} sparse ({self.flops_unit})")
 
+    def _head_line(self) -> str:
+        if self.head is None or self.head not in {s.name for s in self.layers}:
+            return ""
+        return f"Head: {self.head} (prune() leaves it dense unless include_head=True)\n"
+
     def to_markdown(self) -> str:
         """A markdown table with exact counts, then a totals line."""
         rows = ["| layer | kind | shape | params | non-zeros | sparsity | FLOPs dense | FLOPs sparse |",
@@ -103,7 +111,7 @@ class ModelReport:
         for s in self.layers:
             rows.append(f"| {s.name} | {s.kind} | {_shape(s.shape)} | {s.params} | {s.nonzeros} | "
                         f"{s.sparsity:.2%} | {s.flops_dense} | {s.flops_sparse} |")
-        return "\n".join(rows) + "\n\n" + self._totals_line() + "\n"
+        return "\n".join(rows) + "\n\n" + self._totals_line() + "\n" + self._head_line()
 
     def to_terminal(self) -> str:
         """An aligned plain-text table in human units (1.23M, 3.40 GFLOP), then the totals."""
@@ -117,7 +125,7 @@ class ModelReport:
 
         rule = "-" * len(line(["-" * w for w in widths]))
         return "\n".join([line(head), rule, *map(line, body), rule,
-                          self._totals_line(human_count, human_flops)]) + "\n"
+                          self._totals_line(human_count, human_flops)]) + "\n" + self._head_line()
 
 
 def model_report(
@@ -133,9 +141,13 @@ def model_report(
 
     With ``example_inputs`` (a tensor, tuple or mapping, as for calibration) one forward runs in
     eval mode under ``no_grad`` to count each layer's output positions; a layer called twice is
-    counted twice, one never called gets 0 FLOPs. The model is left exactly as it was.
+    counted twice, one never called gets 0 FLOPs. The model is left exactly as it was. The
+    layers are those :func:`prunekit.prune` would prune, plus the head with ``include_head``
+    (the default), found by the same rule (:func:`prunekit.targets.prunable`).
     """
-    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
+                     example_inputs=example_inputs)
+    targets = found.layers
     positions = {name: 1 for name in targets}
     unit = PER_POSITION
     if example_inputs is not None:
@@ -153,7 +165,7 @@ def model_report(
                                     2 * nnz * positions[name]))
     params = [p.detach() for p in model.parameters()]  # parameters() yields a tied tensor once
     return ModelReport(layers, sum(p.numel() for p in params),
-                       sum(int(torch.count_nonzero(p)) for p in params), unit)
+                       sum(int(torch.count_nonzero(p)) for p in params), unit, head=found.head)
 
 
 def _out_dim(module: nn.Module) -> int:

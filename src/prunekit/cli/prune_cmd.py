@@ -63,6 +63,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
     g.add_argument("--stats-dtype", choices=["float32", "float64"],
                    help="precision of statistics and solvers (default: float64 on CPU, float32 on GPU)")
+    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each layer's requested number of non-zeros where calibration inputs are dead "
+                        "(default: on; --no-exact: zero their weights as the reference SparseGPT does)")
+    g.add_argument("--recalibrate-bn", action="store_true", default=None,
+                   help="re-estimate BatchNorm running statistics on the calibration data after pruning")
     g = p.add_argument_group("calibration data")
     g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
     g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
@@ -88,6 +93,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
             "budget": args.budget, "cap": args.cap, "method_options": method_options or None,
             "refine_options": refine_options or None, "plugins": args.plugin,
             "device": args.device, "stats_dtype": args.stats_dtype,
+            "exact": args.exact, "recalibrate_bn": args.recalibrate_bn,
             "include": args.include, "exclude": args.exclude,
             "corpus": args.corpus, "text": args.data_text, "tensors": args.data_tensors,
             "seq_len": args.seq_len, "n_sequences": args.n_sequences, "batch_size": args.batch_size,

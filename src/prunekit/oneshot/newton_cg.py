@@ -7,7 +7,11 @@ knows nothing about networks, hooks or the K-step lookahead loss; it receives
 * ``weight`` -- the ``nn.Parameter`` the loss reads (e.g. ``layer.weight``), changed in place;
 * ``mask``   -- a bool tensor of the same shape (True = kept);
 * ``loss_fn(batch)`` -- a scalar loss computed from the *current* ``weight`` with a graph to it;
-* ``batches`` -- the Newton mini-batches, and ``check_batch`` -- a held-out Armijo batch.
+* ``batches`` -- the Newton mini-batches, and ``check_batch`` -- a held-out Armijo batch;
+* ``reduce`` (optional) -- sums a tensor over the processes that share the calibration data
+  (torch.distributed): each process's ``loss_fn`` is its share of one global loss, and the
+  gradient, every Hessian-vector product and every loss value are summed, so all processes take
+  the very same steps.
 
 Per mini-batch (one Newton step, as in SNOWS: Lucas & Mazumder 2025, arXiv 2411.18376)::
 
@@ -39,6 +43,14 @@ __all__ = [
     "conjugate_gradient",
     "newton_cg_refit",
 ]
+
+
+#: sums a tensor over the processes sharing the calibration data (its argument may be consumed)
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _local(t: Tensor) -> Tensor:
+    return t
 
 
 @dataclass
@@ -118,17 +130,18 @@ class MaskedHVP:
     HVPs are done: the double-backward graph can be large.
     """
 
-    def __init__(self, loss: Tensor, weight: Tensor, mask: Tensor) -> None:
+    def __init__(self, loss: Tensor, weight: Tensor, mask: Tensor, reduce: Reduce | None = None) -> None:
         if loss.numel() != 1:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
         self.mask = _float_mask(mask, weight)
         self.weight = weight
+        self.reduce = reduce or _local
         (grad,) = torch.autograd.grad(loss, weight, create_graph=True, allow_unused=True)
         if grad is None:
             raise ValueError("the loss does not depend on the weight being refit")
         self._g: Tensor | None = grad * self.mask
-        #: masked gradient, detached from the graph
-        self.grad: Tensor = self._g.detach()
+        #: masked gradient, detached from the graph (summed over the processes with ``reduce``)
+        self.grad: Tensor = self.reduce(self._g.detach().clone())
         # A loss linear in the weight has a gradient without a graph: its Hessian is zero.
         self._linear = not self._g.requires_grad
 
@@ -137,14 +150,12 @@ class MaskedHVP:
         if self._g is None:
             raise RuntimeError("MaskedHVP was released")
         v = v.detach() * self.mask
-        if self._linear:
-            return torch.zeros_like(v)
-        (hv,) = torch.autograd.grad(
-            self._g, self.weight, grad_outputs=v, retain_graph=True, allow_unused=True
-        )
-        if hv is None:
-            return torch.zeros_like(v)
-        return hv * self.mask
+        hv = None
+        if not self._linear:
+            (hv,) = torch.autograd.grad(
+                self._g, self.weight, grad_outputs=v, retain_graph=True, allow_unused=True
+            )
+        return self.reduce(torch.zeros_like(v) if hv is None else hv * self.mask)
 
     def release(self) -> None:
         """Drop the reference to the graph so autograd can free it."""
@@ -212,9 +223,9 @@ def conjugate_gradient(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_loss(loss_fn: Callable[[Any], Tensor], batch: Any) -> float:
+def _check_loss(loss_fn: Callable[[Any], Tensor], batch: Any, reduce: Reduce = _local) -> float:
     with torch.no_grad():
-        return float(loss_fn(batch))
+        return float(reduce(loss_fn(batch).detach().clone()))
 
 
 def _armijo(
@@ -227,6 +238,7 @@ def _armijo(
     loss_fn: Callable[[Any], Tensor],
     check_batch: Any,
     config: NewtonCGConfig,
+    reduce: Reduce = _local,
 ) -> tuple[float, float | None]:
     """Backtracking on the check batch from ``w0`` along ``p``.
 
@@ -238,7 +250,7 @@ def _armijo(
     for _ in range(config.max_backtracks):
         with torch.no_grad():  # off the mask, w0 holds zeros (and any frozen entries)
             weight.copy_(torch.where(mask, w0 + alpha * p, w0))
-        f = _check_loss(loss_fn, check_batch)
+        f = _check_loss(loss_fn, check_batch, reduce)
         if f <= f0 + config.armijo_c * alpha * gp:  # False for NaN
             return alpha, f
         alpha *= config.shrink
@@ -267,6 +279,7 @@ def newton_cg_refit(
     config: NewtonCGConfig | None = None,
     progress: bool = False,
     frozen: Tensor | None = None,
+    reduce: Reduce | None = None,
 ) -> SolveStats:
     """Refit the kept entries of ``weight`` on the fixed ``mask`` by stochastic Newton-CG.
 
@@ -291,7 +304,8 @@ def newton_cg_refit(
     ``loss_fn`` must not keep references to graph tensors between calls, so that each step's
     graph is freed before the line search. ``frozen`` (optional, bool like ``weight``) marks
     entries that are neither refit nor zeroed: the rest of a parameter that holds several
-    matrices (attention's k and v rows while q is refit).
+    matrices (attention's k and v rows while q is refit). With ``reduce`` (several processes, see the module
+    docstring) every process must pass the same number of ``batches``.
     """
     config = NewtonCGConfig() if config is None else config
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
@@ -303,8 +317,9 @@ def newton_cg_refit(
     with torch.no_grad():
         weight.copy_(torch.where(keep, weight, torch.zeros_like(weight)))
 
+    reduce = reduce or _local
     stats = SolveStats()
-    stats.check_loss_before = f_check = _check_loss(loss_fn, check_batch)
+    stats.check_loss_before = f_check = _check_loss(loss_fn, check_batch, reduce)
 
     n_batches = len(batches)
     total = config.epochs * n_batches
@@ -324,7 +339,7 @@ def newton_cg_refit(
             stats.epochs += 1
             for index, batch in enumerate(batches):
                 alpha, its, neg, f_new = _newton_step(
-                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check
+                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check, reduce
                 )
                 if f_new is not None:
                     f_check = f_new
@@ -346,7 +361,7 @@ def newton_cg_refit(
         if bar is not None:
             bar.close()
 
-    stats.check_loss_after = _check_loss(loss_fn, check_batch)
+    stats.check_loss_after = _check_loss(loss_fn, check_batch, reduce)
     return stats
 
 
@@ -359,6 +374,7 @@ def _newton_step(
     config: NewtonCGConfig,
     stats: SolveStats,
     f_check: float,
+    reduce: Reduce = _local,
 ) -> tuple[float, int, bool, float | None]:
     """One Newton step on ``batch``; records the batch loss and line-search counters in ``stats``.
 
@@ -366,8 +382,8 @@ def _newton_step(
     and ``new_check_loss is None`` mean ``weight`` was left unchanged.
     """
     loss = loss_fn(batch)
-    stats.losses.append(float(loss.detach()))
-    op = MaskedHVP(loss, weight, mask)
+    stats.losses.append(float(reduce(loss.detach().clone())))
+    op = MaskedHVP(loss, weight, mask, reduce)
     del loss
     g = op.grad
     damping = config.damping
@@ -393,7 +409,7 @@ def _newton_step(
         return 0.0, its, neg, None
 
     w0 = weight.detach().clone()
-    alpha, f_new = _armijo(weight, mask, w0, p, gp, f_check, loss_fn, check_batch, config)
+    alpha, f_new = _armijo(weight, mask, w0, p, gp, f_check, loss_fn, check_batch, config, reduce)
     if f_new is None:
         stats.failed_line_searches += 1
         return 0.0, its, neg, None

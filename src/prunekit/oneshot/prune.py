@@ -8,7 +8,8 @@
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
-including Ctrl-C, the model is restored exactly as it was.
+including Ctrl-C, the model is restored exactly as it was. Under torch.distributed every rank
+feeds its own calibration batches and the statistics are summed (:mod:`.ranks`).
 """
 from __future__ import annotations
 
@@ -23,16 +24,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..allocation import allocate, check_sparsity
+from ..batchnorm import recalibrate_batchnorm
 from ..layer_kinds import LayerKind, kind_of, unit_name
 from ..layer_kinds import known as known_kinds
 from ..patterns import NM, Unstructured, parse_pattern
-from ..targets import find_targets
+from ..targets import HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import model_device, to_device
 from .calibration import collect_batches
+from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
 from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
+from .dead import dead_columns, keep_dead_dense
 from .lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
 from .result import LayerReport, PruneResult
@@ -49,6 +53,7 @@ def __getattr__(name: str) -> tuple:
     raise AttributeError(name)
 
 
+@across_ranks
 def prune(
     model: nn.Module,
     calibration: Iterable[Any] | None = None,
@@ -70,7 +75,10 @@ def prune(
     capture: str = "chain",
     sequential: bool = False,
     strict: bool = False,
+    exact: bool = True,
+    recalibrate_bn: bool = False,
     max_batches: int | None = None,
+    shard_calibration: bool = False,
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
@@ -104,12 +112,28 @@ def prune(
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float64`` by default on the
     CPU, ``float32`` on accelerators (as the SparseGPT reference does).
+
+    ``exact=True`` keeps the requested number of non-zeros in every layer even where an input is
+    zero on all calibration data (SparseGPT and the refits would zero its weights): those weights
+    are chosen on their dense values and kept dense (:mod:`prunekit.oneshot.dead`); each
+    ``LayerReport`` counts the dead columns. ``exact=False`` is the reference behaviour, with the
+    extra zeros reported in the summary.
+
+    ``recalibrate_bn=True`` re-estimates every BatchNorm's running statistics on the
+    calibration batches after pruning (:func:`prunekit.recalibrate_batchnorm`); it needs data.
+
+    Under ``torchrun`` (an initialised default process group, gloo or nccl) every rank calls
+    ``prune`` on the same model with the same arguments and ITS OWN calibration batches; the
+    statistics are summed over the ranks, so every rank ends with the same weights as one
+    process fed all the batches. ``shard_calibration=True`` instead lets every rank pass the
+    same full list and keeps batches ``i`` with ``i % world_size == rank``. Ranks that disagree
+    on the model or the arguments, or one that fails, stop every rank with the same error.
     """
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
         snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
     selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
-                                                     pattern, sparsity, capture)
+                                                     pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
     home = model_device(model)
     run_device = exec_device or home
@@ -118,18 +142,32 @@ def prune(
         raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
                          "and exclude= for layers to keep dense")
-    targets = find_targets(model, types=types, include=include, exclude=exclude, include_head=include_head)
+    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
+    if recalibrate_bn and calibration is None:
+        raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
+                         "pass calibration batches (or recalibrate_bn=False)")
+    calls = collect_batches(calibration, max_batches) if needs_data or recalibrate_bn else []
+    example = _first_batch(calls, calibration)
+    found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
+                     example_inputs=example)
+    targets = found.layers
     _check_include(model, include, targets, types)
     if not targets:
-        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`")
+        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
+                         + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
+    check_plain_weights(targets)
     _check_weights(targets)
-    skipped = _skip_misfits(targets, pattern, strict)
+    skipped = {**found.skipped, **_skip_misfits(targets, pattern, strict)}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     # Each [d_out, d_in] matrix ("unit") of a target is a layer of its own from here on.
     units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
-    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
-    calls = collect_batches(calibration, max_batches) if needs_data else []
+    ranks, n_calls = Ranks.current(), len(calls)
+    if shard_calibration and needs_data:
+        calls = shard(calls, ranks)
+        if not calls:
+            raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
     if isinstance(pattern, NM):
         budgets = {k: pattern.sparsity for k in units}
     else:
@@ -138,17 +176,27 @@ def prune(
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
         del scores
 
+    if ranks.active:
+        args = dict(method=method, refine=refine, method_options=selector.options, pattern=pattern,
+                    refine_options=refit.options if refit else None, sparsity=sparsity, budget=budget, cap=cap,
+                    overrides=overrides, include=include, exclude=exclude, include_head=include_head, types=types,
+                    blocks=blocks, capture=capture, sequential=sequential, strict=strict, max_batches=max_batches,
+                    device=run_device.type, stats_dtype=precision, shard_calibration=shard_calibration,
+                    batches_before_sharding=n_calls if shard_calibration else None, skipped=skipped, exact=exact,
+                    recalibrate_bn=recalibrate_bn)
+        ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
-                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""))
+                         skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
+                         exact=exact, processes=ranks.world if needs_data else 1)
     job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
-    job.home, job.device, job.dtype = home, run_device, precision
+    job.home, job.device, job.dtype, job.exact, job.ranks = home, run_device, precision, exact, ranks
     # Only the parameters the layer kinds write ever change: they are all the restore point needs.
     snapshot = [(p, p.detach().clone()) for m in targets.values() for p in kind_of(m).parameters(m).values()]
     was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     start = time.perf_counter()
     bar = tqdm(total=len(units), desc=f"prune {method}" + (f"+{refine}" if refine else ""), unit="layer",
-               disable=(not progress) if progress is not None else None, leave=False)
+               disable=True if ranks.rank else (not progress) if progress is not None else None, leave=False)
     job.bar = bar
     job.show_progress = not bar.disable
     tracker = peak_memory_tracker(run_device)
@@ -162,6 +210,13 @@ def prune(
         else:
             for key in units:
                 job.prune_layer(key, None)
+        # a cheap last check that every rank wrote the very same weights
+        ranks.same("the pruned weights", {f"layer {n}.{p}": checksum(w) for n, m in targets.items()
+                                          for p, w in kind_of(m).parameters(m).items()}, error=RuntimeError,
+                   hint="the statistics were summed, so the ranks computed differently (different libraries, "
+                        "thread counts or devices?)")
+        if recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
+            result.bn_batches = recalibrate_batchnorm(model, [_first_batch([c], None) for c in calls])
     except BaseException as exc:
         with torch.no_grad():
             for param, saved in snapshot:
@@ -174,6 +229,7 @@ def prune(
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     result.seconds = time.perf_counter() - start
+    _warn_skipped(result.skipped)
     result.peak_device_mib = tracker()
     return result
 
@@ -193,6 +249,8 @@ class _Job:
         self.target_ids = {id(m) for m in targets.values()}
         self.home = self.device = torch.device("cpu")
         self.dtype = torch.float64
+        self.exact = True
+        self.ranks = Ranks()
         self.bar = None
         self.show_progress = False
 
@@ -229,12 +287,14 @@ class _Job:
 
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
-        for name in uncalled:  # e.g. a Linear used functionally by its parent
+        self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
+        for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:
                 self.bar.update(len(kind_of(layers[name]).units(layers[name])))
         if not self.sequential:
-            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype)
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype,
+                                 ranks=self.ranks)
             for name in order:
                 for unit in kind_of(layers[name]).units(layers[name]):
                     self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)))
@@ -245,12 +305,13 @@ class _Job:
         # Each forward also stops once the group's layers have run, when every layer runs once.
         # A module's later stages (attention's out_proj after q, k, v) get passes of their own.
         groups, once = shared_input_groups(block, layers, order, *inputs[0])
+        self.ranks.same("the layers a block calls", {"groups": groups, "once": once})
         for group in groups:
             for name in group:
                 dense[name] = {p: t.detach().clone() for p, t in kind_of(layers[name]).parameters(layers[name]).items()}
             for stage in _stages(layers, group):
                 stats = gather_stats(block, inputs, {n: layers[n] for n in stage}, units=stage, dense_weights=dense,
-                                     all_layers=layers, stop_early=once, dtype=self.dtype)
+                                     all_layers=layers, stop_early=once, dtype=self.dtype, ranks=self.ranks)
                 for name, names in stage.items():
                     for unit in names:
                         self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)), inputs=inputs,
@@ -266,7 +327,7 @@ class _Job:
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
         problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.selector,
-                               self._context(layer, kind, unit, ctx) if ctx else None)
+                               self._context(layer, kind, unit, ctx) if ctx else None, exact=self.exact)
         chosen = _checked(self.selector.select(problem), w0, self.selector)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
@@ -278,12 +339,18 @@ class _Job:
             notes.append(refitted.note)
             if refitted.lookahead is not None:
                 report.lookahead_before, report.lookahead_after = refitted.lookahead
+        dead = dead_columns(stats)
+        if dead is not None:
+            report.dead_columns = int(dead.sum())
+            if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
+                w = keep_dead_dense(w, w0, mask, dead)
         self._write(layer, kind, unit, w, mask)
         if self.refit is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
         written = kind.matrix(layer, unit)
         report.sparsity = float((written == 0).sum()) / written.numel()
+        report.extra_zeros = int((written[mask.to(written.device)] == 0).sum())
         report.seconds = time.perf_counter() - t0
         # The promise, checked as each layer is written (later layers never touch this one), so
         # no mask is kept and memory does not grow with the number of layers.
@@ -303,7 +370,7 @@ class _Job:
             write=lambda w, mask: self._write(layer, kind, unit, w, mask),
             read=lambda: kind.matrix(layer, unit).to(dtype=self.dtype, copy=True),
             weight_mask=lambda mask: kind.weight_mask(layer, mask, unit),
-            progress=self.show_progress,
+            progress=self.show_progress, ranks=self.ranks,
             parameter=param,
             frozen=None if bool(inside.all()) else ~inside,
         )
@@ -369,7 +436,8 @@ def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Updat
     return update
 
 
-def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture):
+def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture, exact=True,
+                recalibrate_bn=False):
     """The selector and refit instances (options validated), the pattern and the sparsity."""
     if refine in ("none", "null"):
         refine = None
@@ -378,6 +446,10 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if refine is None and refine_options:
         raise ValueError(f"refine_options were given without refine; pass refine= one of "
                          f"{', '.join(registry.names('refit'))} (or drop them)")
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be True or False, got {exact!r}")
+    if not isinstance(recalibrate_bn, bool):
+        raise TypeError(f"recalibrate_bn must be True or False, got {recalibrate_bn!r}")
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
@@ -415,6 +487,25 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
                              "which types= leaves out; add its type to types=")
 
 
+def _first_batch(calls, calibration) -> Any:
+    """One calibration batch, to find the head by a forward (None without data)."""
+    if calls:
+        args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
+        return kwargs if kwargs else args
+    if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
+        return None
+    return next(iter(calibration), None)
+
+
+def _warn_skipped(skipped: Mapping[str, str]) -> None:
+    """One warning for every layer left dense other than the head (which the summary lists)."""
+    left = {n: why for n, why in skipped.items() if why != HEAD_REASON}
+    if left:
+        shown = "; ".join(f"{n!r}: {why}" for n, why in list(left.items())[:8])
+        more = f"; and {len(left) - 8} more (see result.summary())" if len(left) > 8 else ""
+        warnings.warn(f"prunekit left {len(left)} layer{'s' if len(left) > 1 else ''} dense: {shown}{more}")
+
+
 def _check_weights(targets) -> None:
     for name, module in targets.items():
         for weight in kind_of(module).parameters(module).values():
@@ -436,7 +527,6 @@ def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
             if strict:
                 raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
                                  f"exclude it (exclude={name!r}) or pass strict=False to skip it")
-            warnings.warn(f"skipping layer {name!r}: {why}")
             skipped[name] = why
             del targets[name]
     return skipped

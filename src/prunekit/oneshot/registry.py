@@ -50,7 +50,8 @@ class NoOptions:
 class LayerContext:
     """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
     the model, the blocks from this one to the end, the block's stored inputs, the block's
-    pruned layers with their dense weights, and how to read and write the layer's matrix."""
+    pruned layers with their dense weights, how to read and write the layer's matrix, and the
+    processes calibrating together (``ranks``, :mod:`prunekit.oneshot.ranks`; None: this one)."""
 
     model: nn.Module
     layer: nn.Module
@@ -67,6 +68,7 @@ class LayerContext:
     #: none; e.g. the k and v rows of attention's ``in_proj_weight`` while q is refit)
     parameter: nn.Parameter | None = None
     frozen: torch.Tensor | None = None
+    ranks: Any = None
 
 
 @dataclass
@@ -74,7 +76,8 @@ class LayerProblem:
     """One layer as every method sees it: ``weight`` is the dense ``[d_out, d_in]`` matrix (a
     copy, on the execution device, in the statistics precision: float64 on the CPU, float32 on
     accelerators unless ``stats_dtype`` says otherwise; solvers work in its dtype), ``stats`` the
-    statistics the methods asked for (None without data)."""
+    statistics the methods asked for (None without data); ``exact``: a method must not zero the
+    kept weights of dead inputs (:mod:`prunekit.oneshot.dead`)."""
 
     name: str
     weight: torch.Tensor
@@ -83,6 +86,8 @@ class LayerProblem:
     stats: LayerStats | None
     selector: "Selector"
     context: LayerContext | None = None
+    #: keep the requested count of non-zeros: weights of dead inputs stay dense where kept
+    exact: bool = True
 
 
 @dataclass

@@ -18,6 +18,10 @@ class LayerReport:
     lookahead_after: float | None = None
     seconds: float = 0.0
     note: str = ""
+    #: input columns zero on all calibration data (None without data)
+    dead_columns: int | None = None
+    #: weights the support keeps that are zero anyway (dead inputs with ``exact=False``)
+    extra_zeros: int = 0
 
 
 @dataclass
@@ -36,6 +40,12 @@ class PruneResult:
     device: str = "cpu"
     stats_dtype: str = "float64"
     peak_device_mib: float | None = None
+    #: whether every layer was held to its requested count (``prune(exact=...)``)
+    exact: bool = True
+    #: calibration batches BatchNorm statistics were re-estimated on (``recalibrate_bn``; None: not)
+    bn_batches: int | None = None
+    #: how many processes (torch.distributed ranks) fed calibration batches, statistics summed
+    processes: int = 1
 
     @property
     def sparsity(self) -> float:
@@ -56,14 +66,31 @@ class PruneResult:
             shape = "x".join(map(str, r.shape))
             lines.append(
                 f"{r.name[-40:]:<40} {shape:<18} {100 * r.sparsity:>7.2f}% {_fmt(r.error_selected):>10} "
-                f"{_fmt(r.error_refined):>10} {r.seconds:>7.2f}"
+                f"{_fmt(r.error_refined):>10} {r.seconds:>7.2f}" + _dead_note(r)
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[-40:]:<40} skipped: {why}")
         peak = f", peak {self.peak_device_mib:.0f} MiB on {self.device}" if self.peak_device_mib is not None else ""
+        extra = sum(r.extra_zeros for r in self.layers)
+        if extra:
+            lines.append(f"{extra} weights kept by the support are zero beyond the requested count (dead inputs "
+                         f"zeroed with exact=False, or zero already); exact=True keeps dead inputs' weights dense")
+        if self.bn_batches == 0:
+            lines.append("recalibrate_bn: the model has no BatchNorm layer; nothing re-estimated")
+        elif self.bn_batches is not None:
+            lines.append(f"BatchNorm running statistics re-estimated on {self.bn_batches} calibration batches")
+        peak += f", calibrated over {self.processes} processes" if self.processes > 1 else ""
         lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
                      f" ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
+
+
+def _dead_note(r: LayerReport) -> str:
+    """The dead input columns, and the zeros they added beyond the requested count."""
+    notes = [f"{r.dead_columns} dead input columns"] if r.dead_columns else []
+    if r.extra_zeros:
+        notes.append(f"{r.extra_zeros} extra zeros")
+    return "  (" + ", ".join(notes) + ")" if notes else ""
 
 
 def _numel(shape: tuple[int, ...]) -> int:

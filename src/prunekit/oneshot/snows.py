@@ -8,6 +8,11 @@ and D, the same modules with the block's pruned layers given back their dense we
 2411.18376). It is minimised on the fixed support by Newton-CG
 (:mod:`prunekit.oneshot.newton_cg`). Which operations are measured is the user's choice
 (:func:`measured_rule`); the default is :func:`is_measured`.
+
+With several processes (torch.distributed, :mod:`prunekit.oneshot.ranks`) the i-th Newton step
+uses every rank's i-th batch and the line search every rank's held-out batch: each rank's loss
+is weighted by its share of the step's elements and the solver sums gradients, Hessian-vector
+products and losses, so the ranks solve one problem on all the data.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .blocks import StopForward, run_chain, swapped_weights
 from .newton_cg import NewtonCGConfig, SolveStats, newton_cg_refit
+from .ranks import Ranks
 
 ACTIVATION_TYPES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
@@ -174,25 +180,52 @@ def snows_refit(
     progress: bool = False,
     param: nn.Parameter | None = None,
     frozen: torch.Tensor | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[SolveStats, float, float]:
     """Refit ``param`` (default ``layer.weight``) on ``mask`` in place against the
     ``k``-operation lookahead loss, leaving its ``frozen`` entries as they are; returns (solver
     stats, check loss before, after). The last stored batch is held out for the line search
-    (when there are several)."""
+    (when there are several); with ``ranks``, one per rank."""
     weight = layer.weight if param is None else param
     objective = Lookahead(chain, layer, k, targets, block_layers, dense_weights, measured_by)
     try:
         newton = list(range(len(inputs) - 1)) if len(inputs) > 1 else [0]
         check = len(inputs) - 1
         check_targets = objective.dense_tensors(*inputs[check])
+        steps, shares = list(range(len(newton))), None
+        if ranks is not None and ranks.active:
+            steps, shares = _shares(ranks, [inputs[i] for i in newton], inputs[check])
 
         def loss_fn(i: int) -> torch.Tensor:
-            return objective.loss(*inputs[i], targets=check_targets if i == check else None)
+            if i >= len(newton):  # this rank has no batch for a step the others take
+                return weight.sum() * 0.0
+            at = check if i == -1 else newton[i]
+            loss = objective.loss(*inputs[at], targets=check_targets if at == check else None)
+            return loss if shares is None else loss * shares[i]
 
         # The math attention kernel is built from differentiable ops, so it has the double
         # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
         with only_grad_for(model, weight), sdpa_kernel([SDPBackend.MATH]):
-            stats = newton_cg_refit(weight, mask, loss_fn, newton, check, solver, progress=progress, frozen=frozen)
+            stats = newton_cg_refit(weight, mask, loss_fn, steps, -1, solver, progress=progress, frozen=frozen,
+                                    reduce=ranks.reduce if shares is not None else None)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:
         objective.close()
+
+
+def _shares(ranks: Ranks, newton: list[tuple[tuple, dict]], check: tuple[tuple, dict]) -> tuple[list[int], list[float]]:
+    """The global Newton steps (as many as the rank with the most batches has) and this rank's
+    weight in each step's loss and in the check loss (last): its share of the elements of the
+    block inputs, so the weighted sum of per-rank means is the mean over all ranks' batches."""
+    steps = ranks.max(len(newton))
+    sizes = [_elements(call) for call in newton] + [0.0] * (steps - len(newton)) + [_elements(check)]
+    mine = torch.tensor(sizes, dtype=torch.float64, device=ranks.device)
+    total = mine.clone()
+    ranks.sum(total)
+    return list(range(steps)), (mine / total.clamp_min(1.0)).tolist()
+
+
+def _elements(call: tuple[tuple, dict]) -> float:
+    args, kwargs = call
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return float(first.numel()) if isinstance(first, torch.Tensor) else 1.0

@@ -43,7 +43,7 @@ class SparseGPTResult:
     """Output of :func:`sparsegpt`.
 
     ``weight``: updated ``[d_out, d_in]`` matrix in the input dtype, exactly 0 off ``mask``
-    (dead input columns are also 0, even where ``mask`` keeps them).
+    (dead input columns are also 0, even where ``mask`` keeps them, unless ``dead_inputs="keep"``).
     ``mask``: bool keep-mask (True = weight survives) with the exact pruned counts.
     ``error``: ``sum(e^2) / 2`` over all OBS steps, which equals
     ``0.5 * tr(dW (H + lambda I) dW^T)`` for the (damped) Hessian as given, ``dW = W' - W``
@@ -144,6 +144,7 @@ def sparsegpt(
     damp: float = 0.01,
     mask: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    dead_inputs: str = "zero",
 ) -> SparseGPTResult:
     """Prune one layer with SparseGPT and return the updated weight and keep-mask.
 
@@ -153,6 +154,10 @@ def sparsegpt(
     ``block_size`` columns); ignored for :class:`NM`, where every row keeps exactly ``N`` of each
     ``M`` consecutive columns. ``mask`` (bool, True = keep): skip the selection, keep this support
     and apply only the OBS updates (``pattern``/``sparsity`` are then not used).
+    ``dead_inputs``: what happens to the weights of input columns that are zero in every sample
+    (``diag H == 0``): ``"zero"`` (the reference: set to zero, so pruned first and zero even where
+    kept) or ``"keep"`` (chosen on their dense values, scored as inputs of the mean live energy,
+    and left at their dense values where kept: the layer keeps exactly its requested count).
 
     Cost: one ``d_in^3`` inverse-Cholesky plus ``O(d_out * d_in * block_size)`` for the in-block
     updates and ``O(d_out * d_in^2)`` for the lazy batch updates. Works in ``dtype``
@@ -168,6 +173,8 @@ def sparsegpt(
         raise ValueError(f"block_size must be positive, got {block_size}")
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
+    if dead_inputs not in ("zero", "keep"):
+        raise ValueError(f"dead_inputs must be 'zero' or 'keep', got {dead_inputs!r}")
     if mask is not None:
         if tuple(mask.shape) != (d_out, d_in):
             raise ValueError(f"mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
@@ -195,8 +202,13 @@ def sparsegpt(
     if not bool(torch.isfinite(H).all()):
         raise ValueError("sparsegpt: the Hessian contains NaN or Inf")
     dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    keep_dead = dead_inputs == "keep" and bool(dead.any())
+    if keep_dead:  # scored as inputs of the mean live energy; their weights stay dense if kept
+        live = torch.diagonal(H)[~dead]
+        H[dead, dead] = live.mean() if live.numel() else 1.0
+    else:
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
 
     selecting = mask is None
     if selecting and isinstance(pattern, Unstructured) and int(round(sparsity * d_out * d_in)) == 0:
@@ -243,6 +255,7 @@ def sparsegpt(
             err_sq += E1.square().sum()
             if e < d_in:
                 W[:, e:] -= E1 @ U[a:e, e:]  # lazy batch update
-    W[:, dead] = 0.0
+    if not keep_dead:
+        W[:, dead] = 0.0
     W[~keep] = 0.0
     return SparseGPTResult(W.to(weight.dtype), keep, float(err_sq) / 2.0, damp_used, retries)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layer_kinds import kind_of, unit_name
 from .blocks import StopForward, swapped_weights
+from .ranks import Ranks
 
 
 @dataclass
@@ -119,6 +120,7 @@ def gather_stats(
     stop_early: bool = False,
     dtype: torch.dtype = torch.float64,
     units: Mapping[str, Sequence[str]] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, LayerStats]:
     """Statistics of ``layers`` over all stored block inputs, keyed by unit name
     (:func:`prunekit.layer_kinds.unit_name`: the module's name for a single-matrix layer);
@@ -127,7 +129,8 @@ def gather_stats(
 
     With ``dense_weights`` (original weights of the block's already-pruned layers, keyed by
     name in ``all_layers``: a tensor for ``weight``, or ``{parameter name: tensor}``), each batch is also run through the dense block to get the target
-    inputs ``X_t`` and the cross term ``C``. Sums are kept in ``dtype``.
+    inputs ``X_t`` and the cross term ``C``. Sums are kept in ``dtype``, and summed over
+    ``ranks`` when several processes calibrate together.
     """
     units = {n: tuple(units[n]) if units is not None else kind_of(m).units(m) for n, m in layers.items()}
     stats = {unit_name(n, u): LayerStats(dtype=dtype) for n in layers for u in units[n]}
@@ -145,4 +148,26 @@ def gather_stats(
                 stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h)
     finally:
         catcher.close()
+    if ranks is not None and ranks.active:
+        sum_over_ranks(stats, layers, ranks, want_h=want_h, dense=dense_weights is not None)
     return stats
+
+
+def sum_over_ranks(stats: dict[str, LayerStats], layers: dict[str, nn.Module], ranks: Ranks, *,
+                   want_h: bool, dense: bool) -> None:
+    """Add each layer's sums and counts over the ranks, in place (a rank whose batches never
+    reached a layer contributes zeros)."""
+    tensors = []
+    for name, s in stats.items():
+        d_in = kind_of(layers[name]).matrix(layers[name]).shape[1]
+        device = layers[name].weight.device
+        for field, shape, wanted in (("sq_sum", (d_in,), True), ("h_sum", (d_in, d_in), want_h),
+                                     ("c_sum", (d_in, d_in), dense), ("t_sum", (d_in, d_in), dense)):
+            if wanted and getattr(s, field) is None:
+                setattr(s, field, torch.zeros(shape, dtype=s.dtype, device=device))
+            if wanted:
+                tensors.append(getattr(s, field))
+    counts = torch.tensor([s.count for s in stats.values()], dtype=torch.int64, device=ranks.device)
+    ranks.sum(counts, *tensors)
+    for s, count in zip(stats.values(), counts.tolist()):
+        s.count = count

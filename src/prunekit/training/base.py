@@ -22,18 +22,14 @@ from torch import nn
 from .. import sharding
 from ..allocation import allocate
 from ..masks import MaskSet
-from ..targets import find_targets
+from ..targets import check_plain_weights, find_targets
+from ..targets import unwrap
 from .shadow import shadow_weight, unshadow
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DistributedDataParallel / DataParallel wrapper."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequence[str] | None) -> "OrderedDict[str, nn.Module]":
     """Prunable modules by name: :func:`find_targets` by default, or the given names/modules."""
-    model = unwrap(model)
+    model = unwrap(model)[0]  # DDP and torch.compile: names as in the user's module
     if targets is None:
         out = find_targets(model)
     elif isinstance(targets, Mapping):
@@ -46,6 +42,7 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
         out = OrderedDict((n, modules[n]) for n in targets)
     if not out:
         raise ValueError("no prunable layers found; pass targets=[...] module names")
+    check_plain_weights(out)
     for name, module in out.items():
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise TypeError(f"target {name!r} has no weight parameter")

@@ -95,6 +95,7 @@ class Snows(Refit):
             ctx.model, ctx.chain, ctx.layer, ctx.weight_mask(mask), ctx.inputs, k=opts.k, solver=opts.solver(),
             targets=ctx.targets, block_layers=ctx.block_layers, dense_weights=ctx.dense_weights,
             measured_by=measured_rule(opts.measured), progress=ctx.progress, param=ctx.parameter, frozen=ctx.frozen,
+            ranks=ctx.ranks,
         )
         notes = [f"{solve.failed_line_searches} line searches failed"] if solve.failed_line_searches else []
         if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature

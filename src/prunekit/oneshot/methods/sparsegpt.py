@@ -52,6 +52,7 @@ class SparseGPT(Selector):
     def select(self, problem: LayerProblem) -> Update:
         opts = self.options
         out = sparsegpt(problem.weight, problem.stats.hessian, problem.sparsity, problem.pattern,
-                        block_size=opts.width(problem.pattern), damp=opts.damp, dtype=problem.weight.dtype)
+                        block_size=opts.width(problem.pattern), damp=opts.damp, dtype=problem.weight.dtype,
+                        dead_inputs="keep" if problem.exact else "zero")
         note = f"dampening raised to {out.damp_used:g}" if out.damp_used != opts.damp else ""
         return Update(out.weight, out.mask, note)
