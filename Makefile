@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test fuzz venv check-ct bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-oneshot: $(STAMP)
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm.py --memory
+
+bench-vit-mobilenet: $(STAMP)
+	$(PY) benchmarks/vit_mobilenet.py
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt

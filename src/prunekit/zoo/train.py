@@ -26,10 +26,17 @@ def train_classifier(
     batch_size: int = 128,
     seed: int = 0,
     progress: bool = True,
+    optimizer: str = "sgd",
 ) -> nn.Module:
-    """SGD with momentum and a cosine learning rate; returns the model in eval mode."""
+    """SGD with momentum (or ``optimizer="adamw"``, weight decay 0.05, as transformers are usually
+    trained) and a one-cycle learning rate; returns the model in eval mode."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
