@@ -275,3 +275,13 @@ def test_grouped_statistics_equal_layer_by_layer(monkeypatch):
     prune(alone, calib, sparsity=0.5, method="wanda", refine="lstsq", progress=False)
     for (name, a), b in zip(grouped.state_dict().items(), alone.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_module_of_many_small_units_is_pruned_to_its_exact_count():
+    # 16 depthwise kernels of 9 weights at 50%: 72 of 144 pruned (4 or 5 per kernel), not 4 of every 9
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(512, 4))
+    result = prune(model, [torch.randn(2, 16, 8, 8)], sparsity=0.5, method="sparsegpt", progress=False)
+    per_kernel = (model[0].weight == 0).flatten(1).sum(1)
+    assert int(per_kernel.sum()) == 72 and set(per_kernel.tolist()) == {4, 5}
+    assert result.sparsity == 0.5

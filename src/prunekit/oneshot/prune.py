@@ -183,6 +183,7 @@ def prune(
         # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
         scores = {k: _unit_scores(n, u, budget == "global", targets, storage) for k, (n, u) in units.items()}
         budgets = allocate(scores, sparsity, budget, cap=cap, overrides=overrides)
+        budgets = _spread_within_modules(budgets, units, {k: t.numel() for k, t in scores.items()})
         del scores
 
     if ranks.active:
@@ -415,6 +416,28 @@ def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tu
     out = [{n: st[0] for n, st in stages.items()}]
     for i in range(1, max(len(st) for st in stages.values())):
         out.append({n: st[i] for n, st in stages.items() if i < len(st)})
+    return out
+
+
+def _spread_within_modules(budgets: dict[str, float], units, sizes: Mapping[str, int]) -> dict[str, float]:
+    """Per-unit sparsities under which each module's units prune exactly ``round(s * n)`` of the
+    module's ``n`` weights together when they share one sparsity ``s``: the remainder of each
+    unit's ``s * n_u`` is spread by largest remainder (ties in unit order), so a depthwise conv of
+    1x9 kernels at 50% is 50% sparse, not 4/9 everywhere."""
+    by_module: dict[str, list[str]] = {}
+    for key, (name, _) in units.items():
+        by_module.setdefault(name, []).append(key)
+    out = dict(budgets)
+    for keys in by_module.values():
+        s = budgets[keys[0]]
+        if len(keys) < 2 or any(budgets[k] != s for k in keys):
+            continue
+        exact = {k: s * sizes[k] for k in keys}
+        counts = {k: math.floor(v) for k, v in exact.items()}
+        left = round(s * sum(sizes[k] for k in keys)) - sum(counts.values())
+        for k in sorted(keys, key=lambda k: (-(exact[k] - counts[k]), keys.index(k)))[:max(left, 0)]:
+            counts[k] += 1
+        out.update({k: counts[k] / sizes[k] for k in keys})
     return out
 
 
