@@ -46,21 +46,37 @@ class LayerStats:
     def cross(self) -> torch.Tensor | None:
         return None if self.c_sum is None else self.c_sum / max(self.count, 1)
 
-    def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool) -> None:
+    def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool,
+            shared: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
+        """Add one batch of input rows ``xs`` (and target rows ``xt``). ``shared`` memoises the
+        batch's products by the rows' storage, so layers reading one input (q/k/v, gate/up)
+        compute ``X^T X`` once."""
         # Each batch's products run in the activations' precision (fast fp32 BLAS, or fp32 for
         # half-precision activations); the sums over batches are kept in ``self.dtype``.
         xs = xs.detach()
-        if xs.dtype in (torch.float16, torch.bfloat16):
-            xs = xs.float()
-        if not torch.isfinite(xs).all():
-            raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
+        key = (xs.data_ptr(), tuple(xs.shape), xs.stride(), xs.dtype, xs.device, want_h)
+        if shared is not None and key in shared:
+            sq, h = shared[key]
+        else:
+            if xs.dtype in (torch.float16, torch.bfloat16):
+                xs = xs.float()
+            sq = (xs * xs).sum(0)
+            # a NaN or Inf in any row makes its column's sum of squares NaN or Inf: checking the
+            # sums spares a pass over the activations
+            if not torch.isfinite(sq).all():
+                raise ValueError("non-finite activations reached a prunable layer (or their squares overflow "
+                                 f"{str(xs.dtype).replace('torch.', '')}); check the model and calibration data")
+            h = xs.T @ xs if want_h else None
+            if shared is not None:
+                shared[key] = (sq, h)
         self.count += xs.shape[0]
-        sq = (xs * xs).sum(0).to(self.dtype)
+        sq = sq.to(self.dtype)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         if want_h:
-            h = (xs.T @ xs).to(self.dtype)
+            h = h.to(self.dtype)
             self.h_sum = h if self.h_sum is None else self.h_sum + h
         if xt is not None:
+            xs = xs.float() if xs.dtype in (torch.float16, torch.bfloat16) else xs
             xt = xt.detach().to(xs.dtype)
             c, t = (xs.T @ xt).to(self.dtype), (xt.T @ xt).to(self.dtype)
             self.c_sum = c if self.c_sum is None else self.c_sum + c
@@ -97,7 +113,7 @@ class _Catcher:
             pass
 
     def take(self) -> dict[str, torch.Tensor]:
-        out = {n: torch.cat(r) for n, r in self.rows.items() if r}
+        out = {n: r[0] if len(r) == 1 else torch.cat(r) for n, r in self.rows.items() if r}
         for r in self.rows.values():
             r.clear()
         return out
@@ -141,8 +157,10 @@ def gather_stats(
                 with swapped_weights(all_layers or layers, dense_weights):
                     catcher.run(block, args, kwargs)
                 xt = catcher.take()
+            shared: dict = {}
             for n, rows in xs.items():
-                stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h)
+                stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h, shared)
+            del shared
     finally:
         catcher.close()
     return stats
