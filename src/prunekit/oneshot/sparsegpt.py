@@ -101,6 +101,20 @@ def block_prune_counts(d_out: int, d_in: int, sparsity: float, block_size: int) 
     return counts
 
 
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`prunekit.patterns.topk_keep` of a 1-D tensor (ties: lower index kept) by selection
+    (``kthvalue``) instead of a full sort."""
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest score
+    if not bool(torch.isfinite(threshold)):
+        return topk_keep(scores, k)
+    keep = scores > threshold
+    tied = scores == threshold
+    return keep | (tied & (tied.cumsum(0) <= k - int(keep.sum())))
+
+
 def _inner_width(pattern: Unstructured | NM | None) -> int:
     """Columns updated one by one before a matrix product catches the rest of the block up:
     16, or the multiple of M nearest above it under N:M (groups never straddle chunks)."""
@@ -236,7 +250,7 @@ def sparsegpt(
                 keep1 = mask[:, a:e].clone()
             elif counts is not None:  # unstructured: adaptive selection over the whole block
                 scores = (W1.square() / diag.square()).reshape(-1)
-                keep1 = topk_keep(scores, d_out * width - counts[b]).view(d_out, width)
+                keep1 = _keep_top(scores, d_out * width - counts[b]).view(d_out, width)
             else:
                 keep1 = torch.zeros(d_out, width, dtype=torch.bool, device=weight.device)
             nm = selecting and isinstance(pattern, NM)
