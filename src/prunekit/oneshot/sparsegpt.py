@@ -101,6 +101,27 @@ def block_prune_counts(d_out: int, d_in: int, sparsity: float, block_size: int) 
     return counts
 
 
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`prunekit.patterns.topk_keep` of a 1-D tensor (ties: lower index kept) by selection
+    (``kthvalue``) instead of a full sort."""
+    n = scores.numel()
+    if k <= 0 or k >= n:
+        return torch.full_like(scores, k > 0, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest score
+    if not bool(torch.isfinite(threshold)):
+        return topk_keep(scores, k)
+    keep = scores > threshold
+    tied = scores == threshold
+    return keep | (tied & (tied.cumsum(0) <= k - int(keep.sum())))
+
+
+def _inner_width(pattern: Unstructured | NM | None) -> int:
+    """Columns updated one by one before a matrix product catches the rest of the block up:
+    16, or the multiple of M nearest above it under N:M (groups never straddle chunks)."""
+    m = pattern.m if isinstance(pattern, NM) else 1
+    return m * max(1, -(-16 // m))
+
+
 def _upper_inverse_cholesky(
     h: torch.Tensor, damp: float
 ) -> tuple[torch.Tensor, float, int]:
@@ -229,6 +250,7 @@ def sparsegpt(
             else None
         )
         err_sq = torch.zeros((), dtype=work, device=weight.device)
+        step = _inner_width(pattern if selecting else None)
         for b, a in enumerate(range(0, d_in, block_size)):
             e = min(a + block_size, d_in)
             width = e - a
@@ -236,28 +258,38 @@ def sparsegpt(
             U1 = U[a:e, a:e]
             diag = torch.diagonal(U1)
             E1 = torch.zeros_like(W1)
+            # scale[r, i] = 1 / U[i, i] where entry (r, i) is pruned, else 0: the OBS error of
+            # column i is then W1[:, i] * scale[:, i] (zero on kept entries).
+            scale = torch.zeros_like(W1)
             if not selecting:
                 keep1 = mask[:, a:e].clone()
             elif counts is not None:  # unstructured: adaptive selection over the whole block
                 scores = (W1.square() / diag.square()).reshape(-1)
-                keep1 = topk_keep(scores, d_out * width - counts[b]).view(d_out, width)
+                keep1 = _keep_top(scores, d_out * width - counts[b]).view(d_out, width)
             else:
                 keep1 = torch.zeros(d_out, width, dtype=torch.bool, device=weight.device)
-            for i in range(width):
-                if selecting and isinstance(pattern, NM) and i % pattern.m == 0:
-                    grp = W1[:, i : i + pattern.m].square() / diag[i : i + pattern.m].square()
-                    keep1[:, i : i + pattern.m] = topk_keep(grp, pattern.n)
-                w = W1[:, i]
-                q = torch.where(keep1[:, i], w, torch.zeros_like(w))
-                err = (w - q) / U1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-                W1[:, i] = q  # exact zeros on pruned entries
-                E1[:, i] = err
+            nm = selecting and isinstance(pattern, NM)
+            if not nm:
+                torch.div(~keep1, diag, out=scale)
+            # Columns in chunks of ``step``: rank-1 OBS updates inside a chunk, one matrix
+            # product for the rest of the block after it (the lazy batch of sec. 3, nested).
+            for c in range(0, width, step):
+                ce = min(c + step, width)
+                for i in range(c, ce):
+                    if nm and i % pattern.m == 0:
+                        grp = W1[:, i : i + pattern.m].square() / diag[i : i + pattern.m].square()
+                        keep1[:, i : i + pattern.m] = topk_keep(grp, pattern.n)
+                        torch.div(~keep1[:, i : i + pattern.m], diag[i : i + pattern.m], out=scale[:, i : i + pattern.m])
+                    err = torch.mul(W1[:, i], scale[:, i], out=E1[:, i])
+                    if i + 1 < ce:
+                        W1[:, i + 1 : ce].addr_(err, U1[i, i + 1 : ce], alpha=-1)
+                if ce < width:
+                    W1[:, ce:].addmm_(E1[:, c:ce], U1[c:ce, ce:], alpha=-1)
             W[:, a:e] = W1
             keep[:, a:e] = keep1
             err_sq += E1.square().sum()
             if e < d_in:
-                W[:, e:] -= E1 @ U[a:e, e:]  # lazy batch update
+                W[:, e:].addmm_(E1, U[a:e, e:], alpha=-1)  # lazy batch update
     if not keep_dead:
         W[:, dead] = 0.0
     W[~keep] = 0.0

@@ -47,19 +47,35 @@ class LayerStats:
     def cross(self) -> torch.Tensor | None:
         return None if self.c_sum is None else self.c_sum / max(self.count, 1)
 
-    def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool) -> None:
+    def add(self, xs: torch.Tensor, xt: torch.Tensor | None, want_h: bool,
+            shared: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> None:
+        """Add one batch of input rows ``xs`` (and target rows ``xt``). ``shared`` memoises the
+        batch's products by the rows' storage, so layers reading one input (q/k/v, gate/up)
+        compute ``X^T X`` once."""
         # Each batch's products run in the activations' precision (fast fp32 BLAS, or fp32 for
         # half-precision activations); the sums over batches are kept in ``self.dtype``.
         xs = xs.detach()
-        if xs.dtype in (torch.float16, torch.bfloat16):
-            xs = xs.float()
-        if not torch.isfinite(xs).all():
-            raise ValueError("non-finite activations reached a prunable layer; check the model and calibration data")
+        key = (xs.data_ptr(), tuple(xs.shape), xs.stride(), xs.dtype, xs.device, want_h)
+        if shared is not None and key in shared:
+            sq, h = shared[key]
+        else:
+            if xs.dtype in (torch.float16, torch.bfloat16):
+                xs = xs.float()
+            sq = (xs * xs).sum(0)
+            # a NaN or Inf in any row makes its column's sum of squares NaN or Inf: checking the
+            # sums spares a pass over the activations
+            if not torch.isfinite(sq).all():
+                raise ValueError("non-finite activations reached a prunable layer (or their squares overflow "
+                                 f"{str(xs.dtype).replace('torch.', '')}); check the model and calibration data")
+            h = xs.T @ xs if want_h else None
+            if shared is not None:
+                shared[key] = (sq, h)
         self.count += xs.shape[0]
-        self.sq_sum = _accumulate(self.sq_sum, (xs * xs).sum(0), self.dtype)
+        self.sq_sum = _accumulate(self.sq_sum, sq, self.dtype)
         if want_h:
-            self.h_sum = _accumulate(self.h_sum, xs.T @ xs, self.dtype)
+            self.h_sum = _accumulate(self.h_sum, h, self.dtype)
         if xt is not None:
+            xs = xs.float() if xs.dtype in (torch.float16, torch.bfloat16) else xs
             xt = xt.detach().to(xs.dtype)
             self.c_sum = _accumulate(self.c_sum, xs.T @ xt, self.dtype)
             self.t_sum = _accumulate(self.t_sum, xt.T @ xt, self.dtype)
@@ -67,8 +83,9 @@ class LayerStats:
 
 def _accumulate(total: torch.Tensor | None, part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``total + part`` in ``dtype``, added in place: no second d_in x d_in temporary (for a
-    1536-input layer in float64, two fewer 18 MiB matrices at the peak of a statistics pass)."""
-    return part.to(dtype) if total is None else total.add_(part)
+    1536-input layer in float64, two fewer 18 MiB matrices at the peak of a statistics pass).
+    The first part is copied: it may be shared by layers reading one input (q/k/v)."""
+    return part.to(dtype, copy=True) if total is None else total.add_(part)
 
 
 class _Catcher:
@@ -149,8 +166,10 @@ def gather_stats(
                 with swapped_weights(all_layers or layers, dense_weights):
                     catcher.run(block, args, kwargs)
                 xt = catcher.take()
+            shared: dict = {}
             for n, rows in xs.items():
-                stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h)
+                stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h, shared)
+            del shared
     finally:
         catcher.close()
     if ranks is not None and ranks.active:
