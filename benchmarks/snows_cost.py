@@ -35,6 +35,7 @@ import prunekit as pk
 from prunekit.oneshot import blocks as pk_blocks
 from prunekit.oneshot import newton_cg, snows
 from prunekit.oneshot import prune as pk_prune
+from prunekit.oneshot.methods import snows as snows_method
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -92,16 +93,20 @@ def layer_kind(name: str, module: nn.Module) -> str:
 class Timers:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.undo: list = []
+        self.per_layer: list[dict] = []
+        self.names: dict[int, str] = {}
 
     @contextlib.contextmanager
     def time(self, key: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.seconds[key] += time.perf_counter() - t0
+            self.cpu[key] += time.process_time() - c0
             self.calls[key] += 1
 
     def wrap(self, owner, attr: str, key) -> None:
@@ -120,7 +125,20 @@ class Timers:
         self.wrap(newton_cg.MaskedHVP, "__call__", "HVP (double backward)")
         self.wrap(newton_cg, "conjugate_gradient", "CG (incl. HVPs)")
         self.wrap(newton_cg, "_armijo", "line search (incl. its forwards)")
-        self.wrap(snows, "snows_refit", "snows_refit total")
+        self.wrap(snows_method, "snows_refit", "snows_refit total")
+        original = snows_method.snows_refit  # per-layer log line
+
+        def logged(model, chain, layer, *args, **kwargs):
+            t0, c0, before = time.perf_counter(), time.process_time(), dict(self.calls)
+            out = original(model, chain, layer, *args, **kwargs)
+            counts = {k: self.calls[k] - before.get(k, 0) for k in self.calls if self.calls[k] != before.get(k, 0)}
+            self.per_layer.append({"layer": self.names.get(id(layer), "?"), "wall": time.perf_counter() - t0,
+                                   "cpu": time.process_time() - c0, "calls": counts,
+                                   "before": out[1], "after": out[2]})
+            print(json.dumps(self.per_layer[-1]), flush=True)
+            return out
+        snows_method.snows_refit = logged
+        self.undo.append((snows_method, "snows_refit", original))
         self.wrap(pk_prune, "gather_stats", "statistics (H, C per stage)")
         self.wrap(pk_prune, "capture_inputs", "block input capture")
         self.wrap(pk_prune, "propagate", "block propagate")
@@ -162,15 +180,16 @@ def run(args) -> dict:
     modules = dict(model.named_modules())
     options = json.loads(args.options) if args.options else {}
     timers = Timers()
+    timers.names = {id(m): n for n, m in modules.items()}
     if args.profile:
         timers.install()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         result = pk.prune(model, calib, sparsity=args.sparsity, method="magnitude", refine="snows",
                           refine_options=options, include=args.layers, progress=False)
     finally:
         timers.remove()
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     per_kind: dict[str, dict[str, float]] = defaultdict(lambda: {"layers": 0, "units": 0, "seconds": 0.0})
     layers = []
     for rep in result.layers:
@@ -189,8 +208,8 @@ def run(args) -> dict:
                 row["seconds"] = (row["seconds"] or 0.0) + rep.seconds
     for kind in per_kind:
         per_kind[kind]["layers"] = len({row["name"] for row in layers if row["kind"] == kind})
-    return {"total_seconds": total, "per_kind": dict(per_kind), "layers": layers,
-            "phases": dict(timers.seconds), "phase_calls": dict(timers.calls), "options": options,
+    return {"total_seconds": total, "total_cpu_seconds": cpu, "per_kind": dict(per_kind), "layers": layers,
+            "phases": dict(timers.seconds), "phase_cpu": dict(timers.cpu), "phase_calls": dict(timers.calls), "per_layer": timers.per_layer, "options": options,
             "sparsity_prunable": result.sparsity if hasattr(result, "sparsity") else None}
 
 
@@ -213,7 +232,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
-    print(json.dumps({k: out[k] for k in ("total_seconds", "per_kind", "phases")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("total_seconds", "total_cpu_seconds", "per_kind", "phases", "phase_cpu", "phase_calls")}, indent=1))
 
 
 if __name__ == "__main__":

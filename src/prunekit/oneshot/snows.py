@@ -12,6 +12,7 @@ and D, the same modules with the block's pruned layers given back their dense we
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -145,6 +146,20 @@ class Lookahead:
             h.remove()
 
 
+def _head(call: tuple[tuple, dict], fraction: float) -> tuple[tuple, dict]:
+    """The first ``ceil(fraction * B)`` samples of a block call: every tensor argument whose
+    first dimension is the batch size B of the first argument is cut along it."""
+    args, kwargs = call
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
+    n = max(1, math.ceil(fraction * batch))
+    if batch <= 1 or n >= batch:
+        return args, kwargs
+
+    def cut(value):
+        return value[:n] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
 @contextlib.contextmanager
 def only_grad_for(model: nn.Module, param: nn.Parameter) -> Iterator[None]:
     """Let autograd track ``param`` alone (other parameters frozen, flags restored after)."""
@@ -189,10 +204,16 @@ def snows_refit(
         def loss_fn(i: int) -> torch.Tensor:
             return objective.loss(*inputs[i], targets=check_targets if i == check else None)
 
+        hvp_loss_fn = None
+        if solver.hessian_fraction < 1.0:
+            def hvp_loss_fn(i: int) -> torch.Tensor:
+                return objective.loss(*_head(inputs[i], solver.hessian_fraction))
+
         # The math attention kernel is built from differentiable ops, so it has the double
         # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
         with only_grad_for(model, weight), sdpa_kernel([SDPBackend.MATH]):
-            stats = newton_cg_refit(weight, mask, loss_fn, newton, check, solver, progress=progress, frozen=frozen)
+            stats = newton_cg_refit(weight, mask, loss_fn, newton, check, solver, progress=progress, frozen=frozen,
+                                    hvp_loss_fn=hvp_loss_fn)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:
         objective.close()

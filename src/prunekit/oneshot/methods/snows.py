@@ -57,6 +57,7 @@ class SnowsOptions(NewtonCGConfig):
         check_number(self.armijo_c, "armijo_c", 0.0, 1.0, high_open=True)
         check_number(self.shrink, "shrink", 0.0, 1.0, low_open=True, high_open=True)
         check_number(self.stagnation, "stagnation", 0.0, low_open=True)
+        check_number(self.hessian_fraction, "hessian_fraction", 0.0, 1.0, low_open=True)
         for name in ("relative_tol", "per_group"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
