@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test fuzz venv bench-snows-cost bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ fuzz: $(STAMP)
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
+
+bench-snows-cost: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --profile --out benchmarks/results/snows_cost_run.json
 
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py

@@ -25,8 +25,9 @@ WARM_STARTS = ("auto", "lstsq", "none")
 
 @dataclass
 class SnowsOptions(NewtonCGConfig):
-    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` for CPUs
-    (the SNOWS reference used 3 epochs and up to 500 CG iterations), and: ``k``, measured
+    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` and HVPs on
+    a quarter of each mini-batch (``hessian_fraction=0.25``) for CPUs (the SNOWS reference used 3
+    epochs, up to 500 CG iterations and the whole batch), and: ``k``, measured
     operations after the layer's own output; ``warm_start``: ``"auto"`` (least squares unless
     the selector already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
     ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
@@ -36,6 +37,7 @@ class SnowsOptions(NewtonCGConfig):
 
     epochs: int = 1
     max_cg: int = 20
+    hessian_fraction: float = 0.25
     k: int = 8
     warm_start: str = "auto"
     warm_start_damp: float = 1e-4
