@@ -11,8 +11,8 @@ lookahead forwards with a graph (the Newton loss), without (dense targets, line 
 the gradient (first backward, graph kept), HVPs (double backward), the rest of CG, the line search,
 statistics gathering and block input capture. Per-layer times are grouped by layer kind (stem,
 depthwise, pointwise, linear). ``--layers`` limits the run to some layers (a regex, for a quick
-extrapolation); ``--compare-old`` runs the pre-change settings (``per_group=True``, 20 CG
-iterations, float64 HVPs) on a few layers for the ratio.
+extrapolation); ``--options`` passes ``refine_options`` as JSON, e.g.
+``'{"per_group": true, "hessian_fraction": 1.0}'`` for the settings before this benchmark.
 
 Writes ``benchmarks/results/snows_cost.{json,md}``.
 """
