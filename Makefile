@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
+.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ fuzz: $(STAMP)
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
+
+bench-snows-cost: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --profile --out benchmarks/results/snows_cost_run.json
 
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py

@@ -23,7 +23,7 @@ DATA = [torch.randn(32, 8, generator=torch.Generator().manual_seed(1)) for _ in 
     ({"refine": "snows", "snows": {"k": 1, "max_cg": 3}, "lstsq_damp": 0.5},
      {"refine": "snows", "refine_options": {"k": 1, "max_cg": 3, "warm_start_damp": 0.5}}),
     ({"refine": "snows", "snows": pk.SnowsConfig(k=1, solver=pk.NewtonCGConfig(epochs=1, max_cg=3))},
-     {"refine": "snows", "refine_options": {"k": 1, "max_cg": 3}}),
+     {"refine": "snows", "refine_options": {"k": 1, "max_cg": 3, "hessian_fraction": 1.0}}),  # the solver default
 ])
 def test_old_keywords_warn_and_give_the_same_weights(old, new):
     a, b = _mlp(), _mlp()

@@ -83,7 +83,7 @@ def test_snows_k0_equals_least_squares():
     ls = prune(ls_model, data, sparsity=0.6, method="magnitude", refine="lstsq", refine_options={"damp": 1e-12}, progress=False)
     sn = prune(sn_model, data, sparsity=0.6, method="magnitude", refine="snows", progress=False,
                refine_options={"k": 0, "warm_start": "none", "epochs": 3, "max_cg": 500, "cg_tol": 1e-12,
-                      "damping": 1e-12, "patience": 0})
+                      "damping": 1e-12, "patience": 0, "hessian_fraction": 1.0})
     assert [r.name for r in ls.layers] == ["0", "2", "4"]
     for a, b in zip(ls.layers, sn.layers):
         wa, wb = dict(ls_model.named_modules())[a.name].weight, dict(sn_model.named_modules())[a.name].weight

@@ -18,7 +18,9 @@ from prunekit.oneshot.ranks import Ranks, checksum, describe_value, fingerprint,
 from llama_toys import tiny_llama
 
 WORLD = 2
-SNOWS_TINY = {"k": 2, "max_cg": 4, "epochs": 1, "warm_start": "none"}  # Newton steps that move
+# Newton steps that move; every HVP on whole batches (a hessian_fraction < 1 takes the head of each
+# rank's own batch, so the HVP rows differ from one process's and only the gradients match exactly)
+SNOWS_TINY = {"k": 2, "max_cg": 4, "epochs": 1, "warm_start": "none", "hessian_fraction": 1.0}
 # name -> (model, prune() arguments); CNN ranks pass their own shard, llama ranks the full list
 CASES = {
     "cnn-sparsegpt": ("cnn", {"method": "sparsegpt", "sparsity": 0.5}),
@@ -29,7 +31,7 @@ CASES = {
     "llama-wanda": ("llama", {"method": "wanda", "sparsity": 0.5}),
     "llama-lstsq": ("llama", {"method": "wanda", "refine": "lstsq", "sparsity": 0.5}),
     "llama-snows": ("llama", {"method": "sparsegpt", "refine": "snows", "sparsity": 0.5,
-                              "refine_options": {"k": 1, "max_cg": 3, "epochs": 1}}),
+                              "refine_options": {"k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0}}),
 }
 
 

@@ -45,3 +45,58 @@ def test_the_choice_changes_the_refit():
 def test_a_bad_choice_is_refused():
     with pytest.raises(ValueError, match="measured entries must be nn.Module types or name regexes"):
         pk.prune(_mlp(), [torch.randn(4, 8)], sparsity=0.5, refine="snows", refine_options={"measured": [3]})
+
+
+def _depthwise_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 6, 1)),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 3))
+
+
+def _prune_depthwise(per_group, **options):
+    model = _depthwise_net()
+    data = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calls = []
+    from prunekit.oneshot.methods import snows as method
+    original = method.snows_refit
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["frozen"])
+        return original(*args, **kwargs)
+    method.snows_refit = counted
+    try:
+        result = pk.prune(model, data, sparsity=0.5, method="magnitude", refine="snows", include=r"^2\.0$",
+                          refine_options={"k": 3, "max_cg": 10, "per_group": per_group, "warm_start": "none",
+                                                          "relative_tol": True, **options}, progress=False)
+    finally:
+        method.snows_refit = original
+    return model, result, calls
+
+
+def test_depthwise_groups_are_refit_in_one_solve_nearly_as_well_as_one_by_one():
+    # Per group, 8 solves take 8x the Newton steps; one joint solve lands within 1% of their loss.
+    joint, result, calls = _prune_depthwise(False, epochs=3)
+    each, result_each, calls_each = _prune_depthwise(True, epochs=3)
+    assert len(calls) == 1 and calls[0] is None  # one solve, nothing frozen
+    assert len(calls_each) == 8 and all(f is not None for f in calls_each)
+    assert len(result.layers) == 8  # still one report row per group
+    (before, after), = [(r.lookahead_before, r.lookahead_after) for r in result.layers if r.lookahead_after is not None]
+    assert after < before
+    assert after <= result_each.layers[-1].lookahead_after * 1.01
+    w = joint[2][0].weight
+    assert torch.equal(w == 0, each[2][0].weight == 0)  # the same support
+    assert int((w == 0).sum()) == 36  # half of the 8 kernels' 72 weights (4 or 5 of each kernel's 9)
+    assert torch.equal(joint[0].weight, each[0].weight)  # other layers untouched
+
+
+def test_hessian_fraction_still_lowers_the_lookahead():
+    _, result, _ = _prune_depthwise(False, hessian_fraction=0.25)
+    (before, after), = [(r.lookahead_before, r.lookahead_after) for r in result.layers if r.lookahead_after is not None]
+    assert after < before
+    with pytest.raises(ValueError, match="hessian_fraction"):
+        pk.prune(_depthwise_net(), [torch.randn(2, 3, 8, 8)], sparsity=0.5, refine="snows",
+                 refine_options={"hessian_fraction": 0.0}, progress=False)
+    with pytest.raises(ValueError, match="per_group"):
+        pk.prune(_depthwise_net(), [torch.randn(2, 3, 8, 8)], sparsity=0.5, refine="snows",
+                 refine_options={"per_group": "yes"}, progress=False)

@@ -62,7 +62,11 @@ class NewtonCGConfig:
     ``relative_tol=True`` stops CG when ``||r|| < cg_tol * ||g||`` instead.
     ``max_backtracks`` is the number of Armijo trials: ``alpha = shrink**j`` for
     ``j = 0 .. max_backtracks - 1`` (reference: 50 trials, smallest 0.9**49).
-    The stagnation rule is disabled by ``patience <= 0``.
+    The stagnation rule is disabled by ``patience <= 0``. ``hessian_fraction < 1`` computes the
+    HVPs on that share of each mini-batch (the gradient still on all of it): a subsampled
+    Hessian (Byrd, Chin, Neveitt & Nocedal 2011, "On the use of stochastic Hessian information
+    in optimization methods for machine learning"); it needs ``hvp_loss_fn`` in
+    :func:`newton_cg_refit`.
     """
 
     epochs: int = 3
@@ -76,6 +80,7 @@ class NewtonCGConfig:
     max_steps: int | None = None
     stagnation: float = 0.995
     patience: int = 5
+    hessian_fraction: float = 1.0
 
 
 @dataclass
@@ -280,6 +285,7 @@ def newton_cg_refit(
     progress: bool = False,
     frozen: Tensor | None = None,
     reduce: Reduce | None = None,
+    hvp_loss_fn: Callable[[Any], Tensor] | None = None,
 ) -> SolveStats:
     """Refit the kept entries of ``weight`` on the fixed ``mask`` by stochastic Newton-CG.
 
@@ -305,7 +311,9 @@ def newton_cg_refit(
     graph is freed before the line search. ``frozen`` (optional, bool like ``weight``) marks
     entries that are neither refit nor zeroed: the rest of a parameter that holds several
     matrices (attention's k and v rows while q is refit). With ``reduce`` (several processes, see the module
-    docstring) every process must pass the same number of ``batches``.
+    docstring) every process must pass the same number of ``batches``. ``hvp_loss_fn(batch)`` (optional) is
+    the loss whose Hessian CG uses (e.g. on part of the batch: ``hessian_fraction``); the
+    gradient is always that of ``loss_fn(batch)``.
     """
     config = NewtonCGConfig() if config is None else config
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
@@ -339,7 +347,7 @@ def newton_cg_refit(
             stats.epochs += 1
             for index, batch in enumerate(batches):
                 alpha, its, neg, f_new = _newton_step(
-                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check, reduce
+                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check, reduce, hvp_loss_fn
                 )
                 if f_new is not None:
                     f_check = f_new
@@ -375,6 +383,7 @@ def _newton_step(
     stats: SolveStats,
     f_check: float,
     reduce: Reduce = _local,
+    hvp_loss_fn: Callable[[Any], Tensor] | None = None,
 ) -> tuple[float, int, bool, float | None]:
     """One Newton step on ``batch``; records the batch loss and line-search counters in ``stats``.
 
@@ -383,9 +392,14 @@ def _newton_step(
     """
     loss = loss_fn(batch)
     stats.losses.append(float(reduce(loss.detach().clone())))
-    op = MaskedHVP(loss, weight, mask, reduce)
+    if hvp_loss_fn is None:
+        op = MaskedHVP(loss, weight, mask, reduce)
+        g = op.grad
+    else:  # full-batch gradient (no graph kept), HVPs on the Hessian loss's own graph
+        (grad,) = torch.autograd.grad(loss, weight)
+        g = reduce(grad * _float_mask(mask, weight))
+        op = MaskedHVP(hvp_loss_fn(batch), weight, mask, reduce)
     del loss
-    g = op.grad
     damping = config.damping
 
     def matvec(v: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ products and losses, so the ranks solve one problem on all the data.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -152,6 +153,20 @@ class Lookahead:
             h.remove()
 
 
+def _head(call: tuple[tuple, dict], fraction: float) -> tuple[tuple, dict]:
+    """The first ``ceil(fraction * B)`` samples of a block call: every tensor argument whose
+    first dimension is the batch size B of the first argument is cut along it."""
+    args, kwargs = call
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
+    n = max(1, math.ceil(fraction * batch))
+    if batch <= 1 or n >= batch:
+        return args, kwargs
+
+    def cut(value):
+        return value[:n] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch else value
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
 @contextlib.contextmanager
 def only_grad_for(model: nn.Module, param: nn.Parameter) -> Iterator[None]:
     """Let autograd track ``param`` alone (other parameters frozen, flags restored after)."""
@@ -211,11 +226,19 @@ def _refit(model, chain, layer, mask, inputs, k, solver, targets, block_layers, 
             loss = objective.loss(*inputs[at], targets=check_targets if at == check else None)
             return loss if shares is None else loss * shares[i]
 
+        hvp_loss_fn = None
+        if solver.hessian_fraction < 1.0:
+            def hvp_loss_fn(i: int) -> torch.Tensor:
+                if i >= len(newton):
+                    return weight.sum() * 0.0
+                loss = objective.loss(*_head(inputs[newton[i]], solver.hessian_fraction))
+                return loss if shares is None else loss * shares[i]
+
         # The math attention kernel is built from differentiable ops, so it has the double
         # backward that Hessian-vector products need (the fused CPU/GPU kernels do not).
         with only_grad_for(model, weight), sdpa_kernel([SDPBackend.MATH]):
             stats = newton_cg_refit(weight, mask, loss_fn, steps, -1, solver, progress=progress, frozen=frozen,
-                                    reduce=ranks.reduce if shares is not None else None)
+                                    reduce=ranks.reduce if shares is not None else None, hvp_loss_fn=hvp_loss_fn)
         return stats, stats.check_loss_before, stats.check_loss_after
     finally:
         objective.close()

@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from torch import nn
 
+from ...layer_kinds import kind_of
 from ..lstsq import lstsq_refit
 from ..newton_cg import NewtonCGConfig
 from ..options import check_choice, check_int, check_number
@@ -23,20 +25,24 @@ WARM_STARTS = ("auto", "lstsq", "none")
 
 @dataclass
 class SnowsOptions(NewtonCGConfig):
-    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` for CPUs
-    (the SNOWS reference used 3 epochs and up to 500 CG iterations), and: ``k``, measured
+    """The Newton-CG settings (:class:`NewtonCGConfig`), with ``epochs=1, max_cg=20`` and HVPs on
+    a quarter of each mini-batch (``hessian_fraction=0.25``) for CPUs (the SNOWS reference used 3
+    epochs, up to 500 CG iterations and the whole batch), and: ``k``, measured
     operations after the layer's own output; ``warm_start``: ``"auto"`` (least squares unless
     the selector already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
     ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
     (None: prunable layers, activations and attention; or a predicate ``(name, module) ->
-    bool``; or a list of module types and name regexes)."""
+    bool``; or a list of module types and name regexes); ``per_group``: refit each group of a
+    grouped (depthwise) convolution on its own instead of all groups in one solve."""
 
     epochs: int = 1
     max_cg: int = 20
+    hessian_fraction: float = 0.25
     k: int = 8
     warm_start: str = "auto"
     warm_start_damp: float = 1e-4
     measured: Any = None
+    per_group: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
@@ -53,8 +59,10 @@ class SnowsOptions(NewtonCGConfig):
         check_number(self.armijo_c, "armijo_c", 0.0, 1.0, high_open=True)
         check_number(self.shrink, "shrink", 0.0, 1.0, low_open=True, high_open=True)
         check_number(self.stagnation, "stagnation", 0.0, low_open=True)
-        if not isinstance(self.relative_tol, bool):
-            raise ValueError(f"relative_tol must be true or false, got {self.relative_tol!r}")
+        check_number(self.hessian_fraction, "hessian_fraction", 0.0, 1.0, low_open=True)
+        for name in ("relative_tol", "per_group"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def solver(self) -> NewtonCGConfig:
         return NewtonCGConfig(**{f.name: getattr(self, f.name) for f in fields(NewtonCGConfig)})
@@ -77,12 +85,28 @@ def _check_measured(spec: Any) -> None:
                      f"module types and name regexes, got {spec!r}")
 
 
+def _joint_units(layer: nn.Module, param: nn.Parameter | None) -> int:
+    """How many units of ``layer`` one solve can refit together (1: only its own): the groups of
+    a grouped convolution live in one parameter and are calibrated in one stage, so none of them
+    changes another's statistics and their lookahead loss is one function of the whole weight."""
+    kind = kind_of(layer)
+    units = kind.units(layer)
+    if len(units) < 2 or len(kind.stages(layer)) != 1 or param is None:
+        return 1
+    return len(units) if all(kind.parameter(layer, u) is param for u in units) else 1
+
+
 @register
 class Snows(Refit):
     name = "snows"
     needs = frozenset({"hessian", "dense_target", "sequential"})
     Options = SnowsOptions
     summary = "Newton-CG on a K-operation lookahead loss"
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
+        # keep-masks of the groups of a grouped convolution waiting for their joint solve
+        self._pending: dict[int, list[torch.Tensor]] = {}
 
     def refit(self, problem: LayerProblem, selected: Update) -> Update:
         opts, ctx, s = self.options, problem.context, problem.stats
@@ -91,13 +115,24 @@ class Snows(Refit):
             w = lstsq_refit(problem.weight, mask, s.hessian, s.cross, damp=opts.warm_start_damp,
                             dtype=problem.weight.dtype)
         ctx.write(w, mask)
+        weight_mask, frozen, note = ctx.weight_mask(mask), ctx.frozen, ""
+        n = 1 if opts.per_group else _joint_units(ctx.layer, ctx.parameter)
+        if n > 1:  # one solve for all groups, run when the last one arrives (a depthwise conv: 1 not C)
+            pending = self._pending.setdefault(id(ctx.layer), [])
+            pending.append(weight_mask)
+            if len(pending) < n:
+                return Update(ctx.read(), mask, "refit jointly with the layer's other groups")
+            weight_mask, frozen = torch.stack(self._pending.pop(id(ctx.layer))).any(0), None
+            note = f"one refit for all {n} groups (lookahead losses of the whole layer)"
         solve, before, after = snows_refit(
-            ctx.model, ctx.chain, ctx.layer, ctx.weight_mask(mask), ctx.inputs, k=opts.k, solver=opts.solver(),
+            ctx.model, ctx.chain, ctx.layer, weight_mask, ctx.inputs, k=opts.k, solver=opts.solver(),
             targets=ctx.targets, block_layers=ctx.block_layers, dense_weights=ctx.dense_weights,
-            measured_by=measured_rule(opts.measured), progress=ctx.progress, param=ctx.parameter, frozen=ctx.frozen,
+            measured_by=measured_rule(opts.measured), progress=ctx.progress, param=ctx.parameter, frozen=frozen,
             ranks=ctx.ranks,
         )
-        notes = [f"{solve.failed_line_searches} line searches failed"] if solve.failed_line_searches else []
+        notes = [note] if note else []
+        if solve.failed_line_searches:
+            notes.append(f"{solve.failed_line_searches} line searches failed")
         if solve.negative_curvature:  # CG stopped at a direction of non-positive curvature
             notes.append(f"negative curvature in {solve.negative_curvature} of {solve.steps} CG solves")
         return Update(ctx.read(), mask, "; ".join(notes), (before, after))
