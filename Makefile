@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy clean
+.PHONY: demo test fuzz venv check-ct bench-llm bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench-oneshot: $(STAMP)
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm.py --memory
+
+# In-memory vs accelerate cpu_offload / disk_offload pruning of SmolLM2 (needs the LLM extras).
+bench-offload: $(LLM_STAMP)
+	$(PY) benchmarks/offload.py --rounds 2
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt
