@@ -18,6 +18,9 @@ every round) and the medians are reported:
 * ``peak_growth_mib``: peak resident memory during ``prune()`` above the resident memory of the
   loaded (for the offloaded runs: dispatched) model just before it, read as ``VmHWM`` minus
   ``VmRSS`` from /proc/self/status after resetting ``VmHWM`` (:func:`prunekit.memory.reset_peak`);
+* ``peak_anon_growth_mib``: the same for ``RssAnon`` alone, sampled every 10 ms from a thread: the
+  memory the process allocated, without the memory maps' file-backed pages (which the kernel can
+  drop at any time) that ``VmHWM`` counts while a ``.dat`` file is mapped;
 * ``perplexity`` of the pruned model on the held-out pydoc text (``--eval-sequences`` x 256 tokens);
 * ``weights_sha256``: a checksum of every pruned weight as the model keeps it (an offloaded one read
   from its offload storage): the offloaded runs must equal the in-memory one bit for bit.
@@ -109,6 +112,32 @@ def _timers() -> _Timers:
     return timers
 
 
+class _AnonSampler:
+    """Peak anonymous resident memory (``RssAnon``: the process's own allocations, without the
+    file-backed pages of the ``.dat`` memory maps that ``VmHWM`` also counts), sampled every
+    ``interval`` seconds from a thread; growth above the value when started."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        import threading
+
+        from prunekit.memory import resident_mib
+
+        self.read = lambda: resident_mib("RssAnon")
+        self.base = self.peak = self.read()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self.thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            self.peak = max(self.peak, self.read())
+
+    def growth(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, self.read()) - self.base
+
+
 def _worker(config: str, layers: int | None, threads: int, eval_sequences: int, out: str) -> None:
     """One run: load, dispatch as ``config`` says, prune, checksum, evaluate; the row to ``out``."""
     import accelerate
@@ -137,15 +166,17 @@ def _worker(config: str, layers: int | None, threads: int, eval_sequences: int, 
         reset_peak()
         before = resident_mib("VmRSS")
         timers.on = True
+        anon = _AnonSampler()
         start = time.perf_counter()
         result = pk.prune(model, batches, sparsity=0.5, method="sparsegpt", blocks=decoder_blocks(model),
                           progress=False)
         wall = time.perf_counter() - start
         timers.on = False
+        anon_growth = anon.growth()
         growth = resident_mib("VmHWM") - before
         names = [r.name for r in result.layers]
         row = {"config": config, "prune_s": wall, "result_s": result.seconds,
-               "solve_s": sum(r.seconds for r in result.layers), "peak_growth_mib": growth,
+               "solve_s": sum(r.seconds for r in result.layers), "peak_growth_mib": growth, "peak_anon_growth_mib": anon_growth,
                "rss_before_mib": before, "sparsity": result.sparsity, "pruned_layers": len(names),
                "layers": len(model.model.layers), "threads": threads, "weights_sha256": _checksum(model, names),
                **{f"{k}_s": v for k, v in timers.seconds.items()}}
@@ -175,6 +206,11 @@ def run_config(config: str, args) -> dict:
         return row
 
 
+def _med_or_dash(rows: list[dict], config: str, key: str) -> str:
+    values = [r[key] for r in rows if r["config"] == config and key in r]
+    return f"{statistics.median(values):.0f}" if values else "-"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     def med(config: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["config"] == config)
@@ -188,14 +224,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "fresh process; medians. Peak growth: `VmHWM` minus `VmRSS` during `prune()`, above the loaded "
              "(offloaded runs: dispatched) model, after resetting `VmHWM`. Perplexity on "
              f"{meta['eval_sequences']} x 256 held-out pydoc tokens.", "",
-             "| configuration | prune() s | x in-memory | peak growth MiB | RSS before MiB | perplexity | runs |",
-             "|---|---|---|---|---|---|---|"]
+             "| configuration | prune() s | x in-memory | peak growth MiB (VmHWM) | peak anon growth MiB (sampled) "
+             "| RSS before MiB | perplexity | runs |",
+             "|---|---|---|---|---|---|---|---|"]
     for c in CONFIGS:
         n = sum(r["config"] == c for r in rows)
         if not n:
             continue
         lines.append(f"| {c} | {med(c, 'prune_s'):.1f} | x{med(c, 'prune_s') / base:.2f} | "
-                     f"{med(c, 'peak_growth_mib'):.0f} | {med(c, 'rss_before_mib'):.0f} | "
+                     f"{med(c, 'peak_growth_mib'):.0f} | {_med_or_dash(rows, c, 'peak_anon_growth_mib')} | "
+                     f"{med(c, 'rss_before_mib'):.0f} | "
                      f"{med(c, 'perplexity'):.2f} | {n} |")
     lines += ["", "Where the offloaded runs spend time on the offload itself (medians, seconds inside `prune()`; "
               "wrapped entry points: accelerate's pre/post-forward hooks, which load weights from the storage; "
