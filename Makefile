@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet clean
+.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench-vit-mobilenet: $(STAMP)
 
 bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
+
+# In-memory vs accelerate cpu_offload / disk_offload pruning of SmolLM2 (needs the LLM extras).
+bench-offload: $(LLM_STAMP)
+	$(PY) benchmarks/offload.py --rounds 2
 
 bench-minilm: $(STAMP)
 	$(PY) benchmarks/minilm.py --method sparsegpt

@@ -37,3 +37,20 @@ def test_too_short_text_is_refused():
         perplexity(Uniform(10), torch.arange(10), seq_len=32)
     with pytest.raises(ValueError, match="seq_len"):
         perplexity(Uniform(10), torch.arange(10), seq_len=1)
+
+
+def test_a_model_dispatched_with_accelerate_is_fed_where_it_runs():
+    """cpu_offload leaves every weight on the meta device: the tokens go to the hooks' device."""
+    import os
+    import sys
+
+    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from llama_toys import tiny_llama
+
+    tokens = torch.randint(0, 100, (200,), generator=torch.Generator().manual_seed(0))
+    expected = perplexity(tiny_llama(1), tokens, seq_len=32)
+    model = accelerate.cpu_offload(tiny_llama(1), execution_device="cpu")
+    assert model.lm_head.weight.is_meta
+    assert perplexity(model, tokens, seq_len=32) == pytest.approx(expected, rel=1e-6)

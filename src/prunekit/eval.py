@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .calls import eval_mode, model_device
+from .calls import eval_mode
 
 
 @torch.no_grad()
@@ -14,8 +14,10 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
                max_sequences: int | None = None) -> float:
     """exp(mean next-token negative log-likelihood) over ``tokens`` cut into non-overlapping
     ``seq_len`` sequences (the remainder is dropped). ``model(input_ids=...)`` must return
-    ``.logits`` (Hugging Face causal LMs) or the logits tensor itself."""
+    ``.logits`` (Hugging Face causal LMs) or the logits tensor itself. A model dispatched with
+    accelerate (weights on the meta device) is fed where its hooks execute it."""
     from .llm import check_seq_len
+    from .oneshot.offload import home_device
 
     tokens = torch.as_tensor(tokens).reshape(-1)
     check_seq_len(model, seq_len)
@@ -27,7 +29,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
                          "pass more text or a shorter seq_len")
     seqs = tokens[: n * seq_len].view(n, seq_len)
     total, count = 0.0, 0
-    device = model_device(model)
+    device = home_device(model)
     with eval_mode(model):
         for batch in seqs.split(batch_size):
             batch = batch.to(device)
