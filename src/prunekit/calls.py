@@ -3,7 +3,8 @@
 A batch is a tensor (``model(x)``), a tuple or list (``model(*b)``) or a mapping
 (``model(**b)``), as a ``DataLoader`` or a Hugging Face tokenizer yields them. One-shot
 calibration, reports, loading checks and kernel timing all call models this way, so the helpers
-live here, below all of them, and none of those layers imports another's internals.
+live here, below all of them, and none of those layers imports another's internals. Where a
+model dispatched with accelerate runs (``home_device``) is read here too, without importing accelerate.
 """
 from __future__ import annotations
 
@@ -96,3 +97,23 @@ def forward_until(model: nn.Module, last_block: nn.Module | None, args: tuple, k
     finally:
         if handle is not None:
             handle.remove()
+
+
+def align_hook(module: nn.Module) -> Any | None:
+    """The module's accelerate ``AlignDevicesHook`` (also inside a ``SequentialHook``), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):
+        if h is not None and all(hasattr(h, a) for a in ("offload", "weights_map", "execution_device")):
+            return h
+    return None
+
+
+def home_device(model: nn.Module) -> torch.device:
+    """Where the model's front runs: its first hook's execution device for a dispatched model
+    (its weights may all be on the meta device), else the device of its first parameter."""
+    for m in model.modules():
+        hook = align_hook(m)
+        if hook is not None and hook.execution_device is not None:
+            dev = hook.execution_device
+            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return model_device(model)

@@ -17,7 +17,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, seq_len: int = 256, ba
     ``.logits`` (Hugging Face causal LMs) or the logits tensor itself. A model dispatched with
     accelerate (weights on the meta device) is fed where its hooks execute it."""
     from .llm import check_seq_len
-    from .oneshot.offload import home_device
+    from .calls import home_device
 
     tokens = torch.as_tensor(tokens).reshape(-1)
     check_seq_len(model, seq_len)

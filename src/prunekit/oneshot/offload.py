@@ -19,17 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calls import model_device
+from ..calls import align_hook, home_device, model_device  # noqa: F401 - re-exported
 from ..layer_kinds import kind_of
-
-
-def align_hook(module: nn.Module) -> Any | None:
-    """The module's accelerate ``AlignDevicesHook`` (also inside a ``SequentialHook``), or None."""
-    hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", (hook,)):
-        if h is not None and all(hasattr(h, a) for a in ("offload", "weights_map", "execution_device")):
-            return h
-    return None
 
 
 def _offload_hook(module: nn.Module) -> Any | None:
@@ -40,17 +31,6 @@ def _offload_hook(module: nn.Module) -> Any | None:
 def is_dispatched(model: nn.Module) -> bool:
     """Whether accelerate hooks place any part of ``model``."""
     return any(align_hook(m) is not None for m in model.modules())
-
-
-def home_device(model: nn.Module) -> torch.device:
-    """Where the model's front runs: its first hook's execution device for a dispatched model
-    (its weights may all be on the meta device), else the device of its first parameter."""
-    for m in model.modules():
-        hook = align_hook(m)
-        if hook is not None and hook.execution_device is not None:
-            dev = hook.execution_device
-            return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
-    return model_device(model)
 
 
 class Storage:
