@@ -277,7 +277,7 @@ def test_magnitude_pruner_resumes_from_a_loaded_model(tmp_path):
         resumed.step()
     assert masks.verify(fresh)  # every loaded zero is still zero
     assert any(not torch.equal(fresh.state_dict()[k], loaded[k]) for k in loaded)  # and it trained
-    assert all(torch.equal(resumed.masks[n], masks[n]) for n in masks)
+    assert all(torch.equal(resumed.masks()[n], masks[n]) for n in masks)
 
 
 def test_malformed_metadata_is_refused(saved, tmp_path):

@@ -163,7 +163,7 @@ def run(cfg: dict, resume_at: int | None = None):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
-        masks = {n: m.clone() for n, m in pruner.masks.items()} if cfg["pruner"] == "magnitude" else None
+        masks = {n: m.clone() for n, m in pruner.masks().items()} if cfg["pruner"] == "magnitude" else None
         opt.step()
         if masks is None:
             pruner.step()
@@ -172,7 +172,7 @@ def run(cfg: dict, resume_at: int | None = None):
                 assert not pruner.weights[n][~keep].any(), f"optimizer step {t} regrew pruned weights of {n}"
             s_before = pruner.s_prev
             pruner.step()
-            for n, keep in pruner.masks.items():
+            for n, keep in pruner.masks().items():
                 assert not pruner.weights[n][~keep].any(), f"step {t}: pruned weights of {n} are not zero"
                 if pruner.s_prev >= s_before:  # inside a cycle masks only lose entries
                     assert not (keep & ~masks[n]).any(), f"step {t}: the mask of {n} gained entries inside a cycle"
