@@ -190,9 +190,8 @@ class GaussNewtonHVP:
                  weight: Tensor, mask: Tensor, reduce: Reduce | None = None) -> None:
         self.mask = _float_mask(mask, weight)
         self.weight, self.reduce = weight, reduce or _local
-        kept = [(r, c) for r, c in outputs if r.requires_grad]
-        self._outputs: list[Tensor] | None = [r for r, _ in kept]
-        self._scales = [2.0 * c for _, c in kept]
+        self._outputs: list[Tensor] | None = [r for r, _ in outputs]  # in the order of jvp's results
+        self._scales = [2.0 * c for _, c in outputs]
         self._jvp = jvp
 
     def __call__(self, v: Tensor) -> Tensor:
@@ -203,7 +202,8 @@ class GaussNewtonHVP:
         hv = None
         if self._outputs:
             tangents = self._jvp(v)
-            pairs = [(r, t * c) for r, t, c in zip(self._outputs, tangents, self._scales) if t is not None]
+            pairs = [(r, t * c) for r, t, c in zip(self._outputs, tangents, self._scales)
+                     if t is not None and r.requires_grad]
             if pairs:
                 (hv,) = torch.autograd.grad([r for r, _ in pairs], self.weight, grad_outputs=[t for _, t in pairs],
                                             retain_graph=True, allow_unused=True)
