@@ -153,6 +153,26 @@ def test_gauss_newton_is_the_exact_hessian_on_relu_networks():
             assert torch.count_nonzero(gauss[v == 0]) == 0  # off the support
 
 
+class _TwoBranches(nn.Module):
+    """The refit layer ``a`` and a measured layer ``b`` that does not depend on it (as k_proj after
+    q_proj): its output has no tangent, and the products must still pair each output with its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.c(self.act(a + self.b(x)))
+
+
+def test_gauss_newton_pairs_outputs_with_their_own_tangents():
+    torch.manual_seed(0)
+    model = _TwoBranches()
+    for v, exact, gauss in _products(model, model.a, model.a.weight, torch.randn(16, 8, dtype=torch.float64)):
+        assert (exact - gauss).abs().max() <= 1e-6 * exact.abs().max()
+
+
 def test_gauss_newton_on_attention_is_positive_semidefinite_and_not_the_hessian():
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation="gelu", batch_first=True)
