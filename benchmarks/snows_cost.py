@@ -8,7 +8,8 @@ activations have realistic scales). 128 calibration images, magnitude support at
 
 ``--profile`` wraps the solver's pieces in timers (the library itself carries no timing code):
 lookahead forwards with a graph (the Newton loss), without (dense targets, line search trials),
-the gradient (first backward, graph kept), HVPs (double backward), the rest of CG, the line search,
+the gradient (first backward, graph kept), HVPs (double backward, or with ``"hvp": "gauss_newton"``
+a JVP forward and one backward), the rest of CG, the line search,
 statistics gathering and block input capture. Per-layer times are grouped by layer kind (stem,
 depthwise, pointwise, linear). ``--layers`` limits the run to some layers (a regex, for a quick
 extrapolation); ``--options`` passes ``refine_options`` as JSON, e.g.
@@ -29,6 +30,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 import prunekit as pk
@@ -120,9 +122,11 @@ class Timers:
 
     def install(self) -> None:
         self.wrap(snows.Lookahead, "tensors",
-                  lambda: "lookahead forward (graph)" if torch.is_grad_enabled() else "lookahead forward (no grad)")
+                  lambda: "lookahead forward (JVP, inside the HVP)" if fwAD._current_level >= 0 else
+                  "lookahead forward (graph)" if torch.is_grad_enabled() else "lookahead forward (no grad)")
         self.wrap(newton_cg.MaskedHVP, "__init__", "gradient (backward, graph kept)")
         self.wrap(newton_cg.MaskedHVP, "__call__", "HVP (double backward)")
+        self.wrap(newton_cg.GaussNewtonHVP, "__call__", "HVP (Gauss-Newton: JVP + backward)")
         self.wrap(newton_cg, "conjugate_gradient", "CG (incl. HVPs)")
         self.wrap(newton_cg, "_armijo", "line search (incl. its forwards)")
         self.wrap(snows_method, "snows_refit", "snows_refit total")

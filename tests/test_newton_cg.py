@@ -379,3 +379,70 @@ def test_step_graph_is_freed_before_the_line_search() -> None:
     stats = newton_cg_refit(weight, mask, loss_fn, ["a", "b"], "check", NewtonCGConfig(epochs=1, max_cg=10))
     assert stats.steps == 2 and len(_TaggedIdentity.refs) == 2
     assert alive_at_check and max(alive_at_check) == 0
+
+
+# ------------------------------------------------------------------------------- Gauss-Newton
+
+
+def _gauss_newton_fn(m: "_MLP", w: torch.Tensor):
+    """``batch -> (outputs, jvp)`` for ``m``'s loss (mean over ``n * o`` elements) at weight ``w``."""
+    def outputs(weight, idx):
+        return torch.tanh(m.x[idx] @ weight.T) @ m.w2.T
+
+    def fn(idx):
+        out = outputs(w, idx)
+
+        def jvp(v):
+            return [torch.func.jvp(lambda a: outputs(a, idx), (w.detach(),), (v,))[1]]
+        return [(out, 1.0 / out.numel())], jvp
+    return fn
+
+
+def test_gauss_newton_products_are_j_transpose_j_on_the_support() -> None:
+    m = _MLP(seed=11)
+    idx = slice(0, 48)
+    outputs, jvp = _gauss_newton_fn(m, m.weight)(idx)
+    op = ncg.GaussNewtonHVP(outputs, jvp, m.weight, m.mask)
+    jac = torch.autograd.functional.jacobian(
+        lambda w: torch.tanh(m.x @ w.T) @ m.w2.T, m.weight.detach()).reshape(-1, m.weight.numel())
+    gauss = 2.0 / (48 * 3) * jac.T @ jac  # G of the mean squared error
+    z = m.mask.reshape(-1).to(DT)
+    for _ in range(3):
+        v = torch.randn(m.weight.shape, generator=m.gen, dtype=DT)
+        expected = (z * (gauss @ (z * v.reshape(-1)))).reshape(m.weight.shape)
+        assert torch.allclose(op(v), expected, rtol=1e-10, atol=1e-12)
+    # tanh is curved: the exact Hessian differs from G (the test can tell them apart)
+    _, exact = hvp(m.loss_fn(idx), m.weight, m.mask, v)
+    assert not torch.allclose(exact, op(v), rtol=1e-3)
+    op.release()
+    with pytest.raises(RuntimeError, match="released"):
+        op(v)
+
+
+def test_gauss_newton_refit_solves_least_squares_and_reduces() -> None:
+    x, y, mask, weight = _least_squares_problem(5)
+    sizes: list[int] = []
+
+    def loss_fn(batch):
+        xb, yb = batch
+        return ((xb @ weight.T - yb) ** 2).mean()
+
+    def gauss_newton(batch):
+        xb, _ = batch
+        out = xb @ weight.T
+        return [(out, 1.0 / out.numel())], lambda v: [xb @ v.T]
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    cfg = NewtonCGConfig(epochs=4, max_cg=100, cg_tol=1e-12)
+    stats = newton_cg_refit(weight, mask, loss_fn, [(x, y)], (x, y), cfg, reduce=reduce,
+                            gauss_newton=gauss_newton)
+    ref = torch.zeros_like(weight)
+    for k in range(weight.shape[0]):
+        s = mask[k]
+        ref[k, s] = torch.linalg.lstsq(x[:, s], y[:, k: k + 1]).solution[:, 0]
+    assert torch.linalg.norm(weight.detach() - ref) / torch.linalg.norm(ref) < 1e-3
+    assert stats.alphas[0] == 1.0 and torch.count_nonzero(weight.detach()[~mask]) == 0
+    assert sizes.count(weight.numel()) == stats.steps + sum(stats.cg_iterations)

@@ -27,11 +27,15 @@ CASES = {
     "cnn-wanda": ("cnn", {"method": "wanda", "sparsity": 0.5}),
     "cnn-lstsq": ("cnn", {"method": "magnitude", "refine": "lstsq", "sparsity": 0.6}),
     "cnn-snows": ("cnn", {"method": "wanda", "refine": "snows", "sparsity": 0.5, "refine_options": SNOWS_TINY}),
+    "cnn-snows-gn": ("cnn", {"method": "wanda", "refine": "snows", "sparsity": 0.5,
+                             "refine_options": {**SNOWS_TINY, "hvp": "gauss_newton"}}),
     "llama-sparsegpt": ("llama", {"method": "sparsegpt", "pattern": "2:4"}),
     "llama-wanda": ("llama", {"method": "wanda", "sparsity": 0.5}),
     "llama-lstsq": ("llama", {"method": "wanda", "refine": "lstsq", "sparsity": 0.5}),
     "llama-snows": ("llama", {"method": "sparsegpt", "refine": "snows", "sparsity": 0.5,
                               "refine_options": {"k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0}}),
+    "llama-snows-gn": ("llama", {"method": "sparsegpt", "refine": "snows", "sparsity": 0.5, "refine_options": {
+        "k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0, "hvp": "gauss_newton"}}),
 }
 
 

@@ -100,3 +100,109 @@ def test_hessian_fraction_still_lowers_the_lookahead():
     with pytest.raises(ValueError, match="per_group"):
         pk.prune(_depthwise_net(), [torch.randn(2, 3, 8, 8)], sparsity=0.5, refine="snows",
                  refine_options={"per_group": "yes"}, progress=False)
+
+
+def _products(model, layer, param, x, seed=0):
+    """Exact and Gauss-Newton products of a lookahead loss (random targets: nonzero residuals) on
+    a random support, for three random vectors, in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from prunekit.oneshot.newton_cg import GaussNewtonHVP, MaskedHVP
+    from prunekit.oneshot.snows import _owner, only_grad_for
+
+    model.double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    targets = {id(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.MultiheadAttention))}
+    lookahead = Lookahead([("", model)], layer, 8, targets, {}, {})
+    try:
+        with torch.no_grad():
+            wanted = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in lookahead.tensors((x,), {})]
+        mask = torch.rand(param.shape, generator=gen, dtype=param.dtype) > 0.5
+        with only_grad_for(model, param), sdpa_kernel([SDPBackend.MATH]):
+            exact = MaskedHVP(lookahead.loss((x,), {}, targets=wanted), param, mask)
+            gauss = GaussNewtonHVP(*lookahead.gauss_newton(*_owner(model, layer, param), (x,), {}), param, mask)
+            vs = [torch.randn(param.shape, generator=gen, dtype=param.dtype) for _ in range(3)]
+            return [(v * mask, exact(v), gauss(v)) for v in vs]
+    finally:
+        lookahead.close()
+
+
+def _bn_relu_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),
+                          nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 3))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_gauss_newton_is_the_exact_hessian_on_relu_networks():
+    # Outputs piecewise linear in the one layer's weight (ReLU, ReLU6, BatchNorm in eval mode,
+    # depthwise conv): the residual terms of the Hessian vanish, so J^T J v == H v.
+    cnn, mlp = _bn_relu_cnn(), _mlp()
+    mlp[3] = nn.ReLU()
+    cases = [(cnn, cnn[3], torch.randn(4, 3, 8, 8)), (cnn, cnn[0], torch.randn(4, 3, 8, 8)),
+             (mlp, mlp[0], torch.randn(32, 8))]
+    for model, layer, x in cases:
+        for v, exact, gauss in _products(model, layer, layer.weight, x.double()):
+            assert exact.abs().max() > 0
+            assert (exact - gauss).abs().max() <= 1e-6 * exact.abs().max()
+            assert torch.count_nonzero(gauss[v == 0]) == 0  # off the support
+
+
+class _TwoBranches(nn.Module):
+    """The refit layer ``a`` and a measured layer ``b`` that does not depend on it (as k_proj after
+    q_proj): its output has no tangent, and the products must still pair each output with its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.c(self.act(a + self.b(x)))
+
+
+def test_gauss_newton_pairs_outputs_with_their_own_tangents():
+    torch.manual_seed(0)
+    model = _TwoBranches()
+    for v, exact, gauss in _products(model, model.a, model.a.weight, torch.randn(16, 8, dtype=torch.float64)):
+        assert (exact - gauss).abs().max() <= 1e-6 * exact.abs().max()
+
+
+def test_gauss_newton_on_attention_is_positive_semidefinite_and_not_the_hessian():
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation="gelu", batch_first=True)
+    attention = model.self_attn
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    for param in (attention.in_proj_weight, attention.out_proj.weight):
+        products = _products(model, attention, param, x)
+        assert all(float((v * gauss).sum()) >= 0 for v, _, gauss in products)
+        assert any((exact - gauss).abs().max() > 1e-3 * exact.abs().max() for _, exact, gauss in products)
+
+
+def _encoder_lookahead(hvp):
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, activation="gelu", batch_first=True), 1,
+        enable_nested_tensor=False), nn.Linear(16, 3))
+    data = [torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    result = pk.prune(encoder, data, sparsity=0.5, method="magnitude", refine="snows", progress=False,
+                      refine_options={"k": 2, "max_cg": 10, "warm_start": "none", "hvp": hvp})
+    assert len([r for r in result.layers if "self_attn" in r.name]) == 4  # q, k, v, out_proj
+    assert all(r.lookahead_after <= r.lookahead_before for r in result.layers)
+    return sum(r.lookahead_before for r in result.layers), sum(r.lookahead_after for r in result.layers)
+
+
+def test_snows_with_gauss_newton_lowers_the_lookahead_on_attention_and_depthwise():
+    (before, after), (_, exact) = _encoder_lookahead("gauss_newton"), _encoder_lookahead("exact")
+    assert after < 0.98 * before and after <= 1.02 * exact  # softmax, GELU: G is not H, and still works
+    _, result, calls = _prune_depthwise(False, hvp="gauss_newton", hessian_fraction=0.5)
+    (before, after), = [(r.lookahead_before, r.lookahead_after) for r in result.layers if r.lookahead_after is not None]
+    assert after < before and len(calls) == 1
+    with pytest.raises(ValueError, match="hvp must be one of 'exact', 'gauss_newton'"):
+        pk.prune(_depthwise_net(), [torch.randn(2, 3, 8, 8)], sparsity=0.5, refine="snows",
+                 refine_options={"hvp": "fisher"}, progress=False)

@@ -22,7 +22,9 @@ Per mini-batch (one Newton step, as in SNOWS: Lucas & Mazumder 2025, arXiv 2411.
 Choices that differ from the SNOWS reference code on purpose:
 
 * a failed line search REVERTS (the last trial step is not applied);
-* every Hessian-vector product is one full double backward (no chunking / block-diagonal H);
+* every Hessian-vector product is one full double backward (no chunking / block-diagonal H), or,
+  with ``gauss_newton``, one forward-mode JVP plus one backward: ``G v = J^T (c J v)``
+  (:class:`GaussNewtonHVP`);
 * one loss is recorded per Newton step; the stagnation rule ends the current epoch (see
   :func:`newton_cg_refit` for the exact scope);
 * CG has a negative-curvature guard (the exact Hessian can be indefinite for transformers).
@@ -40,6 +42,7 @@ __all__ = [
     "NewtonCGConfig",
     "SolveStats",
     "MaskedHVP",
+    "GaussNewtonHVP",
     "conjugate_gradient",
     "newton_cg_refit",
 ]
@@ -47,6 +50,9 @@ __all__ = [
 
 #: sums a tensor over the processes sharing the calibration data (its argument may be consumed)
 Reduce = Callable[[Tensor], Tensor]
+#: ``batch -> (outputs, jvp)``: the model outputs ``r_i`` (graph to the weight) with their
+#: weights ``c_i`` in a loss ``sum_i c_i ||r_i - t_i||^2``, and ``jvp(v) -> [J_i v]`` on the same batch
+GaussNewton = Callable[[Any], "tuple[list[tuple[Tensor, float]], Callable[[Tensor], list[Tensor | None]]]"]
 
 
 def _local(t: Tensor) -> Tensor:
@@ -165,6 +171,47 @@ class MaskedHVP:
     def release(self) -> None:
         """Drop the reference to the graph so autograd can free it."""
         self._g = None
+
+
+class GaussNewtonHVP:
+    """Support-restricted Gauss-Newton products ``(G v) * mask`` for a squared-error loss.
+
+    For ``L = sum_i c_i ||r_i(W) - t_i||^2`` the Gauss-Newton matrix is
+    ``G = sum_i 2 c_i J_i^T J_i`` (``J_i = d r_i / d W``): the Hessian without the terms in the
+    outputs' second derivatives, so positive semi-definite, and equal to the Hessian wherever the
+    outputs are piecewise linear in ``W`` (ReLU nets, BatchNorm in eval mode; Schraudolph 2002,
+    "Fast curvature matrix-vector products for second-order gradient descent"). Each call is
+    one forward-mode JVP (``jvp(v)``: the ``J_i v``, no graph) and one ordinary backward through
+    the kept graph of ``outputs``: no double backward (slow through depthwise convolutions and
+    BatchNorm). Call :meth:`release` when the HVPs are done.
+    """
+
+    def __init__(self, outputs: list[tuple[Tensor, float]], jvp: Callable[[Tensor], list[Tensor | None]],
+                 weight: Tensor, mask: Tensor, reduce: Reduce | None = None) -> None:
+        self.mask = _float_mask(mask, weight)
+        self.weight, self.reduce = weight, reduce or _local
+        self._outputs: list[Tensor] | None = [r for r, _ in outputs]  # in the order of jvp's results
+        self._scales = [2.0 * c for _, c in outputs]
+        self._jvp = jvp
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """``(G v) * mask`` (``v`` masked first)."""
+        if self._outputs is None:
+            raise RuntimeError("GaussNewtonHVP was released")
+        v = v.detach() * self.mask
+        hv = None
+        if self._outputs:
+            tangents = self._jvp(v)
+            pairs = [(r, t * c) for r, t, c in zip(self._outputs, tangents, self._scales)
+                     if t is not None and r.requires_grad]
+            if pairs:
+                (hv,) = torch.autograd.grad([r for r, _ in pairs], self.weight, grad_outputs=[t for _, t in pairs],
+                                            retain_graph=True, allow_unused=True)
+        return self.reduce(torch.zeros_like(v) if hv is None else hv * self.mask)
+
+    def release(self) -> None:
+        """Drop the references to the outputs' graph."""
+        self._outputs = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +333,7 @@ def newton_cg_refit(
     frozen: Tensor | None = None,
     reduce: Reduce | None = None,
     hvp_loss_fn: Callable[[Any], Tensor] | None = None,
+    gauss_newton: GaussNewton | None = None,
 ) -> SolveStats:
     """Refit the kept entries of ``weight`` on the fixed ``mask`` by stochastic Newton-CG.
 
@@ -313,7 +361,8 @@ def newton_cg_refit(
     matrices (attention's k and v rows while q is refit). With ``reduce`` (several processes, see the module
     docstring) every process must pass the same number of ``batches``. ``hvp_loss_fn(batch)`` (optional) is
     the loss whose Hessian CG uses (e.g. on part of the batch: ``hessian_fraction``); the
-    gradient is always that of ``loss_fn(batch)``.
+    gradient is always that of ``loss_fn(batch)``. ``gauss_newton(batch)`` (optional) gives CG
+    Gauss-Newton products instead of exact HVPs (:class:`GaussNewtonHVP`; it replaces ``hvp_loss_fn``).
     """
     config = NewtonCGConfig() if config is None else config
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
@@ -347,7 +396,8 @@ def newton_cg_refit(
             stats.epochs += 1
             for index, batch in enumerate(batches):
                 alpha, its, neg, f_new = _newton_step(
-                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check, reduce, hvp_loss_fn
+                    weight, bool_mask, loss_fn, batch, check_batch, config, stats, f_check, reduce, hvp_loss_fn,
+                    gauss_newton,
                 )
                 if f_new is not None:
                     f_check = f_new
@@ -384,6 +434,7 @@ def _newton_step(
     f_check: float,
     reduce: Reduce = _local,
     hvp_loss_fn: Callable[[Any], Tensor] | None = None,
+    gauss_newton: GaussNewton | None = None,
 ) -> tuple[float, int, bool, float | None]:
     """One Newton step on ``batch``; records the batch loss and line-search counters in ``stats``.
 
@@ -392,7 +443,12 @@ def _newton_step(
     """
     loss = loss_fn(batch)
     stats.losses.append(float(reduce(loss.detach().clone())))
-    if hvp_loss_fn is None:
+    op: MaskedHVP | GaussNewtonHVP
+    if gauss_newton is not None:  # gradient without a graph; GN products on the outputs' own graph
+        (grad,) = torch.autograd.grad(loss, weight)
+        g = reduce(grad * _float_mask(mask, weight))
+        op = GaussNewtonHVP(*gauss_newton(batch), weight, mask, reduce)
+    elif hvp_loss_fn is None:
         op = MaskedHVP(loss, weight, mask, reduce)
         g = op.grad
     else:  # full-batch gradient (no graph kept), HVPs on the Hessian loss's own graph

@@ -18,7 +18,7 @@ from ..lstsq import lstsq_refit
 from ..newton_cg import NewtonCGConfig
 from ..options import check_choice, check_int, check_number
 from ..registry import LayerProblem, Refit, Update, register
-from ..snows import measured_rule, snows_refit
+from ..snows import HVP_MODES, measured_rule, snows_refit
 
 WARM_STARTS = ("auto", "lstsq", "none")
 
@@ -33,7 +33,11 @@ class SnowsOptions(NewtonCGConfig):
     ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
     (None: prunable layers, activations and attention; or a predicate ``(name, module) ->
     bool``; or a list of module types and name regexes); ``per_group``: refit each group of a
-    grouped (depthwise) convolution on its own instead of all groups in one solve."""
+    grouped (depthwise) convolution on its own instead of all groups in one solve; ``hvp``: how
+    CG's Hessian-vector products are computed, ``"exact"`` (double backward, Pearlmutter 1994) or
+    ``"gauss_newton"`` (``J^T J v`` by a forward-mode JVP and one backward; the exact Hessian
+    almost everywhere for ReLU networks with BatchNorm in eval mode, positive semi-definite
+    otherwise)."""
 
     epochs: int = 1
     max_cg: int = 20
@@ -43,11 +47,13 @@ class SnowsOptions(NewtonCGConfig):
     warm_start_damp: float = 1e-4
     measured: Any = None
     per_group: bool = False
+    hvp: str = "exact"
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise ValueError(f"k must be a non-negative integer (operations to look ahead), got {self.k!r}")
         check_choice(self.warm_start, "warm_start", WARM_STARTS)
+        check_choice(self.hvp, "hvp", HVP_MODES)
         check_number(self.warm_start_damp, "warm_start_damp", 0.0)
         _check_measured(self.measured)
         for name in ("epochs", "max_cg", "max_backtracks"):
@@ -128,7 +134,7 @@ class Snows(Refit):
             ctx.model, ctx.chain, ctx.layer, weight_mask, ctx.inputs, k=opts.k, solver=opts.solver(),
             targets=ctx.targets, block_layers=ctx.block_layers, dense_weights=ctx.dense_weights,
             measured_by=measured_rule(opts.measured), progress=ctx.progress, param=ctx.parameter, frozen=frozen,
-            ranks=ctx.ranks,
+            ranks=ctx.ranks, hvp=opts.hvp,
         )
         notes = [note] if note else []
         if solve.failed_line_searches:
