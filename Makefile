@@ -56,7 +56,7 @@ bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
 
 bench-snows-cost: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --profile --out benchmarks/results/snows_cost_run.json
+	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --profile --out benchmarks/results/snows_cost.json
 
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
