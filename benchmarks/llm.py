@@ -236,7 +236,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-cg", type=int, default=10, help="SNOWS CG iterations per Newton step")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats-dtype", choices=["float32", "float64"], default=None,
-                   help="precision of statistics and solvers (default: prunekit's, float64 on the CPU)")
+                   help="precision of statistics and solvers (default: prunekit's, float32)")
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--save-check", action="store_true",
                    help="with --one: save as a plain HF checkpoint, reload with transformers, compare")

@@ -8,7 +8,9 @@ environment). Every run is its own process with the same thread count; the two t
 (the one going first swaps every repeat) and the table gives medians of wall time and of peak
 resident-memory growth above the loaded model. llm-compressor (PyPI ``llmcompressor``) lives in
 its own venv (``make .venv-peers``); it is never a dependency of prunekit. Each tool runs with
-its own defaults: llm-compressor calibrates one sequence per batch, prunekit eight.
+its own defaults, except the batching of the calibration windows: both get one sequence per
+batch (llm-compressor's default; ``--batch`` changes prunekit's). prunekit's peak memory grows
+with the batch it is given (a decoder layer's activations for the whole batch).
 
     make bench-peers                      # set-up + the whole run (estimated 15-20 min on a quiet 2-core machine)
     python benchmarks/peers.py --peer-python .venv-peers/bin/python --repeats 2
@@ -93,14 +95,15 @@ def _save_pruned(model, path: str) -> float:
 
 
 # -- one run, in its own process ----------------------------------------------------------------
-def run_prunekit(method: str, pattern: str, threads: int, out: str) -> dict:
+def run_prunekit(method: str, pattern: str, threads: int, out: str, batch: int = 1,
+                  stats_dtype: str | None = None) -> dict:
     import torch
 
     import prunekit as pk
     from prunekit.llm import decoder_blocks
 
     model, tokens = _load(threads)
-    batches = [{"input_ids": b, "use_cache": False} for b in tokens["calibration"].split(8)]
+    batches = [{"input_ids": b, "use_cache": False} for b in tokens["calibration"].split(batch)]
     with torch.no_grad():  # warm-up forward: kernels and allocator, as before the peer's run
         model(input_ids=batches[0]["input_ids"][:1])
     _reset_peak()
@@ -108,11 +111,12 @@ def run_prunekit(method: str, pattern: str, threads: int, out: str) -> dict:
     start = time.perf_counter()
     nm = ":" in pattern
     result = pk.prune(model, batches, sparsity=None if nm else float(pattern), pattern=pattern if nm else "unstructured",
-                      method=method, blocks=decoder_blocks(model), progress=False)
+                      method=method, blocks=decoder_blocks(model), progress=False,
+                      stats_dtype=stats_dtype)
     seconds = time.perf_counter() - start
     peak = _status_mib("VmHWM") - before
     return {"seconds": seconds, "peak_growth_mib": peak, "rss_before_mib": before,
-            "stats_dtype": result.stats_dtype, "sparsity": _save_pruned(model, out)}
+            "stats_dtype": result.stats_dtype, "batch": batch, "sparsity": _save_pruned(model, out)}
 
 
 def run_llmcompressor(method: str, pattern: str, threads: int, out: str) -> dict:
@@ -182,8 +186,10 @@ def compare(args) -> list[dict]:
             for repeat in range(args.repeats):
                 for tool in order if repeat % 2 == 0 else order[::-1]:  # alternated, first place swapped
                     path = os.path.join(tmp, f"{tool}.safetensors")
+                    extra = ["--batch", str(args.batch)] + (
+                        ["--stats-dtype", args.stats_dtype] if args.stats_dtype else []) if tool == "prunekit" else []
                     r = _child(tools[tool], ["--run", tool, method, pattern, "--threads", str(args.threads),
-                                             "--out", path], args.threads)
+                                             "--out", path, *extra], args.threads)
                     if repeat == 0:  # the weights are the same every repeat: score them once
                         r["perplexity"] = _child(sys.executable, ["--eval", path, "--threads", str(args.threads)],
                                                  args.threads)["perplexity"]
@@ -200,6 +206,7 @@ def compare(args) -> list[dict]:
                 row[f"{key}_sparsity"] = round(rs[0]["sparsity"], 4)
             row["llmc_version"] = got["llm-compressor"][0]["version"]
             row["pk_stats_dtype"] = got["prunekit"][0]["stats_dtype"]
+            row["pk_batch"] = got["prunekit"][0]["batch"]
             row["time_ratio_pk_over_llmc"] = round(row["pk_seconds"] / row["llmc_seconds"], 2)
             row["memory_ratio_pk_over_llmc"] = round(row["pk_peak_growth_mib"] / max(row["llmc_peak_growth_mib"], 1), 2)
             rows.append(row)
@@ -214,7 +221,9 @@ def write_markdown(rows: list[dict], path: str, note: str = "") -> None:
              "calibration windows, the same evaluator (prunekit.perplexity, 32 held-out windows of the pydoc text).",
              f"Each run is its own process on {rows[0]['threads'] if rows else '?'} threads; the tools alternate and the "
              "times are medians (all runs in brackets). Memory: growth of the peak resident set above the loaded "
-             "model after one warm-up forward.", ""]
+             "model after one warm-up forward. Calibration batches: llm-compressor one window each; prunekit "
+             f"{rows[0].get('pk_batch', 8) if rows else '?'} per batch, statistics in "
+             f"{rows[0].get('pk_stats_dtype', '?') if rows else '?'}.", ""]
     if note:
         lines += [note, ""]
     lines += ["| method | pattern | prunekit s | llm-compressor s | time ratio | prunekit ppl | llm-compressor ppl | "
@@ -236,6 +245,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", default=RUNS, help=f"comma-separated method:pattern (default {RUNS})")
+    p.add_argument("--batch", type=int, default=1, help="prunekit's calibration sequences per batch (default 1, "
+                   "llm-compressor's)")
+    p.add_argument("--stats-dtype", choices=["float32", "float64"], default=None,
+                   help="prunekit's statistics precision (default: prunekit's own)")
     p.add_argument("--note", default="", help="a line written under the table's header (e.g. how busy the machine was)")
     p.add_argument("--markdown", action="store_true", help="only rewrite peers.md from peers.json")
     p.add_argument("--run", nargs=3, metavar=("TOOL", "METHOD", "PATTERN"), help=argparse.SUPPRESS)
@@ -244,8 +257,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.run:
         tool, method, pattern = args.run
-        fn = run_prunekit if tool == "prunekit" else run_llmcompressor
-        print(json.dumps(fn(method, pattern, args.threads, args.out)), flush=True)
+        if tool == "prunekit":
+            r = run_prunekit(method, pattern, args.threads, args.out, args.batch, args.stats_dtype)
+        else:
+            r = run_llmcompressor(method, pattern, args.threads, args.out)
+        print(json.dumps(r), flush=True)
         return
     if args.eval:
         print(json.dumps({"perplexity": evaluate(args.eval, args.threads)}), flush=True)

@@ -54,18 +54,20 @@ def test_explicit_cpu_device_is_the_default_run_bit_for_bit():
     ra = pk.prune(a, _data(), sparsity=0.6, method="sparsegpt", progress=False)
     rb = pk.prune(b, _data(), sparsity=0.6, method="sparsegpt", device="cpu", progress=False)
     assert _same(a, b)
-    assert ra.device == rb.device == "cpu" and ra.stats_dtype == "float64"
+    assert ra.device == rb.device == "cpu" and ra.stats_dtype == "float32"
     assert ra.peak_device_mib is None  # the CPU's peak is not tracked by PyTorch
 
 
 def test_stats_precision_defaults_and_errors():
-    assert stats_precision(None, torch.device("cpu")) == torch.float64
-    assert stats_precision(None, torch.device("cuda")) == torch.float32
-    assert stats_precision("float64", torch.device("cuda")) == torch.float64
+    assert stats_precision(None) == torch.float32
+    assert stats_precision(None, torch.float16) == torch.float32
+    assert stats_precision(None, torch.float64) == torch.float64  # a float64 model keeps float64
+    assert stats_precision("float64") == torch.float64
+    assert stats_precision(torch.float32, torch.float64) == torch.float32
     with pytest.raises(ValueError, match="stats_dtype"):
-        stats_precision("float16", torch.device("cpu"))
+        stats_precision("float16")
     with pytest.raises(ValueError, match="stats_dtype"):
-        stats_precision(torch.bfloat16, torch.device("cpu"))
+        stats_precision(torch.bfloat16)
 
 
 @pytest.mark.parametrize("method,refine", [("sparsegpt", None), ("wanda", "lstsq")])

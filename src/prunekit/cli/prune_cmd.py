@@ -62,7 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--snows-max-cg", type=int, help="deprecated: --refine-option max_cg=N")
     g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
     g.add_argument("--stats-dtype", choices=["float32", "float64"],
-                   help="precision of statistics and solvers (default: float64 on CPU, float32 on GPU)")
+                   help="precision of statistics and solvers (default: float32; float64 for a float64 model)")
     g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each layer's requested number of non-zeros where calibration inputs are dead "
                         "(default: on; --no-exact: zero their weights as the reference SparseGPT does)")

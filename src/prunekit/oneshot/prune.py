@@ -115,8 +115,8 @@ def prune(
     ``device`` is where the work runs (e.g. ``"cuda"`` for a model kept in CPU memory): one
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
-    precision of the calibration statistics and the solvers: ``float64`` by default on the
-    CPU, ``float32`` on accelerators (as the SparseGPT reference does). A model dispatched with
+    precision of the calibration statistics and the solvers: ``float32`` by default (as the
+    SparseGPT reference does; ``float64`` for a float64 model), ``"float64"`` on request. A model dispatched with
     accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) is pruned where it is
     kept: each block is loaded from its offload storage and its pruned weights are written back
     there. Half-precision models stay in their dtype (statistics in ``stats_dtype``).
@@ -145,7 +145,7 @@ def prune(
     exec_device = execution_device(device)
     home = home_device(model)  # a model dispatched with accelerate may hold no weight in memory
     run_device = exec_device or home
-    precision = stats_precision(stats_dtype, run_device)
+    stats_precision(stats_dtype)  # a bad value is refused before any work
     if isinstance(pattern, NM) and (budget != "uniform" or cap is not None or overrides):
         raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
@@ -164,6 +164,7 @@ def prune(
         raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
                          + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
     check_plain_weights(targets)
+    precision = stats_precision(stats_dtype, _widest_dtype(targets))
     storage = Storage(model, targets)
     _check_weights(targets, storage)
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, strict)}
@@ -408,6 +409,12 @@ class _Job:
     @staticmethod
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
         return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
+
+def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
+    """float64 when any target holds a float64 matrix, else float32 (the statistics default)."""
+    wide = any(t.dtype == torch.float64 for m in targets.values() for t in kind_of(m).parameters(m).values())
+    return torch.float64 if wide else torch.float32
+
 
 def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tuple[str, ...]]]:
     """The statistics passes of a group of layers reading one input: every module's first-stage
