@@ -173,7 +173,9 @@ def write_markdown(rows: list[dict], path: str) -> None:
              "`python benchmarks/llm.py` (make bench-llm). Calibration: the first 80% of the standard library's",
              "pydoc text; perplexity: its held-out last 20%. One run per row, each in its own process, 1 thread",
              "unless marked (timings on a shared 2-core machine). Memory: growth of the peak resident set over",
-             "the resident set just before pruning (model loaded, one warm-up forward).", ""]
+             "the resident set just before pruning (model loaded, one warm-up forward). Statistics: float64 in",
+             "the rows of this table (the CPU default until stop 17; float32 is the default since, see",
+             "precision.md for both on four of these rows).", ""]
     if dense:
         lines += [f"Dense perplexity: **{base}**.", ""]
     lines += ["| method | pattern | calibration | sparsity | perplexity | x dense | prune s | peak growth MiB | "
