@@ -203,7 +203,8 @@ def write_reports(done: dict, dense: dict, args) -> None:
         f"Calibration: {args.calibration} training images in batches of {args.batch_size}, seeds {seeds} "
         f"(mean ± std over seeds); test accuracy on the first {args.test} MNIST test images. SNOWS: K in "
         f"{SNOWS_KS} (measured operations looked ahead; MobileNet: K in {[SNOWS_KS[0], SNOWS_KS[-1]]} at 50% and 70%), {args.epochs} epoch, at most {args.max_cg} CG "
-        "iterations, least-squares warm start on magnitude masks, SparseGPT's weights on its own. "
+        "iterations, Hessian-vector products on whole batches (what `hessian_fraction=\"auto\"` picks for these "
+        "inputs), least-squares warm start on magnitude masks, SparseGPT's weights on its own. "
         "Command: `make bench-vit-mobilenet`. Times: mean pruning seconds per run on a shared 2-core "
         "machine, 1 thread, contended by other jobs: indicative only. 'failed line searches': layers per run "
         "where at least one SNOWS line search found no descent (the layer keeps its best weights).",

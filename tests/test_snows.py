@@ -206,3 +206,42 @@ def test_snows_with_gauss_newton_lowers_the_lookahead_on_attention_and_depthwise
     with pytest.raises(ValueError, match="hvp must be one of 'exact', 'gauss_newton'"):
         pk.prune(_depthwise_net(), [torch.randn(2, 3, 8, 8)], sparsity=0.5, refine="snows",
                  refine_options={"hvp": "fisher"}, progress=False)
+
+
+def test_auto_hessian_fraction_subsamples_only_conv_blocks_of_large_images():
+    from prunekit.oneshot.methods.snows import LARGE_INPUT, SnowsOptions, auto_hessian_fraction
+
+    def call(*shape):
+        return [((torch.zeros(*shape),), {})]
+    assert SnowsOptions().hessian_fraction == "auto"
+    imagenet = (3, 224, 224)  # 150,528 elements per image
+    assert auto_hessian_fraction(call(4, 3, 224, 224), imagenet) == 0.25
+    assert auto_hessian_fraction(call(4, 384, 7, 7), imagenet) == 0.25  # every conv block of that network
+    assert auto_hessian_fraction(call(4, 197, 768), imagenet) == 1.0  # a ViT's token blocks keep whole batches
+    assert auto_hessian_fraction(call(4, 16, 28, 28), (1, 28, 28)) == 1.0  # MNIST-size images
+    assert auto_hessian_fraction(call(4, 256, 576), (256,)) == 1.0  # token ids
+    assert LARGE_INPUT == 256 * 256
+    assert auto_hessian_fraction(call(4, 8, 64, 64), (1, 256, 256)) == 0.25  # the threshold itself
+    assert auto_hessian_fraction(call(4, 8, 64, 64), (1, 255, 256)) == 1.0
+    assert auto_hessian_fraction([], imagenet) == 1.0 and auto_hessian_fraction(call(4, 3, 8, 8), None) == 1.0
+    assert SnowsOptions().solver(call(2, 3, 224, 224), imagenet).hessian_fraction == 0.25
+    assert SnowsOptions(hessian_fraction=0.5).solver(call(2, 3, 224, 224), imagenet).hessian_fraction == 0.5
+    with pytest.raises(ValueError, match="hessian_fraction.*'auto'"):
+        SnowsOptions(hessian_fraction="half")
+
+
+def test_prune_passes_the_model_input_shape_to_the_refit():
+    seen = []
+    from prunekit.oneshot.methods import snows as snows_method
+    original = snows_method.auto_hessian_fraction
+
+    def spy(inputs, model_input):
+        seen.append(model_input)
+        return original(inputs, model_input)
+    snows_method.auto_hessian_fraction = spy
+    try:
+        pk.prune(_depthwise_net(), [torch.randn(4, 3, 8, 8) for _ in range(2)], sparsity=0.5, refine="snows",
+                 refine_options={"k": 1, "max_cg": 2}, progress=False)
+    finally:
+        snows_method.auto_hessian_fraction = original
+    assert seen and set(seen) == {(3, 8, 8)}

@@ -268,6 +268,7 @@ class _Job:
         self.saved: RestorePoint | None = None
         self.storage: Storage | None = None
         self.dispatched = False
+        self.model_input: tuple[int, ...] | None = None
 
     def on_device(self, modules, write_back=()):
         """``modules`` held on the execution device for the duration: moved there and back, or,
@@ -281,6 +282,7 @@ class _Job:
     def run_calibrated(self, calls, block_names, capture) -> None:
         blocks = find_blocks(self.model, block_names)
         calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
+        self.model_input = _sample_shape(calls[0])
         _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
         owned = {n: self._owner(n, blocks) for n in self.targets}
         lookahead = self.refit is not None and "sequential" in self.refit.needs
@@ -396,7 +398,7 @@ class _Job:
             write=lambda w, mask: self._write(layer, kind, unit, w, mask),
             read=lambda: kind.matrix(layer, unit).to(dtype=self.dtype, copy=True),
             weight_mask=lambda mask: kind.weight_mask(layer, mask, unit),
-            progress=self.show_progress, ranks=self.ranks,
+            progress=self.show_progress, ranks=self.ranks, model_input=self.model_input,
             parameter=param,
             frozen=None if bool(inside.all()) else ~inside,
         )
@@ -546,6 +548,13 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
         if types is not None and not isinstance(module, tuple(types)):
             raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__} (layer kind {kind!r}), "
                              "which types= leaves out; add its type to types=")
+
+
+def _sample_shape(call: tuple[tuple, dict]) -> tuple[int, ...] | None:
+    """The shape of one sample of a calibration call's first tensor (None: no batched tensor)."""
+    args, kwargs = call
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    return tuple(first.shape[1:]) if first is not None and first.dim() >= 2 else None
 
 
 def _first_batch(calls, calibration) -> Any:

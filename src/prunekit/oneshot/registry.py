@@ -69,6 +69,8 @@ class LayerContext:
     parameter: nn.Parameter | None = None
     frozen: torch.Tensor | None = None
     ranks: Any = None
+    #: the shape of one sample of the model's first calibration tensor (e.g. ``(3, 224, 224)``)
+    model_input: tuple[int, ...] | None = None
 
 
 @dataclass
