@@ -73,8 +73,9 @@ class SnowsOptions(NewtonCGConfig):
         if self.hessian_fraction != "auto":
             try:
                 check_number(self.hessian_fraction, "hessian_fraction", 0.0, 1.0, low_open=True)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (or 'auto')") from None
+            except ValueError:
+                raise ValueError("hessian_fraction must be 'auto' or a number in (0, 1], "
+                                 f"got {self.hessian_fraction!r}") from None
         for name in ("relative_tol", "per_group"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
