@@ -177,6 +177,7 @@ def _child(python: str, args: list[str], threads: int) -> dict:
 def compare(args) -> list[dict]:
     prepare()
     tools = {"prunekit": sys.executable, "llm-compressor": args.peer_python}
+    prunekit_args = ["--batch", str(args.batch)] + (["--stats-dtype", args.stats_dtype] if args.stats_dtype else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs.split(","):
@@ -186,8 +187,7 @@ def compare(args) -> list[dict]:
             for repeat in range(args.repeats):
                 for tool in order if repeat % 2 == 0 else order[::-1]:  # alternated, first place swapped
                     path = os.path.join(tmp, f"{tool}.safetensors")
-                    extra = ["--batch", str(args.batch)] + (
-                        ["--stats-dtype", args.stats_dtype] if args.stats_dtype else []) if tool == "prunekit" else []
+                    extra = prunekit_args if tool == "prunekit" else []
                     r = _child(tools[tool], ["--run", tool, method, pattern, "--threads", str(args.threads),
                                              "--out", path, *extra], args.threads)
                     if repeat == 0:  # the weights are the same every repeat: score them once

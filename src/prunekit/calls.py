@@ -30,6 +30,13 @@ def as_call(batch: Any) -> tuple[tuple, dict]:
     )
 
 
+def first_input(call: tuple[tuple, dict]) -> Any:
+    """The first argument of an ``(args, kwargs)`` call: its first positional one, else its
+    first keyword one (None for an empty call)."""
+    args, kwargs = call
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
 def call(model: nn.Module, batch: Any) -> Any:
     """``model`` applied to one batch, unpacked as :func:`as_call` says."""
     args, kwargs = as_call(batch)

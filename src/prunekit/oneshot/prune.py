@@ -34,7 +34,7 @@ from ..patterns import NM, Unstructured, parse_pattern
 from ..targets import HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
-from ..calls import to_device
+from ..calls import first_input, to_device
 from .calibration import collect_batches
 from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
 from .offload import Storage, home_device, is_dispatched, onloaded
@@ -116,8 +116,8 @@ def prune(
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
     the model is ever on that device (default: where the model is). ``stats_dtype`` is the
     precision of the calibration statistics and the solvers: ``float32`` by default (as the
-    SparseGPT reference does; ``float64`` for a float64 model), ``"float64"`` on request. A model dispatched with
-    accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) is pruned where it is
+    SparseGPT reference does; ``float64`` for a float64 model), ``"float64"`` on request. A
+    model dispatched with accelerate (``cpu_offload``, ``disk_offload``, ``dispatch_model``) is pruned where it is
     kept: each block is loaded from its offload storage and its pruned weights are written back
     there. Half-precision models stay in their dtype (statistics in ``stats_dtype``).
 
@@ -412,6 +412,7 @@ class _Job:
     def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
         return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
 
+
 def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
     """float64 when any target holds a float64 matrix, else float32 (the statistics default)."""
     wide = any(t.dtype == torch.float64 for m in targets.values() for t in kind_of(m).parameters(m).values())
@@ -551,10 +552,9 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
 
 
 def _sample_shape(call: tuple[tuple, dict]) -> tuple[int, ...] | None:
-    """The shape of one sample of a calibration call's first tensor (None: no batched tensor)."""
-    args, kwargs = call
-    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-    return tuple(first.shape[1:]) if first is not None and first.dim() >= 2 else None
+    """The shape of one sample of a calibration call's first input (None: not a batched tensor)."""
+    first = first_input(call)
+    return tuple(first.shape[1:]) if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
 
 
 def _first_batch(calls, calibration) -> Any:

@@ -76,9 +76,9 @@ class LayerContext:
 @dataclass
 class LayerProblem:
     """One layer as every method sees it: ``weight`` is the dense ``[d_out, d_in]`` matrix (a
-    copy, on the execution device, in the statistics precision: float32 unless ``stats_dtype`` or a float64 model says
-    float64; solvers work in its dtype), ``stats`` the
-    statistics the methods asked for (None without data); ``exact``: a method must not zero the
+    copy, on the execution device, in the statistics precision: float32 unless ``stats_dtype``
+    or a float64 model says float64; solvers work in its dtype), ``stats`` the statistics the
+    methods asked for (None without data); ``exact``: a method must not zero the
     kept weights of dead inputs (:mod:`prunekit.oneshot.dead`)."""
 
     name: str

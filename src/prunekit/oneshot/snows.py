@@ -27,6 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..calls import first_input
 from .blocks import StopForward, run_chain, swapped_weights
 from .newton_cg import GaussNewton, NewtonCGConfig, SolveStats, newton_cg_refit
 from .ranks import Ranks
@@ -313,6 +314,5 @@ def _shares(ranks: Ranks, newton: list[tuple[tuple, dict]], check: tuple[tuple, 
 
 
 def _elements(call: tuple[tuple, dict]) -> float:
-    args, kwargs = call
-    first = args[0] if args else next(iter(kwargs.values()), None)
+    first = first_input(call)
     return float(first.numel()) if isinstance(first, torch.Tensor) else 1.0

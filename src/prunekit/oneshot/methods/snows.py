@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ...calls import first_input
 from ...layer_kinds import kind_of
 from ..lstsq import lstsq_refit
 from ..newton_cg import NewtonCGConfig
@@ -106,8 +107,7 @@ def auto_hessian_fraction(inputs: Sequence[tuple[tuple, dict]], model_input: tup
     small images keep whole batches (``benchmarks/results/snows_cost.md``)."""
     if not inputs or model_input is None or len(model_input) != 3 or math.prod(model_input) < LARGE_INPUT:
         return 1.0
-    args, kwargs = inputs[0]
-    first = args[0] if args else next(iter(kwargs.values()), None)
+    first = first_input(inputs[0])
     return AUTO_FRACTION if isinstance(first, torch.Tensor) and first.dim() == 4 else 1.0
 
 
@@ -168,7 +168,8 @@ class Snows(Refit):
             weight_mask, frozen = torch.stack(self._pending.pop(id(ctx.layer))).any(0), None
             note = f"one refit for all {n} groups (lookahead losses of the whole layer)"
         solve, before, after = snows_refit(
-            ctx.model, ctx.chain, ctx.layer, weight_mask, ctx.inputs, k=opts.k, solver=opts.solver(ctx.inputs, ctx.model_input),
+            ctx.model, ctx.chain, ctx.layer, weight_mask, ctx.inputs, k=opts.k,
+            solver=opts.solver(ctx.inputs, ctx.model_input),
             targets=ctx.targets, block_layers=ctx.block_layers, dense_weights=ctx.dense_weights,
             measured_by=measured_rule(opts.measured), progress=ctx.progress, param=ctx.parameter, frozen=frozen,
             ranks=ctx.ranks, hvp=opts.hvp,
