@@ -43,7 +43,7 @@ $(PEERS_STAMP):
 .venv-peers: $(PEERS_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m prunekit.demo
+	$(PY) -m prunekit.cli demo
 
 test: $(STAMP)
 	$(PY) -m pytest

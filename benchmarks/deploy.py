@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import prunekit as pk  # noqa: E402
-from prunekit.export import load, save  # noqa: E402
+from prunekit.formats.compact import load, save  # noqa: E402
 
 
 def entropy(d: float) -> float:

@@ -321,8 +321,8 @@ def main() -> int:
             run("wanda", "2:4", where="cpu", device=dev, section_name="offloaded")
 
     def layer():
-        from prunekit.oneshot.sparsegpt import sparsegpt
-        from prunekit.patterns import NM, Unstructured
+        from prunekit.oneshot.solvers.sparsegpt import sparsegpt
+        from prunekit.sparsity.patterns import NM, Unstructured
 
         fresh(dev)
         last = len(model.model.layers) - 1

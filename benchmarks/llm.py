@@ -23,7 +23,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prunekit.memory import reset_peak, resident_mib  # noqa: E402
+from prunekit.zoo.memory import reset_peak, resident_mib  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PROMPT = "The Python programming language is"
 METHODS = ["magnitude", "wanda", "sparsegpt", "wanda+lstsq", "sparsegpt+lstsq"]
@@ -67,7 +67,7 @@ def run_one(args) -> dict:
     row["rss_before_mib"] = round(before, 0)
     row["model_mib"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 0)
     # prune() once kept a copy of the target weights in memory to restore the model on failure;
-    # its restore point is now on disk (prunekit.oneshot.restore), so rows written since hold 0
+    # its restore point is now on disk (prunekit.oneshot.runtime.restore), so rows written since hold 0
     # here and the whole growth is the working memory of one decoder layer.
     row["restore_copy_mib"] = 0
     row["sparsity"] = round(result.sparsity, 4)

@@ -19,7 +19,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prunekit.memory import reset_peak, resident_mib  # noqa: E402
+from prunekit.zoo.memory import reset_peak, resident_mib  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -10,14 +10,14 @@ thread count in every run. Three configurations:
   memory maps, read before each forward).
 
 ``prune()`` loads one decoder layer at a time from the offload storage, keeps it loaded for all of
-that layer's forwards and writes the pruned weights back (:mod:`prunekit.oneshot.offload`). Each
+that layer's forwards and writes the pruned weights back (:mod:`prunekit.oneshot.runtime.offload`). Each
 run is a fresh interpreter; the configurations are alternated over ``--rounds`` (the order rotates
 every round) and the medians are reported:
 
 * ``prune_s``: ``prune()``'s wall time;
 * ``peak_growth_mib``: peak resident memory during ``prune()`` above the resident memory of the
   loaded (for the offloaded runs: dispatched) model just before it, read as ``VmHWM`` minus
-  ``VmRSS`` from /proc/self/status after resetting ``VmHWM`` (:func:`prunekit.memory.reset_peak`);
+  ``VmRSS`` from /proc/self/status after resetting ``VmHWM`` (:func:`prunekit.zoo.memory.reset_peak`);
 * ``peak_anon_growth_mib``: the same for ``RssAnon`` alone, sampled every 10 ms from a thread: the
   memory the process allocated, without the memory maps' file-backed pages (which the kernel can
   drop at any time) that ``VmHWM`` counts while a ``.dat`` file is mapped;
@@ -52,7 +52,7 @@ CONFIGS = ("memory", "cpu_offload", "disk_offload")
 
 def _checksum(model, names) -> str:
     """sha256 over the pruned weights as stored (in the module, or in its offload storage)."""
-    from prunekit.oneshot.offload import Storage
+    from prunekit.oneshot.runtime.offload import Storage
 
     storage = Storage(model, {n: model.get_submodule(n) for n in names})
     digest = hashlib.sha256()
@@ -100,8 +100,8 @@ def _timers() -> _Timers:
     import accelerate.hooks
     import accelerate.utils.offload
 
-    import prunekit.oneshot.offload as offload
-    import prunekit.oneshot.restore as restore
+    import prunekit.oneshot.runtime.offload as offload
+    import prunekit.oneshot.runtime.restore as restore
 
     timers = _Timers()
     timers.wrap(accelerate.hooks.AlignDevicesHook, "pre_forward", "hooks")
@@ -120,7 +120,7 @@ class _AnonSampler:
     def __init__(self, interval: float = 0.01) -> None:
         import threading
 
-        from prunekit.memory import resident_mib
+        from prunekit.zoo.memory import resident_mib
 
         self.read = lambda: resident_mib("RssAnon")
         self.base = self.peak = self.read()
@@ -144,7 +144,7 @@ def _worker(config: str, layers: int | None, threads: int, eval_sequences: int, 
 
     import prunekit as pk
     from prunekit.llm import decoder_blocks, text_calibration, tokenize
-    from prunekit.memory import reset_peak, resident_mib
+    from prunekit.zoo.memory import reset_peak, resident_mib
     from prunekit.zoo.smollm2 import load_smollm2
     from prunekit.zoo.text import pydoc_text, split_text
 

@@ -35,7 +35,8 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.oneshot import blocks as pk_blocks
-from prunekit.oneshot import newton_cg, snows
+from prunekit.oneshot import lookahead as snows
+from prunekit.oneshot.solvers import newton_cg
 from prunekit.oneshot import prune as pk_prune
 from prunekit.oneshot.methods import snows as snows_method
 

@@ -21,8 +21,8 @@ import torch.nn.utils.prune as tprune
 from torch import nn
 from torch.ao.pruning import BaseSparsifier
 
-from prunekit.schedules import Cubic
-from prunekit.targets import find_targets
+from prunekit.training.schedules import Cubic
+from prunekit.layers.targets import find_targets
 from prunekit.training import MagnitudePruner, SoftThreshold
 from prunekit.zoo.models import resnet_mnist
 

@@ -25,7 +25,7 @@ from multiprocessing import Pool
 import torch
 from torch import nn
 
-from prunekit.schedules import Cubic, Cyclical
+from prunekit.training.schedules import Cubic, Cyclical
 from prunekit.training import STR, MagnitudePruner, SoftThreshold
 from prunekit.zoo.mnist import load_mnist
 

@@ -1,4 +1,4 @@
-import property_settings  # noqa: F401  (registers and loads the hypothesis profiles)
+from helpers import property_settings  # noqa: F401  (registers and loads the hypothesis profiles)
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.accelerate import SparseLinear, accelerate
-from prunekit.export import save
+from prunekit.formats.compact import save
 
 
 def mlp(sparsity: float, seed: int = 0) -> nn.Module:

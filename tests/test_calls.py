@@ -58,7 +58,7 @@ def test_forward_until_stops_after_the_block_and_removes_its_hook():
     assert ran == ["head"]
 
 
-@pytest.mark.parametrize("module", ["report", "loading", "accelerate", "eval", "llm"])
+@pytest.mark.parametrize("module", ["report", "jobs/loading", "accelerate", "eval", "llm"])
 def test_layers_above_do_not_import_the_oneshot_pipeline(module):
     tree = ast.parse((pathlib.Path(prunekit.__file__).parent / f"{module}.py").read_text())
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]

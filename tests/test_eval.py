@@ -46,8 +46,7 @@ def test_a_model_dispatched_with_accelerate_is_fed_where_it_runs():
 
     accelerate = pytest.importorskip("accelerate")
     pytest.importorskip("transformers")
-    sys.path.insert(0, os.path.dirname(__file__))
-    from llama_toys import tiny_llama
+    from helpers.llama_toys import tiny_llama
 
     tokens = torch.randint(0, 100, (200,), generator=torch.Generator().manual_seed(0))
     expected = perplexity(tiny_llama(1), tokens, seq_len=32)

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, os.path.dirname(__file__))
 
 import prunekit as pk  # noqa: E402
-from llama_toys import tiny_llama  # noqa: E402
+from helpers.llama_toys import tiny_llama  # noqa: E402
 from prunekit.llm import check_seq_len, decoder_blocks, generate_sample, max_positions, text_calibration  # noqa: E402
 
 

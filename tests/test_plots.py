@@ -6,7 +6,7 @@ from torch import nn
 
 from prunekit.plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
 from prunekit.report import LayerStat, ModelReport, model_report
-from prunekit.schedules import Constant, Cubic, Cyclical, ThresholdSchedule
+from prunekit.training.schedules import Constant, Cubic, Cyclical, ThresholdSchedule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

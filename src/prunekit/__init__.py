@@ -14,24 +14,25 @@ During training, inside your own loop::
 """
 from . import llm
 from .accelerate import AccelerateReport, SparseLinear, accelerate
-from .allocation import allocate, erk, global_counts
-from .batchnorm import recalibrate_batchnorm
+from .sparsity.allocation import allocate, erk, global_counts
+from .oneshot.batchnorm import recalibrate_batchnorm
 from .eval import perplexity
-from .export import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
-from .export_ct import load_compressed_tensors, save_compressed_tensors
+from .formats.compact import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
+from .formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
 from .jobs import RecipeOutcome, load_output, run_recipe
-from .layout import from_matrix, input_columns, to_matrix
-from .masks import MaskSet
-from .oneshot.newton_cg import NewtonCGConfig
+from .sparsity.layout import from_matrix, to_matrix
+from .layers.base import input_columns
+from .sparsity.masks import MaskSet
+from .oneshot.solvers.newton_cg import NewtonCGConfig
 from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
-from .oneshot.snows import SnowsConfig
+from .oneshot.lookahead import SnowsConfig
 from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
-from .recipe import Recipe, list_recipes, load_recipe
+from .jobs import Recipe, list_recipes, load_recipe
 from .report import ModelReport, model_report
-from .patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
-from .schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
-from .targets import find_targets
+from .sparsity.patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
+from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
+from .layers.targets import find_head, find_targets
 from .training import STR, MagnitudePruner, SoftThreshold
 
-__version__ = "0.1.0"
+from ._version import __version__

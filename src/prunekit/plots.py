@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .report import ModelReport
-from .schedules import Cyclical, ThresholdSchedule
+from .training.schedules import Cyclical, ThresholdSchedule
 
 DPI = 100
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .calls import call, eval_mode, model_device, to_device
-from .layer_kinds import kind_of
-from .targets import prunable
+from .layers.base import kind_of
+from .layers.targets import prunable
 
 PER_POSITION = "per output position"
 PER_FORWARD = "per forward of the example input"
@@ -51,7 +51,7 @@ class ModelReport:
     total_params: int = 0
     total_nonzeros: int = 0
     flops_unit: str = PER_POSITION
-    #: the model's output layer (:func:`prunekit.targets.find_head`), which ``prune`` leaves dense by default
+    #: the model's output layer (:func:`prunekit.layers.targets.find_head`), which ``prune`` leaves dense by default
     head: str | None = None
 
     @property
@@ -143,7 +143,7 @@ def model_report(
     eval mode under ``no_grad`` to count each layer's output positions; a layer called twice is
     counted twice, one never called gets 0 FLOPs. The model is left exactly as it was. The
     layers are those :func:`prunekit.prune` would prune, plus the head with ``include_head``
-    (the default), found by the same rule (:func:`prunekit.targets.prunable`).
+    (the default), found by the same rule (:func:`prunekit.layers.targets.prunable`).
     """
     found = prunable(model, types=types, include=include, exclude=exclude, include_head=include_head,
                      example_inputs=example_inputs)

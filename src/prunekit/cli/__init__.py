@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Iterator
 
-from .. import __version__
+from .._version import __version__
 from . import bench_cmd, prune_cmd, recipes_cmd, report_cmd
 
 USAGE_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     offline()
     if argv and argv[0] == "demo":  # the demo parses its own options
-        from ..demo import main as demo_main
+        from .demo import main as demo_main
 
         demo_main(argv[1:])
         return 0

@@ -122,7 +122,7 @@ def parse_options(values: list[str] | None, flag: str) -> dict:
 
 def is_recipe(name: str | None) -> bool:
     """A YAML path or the name of a shipped recipe (so ``prunekit prune RECIPE`` works too)."""
-    from ..recipe import list_recipes
+    from ..jobs.recipe import list_recipes
 
     return bool(name) and (name.endswith((".yaml", ".yml")) or name in list_recipes())
 
@@ -130,7 +130,7 @@ def is_recipe(name: str | None) -> bool:
 def build_recipe(args: argparse.Namespace):
     """The recipe to run: the --recipe file (or a recipe given as MODEL) with the options applied
     by :func:`prunekit.load_recipe`, as from Python."""
-    from ..recipe import load_recipe
+    from ..jobs.recipe import load_recipe
 
     if is_recipe(args.model) and not args.recipe:
         args.recipe, args.model = args.model, None
@@ -140,7 +140,7 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs import run_recipe
+    from ..jobs.runner import run_recipe
 
     recipe = build_recipe(args)
     outcome = run_recipe(recipe, progress=False if args.quiet else None)

@@ -12,7 +12,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import list_recipes, recipe_path
+    from ..jobs.recipe import list_recipes, recipe_path
 
     if args.name:
         with open(recipe_path(args.name)) as f:

@@ -33,9 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def load_target(args: argparse.Namespace):
     """The model named by the command line, with a compressed checkpoint's weights applied."""
-    from ..export import load
-    from ..jobs import COMPRESSED, DENSE, load_output
-    from ..loading import load_model
+    from ..formats.compact import load
+    from ..jobs.runner import COMPRESSED, DENSE, load_output
+    from ..jobs.loading import load_model
 
     target = args.target
     is_file = os.path.isfile(target)

@@ -102,7 +102,7 @@ def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     offloaded one, on the meta device, has accelerate hooks that move them), and a block held
     in a float32 working copy of a half-precision model gets them in float32."""
     from ..calls import module_device
-    from .placement import as_dtype_of
+    from .runtime.placement import as_dtype_of
 
     for block in blocks:
         dev = module_device(block)

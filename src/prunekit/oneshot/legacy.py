@@ -28,7 +28,7 @@ def legacy_options(
 ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
     """``(method_options, refine_options)`` with the old keywords folded in (the new mappings
     win where both set a key). As before, a keyword for a method not in use is ignored."""
-    from .snows import SnowsConfig
+    from .lookahead import SnowsConfig
 
     old_method: dict[str, Any] = {}
     old_refine: dict[str, Any] = {}

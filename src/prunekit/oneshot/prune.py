@@ -9,7 +9,7 @@
 
 Only one block's inputs and one layer's statistics are held at a time. On any error,
 including Ctrl-C, the model is restored exactly as it was, from originals saved to disk as each
-layer is first changed (:mod:`prunekit.oneshot.restore`), so no copy of the model is held. Under
+layer is first changed (:mod:`prunekit.oneshot.runtime.restore`), so no copy of the model is held. Under
 torch.distributed every rank feeds its own calibration batches and the statistics are summed
 (:mod:`.ranks`).
 """
@@ -26,26 +26,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import allocate, check_sparsity
-from ..batchnorm import recalibrate_batchnorm
-from ..layer_kinds import LayerKind, kind_of, unit_name
-from ..layer_kinds import known as known_kinds
-from ..patterns import NM, Unstructured, parse_pattern
-from ..targets import HEAD_REASON, check_plain_weights, prunable
+from ..sparsity.allocation import allocate, check_sparsity
+from .batchnorm import recalibrate_batchnorm
+from ..layers.base import LayerKind, kind_of, unit_name
+from ..layers.base import known as known_kinds
+from ..sparsity.patterns import NM, Unstructured, parse_pattern
+from ..layers.targets import HEAD_REASON, check_plain_weights, prunable
 from . import registry
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
 from ..calls import first_input, to_device
 from .calibration import collect_batches
-from .ranks import Ranks, across_ranks, checksum, fingerprint, shard
-from .offload import Storage, home_device, is_dispatched, onloaded
-from .placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
+from .runtime.ranks import Ranks, across_ranks, checksum, fingerprint, shard
+from .runtime.offload import Storage, home_device, is_dispatched, onloaded
+from .runtime.placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
 from .legacy import legacy_options
 from .dead import dead_columns, keep_dead_dense
-from .lstsq import reconstruction_error
+from .solvers.lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Refit, Selector, Update
-from .restore import RestorePoint
+from .runtime.restore import RestorePoint
 from .result import LayerReport, PruneResult
-from .selection import magnitude_scores
+from .solvers.selection import magnitude_scores
 from .stats import LayerStats, gather_stats
 
 
@@ -103,7 +103,7 @@ def prune(
     ``refine_options={"k": 4}`` for SNOWS). ``budget`` is ``uniform``, ``global``
     (optionally with a per-layer ``cap``) or ``erk``; ``overrides`` maps layer-name regexes to
     fixed sparsities. ``types`` narrows the layer types (default: every registered layer kind,
-    :mod:`prunekit.layer_kinds`); a module holding several matrices (attention's q, k, v and
+    :mod:`prunekit.layers.base`); a module holding several matrices (attention's q, k, v and
     out_proj, a grouped convolution's groups) is pruned matrix by matrix, each a "layer" of
     its own for budgets, ``overrides`` and the report. ``blocks`` names the modules calibrated
     in order (auto-detected by default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
@@ -544,7 +544,7 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
             kind = kind_of(module).name
         except TypeError:
             raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__}, which no layer kind "
-                             f"handles; known kinds: {known_kinds()} (prunekit.layer_kinds.register_kind adds one)"
+                             f"handles; known kinds: {known_kinds()} (prunekit.layers.base.register_kind adds one)"
                              ) from None
         if types is not None and not isinstance(module, tuple(types)):
             raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__} (layer kind {kind!r}), "

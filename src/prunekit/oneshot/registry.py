@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..patterns import Pattern
+from ..sparsity.patterns import Pattern
 from .stats import LayerStats
 
 #: what a method can ask of the calibration pass, per layer:
@@ -51,7 +51,7 @@ class LayerContext:
     """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
     the model, the blocks from this one to the end, the block's stored inputs, the block's
     pruned layers with their dense weights, how to read and write the layer's matrix, and the
-    processes calibrating together (``ranks``, :mod:`prunekit.oneshot.ranks`; None: this one)."""
+    processes calibrating together (``ranks``, :mod:`prunekit.oneshot.runtime.ranks`; None: this one)."""
 
     model: nn.Module
     layer: nn.Module
@@ -241,11 +241,3 @@ def load_plugins(modules: Sequence[str] | None) -> None:
                                  "or in the working folder") from again
             finally:
                 sys.path.remove(os.getcwd())
-
-
-def builtins() -> None:
-    """Register the methods that ship with prunekit (imported for their decorators)."""
-    from . import methods  # noqa: F401
-
-
-builtins()

@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..layer_kinds import kind_of, unit_name
+from ..layers.base import kind_of, unit_name
 from .blocks import StopForward, swapped_weights
-from .ranks import Ranks
+from .runtime.ranks import Ranks
 
 
 @dataclass
@@ -145,7 +145,7 @@ def gather_stats(
     ranks: Ranks | None = None,
 ) -> dict[str, LayerStats]:
     """Statistics of ``layers`` over all stored block inputs, keyed by unit name
-    (:func:`prunekit.layer_kinds.unit_name`: the module's name for a single-matrix layer);
+    (:func:`prunekit.layers.base.unit_name`: the module's name for a single-matrix layer);
     ``units`` picks some units of each layer (default: all). ``stop_early``: end each forward
     once every layer has been seen; only valid when each layer runs once per block call.
 

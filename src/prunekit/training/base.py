@@ -2,7 +2,7 @@
 
 Under FSDP2 (``fully_shard``) the weights, their gradients and optimizer state are DTensors split
 by rows; the pruners edit each rank's rows in place and compute budgets and thresholds over all
-shards (:mod:`prunekit.sharding`).
+shards (:mod:`prunekit.sparsity.sharding`).
 
 A pruner holds *all* its state (step, masks, thresholds); the model keeps its own parameters
 under their own names, and the optimizer owns every pruned weight. ``step()`` is called once per
@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import sharding
-from ..allocation import allocate
-from ..masks import MaskSet
-from ..targets import check_plain_weights, find_targets
-from ..targets import unwrap
+from ..sparsity import sharding
+from ..sparsity.allocation import allocate
+from ..sparsity.masks import MaskSet
+from ..layers.targets import check_plain_weights, find_targets
+from ..layers.targets import unwrap
 from .shadow import shadow_weight, unshadow
 
 

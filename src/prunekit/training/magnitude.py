@@ -14,7 +14,7 @@ they were pruned (what a mask-in-forward implementation does). Either way they r
 optimizer state.
 
 Under FSDP2 every rank edits its own rows of each weight; budgets count over all shards, so the
-masks equal an unsharded run's (:mod:`prunekit.sharding`).
+masks equal an unsharded run's (:mod:`prunekit.sparsity.sharding`).
 """
 from __future__ import annotations
 
@@ -25,16 +25,16 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .. import sharding
-from ..allocation import BUDGETS, allocate, check_sparsity
-from ..masks import MaskSet
-from ..patterns import NM, parse_pattern
-from ..schedules import Constant
+from ..sparsity import sharding
+from ..sparsity.allocation import BUDGETS, allocate, check_sparsity
+from ..sparsity.masks import MaskSet
+from ..sparsity.patterns import NM, parse_pattern
+from .schedules import Constant
 from .base import PrunerBase, broadcast_, mask_optimizer_state, world_size
 
 
 class MagnitudePruner(PrunerBase):
-    """Prune by magnitude following ``schedule`` (a float, a schedule from :mod:`prunekit.schedules`
+    """Prune by magnitude following ``schedule`` (a float, a schedule from :mod:`prunekit.training.schedules`
     or any ``step -> sparsity`` function, sampled every ``every`` steps).
 
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (the schedule must then end at ``1 - N/M``; a ramp

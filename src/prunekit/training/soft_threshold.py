@@ -5,10 +5,10 @@ The optimizer owns the dense latent ``theta`` (still the module's own ``weight``
 backward (``dL/dtheta := dL/dw``), so pruned entries keep receiving gradients and can regrow.
 Under SGD this is lazy ISTA on ``L(w) + lambda_k |w|_1`` with ``d_{k+1} - d_k = lr_k * lambda_k``.
 The threshold ``d`` is a scalar (one for all layers, or one per layer) set after every
-``optimizer.step()`` from a schedule in :mod:`prunekit.schedules` and reaches the forward as a
+``optimizer.step()`` from a schedule in :mod:`prunekit.training.schedules` and reaches the forward as a
 0-dim tensor filled in place (a Python float would make ``torch.compile`` recompile at every change);
 ``finalize()`` writes ``weight = S_D(theta)`` and detaches everything. Under FSDP2 the target's
-threshold is the k-th magnitude over all shards (:mod:`prunekit.sharding`).
+threshold is the k-th magnitude over all shards (:mod:`prunekit.sparsity.sharding`).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .. import sharding
-from ..allocation import BUDGETS, allocate, check_sparsity
-from ..masks import MaskSet
-from ..schedules import ThresholdSchedule, check_window, exact_lats
+from ..sparsity import sharding
+from ..sparsity.allocation import BUDGETS, allocate, check_sparsity
+from ..sparsity.masks import MaskSet
+from .schedules import ThresholdSchedule, check_window, exact_lats
 from .base import PrunerBase, broadcast_, magnitude_projection, world_size
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import sharding
-from ..allocation import check_sparsity
-from ..masks import MaskSet
+from ..sparsity import sharding
+from ..sparsity.allocation import check_sparsity
+from ..sparsity.masks import MaskSet
 from .base import PrunerBase, magnitude_projection, world_size
 
 

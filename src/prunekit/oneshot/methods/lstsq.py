@@ -2,13 +2,13 @@
 
 Minimises the layer-wise ``mean((X_s W'^T - X_t W0^T)^2)`` against the dense block's inputs
 ``X_t`` (the layer-wise objective of Frantar & Alistarh 2023, sec. 2, solved exactly per row);
-the solver is :func:`prunekit.oneshot.lstsq.lstsq_refit`.
+the solver is :func:`prunekit.oneshot.solvers.lstsq.lstsq_refit`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lstsq import lstsq_refit
+from ..solvers.lstsq import lstsq_refit
 from ..options import check_number
 from ..registry import LayerProblem, Refit, Update, register
 

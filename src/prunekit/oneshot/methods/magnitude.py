@@ -5,7 +5,7 @@ The classic baseline (Han et al. 2015); with N:M, the largest N of every M input
 from __future__ import annotations
 
 from ..registry import LayerProblem, Selector, Update, register
-from ..selection import magnitude_scores, select_mask
+from ..solvers.selection import magnitude_scores, select_mask
 
 
 @register

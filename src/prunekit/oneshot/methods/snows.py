@@ -2,7 +2,7 @@
 
 Lucas & Mazumder 2025, "Preserving Deep Representations in One-Shot Pruning: A Hessian-Free
 Second-Order Optimization Framework", arXiv 2411.18376. The lookahead loss and the solver are in
-:mod:`prunekit.oneshot.snows` and :mod:`prunekit.oneshot.newton_cg`.
+:mod:`prunekit.oneshot.lookahead` and :mod:`prunekit.oneshot.solvers.newton_cg`.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ...calls import first_input
-from ...layer_kinds import kind_of
-from ..lstsq import lstsq_refit
-from ..newton_cg import NewtonCGConfig
+from ...layers.base import kind_of
+from ..solvers.lstsq import lstsq_refit
+from ..solvers.newton_cg import NewtonCGConfig
 from ..options import check_choice, check_int, check_number
 from ..registry import LayerProblem, Refit, Update, register
-from ..snows import HVP_MODES, measured_rule, snows_refit
+from ..lookahead import HVP_MODES, measured_rule, snows_refit
 
 WARM_STARTS = ("auto", "lstsq", "none")
 

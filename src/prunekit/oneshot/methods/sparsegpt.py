@@ -1,16 +1,16 @@
 """SparseGPT: choose the support block by block and update the kept weights (OBS steps).
 
 Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
-One-Shot", sec. 3 (Algorithm 1); the solver is :func:`prunekit.oneshot.sparsegpt.sparsegpt`.
+One-Shot", sec. 3 (Algorithm 1); the solver is :func:`prunekit.oneshot.solvers.sparsegpt.sparsegpt`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...patterns import NM, Pattern
+from ...sparsity.patterns import NM, Pattern
 from ..options import check_int, check_number
 from ..registry import LayerProblem, Selector, Update, register
-from ..sparsegpt import sparsegpt
+from ..solvers.sparsegpt import sparsegpt
 
 
 @dataclass(frozen=True)

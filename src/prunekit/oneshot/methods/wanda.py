@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..dead import dead_columns, fill_dead
 from ..registry import LayerProblem, Selector, Update, register
-from ..selection import select_mask, wanda_scores
+from ..solvers.selection import select_mask, wanda_scores
 
 
 @register

@@ -1,0 +1,164 @@
+"""Run a recipe: load the model and data, prune, and write the outputs all or nothing.
+
+:func:`run_recipe` is what ``prunekit prune`` runs. Everything that can be checked before the
+model is touched is (the recipe's values, the output folder, one forward on the first
+calibration batch), so a mistake costs seconds, not a pruning run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+
+from ..formats.atomic import check_output, write_folder
+from .recipe import Recipe, load_recipe
+from .torchrun import is_writer, process_group, wait_for_writer
+
+
+@dataclass
+class RecipeOutcome:
+    """What :func:`run_recipe` did: the prune result, the output folder, the files in it."""
+
+    result: Any  # prunekit.PruneResult
+    output_dir: str
+    files: list[str]
+    model: Any = None  # the pruned model, still in memory
+
+
+def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwrite: bool | None = None,
+               progress: bool | None = None) -> RecipeOutcome:
+    """Run a whole pruning job: validate, load the model, build and check the calibration
+    data, prune, and write the outputs.
+
+    The outputs are written into a hidden sibling folder and renamed to ``output.dir`` only
+    when complete, so the output folder never holds a half-written model, even after Ctrl-C.
+    An existing output folder is replaced only with ``overwrite`` (default: the recipe's)."""
+    from ..llm import decoder_blocks
+    from .loading import build_calibration, check_calibration_fits, is_causal_lm, load_model
+    from ..oneshot import prune as oneshot  # looked up at call time (tests interrupt it)
+    from ..oneshot.blocks import find_blocks
+
+    recipe = load_recipe(recipe)
+    overwrite = recipe.output.overwrite if overwrite is None else overwrite
+    out = os.path.abspath(recipe.output.dir)
+    check_output(out, overwrite)
+    m, p, t = recipe.model, recipe.prune, recipe.targets
+    model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file,
+                                  root=recipe.folder)
+    calibration = None
+    blocks = p.blocks
+    if recipe.data is not None:
+        calibration = build_calibration(dataclasses.asdict(recipe.data), model, tokenizer)
+        if blocks is None and is_causal_lm(model):
+            blocks = decoder_blocks(model)
+        check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
+    kwargs = {**p.prune_kwargs(), "blocks": blocks}
+    with process_group(kwargs.get("device")) as processes:
+        if processes > 1:  # torchrun: every rank built the same list; each keeps its share
+            kwargs["shard_calibration"] = True
+        result = oneshot.prune(model, calibration, **kwargs, include=t.include, exclude=t.exclude,
+                                include_head=t.include_head, progress=progress)
+        files: list[str] = []
+        written = False
+        try:
+            if is_writer():
+                files = write_folder(out, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result),
+                                     overwrite=overwrite)
+            written = True
+        finally:
+            wait_for_writer(written)
+    return RecipeOutcome(result, out, files, model)
+
+
+def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any) -> None:
+    from ..formats.compact import save, save_pretrained_compressed
+
+    is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained")
+    formats = recipe.output.formats
+    if "hf" in formats and is_hf:
+        model.save_pretrained(folder)
+    elif "hf" in formats:
+        from safetensors.torch import save_model
+
+        save_model(model, os.path.join(folder, "model.safetensors"))
+    if "compressed" in formats:
+        if is_hf:
+            save_pretrained_compressed(model, folder)  # config.json + model.prunekit.safetensors
+        else:
+            save(model, os.path.join(folder, "model.prunekit.safetensors"))
+    if "compressed-tensors" in formats:  # its own config.json and model.safetensors: a subfolder
+        from ..formats.compressed_tensors import save_compressed_tensors
+
+        save_compressed_tensors(model, os.path.join(folder, CT_DIR), tokenizer=tokenizer if is_hf else None)
+    if is_hf and tokenizer is not None and formats:
+        tokenizer.save_pretrained(folder)
+    from ..plots import plot_layer_sparsity
+    from ..report import model_report
+
+    spec = recipe.to_dict()
+    report = model_report(model)
+    with open(os.path.join(folder, "recipe.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(spec, f, sort_keys=False)
+    with open(os.path.join(folder, "prune_report.json"), "w", encoding="utf-8") as f:
+        json.dump({"result": result.to_dict(), "model": report.to_dict(), "recipe": spec,
+                   "recipe_folder": recipe.folder}, f, indent=2)
+    with open(os.path.join(folder, "prune_report.md"), "w", encoding="utf-8") as f:
+        f.write(f"# prunekit report\n\n```\n{result.summary()}\n```\n\n## parameters and FLOPs\n\n"
+                f"{report.to_markdown()}\n\n![per-layer sparsity](layer_sparsity.png)\n\n## recipe\n\n```yaml\n"
+                f"{yaml.safe_dump(spec, sort_keys=False)}```\n")
+    plot_layer_sparsity(report, os.path.join(folder, "layer_sparsity.png"),
+                        title=f"{result.method}{'+' + result.refine if result.refine else ''}, {result.pattern}")
+
+
+DENSE, COMPRESSED, CT_DIR = "model.safetensors", "model.prunekit.safetensors", "compressed-tensors"
+
+
+def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = None) -> Any:
+    """The pruned model in an output folder of :func:`run_recipe`, in eval mode.
+
+    A Hugging Face model comes back from its ``config.json`` (a compressed-only folder through
+    :func:`prunekit.load_pretrained_compressed`); any other model, e.g. ``module:factory``, is
+    rebuilt as the folder's ``recipe.yaml`` says (source, kwargs), then given the saved weights:
+    ``weights`` if given, else ``model.safetensors``, else ``model.prunekit.safetensors``, else
+    the ``compressed-tensors/`` subfolder."""
+    from .loading import load_model, load_state_dict_file
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder {folder!r} does not exist; pass a folder written by prunekit prune")
+    weights = os.fspath(weights) if weights is not None else next(
+        (os.path.join(folder, n) for n in (DENSE, COMPRESSED) if os.path.isfile(os.path.join(folder, n))), None)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        if weights is not None and os.path.basename(weights) == COMPRESSED:
+            from ..formats.compact import load_pretrained_compressed
+
+            return load_pretrained_compressed(folder)
+        return load_model(folder)[0]
+    if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
+        raise FileNotFoundError(f"{folder!r} has neither config.json nor recipe.yaml, so it is not an output folder "
+                                "of prunekit prune; pass the model with --model (or its folder)")
+    ct = os.path.join(folder, CT_DIR)
+    if weights is None and not os.path.isfile(os.path.join(ct, DENSE)):
+        raise FileNotFoundError(f"output folder {folder!r} holds no weights ({DENSE} or {COMPRESSED}): its recipe's "
+                                "output.formats was empty; prune again with formats [hf] or [compressed]")
+    m = load_recipe(os.path.join(folder, "recipe.yaml")).model
+    model, _ = load_model(m.source, kwargs=m.kwargs, gguf_file=m.gguf_file, root=_recipe_folder(folder) or folder)
+    if weights is None:
+        from ..formats.compressed_tensors import load_compressed_tensors
+
+        return load_compressed_tensors(ct, model).eval()
+    load_state_dict_file(model, weights)
+    return model.eval()
+
+
+def _recipe_folder(folder: str) -> str | None:
+    """The folder of the recipe that wrote ``folder`` (its factory modules may live there)."""
+    try:
+        with open(os.path.join(folder, "prune_report.json"), encoding="utf-8") as f:
+            return json.load(f).get("recipe_folder")
+    except (OSError, ValueError, AttributeError):
+        return None

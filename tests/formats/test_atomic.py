@@ -1,0 +1,65 @@
+"""write_folder: the output folder appears complete or not at all, even after an error or Ctrl-C."""
+import os
+
+import pytest
+
+from prunekit.formats.atomic import check_output, write_folder
+
+
+def write_two(folder):
+    for name in ("a.txt", "b.txt"):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(name)
+
+
+def test_writes_then_moves_into_place_with_the_umask_mode(tmp_path):
+    out = tmp_path / "sub" / "out"
+    assert write_folder(str(out), write_two) == ["a.txt", "b.txt"]
+    assert sorted(os.listdir(out)) == ["a.txt", "b.txt"] and os.listdir(tmp_path / "sub") == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not the temporary folder's 0700
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_a_failed_write_leaves_nothing_and_keeps_the_old_folder(tmp_path, error):
+    def fail(folder):
+        write_two(folder)
+        raise error
+
+    with pytest.raises(error):
+        write_folder(str(tmp_path / "out"), fail)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(error):
+        write_folder(str(tmp_path / "out"), fail, overwrite=True)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_an_existing_folder_is_replaced_only_with_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="output.dir .* already exists; pass --overwrite"):
+        write_folder(str(tmp_path / "out"), write_two)
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+    write_folder(str(tmp_path / "out"), write_two, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.txt", "b.txt"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_a_folder_that_appears_meanwhile_is_not_replaced(tmp_path):
+    out = tmp_path / "out"
+
+    def racing(folder):
+        write_two(folder)
+        out.mkdir()  # another process wrote it while we worked
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_folder(str(out), racing)
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == []
+
+
+def test_a_file_is_never_an_output_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        check_output(str(tmp_path / "f"), overwrite=True)
