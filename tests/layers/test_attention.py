@@ -178,13 +178,13 @@ def test_separate_projection_weights_are_units(method, refine):
 
 
 def test_a_failure_after_some_units_restores_every_attention_parameter():
-    from prunekit.oneshot.registry import Selector, Update, register, unregister
+    from prunekit.oneshot.registry import Method, Update, register, unregister
 
     @register(replace=True)
-    class FailsOnV(Selector):
+    class FailsOnV(Method):
         name = "fails-on-v"
 
-        def select(self, problem):
+        def choose(self, problem):
             if problem.name.endswith("[v]"):
                 raise RuntimeError("boom")
             mask = problem.weight.abs() > problem.weight.abs().median()

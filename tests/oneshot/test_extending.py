@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 import prunekit as pk
-from prunekit.oneshot.registry import LayerProblem, Refit, Selector, Update, register, unregister
+from prunekit.oneshot.registry import LayerProblem, Method, Refine, Update, register, unregister
 from prunekit.sparsity.patterns import NM, nm_mask, unstructured_mask
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,14 +22,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -- the user's code -------------------------------------------------------------------------
 @register
-class OBD(Selector):
+class OBD(Method):
     """Optimal Brain Damage's saliency |W_ij|^2 * H_jj (LeCun et al. 1990), per layer."""
 
     name = "obd"
     needs = frozenset({"hessian"})
     summary = "OBD saliency |W|^2 diag(H)"
 
-    def select(self, problem: LayerProblem) -> Update:
+    def choose(self, problem: LayerProblem) -> Update:
         w = problem.weight
         scores = w.square() * problem.stats.hessian.diagonal()
         if isinstance(problem.pattern, NM):
@@ -49,7 +49,7 @@ class RescaleOptions:
 
 
 @register
-class Rescale(Refit):
+class Rescale(Refine):
     """Scale each row's kept weights so its output energy w^T H w matches the dense row's."""
 
     name = "rescale"
@@ -57,8 +57,8 @@ class Rescale(Refit):
     Options = RescaleOptions
     summary = "per-row output energy matched to the dense row"
 
-    def refit(self, problem: LayerProblem, selected: Update) -> Update:
-        h, w0, w = problem.stats.hessian, problem.weight, selected.weight
+    def refine(self, problem: LayerProblem, chosen: Update) -> Update:
+        h, w0, w = problem.stats.hessian, problem.weight, chosen.weight
         dense, kept = ((w0 @ h) * w0).sum(1), ((w @ h) * w).sum(1)
         scale = (dense / kept.clamp_min(1e-12)).sqrt().clamp(1.0, self.options.max_scale)
         return Update(w * scale.unsqueeze(1))

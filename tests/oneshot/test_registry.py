@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 
 from prunekit.oneshot import registry
-from prunekit.oneshot.registry import Refit, Selector, Update, register
+from prunekit.oneshot.registry import Method, Refine, Update, register
 
 
 def _shipped(role):
@@ -13,57 +13,57 @@ def _shipped(role):
 
 
 def test_builtins_are_registered_in_order():
-    assert _shipped("select") == ("magnitude", "wanda", "sparsegpt")
-    assert _shipped("refit") == ("lstsq", "snows")
-    assert registry.get("sparsegpt", "select").updates_weights
-    assert registry.get("wanda", "select").needs == frozenset({"col_norms"})
+    assert _shipped("method") == ("magnitude", "wanda", "sparsegpt")
+    assert _shipped("refine") == ("lstsq", "snows")
+    assert registry.get("sparsegpt", "method").updates_weights
+    assert registry.get("wanda", "method").needs == frozenset({"col_norms"})
 
 
 def test_unknown_name_suggests_the_closest():
     with pytest.raises(ValueError, match="did you mean 'wanda'"):
-        registry.get("wandda", "select")
+        registry.get("wandda", "method")
     with pytest.raises(ValueError, match="refine must be one of lstsq, snows"):
-        registry.get("magnitude", "refit")  # a selector is not a refit
+        registry.get("magnitude", "refine")  # a method is not a refine
 
 
 def test_duplicate_and_incomplete_declarations_are_refused():
     with pytest.raises(TypeError, match="already registered"):
         @register
-        class Again(Selector):
+        class Again(Method):
             name = "magnitude"
 
-            def select(self, problem):
+            def choose(self, problem):
                 return Update(problem.weight, problem.weight != 0)
 
     with pytest.raises(TypeError, match="must declare name"):
         @register
-        class Nameless(Refit):
-            def refit(self, problem, selected):
-                return selected
+        class Nameless(Refine):
+            def refine(self, problem, chosen):
+                return chosen
 
-    with pytest.raises(TypeError, match="must implement select"):
+    with pytest.raises(TypeError, match="must implement choose"):
         @register
-        class Lazy(Selector):
+        class Lazy(Method):
             name = "lazy"
 
     with pytest.raises(TypeError, match="needs must be a set drawn from"):
         @register
-        class Greedy(Selector):
+        class Greedy(Method):
             name = "greedy"
             needs = frozenset({"gradients"})
 
-            def select(self, problem):
+            def choose(self, problem):
                 return Update(problem.weight, problem.weight != 0)
 
     with pytest.raises(TypeError, match="Options must be a dataclass"):
         @register
-        class Loose(Refit):
+        class Loose(Refine):
             name = "loose"
             Options = dict
 
-            def refit(self, problem, selected):
-                return selected
-    assert not {"lazy", "greedy", "loose"} & set(registry.names("select") + registry.names("refit"))
+            def refine(self, problem, chosen):
+                return chosen
+    assert not {"lazy", "greedy", "loose"} & set(registry.names("method") + registry.names("refine"))
 
 
 def test_options_are_validated_by_the_methods_class():
@@ -76,12 +76,12 @@ def test_options_are_validated_by_the_methods_class():
                 raise ValueError(f"alpha must be > 0, got {self.alpha}")
 
     @register
-    class Scaled(Refit):
+    class Scaled(Refine):
         name = "scaled-test"
         Options = Opts
 
-        def refit(self, problem, selected):
-            return Update(selected.weight * self.options.alpha)
+        def refine(self, problem, chosen):
+            return Update(chosen.weight * self.options.alpha)
 
     try:
         assert Scaled({"alpha": 2.0}).options == Opts(2.0)
@@ -93,10 +93,10 @@ def test_options_are_validated_by_the_methods_class():
         with pytest.raises(TypeError, match="must be a mapping"):
             Scaled(["alpha"])
         with pytest.raises(ValueError, match="it takes no options"):
-            registry.get("magnitude", "select")({"x": 1})
+            registry.get("magnitude", "method")({"x": 1})
     finally:
         registry.unregister("scaled-test")
-    assert "scaled-test" not in registry.names("refit")
+    assert "scaled-test" not in registry.names("refine")
 
 
 @pytest.mark.parametrize("name,options,match", [
@@ -115,20 +115,20 @@ def test_options_are_validated_by_the_methods_class():
     ("lstsq", {"damp": -1.0}, "damp must be a number"),
 ])
 def test_degenerate_solver_settings_are_refused(name, options, match):
-    role = "refit" if name in registry.names("refit") else "select"
+    role = "refine" if name in registry.names("refine") else "method"
     with pytest.raises(ValueError, match=f"{name} option {match}"):
         registry.get(name, role)(options)
 
 
 def test_plugins_import_by_module_name(tmp_path, monkeypatch):
     (tmp_path / "my_scores_plugin.py").write_text(
-        "from prunekit.oneshot.registry import Selector, Update, register\n"
-        "@register\nclass Keep(Selector):\n    name = 'keep-all-test'\n"
-        "    def select(self, problem):\n        return Update(problem.weight, problem.weight == problem.weight)\n")
+        "from prunekit.oneshot.registry import Method, Update, register\n"
+        "@register\nclass Keep(Method):\n    name = 'keep-all-test'\n"
+        "    def choose(self, problem):\n        return Update(problem.weight, problem.weight == problem.weight)\n")
     monkeypatch.chdir(tmp_path)  # found in the working folder, as `prunekit prune --plugin` would
     try:
         registry.load_plugins(["my_scores_plugin"])
-        assert "keep-all-test" in registry.names("select")
+        assert "keep-all-test" in registry.names("method")
     finally:
         registry.unregister("keep-all-test")
     with pytest.raises(ValueError, match="plugin 'no_such_plugin_xyz' cannot be imported"):
@@ -143,5 +143,5 @@ def test_the_docs_method_table_is_the_registry():
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| `")]
     expected = [[f"`{r['name']}`", r["role"], ", ".join(r["needs"]) or "-", ", ".join(r["options"]) or "-", r["summary"]]
-                for r in registry.describe() if r["name"] in _shipped("select") + _shipped("refit")]
+                for r in registry.describe() if r["name"] in _shipped("method") + _shipped("refine")]
     assert rows == expected

@@ -22,16 +22,16 @@ from ..zoo.train import accuracy, cached, train_classifier
 
 
 def method_pairs() -> list[tuple[str, str | None]]:
-    """From the registry: every selector alone; every refit on the first selector that needs no
-    data; and every refit that looks beyond its layer also on each weight-updating selector."""
-    selectors = [registry.get(n, "select") for n in registry.names("select")]
-    refits = [registry.get(n, "refit") for n in registry.names("refit")]
-    base = next(s for s in selectors if not s.needs)
-    pairs = [(s.name, None) for s in selectors]
-    for r in refits:
+    """From the registry: every method alone; every refine on the first method that needs no
+    data; and every refine that looks beyond its layer also on each weight-updating method."""
+    methods = [registry.get(n, "method") for n in registry.names("method")]
+    refines = [registry.get(n, "refine") for n in registry.names("refine")]
+    base = next(m for m in methods if not m.needs)
+    pairs = [(m.name, None) for m in methods]
+    for r in refines:
         pairs += [(base.name, r.name)]
         if "sequential" in r.needs:
-            pairs += [(s.name, r.name) for s in selectors if s.updates_weights]
+            pairs += [(m.name, r.name) for m in methods if m.updates_weights]
     return pairs
 
 # The stem conv has one input channel (9 weights per filter): pruning it to 90% leaves most

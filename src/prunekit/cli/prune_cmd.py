@@ -44,12 +44,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--state-dict", help="weights (.pt/.pth/.safetensors) for a module:factory model")
     g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", help=f"how the support is chosen: {', '.join(registry.names('select'))}")
-    g.add_argument("--refine", help=f"refit the surviving weights: none, {', '.join(registry.names('refit'))}")
+    g.add_argument("--method", help=f"how the support is chosen: {', '.join(registry.names('method'))}")
+    g.add_argument("--refine", help=f"refit the surviving weights: none, {', '.join(registry.names('refine'))}")
     g.add_argument("--method-option", action="append", metavar="KEY=VALUE",
                    help="an option of the method (repeatable; VALUE is YAML, e.g. block_size=64)")
     g.add_argument("--refine-option", action="append", metavar="KEY=VALUE",
-                   help="an option of the refit (repeatable; e.g. k=4, measured=[relu])")
+                   help="an option of the refine step (repeatable; e.g. k=4, measured=[relu])")
     g.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import MODULE first, so the methods it registers can be named (repeatable)")
     g.add_argument("--pattern", help="unstructured or N:M, e.g. 2:4")

@@ -398,8 +398,8 @@ def _check_values(r: Recipe) -> None:
     if p.refine in ("none", "null"):
         p.refine = None
     registry.load_plugins(p.plugins)
-    _choice(p.method, registry.names("select"), "prune.method")
-    _choice(p.refine, (None, *registry.names("refit")), "prune.refine")
+    _choice(p.method, registry.names("method"), "prune.method")
+    _choice(p.refine, (None, *registry.names("refine")), "prune.refine")
     if p.snows:
         warnings.warn("prune.snows in a recipe is deprecated; write prune.refine_options", DeprecationWarning, stacklevel=2)
         p.refine_options = {**p.snows, **p.refine_options} if p.refine == "snows" else p.refine_options
@@ -416,9 +416,9 @@ def _check_values(r: Recipe) -> None:
             re.compile(regex)
         for regex in (r.targets.include or []) + (r.targets.exclude or []):
             re.compile(regex)
-        registry.make_options(registry.get(p.method, "select"), p.method_options)
+        registry.make_options(registry.get(p.method, "method"), p.method_options)
         if p.refine is not None:
-            registry.make_options(registry.get(p.refine, "refit"), p.refine_options)
+            registry.make_options(registry.get(p.refine, "refine"), p.refine_options)
         _choice(p.stats_dtype, (None, "float32", "float64"), "prune.stats_dtype")
         execution_device(p.device)
     except (TypeError, ValueError, re.error) as exc:
@@ -428,7 +428,7 @@ def _check_values(r: Recipe) -> None:
                          f"({pattern.sparsity:g}); remove sparsity")
     if not isinstance(pattern, NM) and p.sparsity is None:
         raise ValueError("prune.sparsity is required for the unstructured pattern; add e.g. sparsity: 0.5")
-    if d is None and (registry.get(p.method, "select").needs or p.refine is not None):
+    if d is None and (registry.get(p.method, "method").needs or p.refine is not None):
         raise ValueError(f"prune.method {p.method!r}" + (f" with refine {p.refine!r}" if p.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
                          "tensors: inputs.pt), or use method: magnitude without refine")

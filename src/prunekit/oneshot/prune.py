@@ -2,8 +2,8 @@
 
 1. pick the prunable layers and a per-layer budget;
 2. for each block, in order, on inputs from the already-pruned blocks before it:
-   choose each layer's support with a registered ``"select"`` method, then optionally refit
-   the surviving weights on that support with a ``"refit"`` method
+   choose each layer's support with a registered :class:`~.registry.Method`, then optionally
+   refit the surviving weights on that support with a :class:`~.registry.Refine`
    (:mod:`prunekit.oneshot.registry`);
 3. report per-layer sparsity (read from the tensors), reconstruction errors and time.
 
@@ -42,7 +42,7 @@ from .runtime.placement import exact_float32, execution_device, peak_memory_trac
 from .legacy import legacy_options
 from .dead import dead_columns, keep_dead_dense
 from .solvers.lstsq import reconstruction_error
-from .registry import LayerContext, LayerProblem, Refit, Selector, Update
+from .registry import LayerContext, LayerProblem, Method, Refine, Update
 from .runtime.restore import RestorePoint
 from .result import LayerReport, PruneResult
 from .solvers.selection import magnitude_scores
@@ -52,9 +52,9 @@ from .stats import LayerStats, gather_stats
 def __getattr__(name: str) -> tuple:
     """``METHODS`` / ``REFINES``: the registered names, read when asked (plugins included)."""
     if name == "METHODS":
-        return registry.names("select")
+        return registry.names("method")
     if name == "REFINES":
-        return (None, *registry.names("refit"))
+        return (None, *registry.names("refine"))
     raise AttributeError(name)
 
 
@@ -140,8 +140,8 @@ def prune(
     method_options, refine_options = legacy_options(
         method, refine, method_options, refine_options,
         snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
-    selector, refit, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
-                                                     pattern, sparsity, capture, exact, recalibrate_bn)
+    chooser, refiner, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
+                                                      pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
     home = home_device(model)  # a model dispatched with accelerate may hold no weight in memory
     run_device = exec_device or home
@@ -150,7 +150,7 @@ def prune(
         raise ValueError(f"pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use budget='uniform' "
                          f"without cap or overrides (got budget={budget!r}, cap={cap!r}, overrides={overrides!r}), "
                          "and exclude= for layers to keep dense")
-    needs_data = bool(selector.needs | (refit.needs if refit else frozenset()))
+    needs_data = bool(chooser.needs | (refiner.needs if refiner else frozenset()))
     if recalibrate_bn and calibration is None:
         raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
                          "pass calibration batches (or recalibrate_bn=False)")
@@ -188,8 +188,8 @@ def prune(
         del scores
 
     if ranks.active:
-        args = dict(method=method, refine=refine, method_options=selector.options, pattern=pattern,
-                    refine_options=refit.options if refit else None, sparsity=sparsity, budget=budget, cap=cap,
+        args = dict(method=method, refine=refine, method_options=chooser.options, pattern=pattern,
+                    refine_options=refiner.options if refiner else None, sparsity=sparsity, budget=budget, cap=cap,
                     overrides=overrides, include=include, exclude=exclude, include_head=include_head, types=types,
                     blocks=blocks, capture=capture, sequential=sequential, strict=strict, max_batches=max_batches,
                     device=run_device.type, stats_dtype=precision, shard_calibration=shard_calibration,
@@ -199,7 +199,7 @@ def prune(
     result = PruneResult(method, refine, str(pattern), pattern.sparsity if isinstance(pattern, NM) else sparsity,
                          skipped=skipped, device=str(run_device), stats_dtype=str(precision).replace("torch.", ""),
                          exact=exact, processes=ranks.world if needs_data else 1)
-    job = _Job(model, targets, units, budgets, pattern, selector, refit, sequential, result)
+    job = _Job(model, targets, units, budgets, pattern, chooser, refiner, sequential, result)
     job.home, job.device, job.dtype, job.exact, job.ranks = home, run_device, precision, exact, ranks
     job.storage, job.dispatched = storage, is_dispatched(model)
     was_training = model.training
@@ -249,12 +249,12 @@ def prune(
 class _Job:
     """The state of one prune() call: which layers, what budgets, what is done."""
 
-    def __init__(self, model, targets, units, budgets, pattern, selector: Selector, refit: Refit | None, sequential,
+    def __init__(self, model, targets, units, budgets, pattern, method: Method, refine: Refine | None, sequential,
                  result) -> None:
         self.model, self.targets, self.budgets, self.pattern = model, targets, budgets, pattern
         self.units: dict[str, tuple[str, str]] = units  # unit name -> (module name, unit)
-        self.selector, self.refit = selector, refit
-        needs = selector.needs | (refit.needs if refit else frozenset())
+        self.method, self.refine = method, refine
+        needs = method.needs | (refine.needs if refine else frozenset())
         self.want_h = "hessian" in needs
         self.sequential = sequential or bool(needs & {"dense_target", "sequential"})
         self.result = result
@@ -285,7 +285,7 @@ class _Job:
         self.model_input = _sample_shape(calls[0])
         _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
         owned = {n: self._owner(n, blocks) for n in self.targets}
-        lookahead = self.refit is not None and "sequential" in self.refit.needs
+        lookahead = self.refine is not None and "sequential" in self.refine.needs
         inputs = None
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
@@ -354,15 +354,15 @@ class _Job:
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
-        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.selector,
+        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.method,
                                self._context(layer, kind, unit, ctx) if ctx else None, exact=self.exact)
-        chosen = _checked(self.selector.select(problem), w0, self.selector)
+        chosen = _checked(self.method.choose(problem), w0, self.method)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
         has_h = stats is not None and stats.h_sum is not None
         if has_h:
             report.error_selected = self._error(w, w0, stats)
-        if self.refit is not None:
-            refitted = _checked(self.refit.refit(problem, chosen), w0, self.refit)
+        if self.refine is not None:
+            refitted = _checked(self.refine.refine(problem, chosen), w0, self.refine)
             w = refitted.weight
             notes.append(refitted.note)
             if refitted.lookahead is not None:
@@ -373,7 +373,7 @@ class _Job:
             if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
                 w = keep_dead_dense(w, w0, mask, dead)
         self._write(layer, kind, unit, w, mask)
-        if self.refit is not None and has_h:
+        if self.refine is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
         written = kind.matrix(layer, unit)
@@ -389,7 +389,7 @@ class _Job:
             self.bar.update()
 
     def _context(self, layer: nn.Module, kind: LayerKind, unit: str, ctx: dict) -> LayerContext:
-        """What a network-level refit (SNOWS) needs of the current block."""
+        """What a network-level refine (SNOWS) needs of the current block."""
         param = kind.parameter(layer, unit)
         inside = kind.weight_mask(layer, torch.ones(kind.matrix(layer, unit).shape, dtype=torch.bool,
                                                     device=param.device), unit)
@@ -489,27 +489,27 @@ def _blame_batch(model, later_calls, exc: Exception) -> None:
                              "check that every batch matches the model's inputs") from exc
 
 
-def _checked(update: Update, w0: torch.Tensor, method: registry.Method) -> Update:
-    """A method's answer, checked: a matrix like the layer's and, from a selector, a boolean
-    keep-mask (a refit keeps the selector's)."""
+def _checked(update: Update, w0: torch.Tensor, step: registry.OneShotStep) -> Update:
+    """A step's answer, checked: a matrix like the layer's and, from a method, a boolean
+    keep-mask (a refine keeps the method's)."""
     if not isinstance(update, Update) or update.weight.shape != w0.shape:
-        raise TypeError(f"method {method.name!r} must return an Update with a weight of shape {tuple(w0.shape)}")
+        raise TypeError(f"{step.role} {step.name!r} must return an Update with a weight of shape {tuple(w0.shape)}")
     mask = update.mask
-    if method.role == "select" and (mask is None or mask.dtype != torch.bool or mask.shape != w0.shape):
-        raise TypeError(f"method {method.name!r} must return a boolean keep-mask of shape {tuple(w0.shape)}")
+    if step.role == "method" and (mask is None or mask.dtype != torch.bool or mask.shape != w0.shape):
+        raise TypeError(f"method {step.name!r} must return a boolean keep-mask of shape {tuple(w0.shape)}")
     return update
 
 
 def _check_args(method, refine, method_options, refine_options, pattern, sparsity, capture, exact=True,
                 recalibrate_bn=False):
-    """The selector and refit instances (options validated), the pattern and the sparsity."""
+    """The method and refine instances (options validated), the pattern and the sparsity."""
     if refine in ("none", "null"):
         refine = None
-    selector = registry.get(method, "select")(method_options)
-    refit = registry.get(refine, "refit")(refine_options) if refine is not None else None
+    chooser = registry.get(method, "method")(method_options)
+    refiner = registry.get(refine, "refine")(refine_options) if refine is not None else None
     if refine is None and refine_options:
         raise ValueError(f"refine_options were given without refine; pass refine= one of "
-                         f"{', '.join(registry.names('refit'))} (or drop them)")
+                         f"{', '.join(registry.names('refine'))} (or drop them)")
     if not isinstance(exact, bool):
         raise TypeError(f"exact must be True or False, got {exact!r}")
     if not isinstance(recalibrate_bn, bool):
@@ -517,16 +517,16 @@ def _check_args(method, refine, method_options, refine_options, pattern, sparsit
     if capture not in ("chain", "rerun"):
         raise ValueError(f"capture must be 'chain' or 'rerun', got {capture!r}")
     pattern = parse_pattern(pattern)
-    for chosen in (selector, refit):
-        if chosen is not None:
-            chosen.check(pattern)
+    for step in (chooser, refiner):
+        if step is not None:
+            step.check(pattern)
     if isinstance(pattern, NM):
         if sparsity is not None and abs(check_sparsity(sparsity) - pattern.sparsity) > 1e-9:
             raise ValueError(f"sparsity={sparsity} contradicts pattern {pattern} ({pattern.sparsity:g}); omit sparsity")
-        return selector, refit, pattern, pattern.sparsity
+        return chooser, refiner, pattern, pattern.sparsity
     if sparsity is None:
         raise ValueError("sparsity is required for unstructured pruning, e.g. sparsity=0.5")
-    return selector, refit, pattern, check_sparsity(sparsity)
+    return chooser, refiner, pattern, check_sparsity(sparsity)
 
 
 def _check_include(model: nn.Module, include, targets, types) -> None:

@@ -1,16 +1,17 @@
 """The registry of one-shot methods: what ``prune(method=..., refine=...)`` can name.
 
 One-shot pruning is two separate steps (Frantar & Alistarh 2023 choose the support and update
-the weights in one pass; Lucas & Mazumder 2025 refit any given support): a ``"select"`` method
-chooses each layer's keep-mask, possibly updating the kept weights (magnitude, Wanda,
-SparseGPT); a ``"refit"`` method re-fits the surviving weights on that fixed mask (least
-squares, SNOWS). A method is a small class registered by name::
+the weights in one pass; Lucas & Mazumder 2025 refit any given support), named as in
+``prune()``: a :class:`Method` (role ``"method"``) chooses each layer's keep-mask, possibly
+updating the kept weights (magnitude, Wanda, SparseGPT); a :class:`Refine` (role ``"refine"``)
+refits the surviving weights on that fixed mask (least squares, SNOWS). Each is a small class
+registered by name::
 
     @register
-    class MyScore(Selector):
+    class MyScore(Method):
         name = "my-score"
         needs = frozenset({"col_norms"})
-        def select(self, problem): ...
+        def choose(self, problem): ...
 
 declaring the calibration statistics it needs (see :data:`STATISTICS`) and an ``Options``
 dataclass that validates its own fields. ``prune()``, recipes, the command line, the demo and
@@ -38,7 +39,7 @@ from .stats import LayerStats
 #: see (statistics are then recomputed after every layer); ``sequential`` -- the block's stored
 #: inputs and the model, to evaluate losses through later layers (SNOWS).
 STATISTICS = frozenset({"col_norms", "hessian", "dense_target", "sequential"})
-ROLES = ("select", "refit")
+ROLES = ("method", "refine")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class NoOptions:
 
 @dataclass
 class LayerContext:
-    """What a refit that evaluates the network (``needs`` ``sequential``) sees of its layer:
+    """What a refine that evaluates the network (``needs`` ``sequential``) sees of its layer:
     the model, the blocks from this one to the end, the block's stored inputs, the block's
     pruned layers with their dense weights, how to read and write the layer's matrix, and the
     processes calibrating together (``ranks``, :mod:`prunekit.oneshot.runtime.ranks`; None: this one)."""
@@ -86,7 +87,7 @@ class LayerProblem:
     sparsity: float
     pattern: Pattern
     stats: LayerStats | None
-    selector: "Selector"
+    method: "Method"
     context: LayerContext | None = None
     #: keep the requested count of non-zeros: weights of dead inputs stay dense where kept
     exact: bool = True
@@ -94,7 +95,7 @@ class LayerProblem:
 
 @dataclass
 class Update:
-    """A method's answer: the new ``[d_out, d_in]`` matrix, and for a selector its keep-mask;
+    """A step's answer: the new ``[d_out, d_in]`` matrix, and from a method its keep-mask;
     ``note`` goes to the layer's report, ``lookahead`` is a (before, after) loss pair."""
 
     weight: torch.Tensor
@@ -103,8 +104,8 @@ class Update:
     lookahead: tuple[float, float] | None = None
 
 
-class Method:
-    """Base of every one-shot method; subclass :class:`Selector` or :class:`Refit`."""
+class OneShotStep:
+    """Base of the two steps of one-shot pruning; subclass :class:`Method` or :class:`Refine`."""
 
     name: ClassVar[str]
     role: ClassVar[str]
@@ -119,45 +120,47 @@ class Method:
         """Refuse (ValueError) a pattern these options cannot serve, before any layer is touched."""
 
 
-class Selector(Method):
-    """Chooses a layer's support. ``updates_weights``: the kept weights come back updated
-    (SparseGPT), so a refit needs no warm start of its own."""
+class Method(OneShotStep):
+    """Chooses a layer's support (``prune(method=...)``). ``updates_weights``: the kept weights
+    come back updated (SparseGPT), so a refine needs no warm start of its own."""
 
-    role = "select"
+    role = "method"
     updates_weights: ClassVar[bool] = False
 
-    def select(self, problem: LayerProblem) -> Update:
+    def choose(self, problem: LayerProblem) -> Update:
         raise NotImplementedError
 
 
-class Refit(Method):
-    """Re-fits the surviving weights of a layer on the selector's fixed mask."""
+class Refine(OneShotStep):
+    """Refits the surviving weights of a layer on the method's fixed mask (``prune(refine=...)``)."""
 
-    role = "refit"
+    role = "refine"
 
-    def refit(self, problem: LayerProblem, selected: Update) -> Update:
+    def refine(self, problem: LayerProblem, chosen: Update) -> Update:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Method]] = {}
+#: the function each role implements
+_WORK = {"method": "choose", "refine": "refine"}
+_REGISTRY: dict[str, type[OneShotStep]] = {}
 
 
-def register(cls: type[Method] | None = None, *, replace: bool = False) -> Any:
-    """Class decorator: add a method under its ``name`` (checked: a duplicate name, a missing
+def register(cls: type[OneShotStep] | None = None, *, replace: bool = False) -> Any:
+    """Class decorator: add a method or refine under its ``name`` (checked: a duplicate name, a missing
     declaration or an unknown statistic is a ``TypeError``). ``@register(replace=True)``
     redefines a name, e.g. when a notebook cell runs again."""
     if cls is None:
         return lambda c: register(c, replace=replace)
-    if not (isinstance(cls, type) and issubclass(cls, (Selector, Refit))):
-        raise TypeError(f"register() takes a subclass of Selector or Refit, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, (Method, Refine))):
+        raise TypeError(f"register() takes a subclass of Method or Refine, got {cls!r}")
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not name or name in ("none", "null"):
         raise TypeError(f"{cls.__name__} must declare name = '...' (a non-empty string other than 'none')")
     if name in _REGISTRY and not replace:
         raise TypeError(f"a one-shot method named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
                         "choose another name")
-    work = "select" if cls.role == "select" else "refit"
-    if getattr(cls, work) is getattr(Selector if cls.role == "select" else Refit, work):
+    work = _WORK[cls.role]
+    if getattr(cls, work) is getattr(Method if cls.role == "method" else Refine, work):
         raise TypeError(f"{cls.__name__} must implement {work}()")
     needs = cls.needs
     if not isinstance(needs, (set, frozenset)) or not needs <= STATISTICS:
@@ -170,30 +173,30 @@ def register(cls: type[Method] | None = None, *, replace: bool = False) -> Any:
 
 
 def unregister(name: str) -> None:
-    """Remove a method (for tests and interactive sessions)."""
+    """Remove a method or refine (for tests and interactive sessions)."""
     _REGISTRY.pop(name, None)
 
 
 def names(role: str) -> tuple[str, ...]:
-    """Registered method names of one role, in registration order."""
+    """Registered names of one role (``"method"`` or ``"refine"``), in registration order."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     return tuple(n for n, cls in _REGISTRY.items() if cls.role == role)
 
 
-def get(name: str, role: str, where: str | None = None) -> type[Method]:
-    """The method class registered as ``name`` for ``role`` (ValueError with the closest name)."""
+def get(name: str, role: str, where: str | None = None) -> type[OneShotStep]:
+    """The class registered as ``name`` for ``role`` (ValueError naming ``where``, by default the
+    role, with the closest name)."""
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
     if cls is None or cls.role != role:
         known = names(role)
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        label = where or ("method" if role == "select" else "refine")
-        raise ValueError(f"{label} must be one of {', '.join(known)}, got {name!r}{hint}")
+        raise ValueError(f"{where or role} must be one of {', '.join(known)}, got {name!r}{hint}")
     return cls
 
 
-def make_options(cls: type[Method], options: Any) -> Any:
+def make_options(cls: type[OneShotStep], options: Any) -> Any:
     """``cls.Options`` from None, an instance, or a mapping of its fields (unknown key:
     ValueError naming the closest option)."""
     if options is None:
@@ -217,7 +220,7 @@ def make_options(cls: type[Method], options: Any) -> Any:
 
 
 def describe() -> list[dict[str, Any]]:
-    """One row per registered method (name, role, needs, options, summary): what ``--help``
+    """One row per registered method and refine (name, role, needs, options, summary): what ``--help``
     and the docs' method table show."""
     return [{"name": name, "role": cls.role, "needs": sorted(cls.needs),
              "options": [f.name for f in dataclasses.fields(cls.Options)], "summary": cls.summary}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..solvers.lstsq import lstsq_refit
 from ..options import check_number
-from ..registry import LayerProblem, Refit, Update, register
+from ..registry import LayerProblem, Refine, Update, register
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,13 @@ class LstsqOptions:
 
 
 @register
-class Lstsq(Refit):
+class Lstsq(Refine):
     name = "lstsq"
     needs = frozenset({"hessian", "dense_target"})
     Options = LstsqOptions
     summary = "exact per-row least squares on the support"
 
-    def refit(self, problem: LayerProblem, selected: Update) -> Update:
+    def refine(self, problem: LayerProblem, chosen: Update) -> Update:
         s = problem.stats
-        return Update(lstsq_refit(problem.weight, selected.mask, s.hessian, s.cross, damp=self.options.damp,
+        return Update(lstsq_refit(problem.weight, chosen.mask, s.hessian, s.cross, damp=self.options.damp,
                                   dtype=problem.weight.dtype))

@@ -19,7 +19,7 @@ from ...layers.base import kind_of
 from ..solvers.lstsq import lstsq_refit
 from ..solvers.newton_cg import NewtonCGConfig
 from ..options import check_choice, check_int, check_number
-from ..registry import LayerProblem, Refit, Update, register
+from ..registry import LayerProblem, Refine, Update, register
 from ..lookahead import HVP_MODES, measured_rule, snows_refit
 
 WARM_STARTS = ("auto", "lstsq", "none")
@@ -35,7 +35,7 @@ class SnowsOptions(NewtonCGConfig):
     MobileNet-class run under 15 minutes on 2 cores), on all of it otherwise (on a small ViT a
     quarter lost most of SNOWS's gain over SparseGPT and saved no time); and: ``k``, measured
     operations after the layer's own output; ``warm_start``: ``"auto"`` (least squares unless
-    the selector already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
+    the method already updated the weights, as SparseGPT does), ``"lstsq"`` or ``"none"``;
     ``warm_start_damp``: its ridge term; ``measured``: which operations the loss compares
     (None: prunable layers, activations and attention; or a predicate ``(name, module) ->
     bool``; or a list of module types and name regexes); ``per_group``: refit each group of a
@@ -140,7 +140,7 @@ def _joint_units(layer: nn.Module, param: nn.Parameter | None) -> int:
 
 
 @register
-class Snows(Refit):
+class Snows(Refine):
     name = "snows"
     needs = frozenset({"hessian", "dense_target", "sequential"})
     Options = SnowsOptions
@@ -151,10 +151,10 @@ class Snows(Refit):
         # keep-masks of the groups of a grouped convolution waiting for their joint solve
         self._pending: dict[int, list[torch.Tensor]] = {}
 
-    def refit(self, problem: LayerProblem, selected: Update) -> Update:
+    def refine(self, problem: LayerProblem, chosen: Update) -> Update:
         opts, ctx, s = self.options, problem.context, problem.stats
-        w, mask = selected.weight, selected.mask
-        if opts.warm_start == "lstsq" or (opts.warm_start == "auto" and not problem.selector.updates_weights):
+        w, mask = chosen.weight, chosen.mask
+        if opts.warm_start == "lstsq" or (opts.warm_start == "auto" and not problem.method.updates_weights):
             w = lstsq_refit(problem.weight, mask, s.hessian, s.cross, damp=opts.warm_start_damp,
                             dtype=problem.weight.dtype)
         ctx.write(w, mask)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ...sparsity.patterns import NM, Pattern
 from ..options import check_int, check_number
-from ..registry import LayerProblem, Selector, Update, register
+from ..registry import LayerProblem, Method, Update, register
 from ..solvers.sparsegpt import sparsegpt
 
 
@@ -39,7 +39,7 @@ class SparseGPTOptions:
 
 
 @register
-class SparseGPT(Selector):
+class SparseGPT(Method):
     name = "sparsegpt"
     needs = frozenset({"hessian"})
     Options = SparseGPTOptions
@@ -49,7 +49,7 @@ class SparseGPT(Selector):
     def check(self, pattern: Pattern) -> None:
         self.options.width(pattern)
 
-    def select(self, problem: LayerProblem) -> Update:
+    def choose(self, problem: LayerProblem) -> Update:
         opts = self.options
         out = sparsegpt(problem.weight, problem.stats.hessian, problem.sparsity, problem.pattern,
                         block_size=opts.width(problem.pattern), damp=opts.damp, dtype=problem.weight.dtype,

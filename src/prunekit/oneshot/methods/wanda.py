@@ -9,17 +9,17 @@ mean input norm instead of zero (:mod:`prunekit.oneshot.dead`).
 from __future__ import annotations
 
 from ..dead import dead_columns, fill_dead
-from ..registry import LayerProblem, Selector, Update, register
+from ..registry import LayerProblem, Method, Update, register
 from ..solvers.selection import select_mask, wanda_scores
 
 
 @register
-class Wanda(Selector):
+class Wanda(Method):
     name = "wanda"
     needs = frozenset({"col_norms"})
     summary = "magnitude x input-column norm, per output row"
 
-    def select(self, problem: LayerProblem) -> Update:
+    def choose(self, problem: LayerProblem) -> Update:
         w = problem.weight
         sq = problem.stats.sq
         if problem.exact:  # a dead input scores as one of mean energy, not as free to prune
