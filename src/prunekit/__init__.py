@@ -26,7 +26,6 @@ from .sparsity.masks import MaskSet
 from .oneshot.solvers.newton_cg import NewtonCGConfig
 from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
-from .oneshot.lookahead import SnowsConfig
 from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
 from .jobs import Recipe, list_recipes, load_recipe
 from .report import ModelReport, model_report

@@ -76,7 +76,7 @@ def test_options_override_the_recipe(tmp_path):
      {"tensors": "y.pt", "dir": "o", "state_dict": "w.pt", "overwrite": True}),
     (["--data-tensors", "builtin:mnist", "--pattern", "2:4", "--method", "magnitude", "--format", "hf"],
      {"tensors": "builtin:mnist", "pattern": "2:4", "method": "magnitude", "formats": ["hf"]}),
-    (["--corpus", "pydoc", "--seq-len", "16", "--refine", "snows", "--snows-k", "2", "--include", "^0$"],
+    (["--corpus", "pydoc", "--seq-len", "16", "--refine", "snows", "--refine-option", "k=2", "--include", "^0$"],
      {"corpus": "pydoc", "seq_len": 16, "refine": "snows", "refine_options": {"k": 2}, "include": ["^0$"]}),
     (["--data-text", "a.txt", "b.txt", "--refine", "none", "--budget", "global", "--cap", "0.8"],
      {"text": ["a.txt", "b.txt"], "refine": "none", "budget": "global", "cap": 0.8}),

@@ -58,8 +58,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--cap", type=float, help="largest per-layer sparsity under a global budget")
     g.add_argument("--include", action="append", help="regex of layer names to prune (repeatable)")
     g.add_argument("--exclude", action="append", help="regex of layer names to leave dense (repeatable)")
-    g.add_argument("--snows-k", type=int, help="deprecated: --refine-option k=N")
-    g.add_argument("--snows-max-cg", type=int, help="deprecated: --refine-option max_cg=N")
     g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
     g.add_argument("--stats-dtype", choices=["float32", "float64"],
                    help="precision of statistics and solvers (default: float32; float64 for a float64 model)")
@@ -85,8 +83,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
     """The recipe values the command-line options set, named as :func:`prunekit.load_recipe`'s
     overrides (None: an option not given, the recipe's value stays; options mappings add to the
     recipe's key by key)."""
-    legacy = {k: v for k, v in (("k", args.snows_k), ("max_cg", args.snows_max_cg)) if v is not None}
-    refine_options = {**legacy, **parse_options(args.refine_option, "--refine-option")}
+    refine_options = parse_options(args.refine_option, "--refine-option")
     method_options = parse_options(args.method_option, "--method-option")
     formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else None
     return {"source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,

@@ -22,7 +22,6 @@ import os
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -86,7 +85,6 @@ class PruneSpec:
     refine_options: dict[str, Any] = field(default_factory=dict)
     blocks: list[str] | None = None
     plugins: list[str] | None = None  # modules imported first: they register more methods
-    snows: dict[str, Any] = field(default_factory=dict)  # deprecated: refine_options
     device: str | None = None
     stats_dtype: str | None = None
     exact: bool = True  # keep every layer's requested non-zeros where inputs are dead
@@ -95,10 +93,9 @@ class PruneSpec:
     def prune_kwargs(self) -> dict[str, Any]:
         """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).
         Every field is one, under the same name, so a new key is one new field; ``plugins``
-        (imported when the recipe is checked) and the deprecated ``snows`` (folded into
-        ``refine_options`` then) are not."""
+        (imported when the recipe is checked) is not."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("plugins", "snows")}
+                  if f.name != "plugins"}
         if self.refine is None:
             values["refine_options"] = None
         return {k: (None if isinstance(v, dict) and not v else v) for k, v in values.items()}
@@ -227,7 +224,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
         if not isinstance(part, dict):
             continue  # not a mapping: validation says so
         if isinstance(value, Mapping) and isinstance(part.get(name), Mapping):
-            value = {**part[name], **value}  # snows, kwargs, overrides: key by key
+            value = {**part[name], **value}  # options, kwargs, overrides: key by key
         part[name] = value
     if sources and isinstance(raw["data"], dict):  # a new data source replaces the recipe's, and the
         dropped = {*_DATA_SOURCES} - {sources[0]}    # options only the old one took
@@ -255,7 +252,7 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | Recipe, **overri
     refine. Their relative paths are the working folder's (a recipe file's own are its
     folder's); ``builtin:`` names stay names. A data source (``text``, ``corpus``, ``tensors``)
     replaces the recipe's, an N:M ``pattern`` without ``sparsity`` drops the recipe's sparsity,
-    and mappings (``snows``, ``kwargs``, ``overrides``) are merged key by key. The recipe is
+    and mappings (``method_options``, ``refine_options``, ``kwargs``, ``overrides``) are merged key by key. The recipe is
     validated once, after the overrides, so they can also complete it."""
     if isinstance(recipe, Recipe):
         if not overrides:
@@ -400,10 +397,6 @@ def _check_values(r: Recipe) -> None:
     registry.load_plugins(p.plugins)
     _choice(p.method, registry.names("method"), "prune.method")
     _choice(p.refine, (None, *registry.names("refine")), "prune.refine")
-    if p.snows:
-        warnings.warn("prune.snows in a recipe is deprecated; write prune.refine_options", DeprecationWarning, stacklevel=2)
-        p.refine_options = {**p.snows, **p.refine_options} if p.refine == "snows" else p.refine_options
-        p.snows = {}
     _choice(p.budget, BUDGETS, "prune.budget")
     try:
         pattern = parse_pattern(p.pattern)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -44,22 +43,6 @@ NOT_MEASURED = ("shortcut", "downsample")
 HVP_MODES = ("exact", "gauss_newton")
 #: ``(full module name, module, ids of prunable layers) -> measured?``
 MeasuredRule = Callable[[str, nn.Module, "set[int]"], bool]
-
-
-@dataclass
-class SnowsConfig:
-    """SNOWS options in their older, nested form (``pk.prune(snows=...)``, deprecated: pass
-    ``refine_options`` with the same keys, flat). ``k`` counts measured operations after the
-    layer's own output."""
-
-    k: int = 8
-    # "auto": a least-squares warm start for supports chosen without weight updates
-    # (magnitude, Wanda), SparseGPT's own updated weights otherwise; "lstsq"; "none".
-    warm_start: str = "auto"
-    # CPU-friendly defaults (early CG iterations give most of the gain); the SNOWS reference
-    # used 3 epochs and up to 500 CG iterations: snows={"epochs": 3, "max_cg": 500}.
-    # max_cg=10 as in every accuracy benchmark (benchmarks/results/snows_cost.md for the cost).
-    solver: NewtonCGConfig = field(default_factory=lambda: NewtonCGConfig(epochs=1, max_cg=10))
 
 
 def is_measured(name: str, module: nn.Module, targets: set[int]) -> bool:

@@ -39,7 +39,6 @@ from .calibration import collect_batches
 from .runtime.ranks import Ranks, across_ranks, checksum, fingerprint, shard
 from .runtime.offload import Storage, home_device, is_dispatched, onloaded
 from .runtime.placement import exact_float32, execution_device, peak_memory_tracker, stats_precision, to_block_device
-from .legacy import legacy_options
 from .dead import dead_columns, keep_dead_dense
 from .solvers.lstsq import reconstruction_error
 from .registry import LayerContext, LayerProblem, Method, Refine, Update
@@ -87,10 +86,6 @@ def prune(
     device: str | torch.device | None = None,
     stats_dtype: str | torch.dtype | None = None,
     progress: bool | None = None,
-    snows: Any = None,
-    sparsegpt_block_size: int | None = None,
-    damp: float | None = None,
-    lstsq_damp: float | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, one shot, and return a :class:`PruneResult`.
 
@@ -109,8 +104,7 @@ def prune(
     in order (auto-detected by default); ``capture="rerun"`` re-runs the model to capture each block's inputs instead of
     chaining outputs, for models whose blocks do not feed each other directly.
     ``sequential=True`` recomputes statistics after every layer inside a block (always on for
-    refits that fit against the dense target). ``snows``, ``sparsegpt_block_size``, ``damp``
-    and ``lstsq_damp`` are deprecated spellings of the options mappings.
+    refines that fit against the dense target).
 
     ``device`` is where the work runs (e.g. ``"cuda"`` for a model kept in CPU memory): one
     block at a time is moved there with its inputs, pruned and moved back, so nothing else of
@@ -137,9 +131,6 @@ def prune(
     same full list and keeps batches ``i`` with ``i % world_size == rank``. Ranks that disagree
     on the model or the arguments, or one that fails, stop every rank with the same error.
     """
-    method_options, refine_options = legacy_options(
-        method, refine, method_options, refine_options,
-        snows=snows, sparsegpt_block_size=sparsegpt_block_size, damp=damp, lstsq_damp=lstsq_damp)
     chooser, refiner, pattern, sparsity = _check_args(method, refine, method_options, refine_options,
                                                       pattern, sparsity, capture, exact, recalibrate_bn)
     exec_device = execution_device(device)
