@@ -37,7 +37,7 @@ import prunekit as pk
 from prunekit.oneshot import blocks as pk_blocks
 from prunekit.oneshot import lookahead as snows
 from prunekit.oneshot.solvers import newton_cg
-from prunekit.oneshot import prune as pk_prune
+from prunekit.oneshot import pipeline as pk_pipeline
 from prunekit.oneshot.methods import snows as snows_method
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,9 +144,9 @@ class Timers:
             return out
         snows_method.snows_refit = logged
         self.undo.append((snows_method, "snows_refit", original))
-        self.wrap(pk_prune, "gather_stats", "statistics (H, C per stage)")
-        self.wrap(pk_prune, "capture_inputs", "block input capture")
-        self.wrap(pk_prune, "propagate", "block propagate")
+        self.wrap(pk_pipeline, "gather_stats", "statistics (H, C per stage)")
+        self.wrap(pk_pipeline, "capture_inputs", "block input capture")
+        self.wrap(pk_pipeline, "propagate", "block propagate")
         self.wrap(pk_blocks, "propagate", "block propagate")
 
     def remove(self) -> None:

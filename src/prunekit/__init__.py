@@ -24,6 +24,7 @@ from .sparsity.layout import from_matrix, to_matrix
 from .layers.base import input_columns
 from .sparsity.masks import MaskSet
 from .oneshot.solvers.newton_cg import NewtonCGConfig
+from .oneshot.config import PruneConfig
 from .oneshot.prune import METHODS, REFINES, prune
 from .oneshot.result import LayerReport, PruneResult
 from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule

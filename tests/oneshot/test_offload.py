@@ -92,11 +92,11 @@ def test_a_disk_offloaded_llama_prunes_like_in_memory(tmp_path):
 
 
 def test_a_failure_midway_leaves_the_offload_storage_as_it_was(tmp_path, monkeypatch):
-    import prunekit.oneshot.prune as prune_module
+    import prunekit.oneshot.pipeline as pipeline
 
     model = _dispatch(_mlp(), "disk_offload", tmp_path)
     before = {n: w.clone() for n, w in _stored(model).items()}
-    real, seen = prune_module._Job.prune_layer, []
+    real, seen = pipeline.Job.prune_layer, []
 
     def flaky(self, name, stats, **ctx):
         seen.append(name)
@@ -104,7 +104,7 @@ def test_a_failure_midway_leaves_the_offload_storage_as_it_was(tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(self, name, stats, **ctx)
 
-    monkeypatch.setattr(prune_module._Job, "prune_layer", flaky)
+    monkeypatch.setattr(pipeline.Job, "prune_layer", flaky)
     with pytest.raises(KeyboardInterrupt):
         pk.prune(model, _data(), sparsity=0.5, method="sparsegpt", progress=False)
     after = _stored(model)

@@ -264,13 +264,13 @@ def test_grouped_statistics_equal_layer_by_layer(monkeypatch):
     """Layers that read one input share a statistics pass that stops once they have run; the
     result is the same as gathering statistics for each layer alone over whole forwards."""
     transformers = pytest.importorskip("transformers")
-    import prunekit.oneshot.prune as prune_module
+    import prunekit.oneshot.pipeline as pipeline
     from helpers.llama_toys import tiny_llama
 
     calib = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
     grouped = tiny_llama(num_layers=2)
     prune(grouped, calib, sparsity=0.5, method="wanda", refine="lstsq", progress=False)
-    monkeypatch.setattr(prune_module, "shared_input_groups", lambda block, layers, order, *a: ([[n] for n in order], False))
+    monkeypatch.setattr(pipeline, "shared_input_groups", lambda block, layers, order, *a: ([[n] for n in order], False))
     alone = tiny_llama(num_layers=2)
     prune(alone, calib, sparsity=0.5, method="wanda", refine="lstsq", progress=False)
     for (name, a), b in zip(grouped.state_dict().items(), alone.state_dict().values()):

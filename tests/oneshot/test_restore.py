@@ -44,16 +44,16 @@ def test_a_prune_that_fails_leaves_no_temporary_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))  # the head is kept
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    import prunekit.oneshot.prune as prune_module
+    import prunekit.oneshot.pipeline as pipeline
 
-    real = prune_module._Job._write
+    real = pipeline.Job._write
 
     def fail_on_second(layer, kind, unit, w, mask):
         if layer is model[2]:
             raise KeyboardInterrupt
         real(layer, kind, unit, w, mask)
 
-    monkeypatch.setattr(prune_module._Job, "_write", staticmethod(fail_on_second))
+    monkeypatch.setattr(pipeline.Job, "_write", staticmethod(fail_on_second))
     with pytest.raises(KeyboardInterrupt):
         pk.prune(model, None, sparsity=0.5, progress=False)
     assert os.listdir(tmp_path) == []

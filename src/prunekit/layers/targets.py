@@ -56,7 +56,9 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
             return model, prefix
 
 
-def _as_patterns(names: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
+def as_patterns(names: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
+    """``include`` / ``exclude`` (a regex, several, or None) compiled; a bad one is a ValueError
+    naming ``what``."""
     if names is None:
         return []
     if isinstance(names, str):
@@ -167,7 +169,7 @@ def prunable(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     types = prunable_types() if types is None else tuple(types)
     check_types(types)
-    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    inc, exc = as_patterns(include, "include"), as_patterns(exclude, "exclude")
     candidates = _candidates(model, types)
     # the head is the model's, whichever types are pruned: look for it among every prunable kind
     head = find_head(model, example_inputs=example_inputs)

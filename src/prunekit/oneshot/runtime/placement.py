@@ -48,7 +48,7 @@ def stats_precision(dtype: str | torch.dtype | None, weights_dtype: torch.dtype 
         return torch.float64 if weights_dtype == torch.float64 else torch.float32
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"stats_dtype must be 'float32' or 'float64', got {dtype!r}")
+            raise ValueError(f"stats_dtype must be one of 'float32', 'float64', got {dtype!r}")
         return _DTYPES[dtype]
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {dtype}; "

@@ -1,0 +1,312 @@
+"""Running a :class:`~prunekit.oneshot.plan.Plan`: block by block, layer by layer.
+
+For each block, in order, on inputs from the already-pruned blocks before it: gather the
+statistics the steps asked for, choose each layer's support with the plan's
+:class:`~.registry.Method`, then optionally refit the surviving weights with its
+:class:`~.registry.Refine`, and write the layer. Only one block's inputs and one layer's
+statistics are held at a time. On any error, including Ctrl-C, the model is restored exactly as
+it was, from originals saved to disk as each layer is first changed
+(:mod:`prunekit.oneshot.runtime.restore`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calls import first_input, to_device
+from ..layers.base import LayerKind, kind_of, unit_name
+from ..layers.targets import HEAD_REASON
+from . import registry
+from .batchnorm import recalibrate_batchnorm
+from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
+from .dead import dead_columns, keep_dead_dense
+from .plan import Plan, first_batch
+from .registry import LayerContext, LayerProblem, Update
+from .result import LayerReport, PruneResult
+from .runtime.offload import is_dispatched, onloaded
+from .runtime.placement import exact_float32, peak_memory_tracker, to_block_device
+from .runtime.ranks import checksum
+from .runtime.restore import RestorePoint
+from .solvers.lstsq import reconstruction_error
+from .stats import LayerStats, gather_stats
+
+
+def run(model: nn.Module, plan: Plan) -> PruneResult:
+    """Prune ``model`` in place as ``plan`` says and report it; on any error the model is
+    restored and the error raised (a later calibration batch that does not fit is named)."""
+    c, steps = plan.config, plan.steps
+    result = PruneResult(c.method, c.refine, str(steps.pattern), steps.sparsity, skipped=plan.skipped,
+                         device=str(plan.device), stats_dtype=str(plan.dtype).replace("torch.", ""),
+                         exact=c.exact, processes=plan.ranks.world if plan.needs_data else 1)
+    job = Job(model, plan, result)
+    was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    start = time.perf_counter()
+    bar = tqdm(total=len(plan.units), desc=f"prune {c.method}" + (f"+{c.refine}" if c.refine else ""), unit="layer",
+               disable=True if plan.ranks.rank else (not c.progress) if c.progress is not None else None, leave=False)
+    job.bar = bar
+    job.show_progress = not bar.disable
+    tracker = peak_memory_tracker(plan.device)
+    try:
+        model.eval()
+        # nn.TransformerEncoderLayer's fast path never calls its attention module: no hook would fire.
+        torch.backends.mha.set_fastpath_enabled(False)
+        # Only the parameters the layer kinds write ever change: each is saved to disk just before
+        # its first change, and written back from there on any failure.
+        with RestorePoint(plan.storage.write) as job.saved:
+            if plan.needs_data:
+                with exact_float32(plan.device):
+                    job.run_calibrated(plan.calls, c.blocks, c.capture)
+            else:
+                for key in plan.units:
+                    name = plan.units[key][0]
+                    with job.on_device([plan.targets[name]], [name]) if job.dispatched else contextlib.nullcontext():
+                        job.prune_layer(key, None)
+            # a cheap last check that every rank wrote the very same weights
+            if plan.ranks.active:
+                plan.ranks.same("the pruned weights",
+                                {path: checksum(plan.storage.read(path)) for path in plan.storage.params},
+                                error=RuntimeError, hint="the statistics were summed, so the ranks computed "
+                                                         "differently (different libraries, thread counts or devices?)")
+            if c.recalibrate_bn:  # only BatchNorm buffers change; restored by the helper itself on error
+                result.bn_batches = recalibrate_batchnorm(model, [first_batch([call], None) for call in plan.calls])
+    except BaseException as exc:
+        if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TypeError, torch.OutOfMemoryError)):
+            _blame_batch(model, to_device(plan.calls[1:], plan.home), exc)  # only the first batch was checked up front
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    result.seconds = time.perf_counter() - start
+    _warn_skipped(result.skipped)
+    result.peak_device_mib = tracker()
+    return result
+
+
+class Job:
+    """The state of one prune() call while it runs: the plan, the progress bar, what is done."""
+
+    def __init__(self, model: nn.Module, plan: Plan, result: PruneResult) -> None:
+        self.model, self.result = model, result
+        self.targets, self.budgets, self.pattern = plan.targets, plan.budgets, plan.steps.pattern
+        self.units: dict[str, tuple[str, str]] = plan.units  # unit name -> (module name, unit)
+        self.method, self.refine = plan.steps.method, plan.steps.refine
+        needs = plan.steps.needs
+        self.want_h = "hessian" in needs
+        self.sequential = plan.config.sequential or bool(needs & {"dense_target", "sequential"})
+        self.target_ids = {id(m) for m in plan.targets.values()}
+        self.home, self.device, self.dtype, self.ranks = plan.home, plan.device, plan.dtype, plan.ranks
+        self.exact = plan.config.exact
+        self.storage, self.dispatched = plan.storage, is_dispatched(model)
+        self.bar = None
+        self.show_progress = False
+        self.saved: RestorePoint | None = None
+        self.model_input: tuple[int, ...] | None = None
+
+    def on_device(self, modules, write_back=()):
+        """``modules`` held on the execution device for the duration: moved there and back, or,
+        for a model dispatched with accelerate, loaded from its offload storage and the pruned
+        layers in ``write_back`` written back to it."""
+        if self.dispatched:
+            return onloaded(modules, self.device, self.storage, write_back)
+        return to_block_device(modules, self.device, self.home)
+
+    # -- block loop -------------------------------------------------------------------------
+    def run_calibrated(self, calls, block_names, capture) -> None:
+        blocks = find_blocks(self.model, block_names)
+        calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
+        self.model_input = _sample_shape(calls[0])
+        _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
+        owned = {n: self._owner(n, blocks) for n in self.targets}
+        lookahead = self.refine is not None and "sequential" in self.refine.needs
+        inputs = None
+        for i, (bname, block) in enumerate(blocks):
+            layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
+            if inputs is None or capture == "rerun":
+                inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
+            # A lookahead refine (SNOWS) reads on into the next block: it comes along to the device.
+            ahead = [m for _, m in blocks[i + 1:i + 2]] if lookahead and layers else []
+            with self.on_device([block, *ahead], list(layers)):
+                if layers:
+                    self.process_block(block, inputs, layers, chain=blocks[i:])
+                if i + 1 < len(blocks) and capture == "chain":
+                    inputs = propagate(block, inputs)
+        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
+        if rest:  # layers outside every block: the whole model is their block
+            with self.on_device([self.model], list(rest)):
+                self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
+
+    @staticmethod
+    def _owner(name: str, blocks) -> int | None:
+        for i, (bname, _) in enumerate(blocks):
+            if bname == "" or name == bname or name.startswith(bname + "."):
+                return i
+        return None
+
+    def process_block(self, block, inputs, layers, chain) -> None:
+        order, uncalled = execution_order(block, layers, *inputs[0])
+        self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
+        for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
+            self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
+            if self.bar is not None:
+                self.bar.update(len(kind_of(layers[name]).units(layers[name])))
+        if not self.sequential:
+            stats = gather_stats(block, inputs, {n: layers[n] for n in order}, want_h=self.want_h, dtype=self.dtype,
+                                 ranks=self.ranks)
+            for name in order:  # each layer's statistics freed once it is done
+                for unit in kind_of(layers[name]).units(layers[name]):
+                    self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)))
+            return
+        dense: dict[str, dict[str, torch.Tensor]] = {}
+        # Layers reading the same input (q/k/v, gate/up) share one statistics pass: pruning one
+        # of them cannot change the others' inputs, so this is exactly the layer-by-layer result.
+        # Each forward also stops once the group's layers have run, when every layer runs once.
+        # A module's later stages (attention's out_proj after q, k, v) get passes of their own.
+        groups, once = shared_input_groups(block, layers, order, *inputs[0])
+        self.ranks.same("the layers a block calls", {"groups": groups, "once": once})
+        for group in groups:
+            for name in group:
+                dense[name] = {p: t.detach().clone() for p, t in kind_of(layers[name]).parameters(layers[name]).items()}
+            for stage in _stages(layers, group):
+                stats = gather_stats(block, inputs, {n: layers[n] for n in stage}, units=stage, dense_weights=dense,
+                                     all_layers=layers, stop_early=once, dtype=self.dtype, ranks=self.ranks)
+                for name, names in stage.items():
+                    for unit in names:
+                        self.prune_layer(unit_name(name, unit), stats.pop(unit_name(name, unit)), inputs=inputs,
+                                         chain=chain, block_layers=layers, dense=dense)
+
+    # -- one layer --------------------------------------------------------------------------
+    def prune_layer(self, key: str, stats: LayerStats | None, **ctx) -> None:
+        """Prune one unit (``key``: its name, e.g. ``attn.in_proj_weight[q]``)."""
+        t0 = time.perf_counter()
+        name, unit = self.units[key]
+        layer, kind = self.targets[name], kind_of(self.targets[name])
+        if self.saved is not None:
+            for path in self.storage.keys(name):
+                self.saved.save(path, self.storage.live(path))
+        # never a view of the layer; on the execution device (a magnitude-only run moves no block)
+        w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
+        report = LayerReport(key, kind.shape(layer, unit), 0.0)
+        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.method,
+                               self._context(layer, kind, unit, ctx) if ctx else None, exact=self.exact)
+        chosen = _checked(self.method.choose(problem), w0, self.method)
+        w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
+        has_h = stats is not None and stats.h_sum is not None
+        if has_h:
+            report.error_selected = self._error(w, w0, stats)
+        if self.refine is not None:
+            refitted = _checked(self.refine.refine(problem, chosen), w0, self.refine)
+            w = refitted.weight
+            notes.append(refitted.note)
+            if refitted.lookahead is not None:
+                report.lookahead_before, report.lookahead_after = refitted.lookahead
+        dead = dead_columns(stats)
+        if dead is not None:
+            report.dead_columns = int(dead.sum())
+            if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
+                w = keep_dead_dense(w, w0, mask, dead)
+        self._write(layer, kind, unit, w, mask)
+        if self.refine is not None and has_h:
+            report.error_refined = self._error(w * mask, w0, stats)
+        report.note = "; ".join(n for n in notes if n)
+        written = kind.matrix(layer, unit)
+        report.sparsity = float((written == 0).sum()) / written.numel()
+        report.extra_zeros = int((written[mask.to(written.device)] == 0).sum())
+        report.seconds = time.perf_counter() - t0
+        # The promise, checked as each layer is written (later layers never touch this one), so
+        # no mask is kept and memory does not grow with the number of layers.
+        if written[~mask.to(written.device)].any():
+            raise RuntimeError(f"internal error: layer {key} has non-zero pruned entries")
+        self.result.layers.append(report)
+        if self.bar is not None:
+            self.bar.update()
+
+    def _context(self, layer: nn.Module, kind: LayerKind, unit: str, ctx: dict) -> LayerContext:
+        """What a network-level refine (SNOWS) needs of the current block."""
+        param = kind.parameter(layer, unit)
+        inside = kind.weight_mask(layer, torch.ones(kind.matrix(layer, unit).shape, dtype=torch.bool,
+                                                    device=param.device), unit)
+        return LayerContext(
+            self.model, layer, ctx["chain"], ctx["inputs"], self.target_ids, ctx["block_layers"], ctx["dense"],
+            write=lambda w, mask: self._write(layer, kind, unit, w, mask),
+            read=lambda: kind.matrix(layer, unit).to(dtype=self.dtype, copy=True),
+            weight_mask=lambda mask: kind.weight_mask(layer, mask, unit),
+            progress=self.show_progress, ranks=self.ranks, model_input=self.model_input,
+            parameter=param,
+            frozen=None if bool(inside.all()) else ~inside,
+        )
+
+    @staticmethod
+    def _write(layer: nn.Module, kind: LayerKind, unit: str, w: torch.Tensor, mask: torch.Tensor) -> None:
+        # torch.where writes +0.0 (w * mask would leave -0.0 behind negative pruned weights)
+        kind.write(layer, torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device)), unit)
+
+    @staticmethod
+    def _error(w: torch.Tensor, w0: torch.Tensor, stats: LayerStats) -> float:
+        return reconstruction_error(w, w0, stats.hessian, stats.cross, stats.hessian_target)
+
+
+def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tuple[str, ...]]]:
+    """The statistics passes of a group of layers reading one input: every module's first-stage
+    units together, then each later stage ({module name: units})."""
+    stages = {n: kind_of(layers[n]).stages(layers[n]) for n in group}
+    out = [{n: st[0] for n, st in stages.items()}]
+    for i in range(1, max(len(st) for st in stages.values())):
+        out.append({n: st[i] for n, st in stages.items() if i < len(st)})
+    return out
+
+
+@torch.no_grad()
+def _check_model_runs(model, call, last_block=None) -> None:
+    """One forward on the first batch, up to the last calibrated block, so data that does not
+    fit fails early and clearly (without computing an LM head's logits)."""
+    args, kwargs = call
+    try:
+        forward_until(model, last_block, args, kwargs)
+    except Exception as exc:
+        raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
+                         "check that the batches match the model's inputs") from exc
+
+
+@torch.no_grad()
+def _blame_batch(model, later_calls, exc: Exception) -> None:
+    """After a failure, a ValueError naming the first later batch the restored model cannot run."""
+    for i, (args, kwargs) in enumerate(later_calls, start=1):
+        try:
+            model(*args, **kwargs)
+        except Exception:
+            raise ValueError(f"the model failed on calibration batch {i} ({type(exc).__name__}: {exc}); "
+                             "check that every batch matches the model's inputs") from exc
+
+
+def _checked(update: Update, w0: torch.Tensor, step: registry.OneShotStep) -> Update:
+    """A step's answer, checked: a matrix like the layer's and, from a method, a boolean
+    keep-mask (a refine keeps the method's)."""
+    if not isinstance(update, Update) or update.weight.shape != w0.shape:
+        raise TypeError(f"{step.role} {step.name!r} must return an Update with a weight of shape {tuple(w0.shape)}")
+    mask = update.mask
+    if step.role == "method" and (mask is None or mask.dtype != torch.bool or mask.shape != w0.shape):
+        raise TypeError(f"method {step.name!r} must return a boolean keep-mask of shape {tuple(w0.shape)}")
+    return update
+
+
+def _sample_shape(call: tuple[tuple, dict]) -> tuple[int, ...] | None:
+    """The shape of one sample of a calibration call's first input (None: not a batched tensor)."""
+    first = first_input(call)
+    return tuple(first.shape[1:]) if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
+
+
+def _warn_skipped(skipped: Mapping[str, str]) -> None:
+    """One warning for every layer left dense other than the head (which the summary lists)."""
+    left = {n: why for n, why in skipped.items() if why != HEAD_REASON}
+    if left:
+        shown = "; ".join(f"{n!r}: {why}" for n, why in list(left.items())[:8])
+        more = f"; and {len(left) - 8} more (see result.summary())" if len(left) > 8 else ""
+        warnings.warn(f"prunekit left {len(left)} layer{'s' if len(left) > 1 else ''} dense: {shown}{more}")

@@ -1,0 +1,212 @@
+"""What one ``prune()`` call will do, decided before any weight changes.
+
+The checks that need the model (its prunable layers, their weights, the calibration data, the
+pattern against each layer) and the per-layer budgets: everything before the block loop of
+:mod:`prunekit.oneshot.pipeline`. The options themselves are checked by
+:meth:`PruneConfig.validate <prunekit.oneshot.config.PruneConfig.validate>`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..layers.base import kind_of, unit_name
+from ..layers.base import known as known_kinds
+from ..layers.targets import check_plain_weights, prunable
+from ..sparsity.allocation import allocate
+from ..sparsity.patterns import NM
+from .calibration import collect_batches
+from .config import Checked, PruneConfig
+from .runtime.offload import Storage, home_device
+from .runtime.placement import execution_device, stats_precision
+from .runtime.ranks import Ranks, fingerprint, shard
+from .solvers.selection import magnitude_scores
+
+
+@dataclass
+class Plan:
+    """One call's decisions: the options and what they mean (``steps``), this process's
+    calibration calls, the target modules and their units (``{unit name: (module name, unit)}``;
+    each ``[d_out, d_in]`` matrix is a layer of its own), each unit's sparsity, the layers left
+    dense and why, where the work runs and in which precision."""
+
+    config: PruneConfig
+    steps: Checked
+    calls: list[tuple[tuple, dict]]
+    targets: dict[str, nn.Module]
+    units: dict[str, tuple[str, str]]
+    budgets: dict[str, float]
+    skipped: dict[str, str]
+    storage: Storage
+    home: torch.device
+    device: torch.device
+    dtype: torch.dtype
+    ranks: Ranks
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.steps.needs)
+
+
+def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: PruneConfig) -> Plan:
+    """The :class:`Plan` of pruning ``model`` with ``config`` (ValueError/TypeError naming the
+    option and the fix; the model is not changed). Under torch.distributed every rank must reach
+    the same plan: the ranks compare the options, the model and the budgets."""
+    c = config
+    steps = c.validate()
+    pattern = steps.pattern
+    home = home_device(model)  # a model dispatched with accelerate may hold no weight in memory
+    device = execution_device(c.device) or home
+    needs_data = bool(steps.needs)
+    if c.recalibrate_bn and calibration is None:
+        raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
+                         "pass calibration batches (or recalibrate_bn=False)")
+    calls = collect_batches(calibration, c.max_batches) if needs_data or c.recalibrate_bn else []
+    found = prunable(model, types=c.types, include=c.include, exclude=c.exclude, include_head=c.include_head,
+                     example_inputs=first_batch(calls, calibration))
+    targets = found.layers
+    _check_include(model, c.include, targets, c.types)
+    if not targets:
+        raise ValueError("the model has no prunable layer; check `types`, `include` and `exclude`"
+                         + (f" (the only one is the head {found.head!r}: include_head=True)" if found.skipped else ""))
+    check_plain_weights(targets)
+    dtype = stats_precision(c.stats_dtype, _widest_dtype(targets))
+    storage = Storage(model, targets)
+    _check_weights(targets, storage)
+    skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict)}
+    if not targets:
+        raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
+    units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
+    ranks, n_calls = Ranks.current(), len(calls)
+    if c.shard_calibration and needs_data:
+        calls = shard(calls, ranks)
+        if not calls:
+            raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
+    if isinstance(pattern, NM):
+        budgets = {k: pattern.sparsity for k in units}
+    else:
+        # Only a global budget ranks weights; uniform and ERK need shapes alone (no copy).
+        scores = {k: _unit_scores(n, u, c.budget == "global", targets, storage) for k, (n, u) in units.items()}
+        budgets = allocate(scores, steps.sparsity, c.budget, cap=c.cap, overrides=c.overrides)
+        budgets = _spread_within_modules(budgets, units, {k: t.numel() for k, t in scores.items()})
+        del scores
+    if ranks.active:
+        args = dict(method=c.method, refine=c.refine, method_options=steps.method.options, pattern=pattern,
+                    refine_options=steps.refine.options if steps.refine else None, sparsity=steps.sparsity,
+                    budget=c.budget, cap=c.cap, overrides=c.overrides, include=c.include, exclude=c.exclude,
+                    include_head=c.include_head, types=c.types, blocks=c.blocks, capture=c.capture,
+                    sequential=c.sequential, strict=c.strict, max_batches=c.max_batches, device=device.type,
+                    stats_dtype=dtype, shard_calibration=c.shard_calibration,
+                    batches_before_sharding=n_calls if c.shard_calibration else None, skipped=skipped, exact=c.exact,
+                    recalibrate_bn=c.recalibrate_bn)
+        ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
+    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks)
+
+
+def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
+    """float64 when any target holds a float64 matrix, else float32 (the statistics default)."""
+    wide = any(t.dtype == torch.float64 for m in targets.values() for t in kind_of(m).parameters(m).values())
+    return torch.float64 if wide else torch.float32
+
+
+def _spread_within_modules(budgets: dict[str, float], units, sizes: Mapping[str, int]) -> dict[str, float]:
+    """Per-unit sparsities under which each module's units prune exactly ``round(s * n)`` of the
+    module's ``n`` weights together when they share one sparsity ``s``: the remainder of each
+    unit's ``s * n_u`` is spread by largest remainder (ties in unit order), so a depthwise conv of
+    1x9 kernels at 50% is 50% sparse, not 4/9 everywhere."""
+    by_module: dict[str, list[str]] = {}
+    for key, (name, _) in units.items():
+        by_module.setdefault(name, []).append(key)
+    out = dict(budgets)
+    for keys in by_module.values():
+        s = budgets[keys[0]]
+        if len(keys) < 2 or any(budgets[k] != s for k in keys):
+            continue
+        exact = {k: s * sizes[k] for k in keys}
+        counts = {k: math.floor(v) for k, v in exact.items()}
+        left = round(s * sum(sizes[k] for k in keys)) - sum(counts.values())
+        for k in sorted(keys, key=lambda k: (-(exact[k] - counts[k]), keys.index(k)))[:max(left, 0)]:
+            counts[k] += 1
+        out.update({k: counts[k] / sizes[k] for k in keys})
+    return out
+
+
+def _unit_scores(name: str, unit: str, ranked: bool, targets, storage: Storage) -> torch.Tensor:
+    """What a budget reads of a unit: its magnitudes (global ranking) or only its shape."""
+    module = targets[name]
+    kind = kind_of(module)
+    if not ranked:
+        return torch.empty(kind.shape(module, unit), device="meta")
+    paths = storage.keys(name)
+    if not any(storage.live(p).is_meta for p in paths):
+        return magnitude_scores(kind.matrix(module, unit))
+    if len(paths) == 1 and kind.units(module) == ("",):  # offloaded: a global ranking needs values, not layout
+        return magnitude_scores(storage.read(paths[0]))
+    raise ValueError(f"budget='global' cannot rank layer {name!r}: its weights are offloaded and it holds several "
+                     "matrices; use budget='uniform' or 'erk', or load the model into memory")
+
+
+def _check_include(model: nn.Module, include, targets, types) -> None:
+    """An ``include`` regex that selects no target but names weighted modules no layer kind
+    handles (or that ``types`` leaves out) is a ValueError naming them and the known kinds."""
+    for pattern in [include] if isinstance(include, str) else list(include or ()):
+        if any(re.search(pattern, n) for n in targets):
+            continue
+        hits = [(n, m) for n, m in model.named_modules()
+                if re.search(pattern, n) and isinstance(getattr(m, "weight", None), torch.Tensor)]
+        if not hits:
+            continue
+        name, module = hits[0]
+        try:
+            kind = kind_of(module).name
+        except TypeError:
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__}, which no layer kind "
+                             f"handles; known kinds: {known_kinds()} (prunekit.layers.base.register_kind adds one)"
+                             ) from None
+        if types is not None and not isinstance(module, tuple(types)):
+            raise ValueError(f"include={pattern!r} selects {name!r}, a {type(module).__name__} (layer kind {kind!r}), "
+                             "which types= leaves out; add its type to types=")
+
+
+def first_batch(calls, calibration) -> Any:
+    """One calibration batch, to find the head by a forward (None without data)."""
+    if calls:
+        args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
+        return kwargs if kwargs else args
+    if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
+        return None
+    return next(iter(calibration), None)
+
+
+def _check_weights(targets, storage: Storage) -> None:
+    for name, module in targets.items():
+        for path in storage.keys(name):
+            weight = storage.live(path)
+            if isinstance(weight, nn.parameter.UninitializedParameter) or (weight.is_meta and path not in storage.offloaded):
+                raise ValueError(f"layer {name!r} has no weights yet (meta device or lazy module); materialise the "
+                                 "model first, e.g. model.to_empty(device='cpu') then load its state_dict "
+                                 "(an accelerate-dispatched model with offloaded weights is fine)")
+            if not torch.isfinite(storage.read(path)).all():
+                raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
+
+
+def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
+    skipped: dict[str, str] = {}
+    for name, module in list(targets.items()):
+        kind = kind_of(module)
+        why = kind.why_not(module)
+        if why is None and isinstance(pattern, NM):
+            why = next((r for u in kind.units(module) if (r := kind.nm_why_not(module, u, pattern.m))), None)
+        if why:
+            if strict:
+                raise ValueError(f"layer {name!r} cannot be pruned with pattern {pattern}: {why}; "
+                                 f"exclude it (exclude={name!r}) or pass strict=False to skip it")
+            skipped[name] = why
+            del targets[name]
+    return skipped
