@@ -110,7 +110,7 @@ def test_exact_and_recalibrate_bn_options(tmp_path, monkeypatch):
     assert (plain.exact, plain.recalibrate_bn) == (True, False)
     cli = build_recipe(build_parser().parse_args(["prune", "job.yaml", "--no-exact", "--recalibrate-bn"]))
     assert cli == prunekit.load_recipe("job.yaml", exact=False, recalibrate_bn=True)
-    assert cli.prune.prune_kwargs()["exact"] is False and cli.prune.prune_kwargs()["recalibrate_bn"] is True
+    assert cli.prune.exact is False and cli.prune.recalibrate_bn is True
 
 
 def test_prune_writes_the_recipe_python_builds(tmp_path, monkeypatch):
@@ -145,8 +145,8 @@ def test_report_on_the_output_of_a_factory_model(tmp_path, capsys, formats):
 
     torch.save(torch.randn(32, 2, 8, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
     spec = {"model": {"source": "test_cli:small_cnn", "kwargs": {"width": 6}},
-            "data": {"tensors": "x.pt", "batch_size": 8}, "targets": {"include_head": True},
-            "prune": {"method": "wanda", "sparsity": 0.5}, "output": {"dir": "out", "formats": formats}}
+            "data": {"tensors": "x.pt", "batch_size": 8},
+            "prune": {"method": "wanda", "sparsity": 0.5, "include_head": True}, "output": {"dir": "out", "formats": formats}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     assert main(["prune", str(tmp_path / "job.yaml"), "--quiet"]) == 0
     out = tmp_path / "out"
@@ -210,7 +210,7 @@ def test_ctrl_c_during_pruning_leaves_no_output(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prunekit, "prune", interrupted)
+    monkeypatch.setattr("prunekit.oneshot.prune.prune", interrupted)  # where the runner looks it up
     assert main(["prune", job(tmp_path)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["x.pt", "job.yaml"] or set(os.listdir(tmp_path)) == {"x.pt", "job.yaml"}
@@ -425,3 +425,22 @@ def test_method_and_refine_options_from_the_command_line(tmp_path, capsys):
     one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size"], "--method-option takes KEY=VALUE")
     one_line_error(capsys, 2, ["prune", path, "--method-option", "block_size=0"], "block_size must be an integer >= 1")
     one_line_error(capsys, 2, ["prune", path, "--method", "sparsgpt"], "did you mean 'sparsegpt'")
+
+
+def test_every_pruning_flag_sets_its_option(tmp_path, monkeypatch):
+    """The flags derived from PruneConfig give the recipe load_recipe builds from the same values."""
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+
+    job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--include-head", "--strict", "--capture", "rerun", "--sequential", "--max-batches", "2",
+            "--block", "0", "--block", "2", "--override", "^2$=0.25", "--exclude", "^4$", "--stats-dtype", "float64",
+            "--device", "cpu", "--no-exact", "--budget", "global", "--cap", "0.9"]
+    cli = build_recipe(build_parser().parse_args(["prune", "job.yaml", *argv])).prune
+    python = prunekit.load_recipe("job.yaml", include_head=True, strict=True, capture="rerun", sequential=True,
+                                  max_batches=2, blocks=["0", "2"], overrides={"^2$": 0.25}, exclude=["^4$"],
+                                  stats_dtype="float64", device="cpu", exact=False, budget="global", cap=0.9).prune
+    assert cli == python and cli.max_batches == 2 and cli.overrides == {"^2$": 0.25}
+    assert main(["prune", "job.yaml", *argv, "-o", "out", "--quiet"]) == 0
+    assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["prune"]["capture"] == "rerun"

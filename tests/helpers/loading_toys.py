@@ -41,8 +41,7 @@ def write_job(tmp_path, **prune):
     torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
     spec = {"model": "helpers.loading_toys:tiny_mlp",
             "data": {"tensors": "x.pt", "batch_size": 16},
-            "targets": {"include_head": True},
-            "prune": {"method": "wanda", "sparsity": 0.5, **prune},
+            "prune": {"method": "wanda", "sparsity": 0.5, "include_head": True, **prune},
             "output": {"dir": "out", "formats": ["hf", "compressed"]}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))

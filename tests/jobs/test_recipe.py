@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from prunekit.jobs.recipe import Recipe, list_recipes, load_recipe, recipe_path
 
@@ -101,21 +102,46 @@ def test_nm_pattern_override_drops_the_sparsity_and_overrides_complete_a_recipe(
     assert done.prune.sparsity == 0.5 and done.output.dir == "pruned-model"  # a mapping's paths: as given
 
 
-def test_prune_section_is_prune_keyword_arguments():
-    import dataclasses
-
+def test_the_prune_section_is_a_prune_config():
     import prunekit
 
-    kwargs = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5}}).prune.prune_kwargs()
-    assert set(kwargs) <= {f.name for f in dataclasses.fields(prunekit.PruneConfig)}
-    assert kwargs["overrides"] is None and kwargs["refine_options"] is None and kwargs["sparsity"] == 0.5
-    assert "snows" not in kwargs and "plugins" not in kwargs
+    recipe = load_recipe({"model": "m", "prune": {"sparsity": 0.5, "overrides": {}, "exclude": "^fc$"}})
+    assert recipe.prune == prunekit.PruneConfig(sparsity=0.5, exclude="^fc$")  # an empty mapping: no options
+    written = recipe.to_dict()["prune"]
+    assert written["sparsity"] == 0.5 and written["method"] == "magnitude" and written["refine"] is None
+    assert not {"method_options", "refine_options", "overrides"} & set(written)  # no empty leftovers
+    assert load_recipe({"model": "m", "prune": written}) == recipe
+    objects = prunekit.PruneConfig(pattern=prunekit.NM(2, 4), device=torch.device("cpu"), stats_dtype=torch.float64)
+    assert {k: v for k, v in Recipe(model=recipe.model, prune=objects).to_dict()["prune"].items()
+            if k in ("pattern", "device", "stats_dtype")} == {"pattern": "2:4", "device": "cpu", "stats_dtype": "float64"}
+
+
+def test_prune_section_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"prune\.method_options: sparsegpt option block_size must be an integer"):
+        load_recipe({"model": "m", "data": {"corpus": "pydoc"},
+                     "prune": {"method": "sparsegpt", "sparsity": 0.5, "method_options": {"block_size": 0}}})
+    with pytest.raises(ValueError, match=r"prune\.overrides\['fc'\] must be in"):
+        load_recipe({"model": "m", "prune": {"sparsity": 0.5, "overrides": {"fc": 2.0}}})
+    with pytest.raises(ValueError, match=r"prune\.include must be regular expressions"):
+        load_recipe({"model": "m", "prune": {"sparsity": 0.5, "include": ["("]}})
+    with pytest.raises(ValueError, match="unknown key 'types' in prune"):  # module classes: Python only
+        load_recipe({"model": "m", "prune": {"sparsity": 0.5, "types": ["Linear"]}})
+
+
+def test_naming_another_step_drops_the_recipes_options_for_the_old_one():
+    recipe = load_recipe({"model": "m", "data": {"corpus": "pydoc"},
+                          "prune": {"method": "sparsegpt", "method_options": {"damp": 0.1}, "sparsity": 0.5,
+                                    "refine": "snows", "refine_options": {"k": 2}}})
+    assert recipe.with_overrides(method="sparsegpt").prune.method_options == {"damp": 0.1}
+    other = recipe.with_overrides(method="wanda", refine="lstsq")
+    assert (other.prune.method_options, other.prune.refine_options) == (None, None)
+    assert recipe.with_overrides(refine="none").prune.refine_options is None
+    assert recipe.with_overrides(refine="lstsq", refine_options={"damp": 1e-3}).prune.refine_options == {"damp": 1e-3}
 
 
 def test_execution_device_and_statistics_precision_are_recipe_keys():
     recipe = load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "device": "cpu", "stats_dtype": "float32"}})
-    assert recipe.prune.prune_kwargs()["device"] == "cpu"
-    assert recipe.prune.prune_kwargs()["stats_dtype"] == "float32"
+    assert (recipe.prune.device, recipe.prune.stats_dtype) == ("cpu", "float32")
     with pytest.raises(ValueError, match="prune.stats_dtype must be one of"):
         load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "stats_dtype": "float16"}})
     with pytest.raises(ValueError, match="not a torch device"):

@@ -106,3 +106,24 @@ def test_a_config_is_not_changed_by_prune():
     config = PruneConfig(sparsity=0.5)
     pk.prune(_mlp(), None, config, exclude="^2$", progress=False)
     assert config == PruneConfig(sparsity=0.5)
+
+
+def test_every_option_is_a_recipe_key_and_a_flag_or_says_why_not():
+    """The recipe and the command line are views of PruneConfig: a new field is a recipe key and
+    a flag unless their lists of exceptions name it, with the reason."""
+    from prunekit.cli.prune_cmd import NOT_ON_COMMAND_LINE, config_flags
+    from prunekit.jobs.recipe import NOT_IN_RECIPE, _fields
+
+    names = {f.name for f in dataclasses.fields(PruneConfig)}
+    assert set(NOT_IN_RECIPE) <= names and set(NOT_ON_COMMAND_LINE) <= names  # no stale exceptions
+    assert set(_fields(PruneConfig)) == names - set(NOT_IN_RECIPE)
+    assert set(config_flags()) == names - set(NOT_ON_COMMAND_LINE)
+    assert all(NOT_IN_RECIPE.values()) and all(NOT_ON_COMMAND_LINE.values())
+
+
+def test_a_field_without_a_command_line_form_is_refused(monkeypatch):
+    from prunekit.cli import prune_cmd
+
+    monkeypatch.delitem(prune_cmd.NOT_ON_COMMAND_LINE, "types")
+    with pytest.raises(TypeError, match="PruneConfig.types .* has no command-line form"):
+        prune_cmd.config_flags()

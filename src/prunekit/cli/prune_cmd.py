@@ -1,10 +1,27 @@
-"""``prunekit prune``: one-shot prune a model from the shell, with a recipe or options."""
+"""``prunekit prune``: one-shot prune a model from the shell, with a recipe or options.
+
+The pruning flags are derived from :class:`~prunekit.oneshot.config.PruneConfig`'s fields:
+``--field-name``, with its help, its type and its choices; a list or a mapping is a repeatable
+flag named in the singular (``--include REGEX``, ``--method-option KEY=VALUE``). A field without
+a flag is in :data:`NOT_ON_COMMAND_LINE`, with the reason.
+"""
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import dataclasses
 import sys
+import typing
 
 from ..oneshot import registry
+from ..oneshot.config import PruneConfig
+
+#: PruneConfig fields without a flag, and why
+NOT_ON_COMMAND_LINE = {
+    "types": "module classes cannot be named on a command line: choose layers with --include / --exclude",
+    "progress": "progress bars show on a terminal; --quiet turns them off",
+    "shard_calibration": "set by the runner under torchrun, where every rank builds the same batches",
+}
 
 DESCRIPTION = """\
 Prune a model one shot and write it to an output directory, with a report (prune_report.md/.json)
@@ -43,29 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--state-dict", help="weights (.pt/.pth/.safetensors) for a module:factory model")
     g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--method", help=f"how the support is chosen: {', '.join(registry.names('method'))}")
-    g.add_argument("--refine", help=f"refit the surviving weights: none, {', '.join(registry.names('refine'))}")
-    g.add_argument("--method-option", action="append", metavar="KEY=VALUE",
-                   help="an option of the method (repeatable; VALUE is YAML, e.g. block_size=64)")
-    g.add_argument("--refine-option", action="append", metavar="KEY=VALUE",
-                   help="an option of the refine step (repeatable; e.g. k=4, measured=[relu])")
-    g.add_argument("--plugin", action="append", metavar="MODULE",
-                   help="import MODULE first, so the methods it registers can be named (repeatable)")
-    g.add_argument("--pattern", help="unstructured or N:M, e.g. 2:4")
-    g.add_argument("--sparsity", type=float, help="fraction of prunable weights to remove (unstructured)")
-    g.add_argument("--budget", choices=["uniform", "global", "erk"], help="how sparsity is spread over layers")
-    g.add_argument("--cap", type=float, help="largest per-layer sparsity under a global budget")
-    g.add_argument("--include", action="append", help="regex of layer names to prune (repeatable)")
-    g.add_argument("--exclude", action="append", help="regex of layer names to leave dense (repeatable)")
-    g.add_argument("--device", help="where the work runs, one block at a time (e.g. cuda); default: where the model is")
-    g.add_argument("--stats-dtype", choices=["float32", "float64"],
-                   help="precision of statistics and solvers (default: float32; float64 for a float64 model)")
-    g.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep each layer's requested number of non-zeros where calibration inputs are dead "
-                        "(default: on; --no-exact: zero their weights as the reference SparseGPT does)")
-    g.add_argument("--recalibrate-bn", action="store_true", default=None,
-                   help="re-estimate BatchNorm running statistics on the calibration data after pruning")
+    add_config_flags(p.add_argument_group("pruning (the fields of prunekit.PruneConfig)"))
     g = p.add_argument_group("calibration data")
     g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
     g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
@@ -79,20 +74,69 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def config_flags() -> dict[str, tuple[str, object]]:
+    """``{field: (flag, form)}`` for every PruneConfig field with a flag; the form is ``bool``,
+    ``float``, ``int``, ``str``, ``"list"`` or ``"mapping"``, read from the field's type. A field
+    whose type has no form and is not in :data:`NOT_ON_COMMAND_LINE` is a TypeError, so no option
+    is left off the command line by accident."""
+    hints = typing.get_type_hints(PruneConfig)
+    out = {}
+    for f in dataclasses.fields(PruneConfig):
+        if f.name in NOT_ON_COMMAND_LINE:
+            continue
+        form = _form(hints[f.name])
+        if form is None:
+            raise TypeError(f"PruneConfig.{f.name} ({hints[f.name]}) has no command-line form; give it a flag in "
+                            "prunekit.cli.prune_cmd or add it to NOT_ON_COMMAND_LINE with the reason")
+        name = f.name.removesuffix("s") if form in ("list", "mapping") else f.name  # repeated: one at a time
+        out[f.name] = ("--" + name.replace("_", "-"), form)
+    return out
+
+
+def _form(hint: object) -> object:
+    """How a value of type ``hint`` is written on a command line (None: it cannot be)."""
+    args = [a for a in typing.get_args(hint) or (hint,) if a is not type(None)]
+    for a in args:
+        origin, inner = typing.get_origin(a), typing.get_args(a)
+        if origin in (dict, collections.abc.Mapping) and inner[0] is str:
+            return "mapping"
+        if origin in (list, collections.abc.Sequence) and inner == (str,):
+            return "list"
+    return next((t for t in (bool, float, int, str) if t in args), None)
+
+
+def add_config_flags(group) -> None:
+    """The flags of :func:`config_flags`, with each field's help and choices (method and refine:
+    the registered names)."""
+    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    for name, (flag, form) in config_flags().items():
+        meta = fields[name].metadata
+        text = meta["help"].replace("%", "%%")
+        if name in registry.ROLES:
+            text += f"; known: {', '.join(registry.names(name))}"
+        if form == "mapping":
+            group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "KEY=VALUE"),
+                               help=text + " (repeatable; VALUE is YAML)")
+        elif form == "list":
+            group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "NAME"),
+                               help=text + " (repeatable)")
+        elif form is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text + f" (default: {'on' if fields[name].default else 'off'})")
+        else:
+            group.add_argument(flag, dest=name, type=form, choices=meta.get("choices"), help=text)
+
+
 def overrides_from(args: argparse.Namespace) -> dict:
     """The recipe values the command-line options set, named as :func:`prunekit.load_recipe`'s
     overrides (None: an option not given, the recipe's value stays; options mappings add to the
     recipe's key by key)."""
-    refine_options = parse_options(args.refine_option, "--refine-option")
-    method_options = parse_options(args.method_option, "--method-option")
+    config = {}
+    for name, (flag, form) in config_flags().items():
+        value = getattr(args, name)
+        config[name] = (parse_options(value, flag) or None) if form == "mapping" else value
     formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else None
-    return {"source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,
-            "method": args.method, "refine": args.refine, "pattern": args.pattern, "sparsity": args.sparsity,
-            "budget": args.budget, "cap": args.cap, "method_options": method_options or None,
-            "refine_options": refine_options or None, "plugins": args.plugin,
-            "device": args.device, "stats_dtype": args.stats_dtype,
-            "exact": args.exact, "recalibrate_bn": args.recalibrate_bn,
-            "include": args.include, "exclude": args.exclude,
+    return {**config, "source": args.model, "state_dict": args.state_dict, "gguf_file": args.gguf_file,
             "corpus": args.corpus, "text": args.data_text, "tensors": args.data_tensors,
             "seq_len": args.seq_len, "n_sequences": args.n_sequences, "batch_size": args.batch_size,
             "dir": args.output, "formats": formats, "overwrite": args.overwrite or None}

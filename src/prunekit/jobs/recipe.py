@@ -3,11 +3,12 @@
 ```yaml
 model: {source: path | package.module:factory | builtin:minilm, state_dict: null, kwargs: {}, gguf_file: null}
 data: {corpus: pydoc, seq_len: 128, n_sequences: 64, batch_size: 8}   # or text: [a.txt], tensors: x.pt
-targets: {include: null, exclude: null, include_head: false}
-prune: {method: sparsegpt, refine: null, pattern: unstructured, sparsity: 0.5, budget: uniform}
+prune: {method: sparsegpt, pattern: unstructured, sparsity: 0.5, exclude: [lm_head]}  # any PruneConfig field
 output: {dir: pruned-model, formats: [hf, compressed], overwrite: false}
 ```
 
+The ``prune:`` section is a :class:`~prunekit.oneshot.config.PruneConfig`, read and written
+directly and checked by its own ``validate()``, less the fields in :data:`NOT_IN_RECIPE`.
 Unknown keys, wrong types and unknown method/pattern/budget names are reported with the key's
 place and the closest valid spelling. Relative paths in a recipe file are read against the
 recipe's folder (except the output folder of a shipped recipe, which is the working folder's);
@@ -16,10 +17,10 @@ folder. :func:`prunekit.run_recipe` (in :mod:`prunekit.jobs`) runs a recipe.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,15 +28,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import torch
 import yaml
 
-from ..sparsity.allocation import BUDGETS, check_sparsity
+from ..oneshot.config import PruneConfig
+from ..sparsity.patterns import NM, Unstructured
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
-from ..oneshot import registry
-from ..oneshot.runtime.placement import execution_device
-from ..sparsity.patterns import NM, parse_pattern
 
 FORMATS = ("hf", "compressed", "compressed-tensors")
+#: the PruneConfig fields a recipe leaves out, and why (every other field is a key of ``prune:``;
+#: a pattern, a device or a dtype is written by its name, e.g. "2:4", "cuda", "float64")
+NOT_IN_RECIPE = {
+    "types": "module classes, which YAML cannot name: a recipe chooses layers by regex (include, exclude)",
+    "progress": "the runner's choice: run_recipe(progress=...), prunekit prune --quiet",
+    "shard_calibration": "the runner's: under torchrun every rank builds the same batches and keeps its share",
+}
 
 
 @dataclass
@@ -62,46 +69,6 @@ class DataSpec:
 
 
 @dataclass
-class TargetSpec:
-    """Which layers are pruned (regexes over module names), as in :func:`prunekit.find_targets`."""
-
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    include_head: bool = False
-
-
-@dataclass
-class PruneSpec:
-    """The arguments of :func:`prunekit.prune`."""
-
-    method: str = "sparsegpt"
-    refine: str | None = None
-    pattern: str = "unstructured"
-    sparsity: float | None = None
-    budget: str = "uniform"
-    cap: float | None = None
-    overrides: dict[str, float] = field(default_factory=dict)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    refine_options: dict[str, Any] = field(default_factory=dict)
-    blocks: list[str] | None = None
-    plugins: list[str] | None = None  # modules imported first: they register more methods
-    device: str | None = None
-    stats_dtype: str | None = None
-    exact: bool = True  # keep every layer's requested non-zeros where inputs are dead
-    recalibrate_bn: bool = False  # re-estimate BatchNorm statistics on the data after pruning
-
-    def prune_kwargs(self) -> dict[str, Any]:
-        """These fields as keyword arguments of :func:`prunekit.prune` (an empty mapping: None).
-        Every field is one, under the same name, so a new key is one new field; ``plugins``
-        (imported when the recipe is checked) is not."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name != "plugins"}
-        if self.refine is None:
-            values["refine_options"] = None
-        return {k: (None if isinstance(v, dict) and not v else v) for k, v in values.items()}
-
-
-@dataclass
 class OutputSpec:
     """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``,
     ``compressed-tensors`` (in a ``compressed-tensors/`` subfolder)."""
@@ -117,16 +84,16 @@ class Recipe:
 
     model: ModelSpec
     data: DataSpec | None = None
-    targets: TargetSpec = field(default_factory=TargetSpec)
-    prune: PruneSpec = field(default_factory=PruneSpec)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     output: OutputSpec = field(default_factory=OutputSpec)
     path: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data (what ``recipe.yaml`` in the output folder holds)."""
-        out = dataclasses.asdict(self)
-        out.pop("path")
-        return out
+        """The recipe as plain data (what ``recipe.yaml`` in the output folder holds): every key
+        of every section, except options mappings left empty."""
+        return {"model": dataclasses.asdict(self.model),
+                "data": dataclasses.asdict(self.data) if self.data is not None else None,
+                "prune": _prune_section(self.prune), "output": dataclasses.asdict(self.output)}
 
     @property
     def folder(self) -> str | None:
@@ -138,8 +105,7 @@ class Recipe:
         return load_recipe(self, **overrides)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "targets": TargetSpec,
-                              "prune": PruneSpec, "output": OutputSpec}
+_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "prune": PruneConfig, "output": OutputSpec}
 _PATHS = {("output", "dir"), ("model", "state_dict"), ("data", "tensors"), ("data", "text")}
 _DATA_SOURCES = ("text", "corpus", "tensors")
 _ALIASES = {"output_dir": ("output", "dir"), "source": ("model", "source"), "model": ("model", "source")}
@@ -213,6 +179,10 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
         if value is not None:
             section, name = _locate(key)
             given[section, name] = _resolve(section, name, value, None)
+    prune = raw.get("prune") if isinstance(raw.get("prune"), dict) else {}
+    for step in ("method", "refine"):  # a step's options are its own: naming another step drops them
+        if ("prune", step) in given and given["prune", step] != prune.get(step):
+            prune.pop(f"{step}_options", None)
     sources = [name for section, name in given if section == "data" and name in _DATA_SOURCES]
     if len(sources) > 1:
         raise ValueError(f"the overrides give {len(sources)} data sources ({', '.join(sources)}); give one of "
@@ -238,7 +208,34 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
 
 
 def _fields(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.name != "path"]
+    """The keys of a section: its class's fields (a PruneConfig's less :data:`NOT_IN_RECIPE`)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name != "path"
+            and not (cls is PruneConfig and f.name in NOT_IN_RECIPE)]
+
+
+def _prune_section(config: PruneConfig) -> dict[str, Any]:
+    """A PruneConfig as a recipe's ``prune:`` mapping: YAML values, no empty options mapping."""
+    hints = typing.get_type_hints(PruneConfig)
+    out = {}
+    for name in _fields(PruneConfig):
+        value = _plain(getattr(config, name))
+        mapping = any(typing.get_origin(a) in (dict, collections.abc.Mapping) for a in typing.get_args(hints[name]))
+        if not (mapping and not value):
+            out[name] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML can hold it: a pattern, device or dtype by its name, tuples as lists."""
+    if isinstance(value, (NM, Unstructured, torch.device)):
+        return str(value)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 # -- loading and validation ------------------------------------------------------------------
@@ -306,7 +303,7 @@ def _validate(raw: Any, source: str | None = None) -> Recipe:
     if isinstance(model, Mapping) and "source" not in model:
         raise ValueError(f"model{where} has no source; add source: path-or-package.module:factory")
     parts: dict[str, Any] = {"model": _build(ModelSpec, model, "model")}
-    for name in ("data", "targets", "prune", "output"):
+    for name in ("data", "prune", "output"):
         if raw.get(name) is not None:
             parts[name] = _build(_SECTIONS[name], raw[name], name)
     recipe = Recipe(**parts, path=source)
@@ -324,6 +321,8 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if key not in names:
             raise ValueError(_unknown(key, where, names))
         values[key] = _check_type(value, hints[key], f"{where}.{key}")
+        if cls is PruneConfig and isinstance(values[key], dict) and not values[key]:
+            values[key] = None  # an empty options mapping is no options (and is not written back)
     return cls(**values)
 
 
@@ -347,12 +346,12 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         raise ValueError(f"{where} must be {_describe(hint)}, got {value!r}")
     if hint is Any:
         return value
-    if origin is list:
+    if origin in (list, collections.abc.Sequence):
         if isinstance(value, str) and args[0] is str:
             value = [value]
         if isinstance(value, list):
             return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
+    elif origin in (dict, collections.abc.Mapping):
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             return {k: _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
     elif hint is float:
@@ -361,23 +360,26 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    elif isinstance(value, hint):
+    elif isinstance(value, typing.get_origin(hint) or hint):
         return value
     raise ValueError(f"{where} must be {_describe(hint)}, got {value!r}")
 
 
 def _describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is list:
+    if origin in (Union, types.UnionType):  # what YAML can write: not a pattern, device or dtype object
+        return " or ".join(_describe(a) for a in args if a in _YAML or typing.get_origin(a) in _YAML)
+    if origin in (list, collections.abc.Sequence):
         return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
-    if origin is dict and args[1] is Any:
+    if origin in (dict, collections.abc.Mapping) and args[1] is Any:
         return "a mapping"
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         return f"a mapping of names to {_describe(args[1]).split(' ', 1)[1]}s"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             type(None): "null"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
+
+
+_YAML = (str, int, float, bool, type(None), list, dict, collections.abc.Sequence, collections.abc.Mapping)
 
 
 def _choice(value: Any, choices: tuple, where: str) -> None:
@@ -388,45 +390,18 @@ def _choice(value: Any, choices: tuple, where: str) -> None:
 
 
 def _check_values(r: Recipe) -> None:
-    """The checks types alone cannot make, all before any model is loaded."""
-    p, d = r.prune, r.data
+    """The checks types alone cannot make, all before any model is loaded; the ``prune:``
+    section is checked by :meth:`PruneConfig.validate`, its names prefixed with ``prune.``."""
     if not r.model.source.strip():
         raise ValueError("model.source is empty; pass a Hugging Face model directory or package.module:factory")
-    if p.refine in ("none", "null"):
-        p.refine = None
-    registry.load_plugins(p.plugins)
-    _choice(p.method, registry.names("method"), "prune.method")
-    _choice(p.refine, (None, *registry.names("refine")), "prune.refine")
-    _choice(p.budget, BUDGETS, "prune.budget")
-    try:
-        pattern = parse_pattern(p.pattern)
-        if p.sparsity is not None:
-            check_sparsity(p.sparsity, "prune.sparsity")
-        if p.cap is not None:
-            check_sparsity(p.cap, "prune.cap")
-        for regex, s in p.overrides.items():
-            check_sparsity(s, f"prune.overrides[{regex!r}]")
-            re.compile(regex)
-        for regex in (r.targets.include or []) + (r.targets.exclude or []):
-            re.compile(regex)
-        registry.make_options(registry.get(p.method, "method"), p.method_options)
-        if p.refine is not None:
-            registry.make_options(registry.get(p.refine, "refine"), p.refine_options)
-        _choice(p.stats_dtype, (None, "float32", "float64"), "prune.stats_dtype")
-        execution_device(p.device)
-    except (TypeError, ValueError, re.error) as exc:
-        raise ValueError(f"prune/targets: {exc}") from exc
-    if isinstance(pattern, NM) and p.sparsity is not None and abs(p.sparsity - pattern.sparsity) > 1e-9:
-        raise ValueError(f"prune.sparsity {p.sparsity} contradicts prune.pattern {pattern} "
-                         f"({pattern.sparsity:g}); remove sparsity")
-    if not isinstance(pattern, NM) and p.sparsity is None:
-        raise ValueError("prune.sparsity is required for the unstructured pattern; add e.g. sparsity: 0.5")
-    if d is None and (registry.get(p.method, "method").needs or p.refine is not None):
+    steps = r.prune.validate("prune.")
+    if r.data is None and (steps.method.needs or steps.refine is not None):
+        p = r.prune
         raise ValueError(f"prune.method {p.method!r}" + (f" with refine {p.refine!r}" if p.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
                          "tensors: inputs.pt), or use method: magnitude without refine")
-    if d is not None:
-        _check_data(d)
+    if r.data is not None:
+        _check_data(r.data)
     for f in r.output.formats:
         _choice(f, FORMATS, "output.formats")
     if not r.output.dir.strip():

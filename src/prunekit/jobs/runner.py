@@ -46,7 +46,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     out = os.path.abspath(recipe.output.dir)
     check_output(out, overwrite)
-    m, p, t = recipe.model, recipe.prune, recipe.targets
+    m, p = recipe.model, recipe.prune
     model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file,
                                   root=recipe.folder)
     calibration = None
@@ -56,12 +56,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
         if blocks is None and is_causal_lm(model):
             blocks = decoder_blocks(model)
         check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
-    kwargs = {**p.prune_kwargs(), "blocks": blocks}
-    with process_group(kwargs.get("device")) as processes:
+    config = dataclasses.replace(p, blocks=blocks, progress=progress)
+    with process_group(config.device) as processes:
         if processes > 1:  # torchrun: every rank built the same list; each keeps its share
-            kwargs["shard_calibration"] = True
-        result = oneshot.prune(model, calibration, **kwargs, include=t.include, exclude=t.exclude,
-                                include_head=t.include_head, progress=progress)
+            config = dataclasses.replace(config, shard_calibration=True)
+        result = oneshot.prune(model, calibration, config)
         files: list[str] = []
         written = False
         try:

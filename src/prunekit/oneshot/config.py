@@ -29,8 +29,8 @@ STATS_DTYPES = ("float32", "float64")
 
 
 def option(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its one-line ``help`` (what ``prunekit prune --help`` shows) and, where the
-    accepted strings are fixed, their ``choices``."""
+    """A field with its one-line ``help`` (what ``prunekit prune --help`` shows), where the
+    accepted strings are fixed their ``choices``, and a ``metavar`` naming what a value is."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -44,28 +44,32 @@ class PruneConfig:
         None, "fraction of the prunable weights to remove, in [0, 1); required unless an N:M pattern implies it")
     pattern: str | Pattern = option(
         "unstructured", "'unstructured', or 'N:M' such as '2:4' (N kept in every M inputs: sparsity 1 - N/M)")
-    method: str = option("magnitude", "how each layer's support is chosen: a registered method")
+    method: str = option("magnitude", "how each layer's support is chosen (a registered method)")
     method_options: Mapping[str, Any] | None = option(
         None, "the method's options, checked by its Options class (e.g. block_size=64 for sparsegpt)")
-    refine: str | None = option(None, "refit the surviving weights on the support: a registered refine, or none")
+    refine: str | None = option(None, "refits the surviving weights on the fixed support (a registered refine, or none)")
     refine_options: Mapping[str, Any] | None = option(
         None, "the refine's options, checked by its Options class (e.g. k=4, max_cg=20 for snows)")
     plugins: Sequence[str] | None = option(
-        None, "modules imported first, which register more methods and refines (docs/extending.md)")
+        None, "modules imported first, which register more methods and refines (docs/extending.md)",
+        metavar="MODULE")
     # -- how much each layer loses ---------------------------------------------------------
     budget: str = option("uniform", "how the sparsity is spread over the layers", choices=BUDGETS)
     cap: float | None = option(None, "the largest sparsity of any one layer under budget='global'")
     overrides: Mapping[str, float] | None = option(
-        None, "fixed sparsities by layer-name regex (e.g. fc1=0.3); the budget spreads the rest")
+        None, "fixed sparsities by layer-name regex (e.g. fc1=0.3); the budget spreads the rest",
+        metavar="REGEX=SPARSITY")
     # -- which layers ------------------------------------------------------------------------
-    include: str | Sequence[str] | None = option(None, "regexes of the layer names to prune (default: all)")
-    exclude: str | Sequence[str] | None = option(None, "regexes of the layer names to leave dense")
+    include: str | Sequence[str] | None = option(
+        None, "regexes of the layer names to prune (default: all)", metavar="REGEX")
+    exclude: str | Sequence[str] | None = option(None, "regexes of the layer names to leave dense", metavar="REGEX")
     include_head: bool = option(False, "prune the model's output layer too (found by structure; dense by default)")
     types: Sequence[type[nn.Module]] | None = option(
         None, "the module types to prune (default: every registered layer kind, prunekit.layers.base)")
     strict: bool = option(False, "refuse a layer the pattern cannot fit instead of leaving it dense")
     # -- calibration -------------------------------------------------------------------------
-    blocks: Sequence[str] | None = option(None, "module names calibrated in order (default: detected)")
+    blocks: Sequence[str] | None = option(
+        None, "module names calibrated in order (default: detected)", metavar="NAME")
     capture: str = option(
         "chain", "'chain' feeds each block the previous one's outputs; 'rerun' re-runs the model up to each block",
         choices=CAPTURES)
@@ -76,8 +80,8 @@ class PruneConfig:
         False, "under torchrun every rank passes the same batches and keeps batches i % world_size == rank")
     # -- the result ------------------------------------------------------------------------
     exact: bool = option(
-        True, "keep each layer's requested non-zeros where a calibration input is dead (False: zero them, "
-              "as the reference SparseGPT)")
+        True, "keep each layer's requested non-zeros where a calibration input is dead (off: zero their "
+              "weights, as the reference SparseGPT does)")
     recalibrate_bn: bool = option(
         False, "re-estimate BatchNorm running statistics on the calibration data after pruning")
     # -- where and how precisely -----------------------------------------------------------
@@ -110,11 +114,11 @@ class PruneConfig:
         w = where
         _check_names(self.plugins, f"{w}plugins")
         registry.load_plugins(self.plugins)
-        method = registry.get(self.method, "method", f"{w}method")(self.method_options)
+        method = _step("method", self.method, self.method_options, w)
         if self.refine is None and self.refine_options:
             raise ValueError(f"{w}refine_options were given without {w}refine; pass refine= one of "
                              f"{', '.join(registry.names('refine'))} (or drop them)")
-        refine = registry.get(self.refine, "refine", f"{w}refine")(self.refine_options) if self.refine else None
+        refine = _step("refine", self.refine, self.refine_options, w) if self.refine is not None else None
         for name in ("include_head", "strict", "sequential", "shard_calibration", "exact", "recalibrate_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{w}{name} must be True or False, got {getattr(self, name)!r}")
@@ -124,7 +128,7 @@ class PruneConfig:
         pattern = _named(w, parse_pattern, self.pattern)
         for step in (method, refine):
             if step is not None:
-                step.check(pattern)
+                _named(f"{w}{step.role}_options: " if w else "", step.check, pattern)
         if isinstance(pattern, NM):
             if self.sparsity is not None and abs(check_sparsity(self.sparsity, f"{w}sparsity") - pattern.sparsity) > 1e-9:
                 raise ValueError(f"{w}sparsity={self.sparsity} contradicts {w}pattern {pattern} "
@@ -177,6 +181,12 @@ def _named(where: str, check: Any, value: Any) -> Any:
         if not where:
             raise
         raise type(exc)(f"{where}{exc}") from exc
+
+
+def _step(role: str, name: Any, options: Any, where: str) -> Any:
+    """The registered method or refine ``name`` made with its options (errors under ``where``)."""
+    cls = registry.get(name, role, f"{where}{role}")
+    return _named(f"{where}{role}_options: " if where else "", cls, options)
 
 
 def _choice(value: Any, choices: Sequence[str], name: str) -> None:
