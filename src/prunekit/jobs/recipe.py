@@ -249,7 +249,8 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | Recipe, **overri
     refine. Their relative paths are the working folder's (a recipe file's own are its
     folder's); ``builtin:`` names stay names. A data source (``text``, ``corpus``, ``tensors``)
     replaces the recipe's, an N:M ``pattern`` without ``sparsity`` drops the recipe's sparsity,
-    and mappings (``method_options``, ``refine_options``, ``kwargs``, ``overrides``) are merged key by key. The recipe is
+    another ``method`` (``refine``) drops the recipe's ``method_options`` (``refine_options``),
+    and mappings (options, ``kwargs``, ``overrides``) are merged key by key. The recipe is
     validated once, after the overrides, so they can also complete it."""
     if isinstance(recipe, Recipe):
         if not overrides:

@@ -47,7 +47,8 @@ class PruneConfig:
     method: str = option("magnitude", "how each layer's support is chosen (a registered method)")
     method_options: Mapping[str, Any] | None = option(
         None, "the method's options, checked by its Options class (e.g. block_size=64 for sparsegpt)")
-    refine: str | None = option(None, "refits the surviving weights on the fixed support (a registered refine, or none)")
+    refine: str | None = option(
+        None, "refits the surviving weights on the fixed support (a registered refine, or none)")
     refine_options: Mapping[str, Any] | None = option(
         None, "the refine's options, checked by its Options class (e.g. k=4, max_cg=20 for snows)")
     plugins: Sequence[str] | None = option(
@@ -86,7 +87,8 @@ class PruneConfig:
         False, "re-estimate BatchNorm running statistics on the calibration data after pruning")
     # -- where and how precisely -----------------------------------------------------------
     device: str | torch.device | None = option(
-        None, "where the work runs, one block at a time (e.g. cuda for a model in CPU memory; default: where the model is)")
+        None, "where the work runs, one block at a time (e.g. cuda for a model in CPU memory; "
+              "default: where the model is)")
     stats_dtype: str | torch.dtype | None = option(
         None, "precision of the statistics and solvers (default float32; float64 for a float64 model)",
         choices=STATS_DTYPES)
@@ -130,13 +132,15 @@ class PruneConfig:
             if step is not None:
                 _named(f"{w}{step.role}_options: " if w else "", step.check, pattern)
         if isinstance(pattern, NM):
-            if self.sparsity is not None and abs(check_sparsity(self.sparsity, f"{w}sparsity") - pattern.sparsity) > 1e-9:
+            given = None if self.sparsity is None else check_sparsity(self.sparsity, f"{w}sparsity")
+            if given is not None and abs(given - pattern.sparsity) > 1e-9:
                 raise ValueError(f"{w}sparsity={self.sparsity} contradicts {w}pattern {pattern} "
                                  f"({pattern.sparsity:g}); omit sparsity")
             if self.budget != "uniform" or self.cap is not None or self.overrides:
                 raise ValueError(f"{w}pattern {pattern} fixes every layer's sparsity at {pattern.sparsity:g}; use "
                                  f"budget='uniform' without cap or overrides (got budget={self.budget!r}, "
-                                 f"cap={self.cap!r}, overrides={self.overrides!r}), and exclude= for layers to keep dense")
+                                 f"cap={self.cap!r}, overrides={self.overrides!r}), and exclude= for layers to "
+                                 "keep dense")
             sparsity = pattern.sparsity
         elif self.sparsity is None:
             raise ValueError(f"{w}sparsity is required for unstructured pruning, e.g. sparsity=0.5")
@@ -155,6 +159,10 @@ class PruneConfig:
         _named(w, execution_device, self.device)
         _named(w, stats_precision, self.stats_dtype)
         return Checked(method, refine, pattern, sparsity)
+
+
+PruneConfig.__doc__ += "\n\n    Options (default):\n\n" + "\n".join(
+    f"    - ``{f.name}`` ({f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(PruneConfig)) + "\n"
 
 
 @dataclass(frozen=True)
