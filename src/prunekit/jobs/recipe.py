@@ -36,7 +36,13 @@ from ..oneshot import registry
 from ..oneshot.runtime.placement import execution_device
 from ..sparsity.patterns import NM, parse_pattern
 
-FORMATS = ("hf", "compressed", "compressed-tensors")
+FORMATS = ("hf", "compressed")
+#: output formats prunekit no longer writes -> why, in one line (docs/shipping.md says more)
+REMOVED_FORMATS = {
+    "compressed-tensors": "its readers now fail or load wrong weights (compressed-tensors 0.15+ has no "
+                          "sparse compressors; vLLM and SGLang refuse sparse checkpoints; transformers 5 "
+                          "loads random weights)",
+}
 
 
 @dataclass
@@ -106,8 +112,8 @@ class PruneSpec:
 
 @dataclass
 class OutputSpec:
-    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``,
-    ``compressed-tensors`` (in a ``compressed-tensors/`` subfolder)."""
+    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``
+    (prunekit's compact format)."""
 
     dir: str = "pruned-model"
     formats: list[str] = field(default_factory=lambda: ["hf", "compressed"])
@@ -435,6 +441,9 @@ def _check_values(r: Recipe) -> None:
     if d is not None:
         _check_data(d)
     for f in r.output.formats:
+        if f in REMOVED_FORMATS:
+            raise ValueError(f"output.formats {f!r} was removed: {REMOVED_FORMATS[f]}; use 'hf' (the ordinary "
+                             "checkpoint, zeros in place) or 'compressed' (prunekit's compact format)")
         _choice(f, FORMATS, "output.formats")
     if not r.output.dir.strip():
         raise ValueError("output.dir is empty; pass the folder to write the pruned model to")
