@@ -214,7 +214,7 @@ def test_ctrl_c_during_pruning_leaves_no_output(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prunekit, "prune", interrupted)
+    monkeypatch.setattr(sys.modules["prunekit.oneshot.prune"], "prune", interrupted)  # what run_recipe calls
     assert main(["prune", job(tmp_path)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["x.pt", "job.yaml"] or set(os.listdir(tmp_path)) == {"x.pt", "job.yaml"}
