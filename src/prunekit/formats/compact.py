@@ -59,6 +59,7 @@ from torch import nn
 
 from ..sparsity.layout import from_matrix, to_matrix
 from ..sparsity.masks import MaskSet
+from ..sparsity.storage import storage_key
 
 FORMAT = "prunekit-sparse"
 VERSION = 2  # 2: the header carries its own checksum (header_crc)
@@ -305,10 +306,6 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> "OrderedDict[str
     raise TypeError(f"save() needs an nn.Module or a state_dict of tensors, got {type(obj).__name__}")
 
 
-def _alias_key(t: torch.Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-
-
 def _crc(t: torch.Tensor) -> int:
     data = t.detach().reshape(-1)
     data = data.view(torch.uint8) if data.numel() and data.dtype != torch.bool else data.to(torch.uint8)
@@ -333,7 +330,7 @@ def save(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike)
             raise ValueError(f"state_dict key {key!r} contains '::', which the format reserves")
         t = t.detach()
         dense_bytes += t.numel() * t.element_size()
-        alias = _alias_key(t) if t.numel() else None
+        alias = storage_key(t)
         if alias is not None and alias in seen:
             entries[key] = {"enc": "alias", "of": seen[alias]}
             continue
