@@ -46,7 +46,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from collections import OrderedDict
@@ -58,6 +57,7 @@ import torch
 from torch import nn
 
 from ..sparsity.layout import from_matrix, to_matrix
+from .atomic import write_file
 from ..sparsity.masks import MaskSet
 from ..sparsity.storage import storage_key
 
@@ -353,7 +353,7 @@ def save(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike)
                 "patterns": json.dumps(patterns),
                 "model_class": type(model).__name__ if isinstance(model, nn.Module) else ""}
     from safetensors.torch import save as st_save
-    _atomic_write(path, _sign_header(st_save(tensors, metadata=metadata)))
+    write_file(path, _sign_header(st_save(tensors, metadata=metadata)))
     return {"path": path, "bytes": os.path.getsize(path), "dense_bytes": dense_bytes, "patterns": patterns,
             "encodings": {k: e.get("pattern", e["enc"]) for k, e in entries.items()}}
 
@@ -377,32 +377,6 @@ def _sign_header(blob: bytes) -> list:
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)), text, memoryview(blob)[8 + hlen:]]
-
-
-def _atomic_write(path: str, data: bytes | list) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 # -- load ---------------------------------------------------------------------------------------
