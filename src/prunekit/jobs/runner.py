@@ -75,7 +75,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
 
 
 def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any) -> None:
-    from ..formats.compact import save, save_pretrained_compressed
+    from ..formats.compact import save
+    from ..formats.pretrained import save_pretrained_compressed
 
     is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained")
     formats = recipe.output.formats
@@ -129,7 +130,7 @@ def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = N
         (os.path.join(folder, n) for n in (DENSE, COMPRESSED) if os.path.isfile(os.path.join(folder, n))), None)
     if os.path.isfile(os.path.join(folder, "config.json")):
         if weights is not None and os.path.basename(weights) == COMPRESSED:
-            from ..formats.compact import load_pretrained_compressed
+            from ..formats.pretrained import load_pretrained_compressed
 
             return load_pretrained_compressed(folder)
         return load_model(folder)[0]
