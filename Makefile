@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv check-ct .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,25 +85,5 @@ bench-train: $(STAMP)
 bench-train-overhead: $(STAMP)
 	$(PY) benchmarks/train_overhead.py --rounds 12 --steps 10 --threads 1
 
-# A separate venv with the compressed-tensors package (a release that still ships the sparse
-# compressors; it needs transformers < 5) to check pk.save_compressed_tensors against the package's
-# own decompression and against transformers' loading. torch first, so nothing pulls another one.
-CT_VENV := .venv-ct
-CT_STAMP := $(CT_VENV)/.prunekit-ct-installed
-
-$(CT_STAMP):
-	$(PYTHON) -m venv $(CT_VENV)
-	$(CT_VENV)/bin/pip install -q --upgrade pip
-	$(CT_VENV)/bin/pip install -q torch==2.13.0
-	# psutil: 0.14.0.1 imports it without declaring it; accelerate: transformers loads the package through it
-	$(CT_VENV)/bin/pip install -q "compressed-tensors==0.14.0.1" "transformers>=4.45,<5" psutil accelerate
-	$(CT_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-	touch $(CT_STAMP)
-
-.venv-ct: $(CT_STAMP)
-
-check-ct: $(STAMP) $(CT_STAMP)
-	$(PY) -m pytest -q tests/test_export_ct.py -k package
-
 clean:
-	rm -rf $(VENV) $(CT_VENV) $(PEERS_VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache

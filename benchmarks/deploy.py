@@ -126,7 +126,7 @@ def main() -> None:
         lines.append(f"| {label} | {r:.3f} | {b:.3f} | {rp:.3f} | {bp:.3f} | {ts:.2f} | {tl:.2f} |")
     lines += ["", "Notes: the whole-file ratio is dominated by the word embeddings (51% of the parameters, dense). "
               "The 90% target in the issue (file <= 0.15 x dense) holds for the pruned layers and for a model pruned "
-              "throughout (tests/test_export.py: 512-wide MLP at 90%, ratio 0.147). The gap to the bound is the "
+              "throughout (tests/formats/test_compact.py: 512-wide MLP at 90%, ratio 0.147). The gap to the bound is the "
               "sign of the pruned zeros: `w * mask` leaves -0.0 wherever a negative weight was pruned and the "
               "format restores every bit, at one (incompressible) bit per unstored zero; with zeros written as "
               "+0.0 (row '+0 zeros') the file is within 1% of the bound (lzma-compressed mask: 0.49 bits/entry "

@@ -17,8 +17,8 @@ from .accelerate import AccelerateReport, SparseLinear, accelerate
 from .sparsity.allocation import allocate, erk, global_counts
 from .oneshot.batchnorm import recalibrate_batchnorm
 from .eval import perplexity
-from .formats.compact import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed
-from .formats.compressed_tensors import load_compressed_tensors, save_compressed_tensors
+from .formats.compact import CheckpointError, load, load_masks, save
+from .formats.pretrained import load_pretrained_compressed, save_pretrained_compressed
 from .jobs import RecipeOutcome, load_output, run_recipe
 from .sparsity.layout import from_matrix, to_matrix
 from .layers.base import input_columns

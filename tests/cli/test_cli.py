@@ -137,7 +137,7 @@ def small_cnn(width: int = 4) -> torch.nn.Module:
                                torch.nn.Linear(width * 36, 4))
 
 
-@pytest.mark.parametrize("formats", [["hf"], ["compressed"], ["hf", "compressed"], ["compressed-tensors"]])
+@pytest.mark.parametrize("formats", [["hf"], ["compressed"], ["hf", "compressed"]])
 def test_report_on_the_output_of_a_factory_model(tmp_path, capsys, formats):
     """`prunekit report OUT` rebuilds a module:factory model as OUT/recipe.yaml says (with its
     kwargs) and reads the saved weights: the counts are those of the pruned model."""
@@ -187,6 +187,10 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: helpers.loading_toys:tiny_mlp\nprune: {method: wandaa, sparsity: 0.5}\n")
     one_line_error(capsys, 2, ["prune", str(bad)], "did you mean 'wanda'")
+    one_line_error(capsys, 2, ["prune", "helpers.loading_toys:tiny_mlp", "--method", "magnitude", "--sparsity", "0.5",
+                               "--format", "hf,compressed-tensors", "-o", str(tmp_path / "o")],
+                   "'compressed-tensors' was removed")
+    assert not (tmp_path / "o").exists()
     bad.write_text("model: helpers.loading_toys:tiny_mlp\nprune: {method: magnitude, sparsty: 0.5}\n")
     one_line_error(capsys, 2, ["prune", str(bad)], "unknown key 'sparsty' in prune; did you mean 'sparsity'?")
     torch.save(torch.randn(16, 5), tmp_path / "wrong.pt")  # the MLP takes 8 features
@@ -323,7 +327,7 @@ def test_sigint_during_pruning_leaves_no_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "model-built", "x.pt"]
 
 
-@pytest.mark.parametrize("formats", ["compressed", "hf", "compressed-tensors"])
+@pytest.mark.parametrize("formats", ["compressed", "hf"])
 def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats):
     """A config-built tiny BERT: the output folder has config.json, with dense or only compressed weights."""
     import json
@@ -340,9 +344,6 @@ def test_report_on_the_output_of_a_hugging_face_model(tmp_path, capsys, formats)
     report = json.loads(capsys.readouterr().out)
     assert report == json.loads((tmp_path / "out" / "prune_report.json").read_text())["model"]
     assert report["nonzeros"] * 2 == report["params"]
-    if formats == "compressed-tensors":
-        config = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())
-        assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
 
 
 def test_quiet_silences_plain_tqdm_bars_such_as_transformers_gguf_conversion():

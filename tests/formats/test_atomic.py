@@ -1,9 +1,9 @@
-"""write_folder: the output folder appears complete or not at all, even after an error or Ctrl-C."""
+"""write_file, write_folder: the output appears complete or not at all, even after an error or Ctrl-C."""
 import os
 
 import pytest
 
-from prunekit.formats.atomic import check_output, write_folder
+from prunekit.formats.atomic import check_output, write_file, write_folder
 
 
 def write_two(folder):
@@ -63,3 +63,31 @@ def test_a_file_is_never_an_output_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         check_output(str(tmp_path / "f"), overwrite=True)
+
+
+def test_write_file_writes_chunks_with_the_umask_mode(tmp_path):
+    f = tmp_path / "m.bin"
+    write_file(f, [b"ab", memoryview(b"cd")])
+    assert f.read_bytes() == b"abcd" and os.listdir(tmp_path) == ["m.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(f).st_mode & 0o777 == 0o666 & ~umask  # not the temporary file's 0600
+    write_file(f, b"new")
+    assert f.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_a_failed_file_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, error):
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"old")
+
+    def chunks():
+        yield b"half"
+        raise error
+
+    with pytest.raises(error):
+        write_file(f, chunks())
+    assert f.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.bin"]
+    with pytest.raises(OSError):
+        write_file(tmp_path / "no_such_dir" / "m.bin", b"x")
+    assert os.listdir(tmp_path) == ["m.bin"]

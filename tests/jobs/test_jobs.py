@@ -112,12 +112,19 @@ def test_load_output_rebuilds_a_factory_model_from_its_recipe_folder(tmp_path, m
     assert int((model[0].weight == 0).sum()) == 24  # half of 6 x 8
 
 
-def test_compressed_tensors_output_goes_in_its_own_subfolder(tmp_path):
-    outcome = run_recipe(load_recipe(write_job(tmp_path), formats=["hf", "compressed-tensors"]), progress=False)
+def test_removed_compressed_tensors_format_is_refused_with_the_alternatives(tmp_path):
+    with pytest.raises(ValueError, match="'compressed-tensors' was removed") as err:
+        load_recipe(write_job(tmp_path), formats=["hf", "compressed-tensors"])
+    assert "transformers 5" in str(err.value) and "'hf'" in str(err.value) and "'compressed'" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_old_output_whose_recipe_lists_compressed_tensors_still_loads(tmp_path):
+    outcome = run_recipe(write_job(tmp_path), progress=False)
     out = tmp_path / "out"
-    assert "compressed-tensors" in outcome.files
-    assert sorted(os.listdir(out / "compressed-tensors")) == ["config.json", "model.safetensors"]
-    os.remove(out / "model.safetensors")  # only the compressed-tensors copy is left: load_output reads it
+    spec = yaml.safe_load((out / "recipe.yaml").read_text())
+    spec["output"]["formats"] = ["hf", "compressed-tensors"]  # as prunekit wrote it before the format was removed
+    (out / "recipe.yaml").write_text(yaml.safe_dump(spec))
     model = load_output(out)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), outcome.model.state_dict().values()))
 

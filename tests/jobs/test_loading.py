@@ -54,6 +54,22 @@ def test_wrong_keys_and_shapes(tmp_path):
         load_model(SRC, kwargs={"width": 12}, state_dict=str(tmp_path / "dp.pt"))
 
 
+def test_a_tied_weight_may_be_stored_once_and_nothing_else_may_be_missing(tmp_path):
+    def embed_and_head(tied: bool) -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+        if tied:
+            model[1].weight = model[0].weight
+        return model
+
+    weight = torch.randn(10, 4)
+    save_file({"0.weight": weight}, tmp_path / "w.safetensors")
+    model = embed_and_head(tied=True)
+    loading.load_state_dict_file(model, str(tmp_path / "w.safetensors"))
+    assert torch.equal(model[1].weight, weight) and model[1].weight is model[0].weight
+    with pytest.raises(ValueError, match=r"missing keys \['1.weight'\]"):
+        loading.load_state_dict_file(embed_and_head(tied=False), str(tmp_path / "w.safetensors"))
+
+
 def test_missing_things_are_named():
     with pytest.raises(FileNotFoundError, match="state_dict file .*nope.pt.* does not exist"):
         load_model(SRC, state_dict="nope.pt")

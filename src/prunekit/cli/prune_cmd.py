@@ -69,8 +69,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--n-sequences", type=int, help="number of calibration sequences (text)")
     g.add_argument("--batch-size", type=int, help="calibration batch size")
     g = p.add_argument_group("output")
-    g.add_argument("--format", help="comma-separated: hf (save_pretrained), compressed (prunekit.save), "
-                   "compressed-tensors (for vLLM / llm-compressor, in OUTPUT/compressed-tensors/)")
+    g.add_argument("--format", help="comma-separated: hf (save_pretrained, the ordinary checkpoint), "
+                   "compressed (prunekit.save, the compact format)")
     return p
 
 

@@ -1,1 +1,2 @@
-"""Writing and reading pruned models: prunekit's compact checkpoint format and atomic writes."""
+"""Writing and reading pruned models: prunekit's compact format (packing -> codecs -> compact ->
+pretrained: one job each) and atomic writes."""

@@ -1,17 +1,54 @@
-"""Write a folder all or nothing: into a hidden sibling, renamed into place only when complete.
+"""Write a file or a folder all or nothing: into a hidden sibling, renamed into place only when complete.
 
 A pruning job writes its outputs after minutes or hours of work; an error or Ctrl-C while
-writing must not leave a half-written model that looks finished. :func:`write_folder` writes
-into a temporary sibling (same file system, so the final ``os.replace`` is atomic) and moves it
-into place at the end; on any failure the temporary folder is removed and a replaced folder
-is put back.
+writing must not leave a half-written model that looks finished. :func:`write_file` and
+:func:`write_folder` write into a temporary sibling (same file system, so the final
+``os.replace`` is atomic) and move it into place at the end; on any failure the temporary file or
+folder is removed and what was there before stays (a replaced folder is put back).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Iterable
+
+
+def write_file(path: str | os.PathLike, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or chunks of it) to ``path``: complete and synced to disk, or not at
+    all (an old file at ``path`` is then left as it was)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would otherwise become the file's mode
+        with os.fdopen(fd, "wb") as f:
+            for chunk in ([data] if isinstance(data, (bytes, bytearray)) else data):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def check_output(out: str, overwrite: bool, what: str = "output.dir") -> None:
@@ -35,9 +72,7 @@ def write_folder(out: str, write: Callable[[str], None], *, overwrite: bool = Fa
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     old = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
         write(tmp)
         files = sorted(os.listdir(tmp))
         check_output(out, overwrite, what)  # it may have appeared while we worked

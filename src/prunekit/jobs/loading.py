@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..calls import as_call, eval_mode, forward_until, model_device, to_device
+from ..sparsity.storage import storage_key
 
 BUILTIN_MODELS = ("minilm", "smollm2")
 BUILTIN_TENSORS = ("builtin:mnist",)
@@ -204,8 +205,8 @@ def load_state_dict_file(model: nn.Module, path: str) -> None:
     Keys of tied (shared) tensors may be stored once."""
     state = read_state_dict(path)
     own = model.state_dict()
-    stored = {own[k].data_ptr() for k in own if k in state}
-    missing = [k for k in own if k not in state and own[k].data_ptr() not in stored]
+    stored = {storage_key(own[k]) for k in own if k in state} - {None}
+    missing = [k for k in own if k not in state and storage_key(own[k]) not in stored]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in state if k in own and state[k].shape != own[k].shape]

@@ -35,7 +35,13 @@ from ..oneshot.config import PruneConfig
 from ..sparsity.patterns import NM, Unstructured
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
 
-FORMATS = ("hf", "compressed", "compressed-tensors")
+FORMATS = ("hf", "compressed")
+#: output formats prunekit no longer writes -> why, in one line (docs/shipping.md says more)
+REMOVED_FORMATS = {
+    "compressed-tensors": "its readers now fail or load wrong weights (compressed-tensors 0.15+ has no "
+                          "sparse compressors; vLLM and SGLang refuse sparse checkpoints; transformers 5 "
+                          "loads random weights)",
+}
 #: the PruneConfig fields a recipe leaves out, and why (every other field is a key of ``prune:``;
 #: a pattern, a device or a dtype is written by its name, e.g. "2:4", "cuda", "float64")
 NOT_IN_RECIPE = {
@@ -70,8 +76,8 @@ class DataSpec:
 
 @dataclass
 class OutputSpec:
-    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``,
-    ``compressed-tensors`` (in a ``compressed-tensors/`` subfolder)."""
+    """Where the pruned model goes; ``formats``: ``hf`` (plain checkpoint), ``compressed``
+    (prunekit's compact format)."""
 
     dir: str = "pruned-model"
     formats: list[str] = field(default_factory=lambda: ["hf", "compressed"])
@@ -404,6 +410,9 @@ def _check_values(r: Recipe) -> None:
     if r.data is not None:
         _check_data(r.data)
     for f in r.output.formats:
+        if f in REMOVED_FORMATS:
+            raise ValueError(f"output.formats {f!r} was removed: {REMOVED_FORMATS[f]}; use 'hf' (the ordinary "
+                             "checkpoint, zeros in place) or 'compressed' (prunekit's compact format)")
         _choice(f, FORMATS, "output.formats")
     if not r.output.dir.strip():
         raise ValueError("output.dir is empty; pass the folder to write the pruned model to")

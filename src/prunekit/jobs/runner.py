@@ -74,7 +74,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
 
 
 def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any) -> None:
-    from ..formats.compact import save, save_pretrained_compressed
+    from ..formats.compact import save
+    from ..formats.pretrained import save_pretrained_compressed
 
     is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained")
     formats = recipe.output.formats
@@ -89,10 +90,6 @@ def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, resu
             save_pretrained_compressed(model, folder)  # config.json + model.prunekit.safetensors
         else:
             save(model, os.path.join(folder, "model.prunekit.safetensors"))
-    if "compressed-tensors" in formats:  # its own config.json and model.safetensors: a subfolder
-        from ..formats.compressed_tensors import save_compressed_tensors
-
-        save_compressed_tensors(model, os.path.join(folder, CT_DIR), tokenizer=tokenizer if is_hf else None)
     if is_hf and tokenizer is not None and formats:
         tokenizer.save_pretrained(folder)
     from ..plots import plot_layer_sparsity
@@ -113,7 +110,7 @@ def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, resu
                         title=f"{result.method}{'+' + result.refine if result.refine else ''}, {result.pattern}")
 
 
-DENSE, COMPRESSED, CT_DIR = "model.safetensors", "model.prunekit.safetensors", "compressed-tensors"
+DENSE, COMPRESSED = "model.safetensors", "model.prunekit.safetensors"
 
 
 def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = None) -> Any:
@@ -122,8 +119,7 @@ def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = N
     A Hugging Face model comes back from its ``config.json`` (a compressed-only folder through
     :func:`prunekit.load_pretrained_compressed`); any other model, e.g. ``module:factory``, is
     rebuilt as the folder's ``recipe.yaml`` says (source, kwargs), then given the saved weights:
-    ``weights`` if given, else ``model.safetensors``, else ``model.prunekit.safetensors``, else
-    the ``compressed-tensors/`` subfolder."""
+    ``weights`` if given, else ``model.safetensors``, else ``model.prunekit.safetensors``."""
     from .loading import load_model, load_state_dict_file
 
     folder = os.fspath(folder)
@@ -133,23 +129,20 @@ def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = N
         (os.path.join(folder, n) for n in (DENSE, COMPRESSED) if os.path.isfile(os.path.join(folder, n))), None)
     if os.path.isfile(os.path.join(folder, "config.json")):
         if weights is not None and os.path.basename(weights) == COMPRESSED:
-            from ..formats.compact import load_pretrained_compressed
+            from ..formats.pretrained import load_pretrained_compressed
 
             return load_pretrained_compressed(folder)
         return load_model(folder)[0]
     if not os.path.isfile(os.path.join(folder, "recipe.yaml")):
         raise FileNotFoundError(f"{folder!r} has neither config.json nor recipe.yaml, so it is not an output folder "
                                 "of prunekit prune; pass the model with --model (or its folder)")
-    ct = os.path.join(folder, CT_DIR)
-    if weights is None and not os.path.isfile(os.path.join(ct, DENSE)):
-        raise FileNotFoundError(f"output folder {folder!r} holds no weights ({DENSE} or {COMPRESSED}): its recipe's "
-                                "output.formats was empty; prune again with formats [hf] or [compressed]")
-    m = load_recipe(os.path.join(folder, "recipe.yaml")).model
-    model, _ = load_model(m.source, kwargs=m.kwargs, gguf_file=m.gguf_file, root=_recipe_folder(folder) or folder)
     if weights is None:
-        from ..formats.compressed_tensors import load_compressed_tensors
-
-        return load_compressed_tensors(ct, model).eval()
+        raise FileNotFoundError(f"output folder {folder!r} holds no weights ({DENSE} or {COMPRESSED}): its "
+                                "recipe's output.formats had neither hf nor compressed; prune again with formats "
+                                "[hf] or [compressed]")
+    # only the model section is needed: formats=[] so that a format since removed does not stop an old folder
+    m = load_recipe(os.path.join(folder, "recipe.yaml"), formats=[]).model
+    model, _ = load_model(m.source, kwargs=m.kwargs, gguf_file=m.gguf_file, root=_recipe_folder(folder) or folder)
     load_state_dict_file(model, weights)
     return model.eval()
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..layers.base import kind_of, unit_name
+from ..sparsity.storage import storage_key
 from .blocks import StopForward, swapped_weights
 from .runtime.ranks import Ranks
 
@@ -55,7 +56,8 @@ class LayerStats:
         # Each batch's products run in the activations' precision (fast fp32 BLAS, or fp32 for
         # half-precision activations); the sums over batches are kept in ``self.dtype``.
         xs = xs.detach()
-        key = (xs.data_ptr(), tuple(xs.shape), xs.stride(), xs.dtype, xs.device, want_h)
+        view = storage_key(xs)
+        key = None if view is None else (view, want_h)
         if shared is not None and key in shared:
             sq, h = shared[key]
         else:
@@ -68,7 +70,7 @@ class LayerStats:
                 raise ValueError("non-finite activations reached a prunable layer (or their squares overflow "
                                  f"{str(xs.dtype).replace('torch.', '')}); check the model and calibration data")
             h = xs.T @ xs if want_h else None
-            if shared is not None:
+            if shared is not None and key is not None:
                 shared[key] = (sq, h)
         self.count += xs.shape[0]
         self.sq_sum = _accumulate(self.sq_sum, sq, self.dtype)

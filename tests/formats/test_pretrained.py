@@ -1,4 +1,5 @@
-"""Hugging Face round trips of a pruned all-MiniLM-L6-v2: plain save_pretrained, and compressed."""
+"""prunekit.formats.pretrained, and Hugging Face round trips of a pruned all-MiniLM-L6-v2: plain
+save_pretrained, the compact file (save / load / load_masks) and the compact folder."""
 import copy
 import json
 import os
@@ -10,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 import prunekit as pk  # noqa: E402
-from prunekit.formats.compact import CheckpointError, load, load_masks, load_pretrained_compressed, save, save_pretrained_compressed  # noqa: E402
+from prunekit.formats.compact import CheckpointError, load, load_masks, save  # noqa: E402
+from prunekit.formats.pretrained import load_pretrained_compressed, save_pretrained_compressed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
