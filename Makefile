@@ -50,7 +50,7 @@ test: $(STAMP)
 
 # The property tests with 10x more examples and fresh random inputs each run (a few minutes).
 fuzz: $(STAMP)
-	PRUNEKIT_HYPOTHESIS=fuzz $(PY) -m pytest tests/test_properties_*.py --hypothesis-show-statistics
+	PRUNEKIT_HYPOTHESIS=fuzz $(PY) -m pytest tests/*/test_properties_*.py --hypothesis-show-statistics
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py
@@ -103,7 +103,7 @@ $(CT_STAMP):
 .venv-ct: $(CT_STAMP)
 
 check-ct: $(STAMP) $(CT_STAMP)
-	$(PY) -m pytest -q tests/test_export_ct.py -k package
+	$(PY) -m pytest -q tests/formats/test_export_ct.py -k package
 
 clean:
 	rm -rf $(VENV) $(CT_VENV) $(PEERS_VENV) .pytest_cache

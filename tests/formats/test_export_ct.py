@@ -15,7 +15,7 @@ from helpers.ct_interop import same  # noqa: E402  (equal tensors, -0.0 read as 
 from prunekit.formats.compressed_tensors import (bitmask_compress, decompress, is_24, load_compressed_tensors, save_compressed_tensors,
                                 sparse24_compress, targets_and_ignore)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CT_PYTHON = Path(os.environ.get("PRUNEKIT_CT_PYTHON", ROOT / ".venv-ct" / "bin" / "python"))
 # the keys compressed-tensors 0.14's SparsityCompressionConfig.model_dump() writes
 SPARSITY_KEYS = {"format", "global_sparsity", "ignore", "registry_requires_subclass", "sparsity_structure", "targets"}
@@ -225,7 +225,7 @@ def test_package_decompresses_and_transformers_generates_alike(tmp_path, prune, 
         logits = model(prompt).logits
     reference = {k: v.contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file({**reference, "__prompt__": prompt, "__tokens__": tokens, "__logits__": logits}, tmp_path / "ref.safetensors")
-    run = subprocess.run([str(CT_PYTHON), str(ROOT / "tests" / "ct_interop.py"), str(tmp_path / "ct"),
+    run = subprocess.run([str(CT_PYTHON), str(ROOT / "tests" / "helpers" / "ct_interop.py"), str(tmp_path / "ct"),
                           str(tmp_path / "ref.safetensors"), str(tmp_path / "report.json")],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})

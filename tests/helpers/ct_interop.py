@@ -1,6 +1,6 @@
-"""Run by tests/test_export_ct.py in the `.venv-ct` venv (compressed-tensors + transformers < 5, no prunekit).
+"""Run by tests/formats/test_export_ct.py in the `.venv-ct` venv (compressed-tensors + transformers < 5, no prunekit).
 
-Usage: python tests/ct_interop.py FOLDER REFERENCE.safetensors REPORT.json
+Usage: python tests/helpers/ct_interop.py FOLDER REFERENCE.safetensors REPORT.json
 
 REFERENCE holds the pruned model's state dict plus ``__prompt__``, ``__tokens__`` (its greedy
 continuation) and ``__logits__``. Checks, with the package's own code: its decompression of FOLDER
