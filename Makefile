@@ -50,7 +50,7 @@ test: $(STAMP)
 
 # The property tests with 10x more examples and fresh random inputs each run (a few minutes).
 fuzz: $(STAMP)
-	PRUNEKIT_HYPOTHESIS=fuzz $(PY) -m pytest tests/test_properties_*.py --hypothesis-show-statistics
+	PRUNEKIT_HYPOTHESIS=fuzz $(PY) -m pytest tests/*/test_properties_*.py --hypothesis-show-statistics
 
 bench-oneshot: $(STAMP)
 	$(PY) benchmarks/oneshot.py

@@ -5,6 +5,7 @@ package's ``__init__`` may import anything inside its own package (that is where
 happens). The floors are the table in docs/architecture.md; this test is what keeps it true.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,18 @@ def test_every_module_has_a_floor():
     loose = [n for n in MODULES if max((p for p in FLOORS if n == p or n.startswith(p + ".")), key=len) == "prunekit"
              and n != "prunekit"]
     assert not loose, f"modules without a floor: {loose}"
+
+
+def _documented_floors() -> dict[str, int]:
+    """The folder table of docs/architecture.md as {module: floor} (``x/`` and ``x.py`` -> prunekit.x)."""
+    page = (SRC.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    out = {}
+    for cells in (line.strip("|").split("|") for line in page.splitlines() if re.match(r"^\|.*\| *\d+ *\|$", line)):
+        for name in re.findall(r"`([\w/.]+)`", cells[0]):
+            parts = name.removesuffix("/").removesuffix(".py").split("/")
+            out[".".join(["prunekit"] + [p for p in parts if p != "__init__"])] = int(cells[-1])
+    return out
+
+
+def test_the_documented_floors_are_these():
+    assert _documented_floors() == FLOORS, "docs/architecture.md's table and FLOORS disagree"

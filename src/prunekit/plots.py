@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .report import ModelReport
 from .training.schedules import Cyclical, ThresholdSchedule
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DPI = 100
 
 
 def _new_figure(width: float, height: float) -> tuple[Figure, Any]:
+    # matplotlib is imported by the first plot, not by `import prunekit` (a second at every start)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig, fig.add_subplot()

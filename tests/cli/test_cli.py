@@ -1,4 +1,5 @@
 """The prunekit command: help, exit codes, one-line errors, safe output, end to end on MiniLM."""
+import importlib
 import os
 import shutil
 import subprocess
@@ -260,7 +261,9 @@ def test_prunekit_prune_on_minilm_end_to_end(tmp_path, minilm, method, pattern, 
     from transformers import AutoModel
 
     tokenizer, dense = minilm
-    spec = {"model": "builtin:minilm", "data": {"corpus": "pydoc", "seq_len": 128, "n_sequences": 32},
+    # 32 windows of 64 tokens: the cosines of 32 x 128 (wanda 0.859 vs 0.856, sparsegpt 2:4 0.844
+    # vs 0.838 when measured) at half the calibration cost
+    spec = {"model": "builtin:minilm", "data": {"corpus": "pydoc", "seq_len": 64, "n_sequences": 32},
             "prune": {"method": method, "pattern": pattern, **({"sparsity": 0.5} if pattern == "unstructured" else {})},
             "output": {"dir": "out", "formats": ["hf"]}}
     (tmp_path / "minilm.yaml").write_text(yaml.safe_dump(spec))

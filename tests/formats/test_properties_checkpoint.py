@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import warnings
 
 import pytest
@@ -112,43 +111,52 @@ def _apply(data: bytes, how: tuple[str, object]) -> tuple[bytes, bool]:
     return bytes(out), all(pos < header_end for pos, _ in arg)
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """One folder for every example's file, and no fsync: 600 examples spent a third of their time
+    creating folders and flushing to disk, which is not what is tested here (test_export.py tests
+    the atomic write)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", lambda fd: None)
+        yield str(tmp_path_factory.mktemp("damaged"))
+
+
 @settings(max_examples=examples(600))
 @given(state=state_dicts(), data=st.data())
-def test_damaged_checkpoint_is_refused_or_exact(state, data):
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.safetensors")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # "saving NaN values (kept exactly)"
-            pk.save(state, path)
-        raw = canonical(open(path, "rb").read())
-        header_end = 8 + struct.unpack("<Q", raw[:8])[0]
-        how = data.draw(damage(len(raw), header_end), label="damage")
-        bad, header_only = _apply(raw, how)
-        if bad == raw:
-            return
-        where = "truncated" if how[0] == "truncate" else "header flip" if header_only else "data flip"
-        with open(path, "wb") as f:
-            f.write(bad)
+def test_damaged_checkpoint_is_refused_or_exact(scratch, state, data):
+    path = os.path.join(scratch, "m.safetensors")  # every example overwrites it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "saving NaN values (kept exactly)"
+        pk.save(state, path)
+    raw = canonical(open(path, "rb").read())
+    header_end = 8 + struct.unpack("<Q", raw[:8])[0]
+    how = data.draw(damage(len(raw), header_end), label="damage")
+    bad, header_only = _apply(raw, how)
+    if bad == raw:
+        return
+    where = "truncated" if how[0] == "truncate" else "header flip" if header_only else "data flip"
+    with open(path, "wb") as f:
+        f.write(bad)
 
-        # 1. into a model: CheckpointError with the model untouched, or exactly the saved tensors
-        target = _Holder({k: torch.full_like(v, 7) if v.dtype != torch.bool else ~v for k, v in state.items()})
-        before = {k: v.clone() for k, v in target.state_dict().items()}
-        try:
-            pk.load(path, target)
-        except pk.CheckpointError:
-            event(f"{where}: refused")
-            assert all(same(v, before[k]) for k, v in target.state_dict().items()), "failed load changed the model"
-        else:
-            event(f"{where}: loaded exact (into a model)")
-            _judge(dict(target.state_dict()), state, header_only, how)
+    # 1. into a model: CheckpointError with the model untouched, or exactly the saved tensors
+    target = _Holder({k: torch.full_like(v, 7) if v.dtype != torch.bool else ~v for k, v in state.items()})
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    try:
+        pk.load(path, target)
+    except pk.CheckpointError:
+        event(f"{where}: refused")
+        assert all(same(v, before[k]) for k, v in target.state_dict().items()), "failed load changed the model"
+    else:
+        event(f"{where}: loaded exact (into a model)")
+        _judge(dict(target.state_dict()), state, header_only, how)
 
-        # 2. as a state_dict: CheckpointError, or the same keys and tensors bit for bit
-        try:
-            loaded = pk.load(path)
-        except pk.CheckpointError:
-            return
-        _judge(loaded, state, header_only, how)
-        event(f"{where}: loaded exact (as a state_dict)")
+    # 2. as a state_dict: CheckpointError, or the same keys and tensors bit for bit
+    try:
+        loaded = pk.load(path)
+    except pk.CheckpointError:
+        return
+    _judge(loaded, state, header_only, how)
+    event(f"{where}: loaded exact (as a state_dict)")
 
 
 def _judge(loaded, state, header_only: bool, how) -> None:

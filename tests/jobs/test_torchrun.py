@@ -46,7 +46,9 @@ def test_a_recipe_under_two_processes_matches_one_process_and_rank_0_writes(tmp_
     two, _ = load_model("helpers.loading_toys:tiny_mlp", state_dict=str(both / "out" / "model.safetensors"))
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         assert torch.equal(a == 0, b == 0), name  # the same support
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # statistics summed in another order
+        # float32 statistics summed in another order, then SparseGPT's solves: float32 rounding,
+        # amplified (measured at 20% of rtol=1e-5 here), so the tolerance of test_ranks.py
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_without_torchrun_there_is_no_process_group(monkeypatch):

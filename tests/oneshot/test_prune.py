@@ -67,8 +67,10 @@ def test_nm_valid_after_every_method(method, refine):
 
 def test_lstsq_refit_never_worse_than_selection():
     result = prune(_model(), _data(), sparsity=0.8, method="magnitude", refine="lstsq", progress=False)
+    # both errors come from float32 statistics (sums of float32 products): a float32 margin, so
+    # that a layer the refit barely helps (one is only 4e-5 better) cannot fail on another BLAS
     for rep in result.layers:
-        assert rep.error_refined <= rep.error_selected * (1 + 1e-9)
+        assert rep.error_refined <= rep.error_selected * (1 + 1e-5)
 
 
 def test_snows_k0_equals_least_squares():

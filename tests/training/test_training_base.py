@@ -37,8 +37,8 @@ def test_every_pruner_has_the_same_interface():
         for name in INTERFACE:
             assert hasattr(cls, name), (cls, name)
         assert cls.sparsity is PrunerBase.sparsity  # written once
-    assert MagnitudePruner.finalize is SoftThreshold.finalize is PrunerBase.finalize
-    assert list(inspect.signature(STR.finalize).parameters) == ["self", "sparsity"]  # the deprecated argument only
+    assert MagnitudePruner.finalize is SoftThreshold.finalize is STR.finalize is PrunerBase.finalize
+    assert list(inspect.signature(PrunerBase.finalize).parameters) == ["self"]
 
 
 @pytest.mark.parametrize("kind", ["magnitude", "soft", "str"])
@@ -77,31 +77,26 @@ def test_synchronize_is_a_no_op_in_one_process_and_sync_false_is_accepted(kind):
     assert all(torch.equal(before[n], m) for n, m in pruner.masks().items())
 
 
-def test_magnitude_masks_attribute_still_works_with_a_deprecation_warning():
+def test_magnitude_masks_is_a_plain_method_returning_a_copy():
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     pruner = MagnitudePruner(model, opt, 0.5, targets=TARGETS)
-    with pytest.warns(DeprecationWarning, match=r"pruner.masks\(\)"):
-        old = pruner.masks["0"]
-    assert torch.equal(old, pruner.masks()["0"])
-    with pytest.warns(DeprecationWarning):
-        assert [n for n, _ in pruner.masks.items()] == TARGETS
-    with pytest.warns(DeprecationWarning):
-        assert list(pruner.masks) == TARGETS and len(pruner.masks) == 2 and "2" in pruner.masks
+    assert inspect.ismethod(pruner.masks)
     copy = pruner.masks()
+    assert isinstance(copy, MaskSet) and list(copy) == TARGETS
     copy["0"].zero_()  # a copy: the pruner's own masks do not change
     assert int(pruner.masks()["0"].sum()) == 256
 
 
-def test_str_finalize_sparsity_is_deprecated_and_still_projects():
+def test_str_final_sparsity_projects_finalize_to_an_exact_count():
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    pruner = STR(model, opt, s_init=-6.0, targets=TARGETS)
-    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
-        pruner.finalize(sparsity=1.5)
+    pruner = STR(model, opt, s_init=-6.0, final_sparsity=0.6, targets=TARGETS)
+    with pytest.raises(TypeError):
+        pruner.finalize(0.6)  # finalize() takes no sparsity: it is given to the constructor
     assert not pruner.finalized and len(opt.param_groups) == 2
-    with pytest.warns(DeprecationWarning, match="final_sparsity"):
-        masks = pruner.finalize(0.6)
+    masks = pruner.finalize()
+    assert len(opt.param_groups) == 1
     assert sum(int((~m).sum()) for _, m in masks.items()) == round(0.6 * 768)
     with pytest.raises(ValueError, match=r"final_sparsity must be in \[0, 1\)"):
         STR(model, torch.optim.SGD(model.parameters(), lr=0.1), final_sparsity=1.0, targets=TARGETS)

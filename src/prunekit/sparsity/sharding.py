@@ -18,6 +18,7 @@ paths; mixed with DTensors, they are counted once (on the group's rank 0).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -25,17 +26,16 @@ import torch.distributed as dist
 
 from .patterns import NM, keep_count, nm_mask, unstructured_mask
 
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-except ImportError:  # pragma: no cover - torch without DTensor: nothing can be sharded
-    DTensor = None
-
 _FLIP = 0x7FFFFFFFFFFFFFFF
 
 
 def is_sharded(t: object) -> bool:
-    """True for a DTensor (an FSDP2 parameter, its gradient, optimizer state or a mask like it)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """True for a DTensor (an FSDP2 parameter, its gradient, optimizer state or a mask like it).
+
+    ``torch.distributed.tensor`` is never imported here: a DTensor exists only once that module
+    has been imported (by FSDP2 or the user), and importing it costs a second at every start."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,8 @@ def like(ref: torch.Tensor, local_part: torch.Tensor) -> torch.Tensor:
     """``local_part`` (this rank's rows) as a tensor sharded like ``ref``; unchanged if ``ref`` is plain."""
     if not is_sharded(ref):
         return local_part
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local_part, ref.device_mesh, ref.placements, run_check=False,
                               shape=ref.shape, stride=ref.stride())
 
@@ -55,6 +57,8 @@ def shard_like(ref: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """A full (unsharded) tensor, e.g. masks from a file, split like ``ref``: each rank keeps its rows."""
     if not is_sharded(ref) or is_sharded(full):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     return distribute_tensor(full.to(local(ref).device), ref.device_mesh, ref.placements, src_data_rank=None)
 
 
@@ -62,6 +66,8 @@ def check_sharding(name: str, t: torch.Tensor) -> None:
     """Raise unless ``t`` is plain or sharded the FSDP2 way (1-D mesh, dim 0 or replicated)."""
     if not is_sharded(t):
         return
+    from torch.distributed.tensor import Replicate, Shard
+
     ok = t.device_mesh.ndim == 1 and all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0)
                                          for p in t.placements)
     if not ok:
@@ -82,7 +88,11 @@ def _group(tensors: Iterable[torch.Tensor]):
 
 
 def _split(t: torch.Tensor) -> bool:
-    return is_sharded(t) and any(isinstance(p, Shard) for p in t.placements)
+    if not is_sharded(t):
+        return False
+    from torch.distributed.tensor import Shard
+
+    return any(isinstance(p, Shard) for p in t.placements)
 
 
 class _Shards:

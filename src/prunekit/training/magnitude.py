@@ -19,8 +19,7 @@ masks equal an unsharded run's (:mod:`prunekit.sparsity.sharding`).
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -184,10 +183,9 @@ class MagnitudePruner(PrunerBase):
         self.step_count += 1
         self._update(self.step_count)
 
-    @property
-    def masks(self) -> "_MasksMethod":
-        """``pruner.masks()``: a copy of the current keep-masks, a :class:`~prunekit.MaskSet`."""
-        return _MasksMethod(self._masks)
+    def masks(self) -> MaskSet:
+        """A copy of the current keep-masks, a :class:`~prunekit.MaskSet`."""
+        return MaskSet(self._masks.state_dict())
 
     @torch.no_grad()
     def synchronize(self) -> None:
@@ -238,34 +236,3 @@ def _describe(schedule: Callable) -> str | None:
     """A stable description of a schedule object (None for plain functions)."""
     return repr(schedule) if dataclasses.is_dataclass(schedule) else None
 
-
-class _MasksMethod:
-    """What ``MagnitudePruner.masks`` returns: call it (``pruner.masks()``) for a copy of the masks, as
-    on every pruner. The attribute form of earlier versions (``pruner.masks[name]``,
-    ``pruner.masks.items()``...) still reads the live masks, with a DeprecationWarning."""
-
-    def __init__(self, live: MaskSet) -> None:
-        self._live = live
-
-    def __call__(self) -> MaskSet:
-        return MaskSet(self._live.state_dict())
-
-    def _deprecated(self) -> MaskSet:
-        warnings.warn("MagnitudePruner.masks is a method, as on every pruner: use pruner.masks()[name] and "
-                      "pruner.masks().items()", DeprecationWarning, stacklevel=3)
-        return self._live
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._deprecated()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._deprecated())
-
-    def __len__(self) -> int:
-        return len(self._deprecated())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._deprecated()
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._deprecated(), attr)

@@ -11,7 +11,6 @@ gradients averaged as under DDP) and ``final_sparsity`` counts over all shards.
 """
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from typing import Any, Mapping
 
@@ -84,21 +83,10 @@ class STR(PrunerBase):
         self._check_live()
         self.step_count += 1
 
-    def finalize(self, sparsity: float | None = None) -> MaskSet:
-        """Write ``weight = S_d(theta)`` (projected to ``final_sparsity`` if given), remove the hooks
-        and the thresholds' optimizer group; returns the masks (the non-zeros).
-
-        ``sparsity`` is deprecated: pass ``STR(..., final_sparsity=s)``.
-        """
-        if sparsity is not None:
-            self._check_live()
-            self.final_sparsity = check_sparsity(sparsity, "sparsity")
-            warnings.warn("STR.finalize(sparsity) is deprecated; pass STR(..., final_sparsity=s) and call "
-                          "finalize() as on every pruner", DeprecationWarning, stacklevel=2)
-        return super().finalize()
-
     @torch.no_grad()
     def _finalize(self) -> MaskSet:
+        """Write ``weight = S_d(theta)`` (projected to ``final_sparsity`` if given) and remove the
+        thresholds' optimizer group; returns the masks (the non-zeros)."""
         d = self.thresholds()
         for n, w in self.weights.items():
             w.sub_(w.clamp(-d[n], d[n]))
