@@ -1,0 +1,39 @@
+"""Structures are found from module layouts of models we did not write (transformers configs, torch layers)."""
+import pytest
+from torch import nn
+
+from prunekit.structures import find_structures
+
+
+def test_llama_mlp_and_grouped_query_heads():
+    from helpers.llama_toys import tiny_llama
+
+    found = find_structures(tiny_llama(2), ("mlp", "heads"))
+    assert [(s.kind, s.owner) for s in found] == [
+        ("heads", "model.layers.0.self_attn"), ("mlp", "model.layers.0.mlp"),
+        ("heads", "model.layers.1.self_attn"), ("mlp", "model.layers.1.mlp")]
+    heads, mlp = found[0], found[1]
+    assert (heads.units, heads.unit_size, heads.q_per_kv, heads.kv_heads) == (4, 16, 2, 2)
+    assert mlp.producers == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    assert (mlp.consumer, mlp.units, mlp.config_key) == ("model.layers.0.mlp.down_proj", 128, "intermediate_size")
+
+
+def test_bert_gpt2_and_torch_encoder_mlps():
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                                                          num_hidden_layers=2))
+    assert [(s.producers, s.consumer) for s in find_structures(bert)] == [
+        (("encoder.layer.0.intermediate.dense",), "encoder.layer.0.output.dense"),
+        (("encoder.layer.1.intermediate.dense",), "encoder.layer.1.output.dense")]
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=1, vocab_size=50))
+    (s,) = find_structures(gpt2)
+    assert (s.producers, s.consumer, s.units, s.config_key) == (("transformer.h.0.mlp.c_fc",),
+                                                                 "transformer.h.0.mlp.c_proj", 128, "n_inner")
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 2, enable_nested_tensor=False)
+    assert [(s.owner, s.units) for s in find_structures(enc)] == [("layers.0", 24), ("layers.1", 24)]
+
+
+def test_unknown_kind_is_refused_and_plain_layers_hold_no_structure():
+    with pytest.raises(ValueError, match="structures must be drawn from mlp, heads"):
+        find_structures(nn.Linear(2, 2), ("channels",))
+    assert find_structures(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == []

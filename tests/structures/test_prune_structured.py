@@ -1,0 +1,149 @@
+"""prune_structured end to end: smaller modules, a standard config that reloads, the refit
+repairs, and bad input leaves the model exactly as it was."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit as pk
+
+
+def _tokens(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100, (2, 24), generator=g) for _ in range(n)]
+
+
+def _logit_mse(a, b, x):
+    with torch.no_grad():
+        return float(nn.functional.mse_loss(a(x).logits, b(x).logits))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    pytest.importorskip("transformers")
+    from helpers.llama_toys import tiny_llama
+
+    return tiny_llama(2)
+
+
+def test_llama_mlp_and_heads_shrink_reload_and_generate(llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = copy.deepcopy(llama)
+    result = pk.prune_structured(m, _tokens(), structures="mlp,heads", ratio=0.5, progress=False)
+    layer = m.model.layers[0]
+    assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features == 64
+    assert layer.self_attn.q_proj.out_features == 32 and layer.self_attn.k_proj.out_features == 32
+    assert layer.self_attn.num_key_value_groups == 1
+    assert (m.config.intermediate_size, m.config.num_attention_heads, m.config.num_key_value_heads) == (64, 2, 2)
+    assert result.params_after == sum(p.numel() for p in m.parameters()) < result.params_before
+    x = _tokens(1, seed=9)[0]
+    m.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(back(x).logits, m(x).logits)
+    assert back.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_least_squares_refit_beats_dropping(llama):
+    x = _tokens(1, seed=7)[0]
+    errs = {}
+    for refit in ("none", "lstsq"):
+        m = copy.deepcopy(llama)
+        pk.prune_structured(m, _tokens(24), structures="mlp", ratio=0.5, refit=refit, progress=False)
+        errs[refit] = _logit_mse(m, llama, x)  # on tokens the calibration never saw
+    assert errs["lstsq"] < 0.9 * errs["none"]
+
+
+@pytest.mark.parametrize("score", ["magnitude", "activation", "flap", "obs"])
+def test_every_score_reports_a_repair(llama, score):
+    m = copy.deepcopy(llama)
+    result = pk.prune_structured(m, _tokens(), structures="mlp", ratio=0.25, score=score, progress=False)
+    assert [r.units_after for r in result.reports] == [96, 96]
+    assert all(r.error_refit <= r.error_dropped * (1 + 1e-9) for r in result.reports)
+
+
+def test_params_target_is_met_closely(llama):
+    m = copy.deepcopy(llama)
+    from prunekit.structures.budget import layer_params
+    from prunekit.structures.find import find_structures
+
+    before = layer_params(m, find_structures(m))
+    pk.prune_structured(m, None, structures="mlp", params=0.2, score="magnitude", refit="none")
+    after = layer_params(m, find_structures(m))
+    assert abs((1 - after / before) - 0.2) < 0.01
+
+
+def test_bias_fit_adds_mlp_bias_and_the_config_says_so(llama, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    m = copy.deepcopy(llama)
+    pk.prune_structured(m, _tokens(), structures="mlp", ratio=0.5, bias=True, progress=False)
+    assert m.config.mlp_bias is True and m.model.layers[0].mlp.down_proj.bias is not None
+    m.save_pretrained(tmp_path)
+    x = _tokens(1, seed=3)[0]
+    assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits, m(x).logits)
+
+
+def test_gpt2_conv1d_bert_and_torch_encoder_shrink():
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100)).eval()
+    pk.prune_structured(gpt2, _tokens(), ratio=0.25, progress=False)
+    assert gpt2.transformer.h[0].mlp.c_fc.weight.shape == (32, 96) and gpt2.config.n_inner == 96
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_attention_heads=4,
+                                                          intermediate_size=48, num_hidden_layers=2)).eval()
+    pk.prune_structured(bert, _tokens(), ratio=0.5, progress=False)
+    assert bert.encoder.layer[1].output.dense.in_features == 24 and bert.config.intermediate_size == 24
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 2,
+                                enable_nested_tensor=False).eval()
+    data = [torch.randn(2, 5, 16) for _ in range(3)]
+    dense = copy.deepcopy(enc)
+    pk.prune_structured(enc, data, ratio=0.5, progress=False)
+    assert enc.layers[0].linear1.out_features == 12
+    assert enc(data[0]).shape == dense(data[0]).shape
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(ratio=1.0), "ratio must be a number in"),
+    (dict(ratio=0.999), "leaves none"),
+    (dict(ratio=0.5, params=0.2), "exactly one of ratio"),
+    (dict(ratio=0.5, structures="channels"), "structures must be drawn"),
+    (dict(ratio=0.5, score="taylor"), "score must be one of"),
+    (dict(ratio=0.5, refit="snows"), "refit must be one of"),
+    (dict(ratio=0.25, structures="heads"), "can lose 1/2 of its heads"),
+])
+def test_bad_input_is_refused_and_the_model_is_unchanged(llama, kwargs, match):
+    m = copy.deepcopy(llama)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        pk.prune_structured(m, _tokens(), progress=False, **kwargs)
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_failure_midway_restores_the_model_exactly(llama, monkeypatch):
+    from prunekit.structures import prune as sp
+
+    m = copy.deepcopy(llama)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    config = m.config.to_dict()
+    calls = []
+    real = sp._prune_one
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "_prune_one", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        pk.prune_structured(m, _tokens(), structures="mlp,heads", ratio=0.5, progress=False)
+    assert m.state_dict().keys() == before.keys()
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    assert m.config.to_dict() == config and m.model.layers[0].self_attn.num_key_value_groups == 2
+
+
+def test_a_model_without_structures_and_empty_data_are_refused():
+    with pytest.raises(ValueError, match="no recognised"):
+        pk.prune_structured(nn.Sequential(nn.Linear(4, 4)), [torch.randn(2, 4)], ratio=0.5)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 1, enable_nested_tensor=False)
+    with pytest.raises(ValueError, match="calibration is empty"):
+        pk.prune_structured(enc, [], ratio=0.5)
