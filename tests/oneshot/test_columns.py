@@ -92,7 +92,7 @@ def test_scores_follow_their_definitions_and_rank_deterministically():
     sq = torch.tensor([1.0, 4.0, 9.0, 16.0])
     var = torch.tensor([0.5, 0.5, 2.0, 2.0])
     assert group_scores("magnitude", w, groups).tolist() == [6.0, 2.0]
-    assert group_scores("activation", w, groups, sq_mean=sq).tolist() == [2 + 16.0, 32.0]
+    assert group_scores("wanda", w, groups, sq_mean=sq).tolist() == [2 + 16.0, 32.0]
     assert group_scores("flap", w, groups, variance=var).tolist() == [3.0, 4.0]
     with pytest.raises(ValueError, match="score must be one of"):
         group_scores("taylor", w, groups)

@@ -5,9 +5,10 @@ does for masks): for each structure in the block, in execution order,
 
 1. gather its consumer's input statistics from the pruned block and, for the dense target, from
    a dense copy of the block fed the dense model's inputs;
-2. choose the units to remove by a score (magnitude, activation, FLAP) or greedily by OBS;
-3. repair the consumer's kept columns: exact least squares to the dense block's output
-   (``refit="lstsq"``), FLAP's bias compensation (``"bias"``) or nothing (``"none"``);
+2. choose the units to remove (``method``): by a score (magnitude, Wanda's activation-aware
+   score, FLAP's fluctuation) or greedily by OBS;
+3. repair the consumer's kept columns (``refine``): exact least squares to the dense block's
+   output (``"lstsq"``), FLAP's bias compensation (``"bias"``) or nothing (None);
 4. make the modules physically smaller and update the model's config.
 
 Any failure, Ctrl-C included, puts the model back exactly as it was (an undo log of the
@@ -34,7 +35,8 @@ from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
 
-REFITS = ("lstsq", "bias", "none")
+METHODS = SCORES
+REFINES = (None, "bias", "lstsq")
 BIASES = ("auto", True, False)
 TARGETS = ("dense", "pruned")
 
@@ -65,16 +67,16 @@ class StructuredResult:
         return "\n".join(lines)
 
 
-def _check(structures, score, refit, bias, target, ratio, params) -> tuple[str, ...]:
+def _check(structures, method, refine, bias, target, ratio, params) -> tuple[str, ...]:
     if isinstance(structures, str):
         structures = tuple(s.strip() for s in structures.split(",") if s.strip())
     structures = tuple(structures)
     if not structures or any(s not in ("mlp", "heads") for s in structures):
         raise ValueError(f"structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    if refit not in REFITS:
-        raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {refit!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)} for structures, got {method!r}")
+    if refine not in REFINES:
+        raise ValueError(f"refine must be one of None, 'bias', 'lstsq' for structures, got {refine!r}")
     if bias not in BIASES:
         raise ValueError(f"bias must be 'auto', True or False, got {bias!r}")
     if target not in TARGETS:
@@ -103,8 +105,8 @@ def prune_structured(
     structures: str | Sequence[str] = ("mlp",),
     ratio: float | None = None,
     params: float | None = None,
-    score: str = "activation",
-    refit: str = "lstsq",
+    method: str = "wanda",
+    refine: str | None = "lstsq",
     bias: str | bool = "auto",
     target: str = "dense",
     blocks: Sequence[str] | None = None,
@@ -116,14 +118,16 @@ def prune_structured(
 
     ``ratio`` removes that fraction of every structure's units (the same count in every layer,
     so a Hugging Face config stays standard); ``params`` instead sets the fraction of the
-    model's parameters to remove and finds the uniform ratio that gets closest. ``score`` ranks
-    units (``activation``: ``||W[:, j]||^2 E[x_j^2]``; ``magnitude``; ``flap``; ``obs``: greedy
-    second-order removal). ``refit="lstsq"`` refits each consumer's kept columns to the dense
+    model's parameters to remove and finds the uniform ratio that gets closest. ``method`` chooses
+    the units (``wanda``: ``||W[:, j]||^2 E[x_j^2]``; ``magnitude``; ``flap``: ``||W[:, j]||^2 Var[x_j]``;
+    ``obs``: greedy second-order removal). ``refine="lstsq"`` refits each consumer's kept columns to the dense
     block's output (``target="dense"``; ``"pruned"``: to its own dense weights on the pruned
     inputs); ``bias=True`` also fits a bias (adding one, and setting ``mlp_bias``/``attention_bias``
     in the config, where the consumer had none), ``"auto"`` only where it has one.
     """
-    structures = _check(structures, score, refit, bias, target, ratio, params)
+    if refine == "none":
+        refine = None
+    structures = _check(structures, method, refine, bias, target, ratio, params)
     found = find_structures(model, structures)
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
@@ -134,7 +138,7 @@ def prune_structured(
         why = s.removable(counts[s.owner])
         if why:
             raise ValueError(f"{s.owner}: {why}; lower {'ratio' if ratio is not None else 'params'}")
-    needs_data = not (score == "magnitude" and refit == "none")
+    needs_data = not (method == "magnitude" and refine is None)
     calls = collect_batches(calibration, max_batches) if needs_data else []
     block_list = find_blocks(model, blocks)
     where = {s.owner: _block_of(s.owner, block_list) for s in found}
@@ -151,11 +155,11 @@ def prune_structured(
         model.eval()
         with torch.no_grad():
             if needs_data:
-                _run_blocks(model, block_list, found, where, counts, calls, score, refit, bias, target, damp,
+                _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp,
                             undo, result, bar)
             else:
                 for s in found:
-                    result.reports.append(_prune_one(model, s, counts[s.owner], None, score, refit, bias, damp, undo))
+                    result.reports.append(_prune_one(model, s, counts[s.owner], None, method, refine, bias, damp, undo))
                     bar.update()
             result.config = _update_config(model, found, undo)
     except BaseException:
@@ -169,7 +173,7 @@ def prune_structured(
     return result
 
 
-def _run_blocks(model, block_list, found, where, counts, calls, score, refit, bias, target, damp, undo, result, bar):
+def _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp, undo, result, bar):
     first = min(where.values())
     inputs = capture_inputs(model, block_list[first][1], calls)
     dense_inputs = list(inputs) if target == "dense" else None
@@ -185,7 +189,7 @@ def _run_blocks(model, block_list, found, where, counts, calls, score, refit, bi
             mine.sort(key=lambda s: order.index(s.owner) if s.owner in order else len(order))
         for s in mine:
             stats = _gather(model, block, dense_block, s, inputs, dense_inputs, block_list[b][0])
-            result.reports.append(_prune_one(model, s, counts[s.owner], stats, score, refit, bias, damp, undo))
+            result.reports.append(_prune_one(model, s, counts[s.owner], stats, method, refine, bias, damp, undo))
             bar.update()
         if b < last:
             propagate(block, inputs)
@@ -245,22 +249,22 @@ def _lowest(values: torch.Tensor, ids: torch.Tensor, count: int) -> list[int]:
     return [int(ids[i]) for i in order[:count]]
 
 
-def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, score, refit, bias, damp,
+def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, method, refine, bias, damp,
                undo: Undo) -> StructureReport:
     t0 = time.perf_counter()
     consumer = dict(model.named_modules())[s.consumer]
     w = matrix(consumer).double()
     b = None if consumer.bias is None else consumer.bias.detach().double()
-    removed, w_obs = _choose(s, count, w, stats, score, damp) if count else ([], None)
+    removed, w_obs = _choose(s, count, w, stats, method, damp) if count else ([], None)
     keep = [u for u in range(s.units) if u not in set(removed)]
     cols = s.column_groups()[keep].reshape(-1)
-    fit_bias = refit == "lstsq" and (bias is True or (bias == "auto" and b is not None))
+    fit_bias = refine == "lstsq" and (bias is True or (bias == "auto" and b is not None))
     new_b = b
-    if refit == "lstsq" and stats is not None:
+    if refine == "lstsq" and stats is not None:
         new_w, fitted = refit_columns(w, cols, stats.hessian, cross=stats.cross, bias=b, mean_s=stats.mean_s,
                                       mean_t=stats.mean_t, fit_bias=fit_bias, damp=damp)
         new_b = fitted if fit_bias else b
-    elif refit == "bias" and stats is not None and (b is not None or bias is True):
+    elif refine == "bias" and stats is not None and (b is not None or bias is True):
         dropped = s.column_groups()[removed].reshape(-1)
         new_w = w[:, cols]
         new_b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w[:, dropped] @ stats.mean_s[dropped]
@@ -272,7 +276,7 @@ def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, sco
         report.error_dropped = output_error(w, cols, w[:, cols], stats.hessian, **kw, new_bias=b)
         report.error_refit = output_error(w, cols, new_w, stats.hessian, **kw, new_bias=new_b)
     if not torch.isfinite(new_w).all():
-        raise ValueError(f"{s.owner}: the refit produced non-finite weights; raise damp= or use refit='none'")
+        raise ValueError(f"{s.owner}: the refit produced non-finite weights; raise damp= or use refine=None")
     shrink(model, s, keep, new_w.to(consumer.weight.dtype), None if new_b is b else new_b, undo)
     report.seconds = time.perf_counter() - t0
     return report

@@ -17,22 +17,22 @@ import torch
 
 __all__ = ["SCORES", "group_scores", "obs_remove", "refit_columns", "output_error"]
 
-SCORES = ("magnitude", "activation", "flap", "obs")
+SCORES = ("magnitude", "wanda", "flap", "obs")
 
 
 def group_scores(score: str, weight: torch.Tensor, groups: torch.Tensor, *, sq_mean: torch.Tensor | None = None,
                  variance: torch.Tensor | None = None) -> torch.Tensor:
     """One score per group (``groups`` ``[n_groups, k]`` column indices; lower = removed first).
 
-    ``magnitude``: ``sum ||W[:, j]||^2``; ``activation`` (Wanda on structures): ``sum ||W[:, j]||^2 E[x_j^2]``;
+    ``magnitude``: ``sum ||W[:, j]||^2``; ``wanda`` (activation-aware): ``sum ||W[:, j]||^2 E[x_j^2]``;
     ``flap`` (FLAP's fluctuation): ``sum ||W[:, j]||^2 Var[x_j]``."""
     col = weight.double().pow(2).sum(0)
-    if score == "activation":
+    if score == "wanda":
         col = col * sq_mean.double()
     elif score == "flap":
         col = col * variance.double()
     elif score != "magnitude":
-        raise ValueError(f"score must be one of magnitude, activation, flap (obs: obs_remove), got {score!r}")
+        raise ValueError(f"score must be one of magnitude, wanda, flap (obs: obs_remove), got {score!r}")
     return col[groups].sum(1)
 
 

@@ -1,0 +1,181 @@
+"""Structured one-shot pruning of SmolLM2-135M: perplexity and measured CPU speed vs the dense model.
+
+Every run removes a fraction of the decoder layers' parameters (``params=``) with one method
+(which units go) and one refine (how the rest is repaired), then measures, in this same process and with the same threads:
+- perplexity on the held-out tail of the pydoc text (calibration: its head, disjoint);
+- prefill tokens/s (one forward of ``batch x 256`` tokens) and decode tokens/s (greedy
+  generation of 32 tokens after a 32-token prompt, KV cache on) at batch 1 and 8, as medians of
+  repeats, each pruned measurement alternated with a dense one, reported as ratios to dense.
+
+    python benchmarks/structured_llm.py                       # the grid below
+    python benchmarks/structured_llm.py --params 0.2 --method obs --refine lstsq
+Results: benchmarks/results/structured_llm.json (one row per run, appended), .md and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def speeds(model, vocab: int, repeats: int) -> dict[str, float]:
+    """Tokens per second: prefill (batch x 256) and decode (32 new tokens) at batch 1 and 8."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in (1, 8):
+        x = torch.randint(0, vocab, (batch, 256), generator=g)
+        out[f"prefill_b{batch}"] = batch * 256 / _timed(lambda: model(input_ids=x, use_cache=False), repeats)
+        prompt = torch.randint(0, vocab, (batch, 32), generator=g)
+        gen = lambda: model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False,  # noqa: E731
+                                     pad_token_id=0)
+        out[f"decode_b{batch}"] = batch * 32 / _timed(gen, repeats)
+    return out
+
+
+def decoder_params(model) -> int:
+    return sum(p.numel() for p in model.model.layers.parameters())
+
+
+def run(args) -> list[dict]:
+    import prunekit as pk
+    from prunekit.llm import text_calibration, tokenize
+    from prunekit.zoo.smollm2 import load_smollm2
+    from prunekit.zoo.text import pydoc_text, split_text
+
+    torch.set_num_threads(args.threads)
+    tok, model = load_smollm2()
+    model.generation_config.pad_token_id = 0
+    calib_text, eval_text = split_text(pydoc_text())
+    ids = tokenize(tok, eval_text)
+    calibration = text_calibration(tok, calib_text, seq_len=256, n_sequences=args.sequences, batch_size=8)
+    dense_ppl = pk.perplexity(model, ids, seq_len=256, max_sequences=args.eval_sequences)
+    rows = []
+    dense_dec = decoder_params(model)
+    print(f"dense perplexity {dense_ppl:.2f}, decoder parameters {dense_dec:,}", flush=True)
+    for params in args.params:
+        for method in args.method:
+            for refine in args.refine:
+                pruned = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                result = pk.prune_structured(pruned, calibration, structures=args.structures, params=params,
+                                             method=method, refine=refine, bias=args.bias, progress=False)
+                seconds = time.perf_counter() - t0
+                ppl = pk.perplexity(pruned, ids, seq_len=256, max_sequences=args.eval_sequences)
+                # dense and pruned alternated, so drift in the machine's speed hits both alike
+                d1, p1 = speeds(model, tok.vocab_size, args.repeats), speeds(pruned, tok.vocab_size, args.repeats)
+                d2, p2 = speeds(model, tok.vocab_size, args.repeats), speeds(pruned, tok.vocab_size, args.repeats)
+                ratio = {k: round(statistics.mean([p1[k] / d1[k], p2[k] / d2[k]]), 3) for k in d1}
+                row = {"structures": args.structures, "params_target": params, "method": method, "refine": str(refine),
+                       "bias": str(args.bias), "calibration": f"{args.sequences}x256",
+                       "decoder_params_removed": round(1 - decoder_params(pruned) / dense_dec, 4),
+                       "model_params_removed": round(result.removed_fraction, 4),
+                       "intermediate_size": pruned.config.intermediate_size,
+                       "heads": pruned.config.num_attention_heads,
+                       "perplexity": round(ppl, 2), "dense_perplexity": round(dense_ppl, 2),
+                       "x_dense": round(ppl / dense_ppl, 3), "prune_seconds": round(seconds, 1),
+                       "speed_vs_dense": ratio, "dense_tokens_per_s": {k: round(v, 1) for k, v in d1.items()},
+                       "threads": args.threads, "torch": torch.__version__}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del pruned
+    return rows
+
+
+def write(rows: list[dict], path: Path) -> None:
+    old = json.loads(path.read_text()) if path.exists() else []
+    key = lambda r: (r["structures"], r["params_target"], r["method"], r["refine"], r["bias"], r["calibration"])  # noqa: E731
+    merged = {key(r): r for r in old + rows}
+    path.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
+
+
+def report(path: Path) -> None:
+    rows = json.loads(path.read_text())
+    rows.sort(key=lambda r: (r["structures"], r["params_target"], r["x_dense"]))
+    lines = ["# Structured one-shot pruning of SmolLM2-135M-Instruct (CPU)", "",
+             "`python benchmarks/structured_llm.py` (`make bench-structured-llm`). Perplexity: held-out tail of the "
+             "pydoc text, 32 x 256 tokens; calibration its head. Speed: this process, same threads, medians of "
+             "repeats, pruned runs alternated with dense ones; ratio > 1 is faster than dense.", "",
+             "| structures | target | decoder params removed | method | refine | bias | intermediate | heads | perplexity "
+             "| x dense | prefill b1 | prefill b8 | decode b1 | decode b8 | prune s |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["speed_vs_dense"]
+        lines.append(f"| {r['structures']} | {r['params_target']:.0%} | {r['decoder_params_removed']:.1%} | {r['method']} "
+                     f"| {r['refine']} | {r['bias']} | {r['intermediate_size']} | {r['heads']} | {r['perplexity']} "
+                     f"| {r['x_dense']} | {s['prefill_b1']} | {s['prefill_b8']} | {s['decode_b1']} | {s['decode_b8']} "
+                     f"| {r['prune_seconds']} |")
+    if rows:
+        d = rows[0]
+        lines += ["", f"Dense: perplexity {d['dense_perplexity']}, tokens/s {d['dense_tokens_per_s']} "
+                      f"({d['threads']} threads, torch {d['torch']})."]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows, path.with_suffix(".png"))
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series: dict[str, list] = {}
+    for r in rows:
+        series.setdefault(f"{r['structures']} {r['method']}+{r['refine']}", []).append(
+            (r["decoder_params_removed"], r["x_dense"]))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([100 * p for p, _ in pts], [y for _, y in pts], marker="o", label=label)
+    ax.axhline(1.2, ls=":", c="grey")
+    ax.set_xlabel("decoder parameters removed (%)")
+    ax.set_ylabel("perplexity / dense")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    p.add_argument("--score", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
+    p.add_argument("--refit", nargs="+", default=["none", "bias", "lstsq"])
+    p.add_argument("--structures", default="mlp")
+    p.add_argument("--bias", default="auto", type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
+    p.add_argument("--sequences", type=int, default=32, help="calibration sequences of 256 tokens")
+    p.add_argument("--eval-sequences", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS / "structured_llm.json")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the JSON")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        write(run(args), args.out)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
