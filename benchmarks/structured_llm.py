@@ -160,8 +160,8 @@ def _plot(rows: list[dict], out: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--score", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
-    p.add_argument("--refit", nargs="+", default=["none", "bias", "lstsq"])
+    p.add_argument("--method", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
+    p.add_argument("--refine", nargs="+", default=["none", "bias", "lstsq"])
     p.add_argument("--structures", default="mlp")
     p.add_argument("--bias", default="auto", type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
     p.add_argument("--sequences", type=int, default=32, help="calibration sequences of 256 tokens")
