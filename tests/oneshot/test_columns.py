@@ -96,3 +96,17 @@ def test_scores_follow_their_definitions_and_rank_deterministically():
     assert group_scores("flap", w, groups, variance=var).tolist() == [3.0, 4.0]
     with pytest.raises(ValueError, match="score must be one of"):
         group_scores("taylor", w, groups)
+
+
+def test_the_ridge_pulls_towards_the_kept_dense_columns_not_zero():
+    """A huge damp gives back plain dropping (W[:, S]); a small one the least-squares fit."""
+    xs, _, w, _ = _problem()
+    h = xs.T @ xs / len(xs)
+    keep = torch.tensor([1, 2, 5, 9])
+    far, _ = refit_columns(w, keep, h, damp=1e9)
+    torch.testing.assert_close(far, w[:, keep], rtol=1e-6, atol=1e-6)
+    near, _ = refit_columns(w, keep, h, damp=1e-12)
+    exact, _ = refit_columns(w, keep, h, damp=0.0)
+    torch.testing.assert_close(near, exact, rtol=1e-6, atol=1e-8)
+    errors = [output_error(w, keep, refit_columns(w, keep, h, damp=d)[0], h) for d in (0.0, 0.1, 10.0, 1e9)]
+    assert errors == sorted(errors)  # more pull towards W[:, S], more output error on these rows

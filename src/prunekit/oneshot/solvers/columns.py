@@ -91,12 +91,16 @@ def refit_columns(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tenso
 
     (``cross`` None: ``X_t = X_s``; ``bias`` None: ``b = 0``). With ``fit_bias`` the bias ``b'``
     is solved jointly (a ones column appended to ``X_s``; needs ``mean_s`` and, with ``cross``,
-    ``mean_t``), else ``b' = b``. Returns ``(W_S [d_out, |S|], b')``; ridge ``damp * mean(diag H_SS)``
-    on the weight block only. Solved in float64."""
+    ``mean_t``), else ``b' = b``. Returns ``(W_S [d_out, |S|], b')``. The ridge term
+    ``delta ||W_S - W[:, S]||^2`` (``delta = damp * mean(diag H_SS)``) pulls towards the kept dense
+    columns, not towards zero: a large ``damp`` gives back plain dropping, never something worse,
+    and it tempers the fit to the calibration rows. Solved in float64."""
     w = weight.double()
     c = hessian.double() if cross is None else cross.double()
-    h_ss = _damped(hessian[keep][:, keep], damp)
-    rhs = c[keep] @ w.T                                             # [|S|, d_out]
+    h_kept = hessian.double()[keep][:, keep]
+    delta = damp * float(h_kept.diagonal().mean().clamp_min(1e-12))
+    h_ss = h_kept + delta * torch.eye(len(keep), dtype=torch.float64, device=w.device)
+    rhs = c[keep] @ w.T + delta * w[:, keep].T                      # [|S|, d_out]
     b = None if bias is None else bias.double()
     if not fit_bias:  # a kept bias b is on both sides and cancels
         sol = torch.linalg.solve(h_ss, rhs)
