@@ -65,16 +65,26 @@ def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, groups: torch.Tensor
     for _ in range(count):
         allowed = alive if quota is None else alive & (quota[buckets] > 0)
         idx = groups[allowed]                                        # [g, k]
-        sub = hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]           # [g, k, k]
-        wg = w[:, idx].permute(1, 0, 2)                            # [g, d_out, k]
-        cost = (torch.linalg.solve(sub, wg.mT).mT * wg).sum((1, 2))  # tr(W_g sub^-1 W_g^T)
+        if idx.shape[1] == 1:  # single columns (MLP neurons): ||W[:, j]||^2 / Hinv_jj
+            j = idx[:, 0]
+            cost = w[:, j].pow(2).sum(0) / hinv[j, j]
+        else:
+            sub = hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]           # [g, k, k]
+            wg = w[:, idx].permute(1, 0, 2)                            # [g, d_out, k]
+            cost = (torch.linalg.solve(sub, wg.mT).mT * wg).sum((1, 2))  # tr(W_g sub^-1 W_g^T)
         best = int(torch.nonzero(allowed)[int(torch.argmin(cost))])
         if quota is not None:
             quota[buckets[best]] -= 1
         r = groups[best]
-        inv_rr = torch.linalg.inv(hinv[r][:, r])
-        w -= w[:, r] @ inv_rr @ hinv[r, :]
-        hinv -= hinv[:, r] @ inv_rr @ hinv[r, :]
+        if len(r) == 1:  # rank-one updates in place
+            j, scale = int(r[0]), -1.0 / float(hinv[r[0], r[0]])
+            row = hinv[j].clone()
+            w.addr_(w[:, j].clone(), row, alpha=scale)
+            hinv.addr_(row, row, alpha=scale)
+        else:
+            inv_rr = torch.linalg.inv(hinv[r][:, r])
+            w -= w[:, r] @ inv_rr @ hinv[r, :]
+            hinv -= hinv[:, r] @ inv_rr @ hinv[r, :]
         w[:, r] = 0
         alive[best] = False
         removed.append(best)
