@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench-snows-cost: $(STAMP)
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm.py --memory
+
+# Structured pruning of SmolLM2 (MLP neurons): perplexity and measured tokens/s vs dense.
+bench-structured-llm: $(LLM_STAMP)
+	$(PY) benchmarks/structured_llm.py
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py
