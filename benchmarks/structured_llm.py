@@ -152,13 +152,18 @@ def _plot(rows: list[dict], out: Path) -> None:
     for r in rows:
         series.setdefault(f"{r['structures']} {r['method']}+{r['refine']}", []).append(
             (r["decoder_params_removed"], r["x_dense"]))
+    off = []
     for label, pts in sorted(series.items()):
         pts.sort()
-        ax.plot([100 * p for p, _ in pts], [y for _, y in pts], marker="o", label=label)
+        shown = [(p, y) for p, y in pts if y <= 5]
+        off += [f"{label} at {100 * p:.0f}%: x{y:.3g}" for p, y in pts if y > 5]
+        if shown:
+            ax.plot([100 * p for p, _ in shown], [y for _, y in shown], marker="o", label=label)
     ax.axhline(1.2, ls=":", c="grey")
+    if off:  # runs that collapsed would flatten the rest of the chart
+        ax.text(0.01, 0.98, "off the chart: " + "; ".join(off), transform=ax.transAxes, fontsize=6, va="top")
     ax.set_xlabel("decoder parameters removed (%)")
     ax.set_ylabel("perplexity / dense")
-    ax.set_yscale("log")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
