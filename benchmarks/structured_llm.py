@@ -82,7 +82,8 @@ def run(args) -> list[dict]:
                 t0 = time.perf_counter()
                 bias = True if refine == "bias" else args.bias  # FLAP's compensation needs a bias to write
                 result = pk.prune_structured(pruned, calibration, structures=args.structures, params=params,
-                                             method=method, refine=refine, bias=bias, progress=False)
+                                             method=method, refine=refine, bias=bias,
+                                             multiple_of=args.multiple_of, progress=False)
                 seconds = time.perf_counter() - t0
                 ppl = pk.perplexity(pruned, ids, seq_len=256, max_sequences=args.eval_sequences)
                 shape = (pruned.config.intermediate_size, pruned.config.num_attention_heads,
@@ -95,7 +96,7 @@ def run(args) -> list[dict]:
                                                for k in d1}, "dense": d1}
                 ratio, d1 = shapes[shape]["ratio"], shapes[shape]["dense"]
                 row = {"structures": args.structures, "params_target": params, "method": method, "refine": str(refine),
-                       "bias": str(bias), "calibration": f"{args.sequences}x256",
+                       "bias": str(bias), "multiple_of": args.multiple_of, "calibration": f"{args.sequences}x256",
                        "decoder_params_removed": round(1 - decoder_params(pruned) / dense_dec, 4),
                        "model_params_removed": round(result.removed_fraction, 4),
                        "intermediate_size": pruned.config.intermediate_size,
@@ -103,7 +104,8 @@ def run(args) -> list[dict]:
                        "perplexity": round(ppl, 2), "dense_perplexity": round(dense_ppl, 2),
                        "x_dense": round(ppl / dense_ppl, 3), "prune_seconds": round(seconds, 1),
                        "speed_vs_dense": ratio, "dense_tokens_per_s": {k: round(v, 1) for k, v in d1.items()},
-                       "threads": args.threads, "torch": torch.__version__}
+                       "threads": args.threads, "torch": torch.__version__,
+                       "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 del pruned
@@ -112,8 +114,15 @@ def run(args) -> list[dict]:
 
 def write(rows: list[dict], path: Path) -> None:
     old = json.loads(path.read_text()) if path.exists() else []
-    key = lambda r: (r["structures"], r["params_target"], r["method"], r["refine"], r["bias"], r["calibration"])  # noqa: E731
+    key = lambda r: (r["structures"], r["params_target"], r["method"], r["refine"], r["bias"], r["calibration"],  # noqa: E731
+                     r.get("multiple_of", 1))
     merged = {key(r): r for r in old + rows}
+    # speed depends on the shapes alone: every row of a shape shows the newest measurement of it
+    shape = lambda r: (r["intermediate_size"], r["heads"], r.get("layers"))  # noqa: E731
+    newest = {shape(r): r for r in sorted(merged.values(), key=lambda r: r.get("measured", ""))}
+    for r in merged.values():
+        r["speed_vs_dense"] = newest[shape(r)]["speed_vs_dense"]
+        r["dense_tokens_per_s"] = newest[shape(r)]["dense_tokens_per_s"]
     path.write_text(json.dumps(list(merged.values()), indent=1) + "\n")
 
 
@@ -175,6 +184,7 @@ def main(argv=None) -> None:
     p.add_argument("--method", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
     p.add_argument("--refine", nargs="+", default=["none", "bias", "lstsq"])
     p.add_argument("--structures", default="mlp")
+    p.add_argument("--multiple-of", type=int, default=1, help="round kept MLP widths to a multiple of this")
     p.add_argument("--bias", default="auto", type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
     p.add_argument("--sequences", type=int, default=32, help="calibration sequences of 256 tokens")
     p.add_argument("--eval-sequences", type=int, default=32)

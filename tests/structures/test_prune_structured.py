@@ -147,3 +147,11 @@ def test_a_model_without_structures_and_empty_data_are_refused():
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 1, enable_nested_tensor=False)
     with pytest.raises(ValueError, match="calibration is empty"):
         pk.prune_structured(enc, [], ratio=0.5)
+
+
+def test_multiple_of_rounds_the_kept_width(llama):
+    m = copy.deepcopy(llama)
+    pk.prune_structured(m, None, structures="mlp", ratio=0.3, method="magnitude", refine=None, multiple_of=32)
+    assert m.config.intermediate_size == 96 and m.model.layers[1].mlp.down_proj.in_features == 96  # 128*0.7 -> 96
+    with pytest.raises(ValueError, match="multiple_of must be"):
+        pk.prune_structured(copy.deepcopy(llama), None, ratio=0.3, method="magnitude", refine=None, multiple_of=0)

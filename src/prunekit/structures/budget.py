@@ -12,11 +12,17 @@ from .find import out_features
 from .units import Structure
 
 
-def count_at(s: Structure, ratio: float) -> int:
-    """Units of ``s`` removed at ``ratio`` (rounded; per key/value group for grouped heads)."""
+def count_at(s: Structure, ratio: float, multiple_of: int = 1) -> int:
+    """Units of ``s`` removed at ``ratio`` (rounded; per key/value group for grouped heads). For
+    MLP neurons, ``multiple_of`` rounds the kept width to a multiple of it (matrix kernels run
+    fastest on widths like 64), never keeping fewer than ``multiple_of``."""
     if s.kind == "heads" and s.q_per_kv > 1:
         return round(ratio * s.q_per_kv) * s.kv_heads
-    return round(ratio * s.units)
+    count = round(ratio * s.units)
+    if s.kind == "mlp" and multiple_of > 1 and count:
+        kept = max(multiple_of, round((s.units - count) / multiple_of) * multiple_of)
+        count = max(s.units - kept, 0)
+    return count
 
 
 def unit_params(model: nn.Module, s: Structure) -> int:
@@ -33,7 +39,8 @@ def unit_params(model: nn.Module, s: Structure) -> int:
     return total
 
 
-def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, params: float | None) -> dict[str, int]:
+def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, params: float | None,
+               multiple_of: int = 1) -> dict[str, int]:
     """``{owner: units to remove}`` for a ``ratio`` of units or a ``params`` fraction of the
     parameters of the layers the structures live in (the closest uniform ratio)."""
     if ratio is not None:
@@ -44,18 +51,18 @@ def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, pa
                 raise ValueError(f"{s.owner}: grouped-query attention with {s.q_per_kv} query heads per key/value "
                                  f"head can lose {possible} of its heads (the same in every group), not "
                                  f"ratio={ratio:g}; pick one of those or use params=")
-        return {s.owner: count_at(s, ratio) for s in found}
+        return {s.owner: count_at(s, ratio, multiple_of) for s in found}
     per_unit = {s.owner: unit_params(model, s) for s in found}
     goal = params * layer_params(model, found)
     best, best_gap = 0.0, float("inf")
     for step in range(1, 1000):
         r = step / 1000
-        if any(count_at(s, r) >= s.units for s in found):
+        if any(count_at(s, r, multiple_of) >= s.units for s in found):
             break
-        gap = abs(sum(count_at(s, r) * per_unit[s.owner] for s in found) - goal)
+        gap = abs(sum(count_at(s, r, multiple_of) * per_unit[s.owner] for s in found) - goal)
         if gap < best_gap - 1e-9:
             best, best_gap = r, gap
-    return {s.owner: count_at(s, best) for s in found}
+    return {s.owner: count_at(s, best, multiple_of) for s in found}
 
 
 def layer_params(model: nn.Module, found: list[Structure]) -> int:

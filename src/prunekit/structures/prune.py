@@ -113,6 +113,7 @@ def prune_structured(
     blocks: Sequence[str] | None = None,
     max_batches: int | None = None,
     damp: float = 0.1,
+    multiple_of: int = 1,
     progress: bool | None = None,
 ) -> StructuredResult:
     """Remove whole MLP neurons and/or attention heads from ``model`` in place and repair it.
@@ -125,7 +126,8 @@ def prune_structured(
     columns to the dense layer's output on the same inputs (``target="pruned"``, the default;
     ``"dense"`` fits the dense model's output on the dense model's inputs instead, which
     measured worse on SmolLM2), with a ridge ``damp`` that pulls the kept columns towards their
-    dense values; ``bias=True`` also fits a bias (adding one, and setting ``mlp_bias`` /
+    dense values; ``multiple_of`` rounds every MLP's kept width to a multiple of it (CPU matrix
+    kernels can be slower on odd widths); ``bias=True`` also fits a bias (adding one, and setting ``mlp_bias`` /
     ``attention_bias`` in the config, where the consumer had none), ``"auto"`` only where it has one.
     """
     if refine == "none":
@@ -136,7 +138,9 @@ def prune_structured(
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
                          "SwiGLU, BERT, GPT-2, fc1/fc2 and nn.TransformerEncoderLayer MLPs and q/k/v/o_proj "
                          "attention with a head_dim)")
-    counts = counts_for(model, found, ratio, params)
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
+    counts = counts_for(model, found, ratio, params, multiple_of)
     for s in found:
         why = s.removable(counts[s.owner])
         if why:
