@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..layers.base import kind_of
 from .units import KINDS, Structure
 
 #: (producers, consumer, config field of the width) of every recognised MLP layout
@@ -24,7 +25,11 @@ MLP_LAYOUTS = (
 
 
 def _linear_like(module: nn.Module | None) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A Linear or transformers' Conv1D: a single-matrix layer kind whose rows are outputs."""
+    try:
+        return module is not None and kind_of(module).name in ("linear", "hf-conv1d")
+    except TypeError:
+        return False
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -36,8 +41,8 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def out_features(module: nn.Module) -> int:
-    """Output width of a Linear or transformers' Conv1D (weight ``[d_in, d_out]``)."""
-    return module.weight.shape[0] if isinstance(module, nn.Linear) else module.weight.shape[1]
+    """Output width of a Linear or transformers' Conv1D (rows of its layer kind's matrix)."""
+    return kind_of(module).matrix(module).shape[0]
 
 
 def _mlp(name: str, module: nn.Module) -> Structure | None:

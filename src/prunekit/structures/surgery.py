@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.base import kind_of
 from .units import Structure
 
 
@@ -36,12 +37,13 @@ class Undo:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    return kind_of(module).name == "hf-conv1d"
 
 
 def matrix(module: nn.Module) -> torch.Tensor:
-    """The ``[d_out, d_in]`` matrix of a Linear or Conv1D (a view: never write into it)."""
-    return module.weight.detach().T if _is_conv1d(module) else module.weight.detach()
+    """The ``[d_out, d_in]`` matrix of a Linear or Conv1D, as its layer kind sees it (a view:
+    never write into it)."""
+    return kind_of(module).matrix(module)
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
