@@ -36,4 +36,16 @@ def test_bert_gpt2_and_torch_encoder_mlps():
 def test_unknown_kind_is_refused_and_plain_layers_hold_no_structure():
     with pytest.raises(ValueError, match="structures must be drawn from mlp, heads"):
         find_structures(nn.Linear(2, 2), ("channels",))
-    assert find_structures(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == []
+    assert find_structures(nn.Linear(4, 8)) == []
+    assert find_structures(nn.Sequential(nn.Linear(4, 8), nn.Conv1d(8, 8, 1), nn.Linear(8, 2))) == []
+
+
+def test_sequential_mlps_of_a_hand_written_vit():
+    from prunekit.zoo.vit import vit_mnist
+
+    found = find_structures(vit_mnist())
+    assert [(s.owner, s.producers, s.consumer, s.units) for s in found][:1] == [
+        ("1.mlp", ("1.mlp.0",), "1.mlp.2", 128)]
+    assert len(found) == 4
+    (s,) = find_structures(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 2)))
+    assert (s.owner, s.producers, s.consumer, s.units) == ("", ("0",), "3", 8)

@@ -155,3 +155,20 @@ def test_multiple_of_rounds_the_kept_width(llama):
     assert m.config.intermediate_size == 96 and m.model.layers[1].mlp.down_proj.in_features == 96  # 128*0.7 -> 96
     with pytest.raises(ValueError, match="multiple_of must be"):
         pk.prune_structured(copy.deepcopy(llama), None, ratio=0.3, method="magnitude", refine=None, multiple_of=0)
+
+
+def test_a_hand_written_vit_shrinks_and_the_refit_repairs_it():
+    from prunekit.zoo.vit import vit_mnist
+
+    dense = vit_mnist().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 1, 28, 28, generator=g) for _ in range(8)]
+    x = torch.randn(32, 1, 28, 28, generator=g)
+    errors = {}
+    for refine in (None, "lstsq"):
+        m = copy.deepcopy(dense)
+        pk.prune_structured(m, data, ratio=0.5, refine=refine, progress=False)
+        assert m[1].mlp[0].out_features == m[1].mlp[2].in_features == 64
+        with torch.no_grad():
+            errors[refine] = float((m(x) - dense(x)).pow(2).mean())
+    assert errors["lstsq"] < 0.5 * errors[None]

@@ -3,7 +3,8 @@
 Recognised MLPs (an elementwise activation between producers and consumer):
 ``gate_proj``/``up_proj`` -> ``down_proj`` (SwiGLU: Llama, Mistral, Qwen); ``intermediate.dense`` ->
 ``output.dense`` (BERT); ``c_fc`` -> ``c_proj`` (GPT-2, transformers' ``Conv1D``); ``fc1`` -> ``fc2``
-(ViT, CLIP, OPT); ``linear1`` -> ``linear2`` (``nn.TransformerEncoderLayer``/``DecoderLayer``).
+(ViT, CLIP, OPT); ``linear1`` -> ``linear2`` (``nn.TransformerEncoderLayer``/``DecoderLayer``);
+``nn.Sequential(Linear, activation, Linear)`` (a hand-written ViT).
 Recognised attention: ``q_proj``/``k_proj``/``v_proj`` -> ``o_proj`` with a ``head_dim`` (Llama-style,
 grouped-query included).
 """
@@ -58,6 +59,23 @@ def _mlp(name: str, module: nn.Module) -> Structure | None:
     return None
 
 
+#: modules that act element by element, allowed between an nn.Sequential MLP's two linears
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish,
+               nn.Dropout, nn.Identity)
+
+
+def _sequential_mlp(name: str, module: nn.Module) -> Structure | None:
+    """``nn.Sequential(Linear, activation, [Dropout], Linear)``: the MLP of a hand-written ViT."""
+    if not isinstance(module, nn.Sequential) or len(module) < 3:
+        return None
+    first, *middle, last = list(module)
+    if not (_linear_like(first) and _linear_like(last) and all(isinstance(m, ELEMENTWISE) for m in middle)):
+        return None
+    names = [n for n, _ in module.named_children()]
+    prefix = f"{name}." if name else ""
+    return Structure("mlp", name, (prefix + names[0],), prefix + names[-1], out_features(first))
+
+
 def _attention(name: str, module: nn.Module) -> Structure | None:
     projs = [getattr(module, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
     head_dim = getattr(module, "head_dim", None)
@@ -82,7 +100,7 @@ def find_structures(model: nn.Module, kinds: tuple[str, ...] = ("mlp",)) -> list
         raise ValueError(f"structures must be drawn from mlp, heads (blocks: see prune_blocks), got {unknown}")
     found: list[Structure] = []
     for name, module in model.named_modules():
-        for kind, finder in (("mlp", _mlp), ("heads", _attention)):
+        for kind, finder in (("mlp", _mlp), ("mlp", _sequential_mlp), ("heads", _attention)):
             if kind in kinds and not any(name.startswith(s.owner + ".") or name == s.owner for s in found
                                          if s.kind == kind and s.owner):
                 hit = finder(name, module)

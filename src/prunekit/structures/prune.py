@@ -136,7 +136,8 @@ def prune_structured(
     found = find_structures(model, structures)
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
-                         "SwiGLU, BERT, GPT-2, fc1/fc2 and nn.TransformerEncoderLayer MLPs and q/k/v/o_proj "
+                         "SwiGLU, BERT, GPT-2, fc1/fc2, nn.TransformerEncoderLayer and nn.Sequential(Linear, act, "
+                         "Linear) MLPs and q/k/v/o_proj "
                          "attention with a head_dim)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
