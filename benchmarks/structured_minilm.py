@@ -1,6 +1,7 @@
 """Structured one-shot pruning of all-MiniLM-L6-v2: embedding fidelity and encode speed vs dense.
 
-MLP neurons of every encoder layer are removed (``ratio`` of each layer's 1536), the rest repaired;
+Units of every encoder layer are removed (``--params``: that fraction of the encoder layers'
+parameters, by the closest uniform ratio; ``--ratio``: that fraction of each layer's units), the rest repaired;
 embeddings are the model's mean-pooled, normalised last hidden states (sentence-transformers'
 pooling). On held-out pydoc paragraphs (calibration: the head of the text, disjoint):
 - fidelity: mean cosine between the pruned and dense embedding of each paragraph;
@@ -9,8 +10,9 @@ pooling). On held-out pydoc paragraphs (calibration: the head of the text, disjo
 - encode speed: 64 paragraphs x 128 tokens per call, medians of repeats, pruned runs alternated
   with dense ones in this process, as a ratio to dense (> 1 is faster).
 
-    python benchmarks/structured_minilm.py --ratio 0.2 0.3
-Results: benchmarks/results/structured_minilm.json and .md.
+    python benchmarks/structured_minilm.py                      # 20% and 30% of encoder parameters
+    python benchmarks/structured_minilm.py --params --ratio 0.2 0.3    # 20% and 30% of MLP neurons
+Results: benchmarks/results/structured_minilm.json (rows merged by their settings) and .md.
 """
 from __future__ import annotations
 
@@ -61,7 +63,10 @@ def main(argv=None) -> None:
     from prunekit.zoo.text import pydoc_text, split_text
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.3])
+    p.add_argument("--params", type=float, nargs="*", default=[0.2, 0.3],
+                   help="fractions of the encoder layers' parameters to remove")
+    p.add_argument("--ratio", type=float, nargs="*", default=[], help="fractions of every structure's units instead")
+    p.add_argument("--structures", default="mlp")
     p.add_argument("--method", nargs="+", default=["wanda"])
     p.add_argument("--refine", nargs="+", default=["none", "lstsq"])
     p.add_argument("--threads", type=int, default=2)
@@ -78,13 +83,15 @@ def main(argv=None) -> None:
     dense_nn = (dense @ dense.T).fill_diagonal_(-2).topk(10).indices
     speed_batch = {k: torch.cat([b[k] for b in held_out[:2]]) for k in held_out[0]}  # 64 x 128
     rows = []
-    for ratio in args.ratio:
+    encoder = lambda m: sum(p.numel() for p in m.encoder.parameters())  # noqa: E731
+    targets = [("params", v) for v in args.params or []] + [("ratio", v) for v in args.ratio or []]
+    for target, amount in targets:
         for method in args.method:
             for refine in args.refine:
                 pruned = copy.deepcopy(model)
                 t0 = time.perf_counter()
-                result = pk.prune_structured(pruned, calibration, structures="mlp", ratio=ratio, method=method,
-                                             refine=refine, progress=False)
+                result = pk.prune_structured(pruned, calibration, structures=args.structures, **{target: amount},
+                                             method=method, refine=refine, progress=False)
                 seconds = time.perf_counter() - t0
                 emb = embed(pruned, held_out)
                 nn_ = (emb @ emb.T).fill_diagonal_(-2).topk(10).indices
@@ -94,24 +101,37 @@ def main(argv=None) -> None:
                     d = _seconds(model, speed_batch, args.repeats)
                     q = _seconds(pruned, speed_batch, args.repeats)
                     ratios.append(d / q)
-                row = {"ratio": ratio, "method": method, "refine": refine, "intermediate": pruned.config.intermediate_size,
+                row = {"structures": args.structures, "target": target, "amount": amount, "method": method,
+                       "refine": refine, "intermediate": pruned.config.intermediate_size,
+                       "heads": [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer][0],
+                       "encoder_params_removed": round(1 - encoder(pruned) / encoder(model), 4),
                        "params_removed": round(result.removed_fraction, 4),
                        "cosine_mean": round(float((emb * dense).sum(1).mean()), 4),
                        "cosine_min": round(float((emb * dense).sum(1).min()), 4),
                        "top10_overlap": round(overlap, 3), "encode_speed_vs_dense": round(statistics.mean(ratios), 3),
-                       "prune_seconds": round(seconds, 1), "threads": args.threads}
+                       "prune_seconds": round(seconds, 1), "threads": args.threads,
+                       "load_average": round(os.getloadavg()[0], 2), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    old = json.loads(args.out.read_text()) if args.out.exists() else []
+    for r in old:  # rows written before targets existed were ratios of MLP neurons
+        r.setdefault("structures", "mlp"), r.setdefault("target", "ratio"), r.setdefault("amount", r.pop("ratio", None))
+    key = lambda r: (r["structures"], r["target"], r["amount"], r["method"], r["refine"])  # noqa: E731
+    rows = sorted({key(r): r for r in old + rows}.values(), key=lambda r: (r["structures"], r["target"], r["amount"]))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# Structured one-shot pruning of all-MiniLM-L6-v2 (CPU)", "",
-             "`python benchmarks/structured_minilm.py`. MLP neurons removed in every layer; calibration 256 pydoc "
+             "`python benchmarks/structured_minilm.py`. Units removed uniformly in every layer; calibration 256 pydoc "
              "paragraphs x 128 tokens, evaluation 256 held-out paragraphs. Cosine: pruned vs dense embedding of the "
              "same paragraph; top-10 overlap: nearest neighbours kept; speed: 64 x 128 tokens per call, ratio to "
              "dense in the same process (> 1 faster).", "",
-             "| MLP neurons removed | method | refine | intermediate | model params removed | cosine mean | cosine min "
-             "| top-10 overlap | encode speed vs dense | prune s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| structures | target | method | refine | intermediate | heads | encoder params removed "
+             "| model params removed | cosine mean | cosine min | top-10 overlap | encode speed vs dense | prune s |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['refine']} | {r['intermediate']} | "
+        target = f"{'params' if r['target'] == 'params' else 'units'} {r['amount']:.0%}"
+        enc = f"{r['encoder_params_removed']:.1%}" if "encoder_params_removed" in r else "-"
+        lines.append(f"| {r['structures']} | {target} | {r['method']} | {r['refine']} | {r['intermediate']} | "
+                     f"{r.get('heads', 12)} | {enc} | "
                      f"{r['params_removed']:.1%} | {r['cosine_mean']} | {r['cosine_min']} | {r['top10_overlap']} | "
                      f"{r['encode_speed_vs_dense']} | {r['prune_seconds']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
