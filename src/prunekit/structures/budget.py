@@ -1,14 +1,18 @@
-"""How many units each structure loses: a uniform ratio, or a ratio found for a parameter target.
+"""How many units each structure loses: a uniform ratio (or the uniform ratio closest to a
+parameter or FLOPs target), or a global budget with per-layer floors (:mod:`.allocate`).
 
 One ratio for every layer keeps a standard config (one ``intermediate_size``, one head count).
 With grouped-query attention the query heads removed per key/value group must be equal, so a
-head count is rounded per group.
+head count is rounded per group. The target is exactly one of ``ratio`` (of each structure's units;
+under a global budget, of all units of a kind), ``params`` (of the parameters of the layers holding
+the structures) and ``flops`` (of their FLOPs per token, :mod:`.costs`).
 """
 from __future__ import annotations
 
 from torch import nn
 
-from .find import out_features
+from .allocate import allocate, unit_scores
+from .costs import attention_length, layer_params, unit_costs, unit_params  # noqa: F401 (re-exported)
 from .units import Structure
 
 
@@ -25,24 +29,25 @@ def count_at(s: Structure, ratio: float, multiple_of: int = 1) -> int:
     return count
 
 
-def unit_params(model: nn.Module, s: Structure) -> int:
-    """Parameters one unit of ``s`` holds (its producer rows, consumer columns and biases)."""
-    modules = dict(model.named_modules())
-    total = 0
-    producers = s.producers + (s.kv_producers if s.kind == "heads" and s.q_per_kv == 1 else ())
-    for name in producers:
-        m = modules[name]
-        d_in = m.weight.numel() // out_features(m)
-        total += s.unit_size * (d_in + (1 if m.bias is not None else 0))
-    consumer = modules[s.consumer]
-    total += s.unit_size * out_features(consumer)
-    return total
+BUDGETS = ("uniform", "global")
+GLOBAL_FLOOR = 0.25  # the default share of each structure's units a global budget keeps
 
 
 def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, params: float | None,
-               multiple_of: int = 1) -> dict[str, int]:
-    """``{owner: units to remove}`` for a ``ratio`` of units or a ``params`` fraction of the
-    parameters of the layers the structures live in (the closest uniform ratio)."""
+               multiple_of: int = 1, *, flops: float | None = None, budget: str = "uniform",
+               floor: float | None = None, method: str = "wanda",
+               calls: list[tuple[tuple, dict]] | None = None) -> dict[str, int]:
+    """``{owner: units to remove}`` for exactly one target: a ``ratio`` of units, a ``params``
+    fraction of the parameters or a ``flops`` fraction of the FLOPs per token of the layers the
+    structures live in. ``budget="uniform"``: the same ratio everywhere (for ``params``/``flops``
+    the closest one); ``"global"``: units ranked across layers (:mod:`.allocate`), each structure
+    keeping at least ``floor`` of its units (default 0.25). ``calls``: calibration batches, for
+    the global scores and the attention length of ``flops``."""
+    calls = calls or []
+    seq_len = attention_length(model, found, calls) if flops is not None else 0
+    if budget == "global":
+        return _global(model, found, ratio, params, flops, multiple_of, GLOBAL_FLOOR if floor is None else floor,
+                       method, calls, seq_len)
     if ratio is not None:
         for s in found:
             per_group = ratio * s.q_per_kv
@@ -52,8 +57,8 @@ def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, pa
                                  f"head can lose {possible} of its heads (the same in every group), not "
                                  f"ratio={ratio:g}; pick one of those or use params=")
         return {s.owner: count_at(s, ratio, multiple_of) for s in found}
-    per_unit = {s.owner: unit_params(model, s) for s in found}
-    goal = params * layer_params(model, found)
+    per_unit, total = unit_costs(model, found, "params" if params is not None else "flops", seq_len)
+    goal = (params if params is not None else flops) * total
     best, best_gap = 0.0, float("inf")
     for step in range(1, 1000):
         r = step / 1000
@@ -65,17 +70,15 @@ def counts_for(model: nn.Module, found: list[Structure], ratio: float | None, pa
     return {s.owner: count_at(s, best, multiple_of) for s in found}
 
 
-def layer_params(model: nn.Module, found: list[Structure]) -> int:
-    """Parameters of the layers holding the structures: the owners' common parents (for a
-    transformer, every decoder/encoder layer), without embeddings or heads outside them."""
-    owners = [s.owner for s in found]
-    parents = {o.rsplit(".", 1)[0] if "." in o else "" for o in owners}
-    modules = dict(model.named_modules())
-    seen: set[int] = set()
-    total = 0
-    for p in parents:
-        for t in modules[p].parameters():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel()
-    return total
+def _global(model, found, ratio, params, flops, multiple_of, floor, method, calls, seq_len) -> dict[str, int]:
+    scores = unit_scores(model, found, calls, method)
+    if ratio is None:
+        per_unit, total = unit_costs(model, found, "params" if params is not None else "flops", seq_len)
+        goal = (params if params is not None else flops) * total
+        return allocate(found, scores, per_unit, goal, floor, multiple_of)
+    counts: dict[str, int] = {}
+    for kind in dict.fromkeys(s.kind for s in found):  # a ratio of units: neurons and heads apart
+        mine = [s for s in found if s.kind == kind]
+        counts.update(allocate(mine, scores, {s.owner: 1 for s in mine}, ratio * sum(s.units for s in mine), floor,
+                               multiple_of))
+    return {s.owner: counts[s.owner] for s in found}

@@ -18,6 +18,7 @@ from torch import nn
 from ..calls import eval_mode
 from ..oneshot.blocks import capture_inputs, find_blocks, first_output
 from ..oneshot.calibration import collect_batches
+from .shapes import CONFIG_KEY, structure_shapes
 from .surgery import Undo
 
 
@@ -110,3 +111,5 @@ def remove_blocks(model: nn.Module, list_name: str, indices: list[int], undo: Un
         types = getattr(config, "layer_types", None)
         if isinstance(types, list) and len(types) == len(old):
             undo.set(config, "layer_types", [t for i, t in enumerate(types) if i not in set(indices)])
+    if config is not None and getattr(config, CONFIG_KEY, None):  # per-layer widths: renumbered with the blocks
+        undo.set(config, CONFIG_KEY, structure_shapes(model))

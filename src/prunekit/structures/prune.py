@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from ..oneshot.blocks import capture_inputs, execution_order, find_blocks, propagate
 from ..oneshot.calibration import collect_batches
 from ..oneshot.solvers.columns import SCORES, group_scores, obs_remove, output_error, refit_columns
-from .budget import counts_for
+from .budget import BUDGETS, counts_for
 from .find import find_structures
+from .shapes import CONFIG_KEY, merge_shapes, structure_shapes
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
@@ -68,7 +69,8 @@ class StructuredResult:
         return "\n".join(lines)
 
 
-def _check(structures, method, refine, bias, target, ratio, params) -> tuple[str, ...]:
+def _check(structures, method, refine, bias, target, ratio, params, flops=None, budget="uniform",
+           floor=None) -> tuple[str, ...]:
     if isinstance(structures, str):
         structures = tuple(s.strip() for s in structures.split(",") if s.strip())
     structures = tuple(structures)
@@ -82,10 +84,16 @@ def _check(structures, method, refine, bias, target, ratio, params) -> tuple[str
         raise ValueError(f"bias must be 'auto', True or False, got {bias!r}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if (ratio is None) == (params is None):
-        raise ValueError("give exactly one of ratio= (fraction of each structure's units) or params= "
-                         "(fraction of the model's parameters to remove)")
-    for name, value in (("ratio", ratio), ("params", params)):
+    if sum(v is not None for v in (ratio, params, flops)) != 1:
+        raise ValueError("give exactly one of ratio= (fraction of each structure's units), params= (fraction of "
+                         "the parameters to remove) or flops= (fraction of the FLOPs per token to remove)")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)} for structures, got {budget!r}")
+    if floor is not None and budget != "global":
+        raise ValueError("floor= (the least share of each structure's units kept) applies to budget='global'")
+    if floor is not None and not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
+        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
+    for name, value in (("ratio", ratio), ("params", params), ("flops", flops)):
         if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                       and 0 < value < 1):
             raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
@@ -106,6 +114,9 @@ def prune_structured(
     structures: str | Sequence[str] = ("mlp",),
     ratio: float | None = None,
     params: float | None = None,
+    flops: float | None = None,
+    budget: str = "uniform",
+    floor: float | None = None,
     method: str = "wanda",
     refine: str | None = "lstsq",
     bias: str | bool = "auto",
@@ -120,7 +131,12 @@ def prune_structured(
 
     ``ratio`` removes that fraction of every structure's units (the same count in every layer,
     so a Hugging Face config stays standard); ``params`` instead sets the fraction of the
-    model's parameters to remove and finds the uniform ratio that gets closest. ``method`` chooses
+    model's parameters to remove and finds the uniform ratio that gets closest, ``flops`` the fraction of
+    their FLOPs per token (matrices plus attention products at the calibration length:
+    ``structures/costs.py``). ``budget="global"`` ranks the units of all layers together instead (scores
+    from one dense pass, divided by each layer's mean; ``structures/allocate.py``) and gives each
+    layer its own count, keeping at least ``floor`` (default 0.25) of each structure's units; the
+    widths then differ between layers: ``prunekit.load_structured`` reloads the saved model. ``method`` chooses
     the units (``wanda``: ``||W[:, j]||^2 E[x_j^2]``; ``magnitude``; ``flap``: ``||W[:, j]||^2 Var[x_j]``;
     ``obs``: greedy second-order removal). ``refine="lstsq"`` refits each consumer's kept
     columns to the dense layer's output on the same inputs (``target="pruned"``, the default;
@@ -132,7 +148,7 @@ def prune_structured(
     """
     if refine == "none":
         refine = None
-    structures = _check(structures, method, refine, bias, target, ratio, params)
+    structures = _check(structures, method, refine, bias, target, ratio, params, flops, budget, floor)
     found = find_structures(model, structures)
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
@@ -141,13 +157,15 @@ def prune_structured(
                          "attention with a head_dim)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
-    counts = counts_for(model, found, ratio, params, multiple_of)
+    needs_data = not (method == "magnitude" and refine is None)
+    counts_data = calibration is not None and (budget == "global" or flops is not None)
+    calls = collect_batches(calibration, max_batches) if needs_data or counts_data else []
+    counts = counts_for(model, found, ratio, params, multiple_of, flops=flops, budget=budget, floor=floor,
+                        method=method, calls=calls)
     for s in found:
         why = s.removable(counts[s.owner])
         if why:
-            raise ValueError(f"{s.owner}: {why}; lower {'ratio' if ratio is not None else 'params'}")
-    needs_data = not (method == "magnitude" and refine is None)
-    calls = collect_batches(calibration, max_batches) if needs_data else []
+            raise ValueError(f"{s.owner}: {why}; lower {'ratio' if ratio is not None else 'params' if params else 'flops'}")
     block_list = find_blocks(model, blocks)
     where = {s.owner: _block_of(s.owner, block_list) for s in found}
     outside = [o for o, b in where.items() if b is None]
@@ -303,8 +321,8 @@ def _update_config(model: nn.Module, found: list[Structure], undo: Undo) -> dict
         if len(widths) == 1 and key and hasattr(config, key):
             changed[key] = widths.pop()
         elif len(widths) > 1:
-            warnings.warn("MLP widths differ between layers: the config keeps its intermediate size; "
-                          "reload with prunekit.load_structured")
+            warnings.warn("MLP widths differ between layers: the config keeps its intermediate size and records "
+                          f"the per-layer shapes ({CONFIG_KEY}); reload with prunekit.load_structured(folder)")
         if any(modules[s.consumer].bias is not None for s in mlps) and getattr(config, "mlp_bias", None) is False:
             changed["mlp_bias"] = True
     heads = [s for s in found if s.kind == "heads"]
@@ -313,8 +331,15 @@ def _update_config(model: nn.Module, found: list[Structure], undo: Undo) -> dict
         kv = {modules[s.kv_producers[0]].out_features // s.unit_size for s in heads}
         if len(q) == 1 and len(kv) == 1:
             changed.update(num_attention_heads=q.pop(), num_key_value_heads=kv.pop(), head_dim=heads[0].unit_size)
+        else:
+            warnings.warn("attention head counts differ between layers: the config keeps its head counts and records "
+                          f"the per-layer shapes ({CONFIG_KEY}); reload with prunekit.load_structured(folder)")
         if any(modules[s.consumer].bias is not None for s in heads) and getattr(config, "attention_bias", None) is False:
             changed["attention_bias"] = True
+    if config is not None and (len(widths) > 1 or (heads and not {"num_attention_heads"} <= set(changed))
+                               or getattr(config, CONFIG_KEY, None)):
+        touched = [n for s in found for n in (s.owner, *s.producers, *s.kv_producers, s.consumer)]
+        changed[CONFIG_KEY] = merge_shapes(getattr(config, CONFIG_KEY, None), structure_shapes(model, touched))
     for key, value in changed.items():
         undo.set(config, key, value)
     return changed
