@@ -503,3 +503,50 @@ def test_mask_and_structured_flags_do_not_mix(tmp_path, capsys):
     assert main(["prune", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--structures mlp,heads" in text and "with --structures: how the units to remove are chosen" in text
+
+
+def test_report_speed_against_a_baseline(tmp_path, capsys):
+    """--baseline measures both models on the same inputs; the sizes are the models' own."""
+    import json
+
+    from helpers.loading_toys import mlp_block, tiny_mlp
+
+    torch.save(torch.randn(32, 8), tmp_path / "x.pt")
+    assert main(["report", "helpers.loading_toys:mlp_block", "--baseline", "helpers.loading_toys:tiny_mlp",
+                 "--data-tensors", str(tmp_path / "x.pt"), "--batch-size", "4", "--repeats", "3", "--warmup", "1",
+                 "--threads", "1", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    speed = out["speed"]
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (speed["model"]["params"], speed["baseline"]["params"]) == (params(mlp_block()), params(tiny_mlp()))
+    assert speed["ratios"]["params"] == params(mlp_block()) / params(tiny_mlp())
+    assert speed["threads"] == 1 and len(speed["model"]["times_ms"]) == 3
+    assert out["flops_unit"] == "per forward of the example input"
+    assert main(["report", "helpers.loading_toys:mlp_block", "--speed", "--data-tensors", str(tmp_path / "x.pt"),
+                 "--repeats", "2"]) == 0
+    assert "latency: median of 2 forwards" in capsys.readouterr().out
+    one_line_error(capsys, 2, ["report", "helpers.loading_toys:mlp_block", "--speed"], "pass --data-tensors")
+
+
+def test_a_structured_llama_from_the_command_line_reloads_and_reports_its_speed(tmp_path, capsys):
+    """prunekit prune --structures on a Hugging Face folder writes a checkpoint plain transformers
+    loads; prunekit report OUT --baseline DENSE measures both on the same token ids."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from helpers.llama_toys import tiny_llama
+
+    tiny_llama(2).save_pretrained(tmp_path / "dense")
+    torch.save(torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(0)), tmp_path / "ids.pt")
+    assert main(["prune", str(tmp_path / "dense"), "--structures", "mlp,heads", "--ratio", "0.5", "--data-tensors",
+                 str(tmp_path / "ids.pt"), "--format", "hf", "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (small.config.intermediate_size, small.config.num_attention_heads) == (64, 2)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--baseline", str(tmp_path / "dense"), "--seq-len", "16",
+                 "--repeats", "2", "--format", "json"]) == 0
+    speed = json.loads(capsys.readouterr().out)["speed"]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert speed["model"]["params"] == sum(p.numel() for p in small.parameters())
+    assert speed["baseline"]["params"] == sum(p.numel() for p in dense.parameters())
+    assert speed["model"]["flops"] < speed["baseline"]["flops"] and speed["ratios"]["speedup"] > 0
