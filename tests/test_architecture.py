@@ -20,7 +20,7 @@ FLOORS = {
     "prunekit.oneshot.solvers": 2,
     "prunekit.oneshot.runtime": 3,
     "prunekit.oneshot": 4, "prunekit.training": 4, "prunekit.structures": 4,
-    "prunekit.oneshot.methods": 5, "prunekit.formats": 5, "prunekit.report": 5, "prunekit.plots": 5,
+    "prunekit.oneshot.methods": 5, "prunekit.formats": 5, "prunekit.report": 5, "prunekit.speed": 5, "prunekit.plots": 5,
     "prunekit.accelerate": 5, "prunekit.eval": 5,
     "prunekit.jobs": 6,
     "prunekit.cli": 7,

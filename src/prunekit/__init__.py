@@ -30,11 +30,12 @@ from .oneshot.result import LayerReport, PruneResult
 from .plots import plot_layer_sparsity, plot_metric_vs_sparsity, plot_schedule
 from .jobs import Recipe, list_recipes, load_recipe
 from .report import ModelReport, model_report
+from .speed import SpeedReport, speed_report
 from .sparsity.patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
 from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .layers.targets import find_head, find_targets
-from .structures import (apply_structure_shapes, block_importance, find_structures, prune_blocks, prune_structured,
-                         structure_shapes)
+from .structures import (StructuredConfig, apply_structure_shapes, block_importance, find_structures, prune_blocks,
+                         prune_structured, structure_shapes)
 from .formats.structured import load_structured
 from .training import STR, MagnitudePruner, SoftThreshold
 

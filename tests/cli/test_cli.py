@@ -448,3 +448,105 @@ def test_every_pruning_flag_sets_its_option(tmp_path, monkeypatch):
     assert cli == python and cli.max_batches == 2 and cli.overrides == {"^2$": 0.25}
     assert main(["prune", "job.yaml", *argv, "-o", "out", "--quiet"]) == 0
     assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["prune"]["capture"] == "rerun"
+
+
+def test_structured_pruning_from_the_command_line_prints_the_summary(tmp_path, capsys, monkeypatch):
+    """--structures/--ratio run prune_structured: the same recipe Python builds, the smaller model saved."""
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+    from safetensors.torch import load_file
+
+    torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    monkeypatch.chdir(tmp_path)
+    argv = ["prune", "helpers.loading_toys:mlp_block", "--structures", "mlp", "--ratio", "0.5", "--method", "flap",
+            "--refine", "bias", "--no-bias", "--data-tensors", "x.pt", "--format", "hf", "-o", "out"]
+    assert build_recipe(build_parser().parse_args(argv)) == prunekit.load_recipe(
+        {}, source="helpers.loading_toys:mlp_block", structures=["mlp"], ratio=0.5, method="flap", refine="bias",
+        bias=False, tensors="x.pt", formats=["hf"], dir="out")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "16->8" in out and "fewer" in out  # result.summary()
+    assert load_file(tmp_path / "out" / "model.safetensors")["1.0.weight"].shape == (8, 8)
+    spec = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert spec["structured"]["method"] == "flap" and spec["structured"]["bias"] is False and "prune" not in spec
+
+
+def test_every_structured_flag_sets_its_option(tmp_path, monkeypatch):
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune_cmd import build_recipe
+
+    from helpers.loading_toys import write_structured_job
+
+    write_structured_job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--structures", "mlp,heads", "--params", "0.2", "--multiple-of", "8", "--method", "obs", "--refine", "none",
+            "--bias", "--target", "dense", "--damp", "0.5", "--block", "1", "--max-batches", "2"]
+    cli = build_recipe(build_parser().parse_args(["prune", "job.yaml", *argv])).structured
+    python = prunekit.load_recipe("job.yaml", structures="mlp,heads", params=0.2, multiple_of=8, method="obs",
+                                  refine="none", bias=True, target="dense", damp=0.5, blocks=["1"],
+                                  max_batches=2).structured
+    assert cli == python and cli.ratio is None and cli.structures == ("mlp", "heads") and cli.refine is None
+
+
+def test_mask_and_structured_flags_do_not_mix(tmp_path, capsys):
+    from helpers.loading_toys import write_structured_job
+
+    one_line_error(capsys, 2, ["prune", "helpers.loading_toys:mlp_block", "--structures", "mlp", "--ratio", "0.5",
+                               "--sparsity", "0.5", "--pattern", "2:4"],
+                   "--pattern, --sparsity prune masks and --ratio, --structures remove structures")
+    one_line_error(capsys, 2, ["prune", job(tmp_path), "--params", "0.2"],
+                   "structured pruning options (params) were given for a recipe that prunes masks")
+    (tmp_path / "s").mkdir()
+    one_line_error(capsys, 2, ["prune", str(write_structured_job(tmp_path / "s")), "--sparsity", "0.5"],
+                   "mask pruning options (sparsity) were given for a recipe that removes structures")
+    one_line_error(capsys, 2, ["prune", "helpers.loading_toys:mlp_block", "--structures", "mlp"], "give exactly one of")
+    assert main(["prune", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--structures mlp,heads" in text and "with --structures: how the units to remove are chosen" in text
+
+
+def test_report_speed_against_a_baseline(tmp_path, capsys):
+    """--baseline measures both models on the same inputs; the sizes are the models' own."""
+    import json
+
+    from helpers.loading_toys import mlp_block, tiny_mlp
+
+    torch.save(torch.randn(32, 8), tmp_path / "x.pt")
+    assert main(["report", "helpers.loading_toys:mlp_block", "--baseline", "helpers.loading_toys:tiny_mlp",
+                 "--data-tensors", str(tmp_path / "x.pt"), "--batch-size", "4", "--repeats", "3", "--warmup", "1",
+                 "--threads", "1", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    speed = out["speed"]
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (speed["model"]["params"], speed["baseline"]["params"]) == (params(mlp_block()), params(tiny_mlp()))
+    assert speed["ratios"]["params"] == params(mlp_block()) / params(tiny_mlp())
+    assert speed["threads"] == 1 and len(speed["model"]["times_ms"]) == 3
+    assert out["flops_unit"] == "per forward of the example input"
+    assert main(["report", "helpers.loading_toys:mlp_block", "--speed", "--data-tensors", str(tmp_path / "x.pt"),
+                 "--repeats", "2"]) == 0
+    assert "latency: median of 2 forwards" in capsys.readouterr().out
+    one_line_error(capsys, 2, ["report", "helpers.loading_toys:mlp_block", "--speed"], "pass --data-tensors")
+
+
+def test_a_structured_llama_from_the_command_line_reloads_and_reports_its_speed(tmp_path, capsys):
+    """prunekit prune --structures on a Hugging Face folder writes a checkpoint plain transformers
+    loads; prunekit report OUT --baseline DENSE measures both on the same token ids."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from helpers.llama_toys import tiny_llama
+
+    tiny_llama(2).save_pretrained(tmp_path / "dense")
+    torch.save(torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(0)), tmp_path / "ids.pt")
+    assert main(["prune", str(tmp_path / "dense"), "--structures", "mlp,heads", "--ratio", "0.5", "--data-tensors",
+                 str(tmp_path / "ids.pt"), "--format", "hf", "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    small = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (small.config.intermediate_size, small.config.num_attention_heads) == (64, 2)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out"), "--baseline", str(tmp_path / "dense"), "--seq-len", "16",
+                 "--repeats", "2", "--format", "json"]) == 0
+    speed = json.loads(capsys.readouterr().out)["speed"]
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert speed["model"]["params"] == sum(p.numel() for p in small.parameters())
+    assert speed["baseline"]["params"] == sum(p.numel() for p in dense.parameters())
+    assert speed["model"]["flops"] < speed["baseline"]["flops"] and speed["ratios"]["speedup"] > 0

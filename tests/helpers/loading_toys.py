@@ -10,6 +10,14 @@ def tiny_mlp(width: int = 16, classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
 
 
+def mlp_block(width: int = 16) -> nn.Module:
+    """8 -> [8 -> width -> 8] -> 4: an nn.Sequential MLP block (a structure: its width neurons)
+    inside the model's blocks, so structured pruning can remove its neurons (deterministic weights)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 8)),
+                         nn.ReLU(), nn.Linear(8, 4))
+
+
 def not_a_model(**_):
     return "not a model"
 
@@ -43,6 +51,17 @@ def write_job(tmp_path, **prune):
             "data": {"tensors": "x.pt", "batch_size": 16},
             "prune": {"method": "wanda", "sparsity": 0.5, "include_head": True, **prune},
             "output": {"dir": "out", "formats": ["hf", "compressed"]}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def write_structured_job(tmp_path, **structured):
+    """A recipe file that removes half the neurons of mlp_block's MLP, next to its data; returns its path."""
+    torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
+    spec = {"model": "helpers.loading_toys:mlp_block", "data": {"tensors": "x.pt", "batch_size": 16},
+            "structured": {"structures": "mlp", "ratio": 0.5, **structured},
+            "output": {"dir": "out", "formats": ["hf"]}}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

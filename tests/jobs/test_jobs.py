@@ -136,3 +136,57 @@ def test_load_output_says_what_is_missing(tmp_path):
     assert "recipe.yaml" in outcome.files and "model.safetensors" not in outcome.files
     with pytest.raises(FileNotFoundError, match="holds no weights"):
         load_output(outcome.output_dir)
+
+
+def test_a_structured_recipe_runs_prune_structured_and_saves_the_smaller_model(tmp_path):
+    """The runner gives the same model as prune_structured called directly on the same data."""
+    from safetensors.torch import load_file
+
+    from helpers.loading_toys import mlp_block, write_structured_job
+
+    outcome = run_recipe(write_structured_job(tmp_path, method="flap"), progress=False)
+    out = tmp_path / "out"
+    assert set(outcome.files) == {"model.safetensors", "prune_report.json", "prune_report.md", "recipe.yaml"}
+    assert isinstance(outcome.result, prunekit.structures.StructuredResult)
+    direct = mlp_block()
+    x = torch.load(tmp_path / "x.pt")
+    prunekit.prune_structured(direct, list(x.split(16)), structures="mlp", ratio=0.5, method="flap", progress=False)
+    assert outcome.model[1][0].out_features == direct[1][0].out_features == 8
+    saved = load_file(out / "model.safetensors")
+    assert saved.keys() == direct.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in direct.state_dict().items())
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["recipe"]["structured"]["method"] == "flap" and "prune" not in report["recipe"]
+    assert report["result"]["params_after"] == sum(p.numel() for p in direct.parameters())
+    assert report["result"]["removed_fraction"] == outcome.result.removed_fraction > 0
+    assert "parameters" in (out / "prune_report.md").read_text()
+    assert load_recipe(out / "recipe.yaml") == load_recipe(write_structured_job(tmp_path, method="flap"))
+
+
+def test_a_structured_hugging_face_model_reloads_with_plain_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from helpers.llama_toys import tiny_llama
+
+    tiny_llama(2).save_pretrained(tmp_path / "llama")
+    torch.save(torch.randint(0, 100, (16, 24), generator=torch.Generator().manual_seed(0)), tmp_path / "ids.pt")
+    recipe = {"model": str(tmp_path / "llama"), "data": {"tensors": str(tmp_path / "ids.pt"), "batch_size": 4},
+              "structured": {"structures": ["mlp", "heads"], "ratio": 0.5},
+              "output": {"dir": str(tmp_path / "out"), "formats": ["hf"]}}
+    outcome = run_recipe(recipe, progress=False)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert (back.config.intermediate_size, back.config.num_attention_heads) == (64, 2)
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, outcome.model(ids).logits)
+
+
+def test_an_interrupted_structured_job_leaves_no_output(tmp_path, monkeypatch):
+    from helpers.loading_toys import write_structured_job
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("prunekit.structures.prune.prune_structured", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(write_structured_job(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["job.yaml", "x.pt"]

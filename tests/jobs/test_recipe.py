@@ -146,3 +146,50 @@ def test_execution_device_and_statistics_precision_are_recipe_keys():
         load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "stats_dtype": "float16"}})
     with pytest.raises(ValueError, match="not a torch device"):
         load_recipe({"model": "m", "prune": {"method": "magnitude", "sparsity": 0.5, "device": "gpu"}})
+
+
+def test_the_structured_section_is_a_structured_config_and_round_trips(tmp_path):
+    from prunekit.structures.config import StructuredConfig
+
+    from helpers.loading_toys import write_structured_job
+
+    recipe = load_recipe(write_structured_job(tmp_path, structures="mlp,heads", multiple_of=8))
+    assert recipe.structured == StructuredConfig(structures=("mlp", "heads"), ratio=0.5, multiple_of=8)
+    assert recipe.to_dict()["structured"]["structures"] == ["mlp", "heads"] and "prune" not in recipe.to_dict()
+    assert load_recipe(recipe.to_dict()) == recipe
+    with pytest.raises(ValueError, match="unknown key 'progress' in structured; valid keys: structures, ratio"):
+        load_recipe({"model": "m", "structured": {"ratio": 0.5, "progress": True}})
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"model": "m", "structured": {"raito": 0.5}}, "unknown key 'raito' in structured; did you mean 'ratio'?"),
+    ({"model": "m", "structured": {"ratio": "half"}}, "structured.ratio must be a number or null, got 'half'"),
+    ({"model": "m", "structured": {"ratio": 1.5}}, r"structured.ratio must be a number in \(0, 1\)"),
+    ({"model": "m", "structured": {"ratio": 0.5, "method": "obss"}}, "structured.method must be one of .*did you mean 'obs'"),
+    ({"model": "m", "structured": {"method": "wanda"}}, "give exactly one of structured.ratio"),
+    ({"model": "m", "structured": {"ratio": 0.5}}, "structured.method 'wanda' with refine 'lstsq' needs calibration data"),
+    ({"model": "m", "prune": {"sparsity": 0.5}, "structured": {"ratio": 0.5}}, "both a prune: and a structured: section"),
+])
+def test_invalid_structured_recipes_are_explained(raw, message):
+    with pytest.raises(ValueError, match=message.replace("?", r"\?")):
+        load_recipe(raw)
+
+
+def test_structured_overrides_route_shared_keys_and_refuse_the_other_kind(tmp_path):
+    from helpers.loading_toys import write_structured_job
+
+    path = write_structured_job(tmp_path)
+    changed = load_recipe(path, method="obs", refine="none", max_batches=2, params=0.3)
+    assert (changed.structured.method, changed.structured.refine, changed.structured.max_batches) == ("obs", None, 2)
+    assert changed.prune == load_recipe(path).prune  # the unused mask section is untouched
+    # a structured-only key makes a recipe without a job section structured; method follows it
+    made = load_recipe({"model": "m", "data": {"corpus": "pydoc"}}, structures="heads", ratio=0.25, method="flap")
+    assert made.structured.structures == ("heads",) and made.structured.method == "flap"
+    assert load_recipe({"model": "m", "data": {"corpus": "pydoc"}}, method="wanda", sparsity=0.5).structured is None
+    with pytest.raises(ValueError, match=r"mask pruning options \(sparsity\) were given for a recipe that removes"):
+        load_recipe(path, sparsity=0.5)
+    with pytest.raises(ValueError, match=r"structured pruning options \(ratio\) were given for a recipe that prunes"):
+        load_recipe(write_job(tmp_path), ratio=0.5)
+    with pytest.raises(ValueError, match=r"options of mask pruning \(pattern\) and of structured pruning \(params\)"):
+        load_recipe({"model": "m"}, pattern="2:4", params=0.2)
+    assert (changed.structured.params, changed.structured.ratio) == (0.3, None)  # params replaces the ratio

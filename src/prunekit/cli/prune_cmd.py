@@ -1,9 +1,11 @@
-"""``prunekit prune``: one-shot prune a model from the shell, with a recipe or options.
+"""``prunekit prune``: prune a model from the shell, with a recipe or options.
 
-The pruning flags are derived from :class:`~prunekit.oneshot.config.PruneConfig`'s fields:
-``--field-name``, with its help, its type and its choices; a list or a mapping is a repeatable
-flag named in the singular (``--include REGEX``, ``--method-option KEY=VALUE``). A field without
-a flag is in :data:`NOT_ON_COMMAND_LINE`, with the reason.
+The pruning flags are derived from the fields of :class:`~prunekit.oneshot.config.PruneConfig`
+(masks) and :class:`~prunekit.structures.config.StructuredConfig` (structures, with
+``--structures``): ``--field-name``, with its help, its type and its choices; a list or a mapping
+is a repeatable flag named in the singular (``--include REGEX``, ``--method-option KEY=VALUE``)
+unless the field names its own form. A name both configs have (``--method``, ``--refine``) is one
+flag. A field without a flag is in :data:`NOT_ON_COMMAND_LINE`, with the reason.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import typing
 
 from ..oneshot import registry
 from ..oneshot.config import PruneConfig
+from ..structures.config import StructuredConfig
 
-#: PruneConfig fields without a flag, and why
+CONFIGS = (PruneConfig, StructuredConfig)
+#: PruneConfig / StructuredConfig fields without a flag, and why
 NOT_ON_COMMAND_LINE = {
     "types": "module classes cannot be named on a command line: choose layers with --include / --exclude",
     "progress": "progress bars show on a terminal; --quiet turns them off",
@@ -25,7 +29,11 @@ NOT_ON_COMMAND_LINE = {
 
 DESCRIPTION = """\
 Prune a model one shot and write it to an output directory, with a report (prune_report.md/.json)
-and a per-layer sparsity plot (layer_sparsity.png).
+and a per-layer sparsity plot (layer_sparsity.png). With --structures (or --ratio / --params, or a
+recipe with a structured: section) whole MLP neurons or attention heads are removed instead and the
+kept weights refit: a smaller dense model (prunekit.prune_structured), saved with its new widths
+(a Hugging Face model: config.json updated, plain from_pretrained loads it) and its summary printed.
+Mask options (--sparsity, --pattern, ...) and structured ones (--structures, --ratio, ...) do not mix.
 
 MODEL is a Hugging Face model directory (or a name available offline), 'package.module:factory'
 (with --state-dict), or builtin:minilm / builtin:smollm2. Options override the recipe's values.
@@ -41,6 +49,8 @@ examples:
   prunekit prune my_pkg.models:resnet --state-dict w.pt --data-tensors x.pt --method sparsegpt \\
       --pattern 2:4 --format compressed --output out/
   prunekit prune --recipe cnn-magnitude-snows-90 --refine-option k=2 --refine-option max_cg=10 -o out/
+  prunekit prune builtin:smollm2 --structures mlp --params 0.2 --multiple-of 64 --corpus pydoc -o out/
+  prunekit prune minilm-structured-mlp-30 --ratio 0.2 -o out/
 """
 
 
@@ -60,7 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--state-dict", help="weights (.pt/.pth/.safetensors) for a module:factory model")
     g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
-    add_config_flags(p.add_argument_group("pruning (the fields of prunekit.PruneConfig)"))
+    add_config_flags(p.add_argument_group("pruning (the fields of prunekit.PruneConfig)"),
+                     p.add_argument_group("structured pruning (the fields of prunekit.StructuredConfig; --method, "
+                                          "--refine, --block and --max-batches serve both)"))
     g = p.add_argument_group("calibration data")
     g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
     g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
@@ -75,22 +87,34 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def config_flags() -> dict[str, tuple[str, object]]:
-    """``{field: (flag, form)}`` for every PruneConfig field with a flag; the form is ``bool``,
-    ``float``, ``int``, ``str``, ``"list"`` or ``"mapping"``, read from the field's type. A field
-    whose type has no form and is not in :data:`NOT_ON_COMMAND_LINE` is a TypeError, so no option
-    is left off the command line by accident."""
-    hints = typing.get_type_hints(PruneConfig)
+    """``{field: (flag, form)}`` for every PruneConfig and StructuredConfig field with a flag;
+    the form is ``bool``, ``float``, ``int``, ``str``, ``"list"`` or ``"mapping"``, read from the
+    field's type (or its ``form`` metadata). A field whose type has no form and is not in
+    :data:`NOT_ON_COMMAND_LINE` is a TypeError, so no option is left off the command line by
+    accident; so is a name the two configs share with different forms."""
     out = {}
-    for f in dataclasses.fields(PruneConfig):
-        if f.name in NOT_ON_COMMAND_LINE:
-            continue
-        form = _form(hints[f.name])
-        if form is None:
-            raise TypeError(f"PruneConfig.{f.name} ({hints[f.name]}) has no command-line form; give it a flag in "
-                            "prunekit.cli.prune_cmd or add it to NOT_ON_COMMAND_LINE with the reason")
-        name = f.name.removesuffix("s") if form in ("list", "mapping") else f.name  # repeated: one at a time
-        out[f.name] = ("--" + name.replace("_", "-"), form)
+    for cls in CONFIGS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in NOT_ON_COMMAND_LINE:
+                continue
+            form = f.metadata.get("form") or _form(hints[f.name])
+            if form is None:
+                raise TypeError(f"{cls.__name__}.{f.name} ({hints[f.name]}) has no command-line form; give it a flag "
+                                "in prunekit.cli.prune_cmd or add it to NOT_ON_COMMAND_LINE with the reason")
+            name = f.name.removesuffix("s") if form in ("list", "mapping") else f.name  # repeated: one at a time
+            flag = ("--" + name.replace("_", "-"), form)
+            if out.get(f.name, flag) != flag:
+                raise TypeError(f"{cls.__name__}.{f.name} takes {form} where PruneConfig.{f.name} takes "
+                                f"{out[f.name][1]}: one flag cannot serve both; rename the field")
+            out[f.name] = flag
     return out
+
+
+def kinds() -> tuple[set[str], set[str]]:
+    """(fields only PruneConfig has, fields only StructuredConfig has), as flags are named."""
+    names = [{f.name for f in dataclasses.fields(cls)} for cls in CONFIGS]
+    return names[0] - names[1], names[1] - names[0]
 
 
 def _form(hint: object) -> object:
@@ -105,26 +129,47 @@ def _form(hint: object) -> object:
     return next((t for t in (bool, float, int, str) if t in args), None)
 
 
-def add_config_flags(group) -> None:
+def add_config_flags(group, structured_group=None) -> None:
     """The flags of :func:`config_flags`, with each field's help and choices (method and refine:
-    the registered names)."""
-    fields = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    the registered names); StructuredConfig's own fields go in ``structured_group``, and a
+    shared field's help says what it means for each."""
+    masks = {f.name: f for f in dataclasses.fields(PruneConfig)}
+    structured = {f.name: f for f in dataclasses.fields(StructuredConfig)}
     for name, (flag, form) in config_flags().items():
-        meta = fields[name].metadata
+        field = masks.get(name) or structured[name]
+        meta = field.metadata
         text = meta["help"].replace("%", "%%")
         if name in registry.ROLES:
             text += f"; known: {', '.join(registry.names(name))}"
-        if form == "mapping":
-            group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "KEY=VALUE"),
-                               help=text + " (repeatable; VALUE is YAML)")
-        elif form == "list":
-            group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "NAME"),
-                               help=text + " (repeatable)")
-        elif form is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                               help=text + f" (default: {'on' if fields[name].default else 'off'})")
-        else:
-            group.add_argument(flag, dest=name, type=form, choices=meta.get("choices"), help=text)
+        default = field.default
+        if name in masks and name in structured and structured[name].metadata["help"] != meta["help"]:
+            other = structured[name]  # one flag: its help says what it means for each
+            names = other.metadata.get("choices") or ()
+            choices = f": {', '.join(names)}" if names and not all(c in other.metadata["help"] for c in names) else ""
+            said = lambda d: "" if d is None else f" (default: {d})"  # noqa: E731
+            text += (f"{said(default)}; with --structures: {other.metadata['help']}{choices}"
+                     f"{said(other.default)}").replace("%", "%%")
+            meta, default = {k: v for k, v in meta.items() if k != "choices"}, None
+        where = structured_group if name not in masks and structured_group is not None else group
+        _add_flag(where, name, flag, form, meta, text, default)
+
+
+def _add_flag(group, name: str, flag: str, form: object, meta, text: str, default: object) -> None:
+    """One flag; ``default`` is what the help says when the flag is not given (None: nothing)."""
+    said = ",".join(default) if isinstance(default, tuple) else default
+    if form == "mapping":
+        group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "KEY=VALUE"),
+                           help=text + " (repeatable; VALUE is YAML)")
+    elif form == "list":
+        group.add_argument(flag, dest=name, action="append", metavar=meta.get("metavar", "NAME"),
+                           help=text + " (repeatable)")
+    elif form is bool:
+        said = said if not isinstance(said, bool) else "on" if said else "off"
+        group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=text + f" (default: {said})")
+    else:
+        group.add_argument(flag, dest=name, type=form, choices=meta.get("choices"), metavar=meta.get("metavar"),
+                           help=text + (f" (default: {said})" if said not in (None, "") else ""))
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -177,6 +222,12 @@ def build_recipe(args: argparse.Namespace):
         args.recipe, args.model = args.model, None
     if not args.model and not args.recipe:
         raise ValueError("pass a MODEL or a recipe (prunekit recipes lists the shipped ones; see prunekit prune --help)")
+    flags, (mask_only, structured_only) = config_flags(), kinds()
+    given = {name for name in flags if getattr(args, name, None) is not None}
+    mask, struct = (sorted(flags[n][0] for n in given & only) for only in (mask_only, structured_only))
+    if mask and struct:
+        raise ValueError(f"{', '.join(mask)} prune masks and {', '.join(struct)} remove structures; a job does "
+                         "one: drop one kind (see prunekit prune --help)")
     return load_recipe(args.recipe or {}, **overrides_from(args))
 
 

@@ -4,11 +4,14 @@
 model: {source: path | package.module:factory | builtin:minilm, state_dict: null, kwargs: {}, gguf_file: null}
 data: {corpus: pydoc, seq_len: 128, n_sequences: 64, batch_size: 8}   # or text: [a.txt], tensors: x.pt
 prune: {method: sparsegpt, pattern: unstructured, sparsity: 0.5, exclude: [lm_head]}  # any PruneConfig field
+# or, instead of prune:, structured: {structures: mlp, params: 0.2}   # any StructuredConfig field
 output: {dir: pruned-model, formats: [hf, compressed], overwrite: false}
 ```
 
 The ``prune:`` section is a :class:`~prunekit.oneshot.config.PruneConfig`, read and written
-directly and checked by its own ``validate()``, less the fields in :data:`NOT_IN_RECIPE`.
+directly and checked by its own ``validate()``, less the fields in :data:`NOT_IN_RECIPE`; a
+``structured:`` section, in its place, is a :class:`~prunekit.structures.config.StructuredConfig`
+in the same way, and the job removes whole structures with :func:`prunekit.prune_structured`.
 Unknown keys, wrong types and unknown method/pattern/budget names are reported with the key's
 place and the closest valid spelling. Relative paths in a recipe file are read against the
 recipe's folder (except the output folder of a shipped recipe, which is the working folder's);
@@ -33,6 +36,7 @@ import yaml
 
 from ..oneshot.config import PruneConfig
 from ..sparsity.patterns import NM, Unstructured
+from ..structures.config import StructuredConfig
 from .loading import BUILTIN_TENSORS, CORPORA, is_factory
 
 FORMATS = ("hf", "compressed")
@@ -49,6 +53,8 @@ NOT_IN_RECIPE = {
     "progress": "the runner's choice: run_recipe(progress=...), prunekit prune --quiet",
     "shard_calibration": "the runner's: under torchrun every rank builds the same batches and keeps its share",
 }
+#: the StructuredConfig fields a recipe leaves out, and why
+NOT_IN_STRUCTURED_RECIPE = {"progress": NOT_IN_RECIPE["progress"]}
 
 
 @dataclass
@@ -93,13 +99,18 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     output: OutputSpec = field(default_factory=OutputSpec)
     path: str | None = field(default=None, compare=False)
+    #: set instead of ``prune``: the job removes structures (``prune`` is then unused)
+    structured: StructuredConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what ``recipe.yaml`` in the output folder holds): every key
-        of every section, except options mappings left empty."""
+        of every section, except options mappings left empty; ``structured:`` in place of
+        ``prune:`` for a structured job."""
+        job = ({"structured": _section(self.structured)} if self.structured is not None
+               else {"prune": _section(self.prune)})
         return {"model": dataclasses.asdict(self.model),
                 "data": dataclasses.asdict(self.data) if self.data is not None else None,
-                "prune": _prune_section(self.prune), "output": dataclasses.asdict(self.output)}
+                **job, "output": dataclasses.asdict(self.output)}
 
     @property
     def folder(self) -> str | None:
@@ -111,13 +122,22 @@ class Recipe:
         return load_recipe(self, **overrides)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "prune": PruneConfig, "output": OutputSpec}
+_SECTIONS: dict[str, type] = {"model": ModelSpec, "data": DataSpec, "prune": PruneConfig,
+                              "structured": StructuredConfig, "output": OutputSpec}
+_LEFT_OUT: dict[type, dict[str, str]] = {PruneConfig: NOT_IN_RECIPE, StructuredConfig: NOT_IN_STRUCTURED_RECIPE}
 _PATHS = {("output", "dir"), ("model", "state_dict"), ("data", "tensors"), ("data", "text")}
 _DATA_SOURCES = ("text", "corpus", "tensors")
 _ALIASES = {"output_dir": ("output", "dir"), "source": ("model", "source"), "model": ("model", "source")}
 
 
-def _locate(key: str) -> tuple[str, str]:
+def structured_only() -> set[str]:
+    """Keys only a ``structured:`` section has (giving one makes a job structured)."""
+    return set(_fields(StructuredConfig)) - set(_fields(PruneConfig))
+
+
+def _locate(key: str, structured: bool = False) -> tuple[str, str]:
+    """The section and name of a flat override; a key of both ``prune:`` and ``structured:``
+    (method, refine, blocks, max_batches) goes to the section the job uses."""
     if key in _ALIASES:
         return _ALIASES[key]
     if "__" in key:
@@ -125,6 +145,8 @@ def _locate(key: str) -> tuple[str, str]:
         if section in _SECTIONS and name in _fields(_SECTIONS[section]):
             return section, name
     owners = [s for s, cls in _SECTIONS.items() if key in _fields(cls)]
+    if set(owners) == {"prune", "structured"}:
+        owners = ["structured" if structured else "prune"]
     if len(owners) != 1:
         known = sorted({f for cls in _SECTIONS.values() for f in _fields(cls)} | set(_ALIASES))
         raise ValueError(_unknown(key, "the overrides", known))
@@ -181,10 +203,13 @@ def _file_paths(raw: dict[str, Any], folder: str, packaged: bool) -> dict[str, A
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``raw`` with ``overrides`` merged in, following the rules of :func:`load_recipe`."""
     given: dict[tuple[str, str], Any] = {}
+    structured = raw.get("structured") is not None or any(
+        v is not None and (k in structured_only() or k.startswith("structured__")) for k, v in overrides.items())
     for key, value in overrides.items():
         if value is not None:
-            section, name = _locate(key)
+            section, name = _locate(key, structured)
             given[section, name] = _resolve(section, name, value, None)
+    _check_one_job(raw, given)
     prune = raw.get("prune") if isinstance(raw.get("prune"), dict) else {}
     for step in ("method", "refine"):  # a step's options are its own: naming another step drops them
         if ("prune", step) in given and given["prune", step] != prune.get(step):
@@ -210,20 +235,39 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
     if isinstance(pattern, str) and ":" in pattern and ("prune", "sparsity") not in given \
             and isinstance(raw["prune"], dict):
         raw["prune"].pop("sparsity", None)  # N:M fixes the sparsity: the recipe's would contradict it
+    for one, other in (("ratio", "params"), ("params", "ratio")):  # alternatives: the one given replaces the other
+        if ("structured", one) in given and ("structured", other) not in given:
+            raw["structured"].pop(other, None)
     return raw
 
 
+def _check_one_job(raw: dict[str, Any], given: dict[tuple[str, str], Any]) -> None:
+    """A job prunes masks (``prune:``) or structures (``structured:``): overrides of the other
+    kind than the recipe's, or of both kinds, are refused naming them."""
+    mask = sorted(n for s, n in given if s == "prune")
+    struct = sorted(n for s, n in given if s == "structured")
+    if mask and struct:
+        raise ValueError(f"options of mask pruning ({', '.join(mask)}) and of structured pruning "
+                         f"({', '.join(struct)}) were given together; a job does one: drop one kind")
+    if struct and raw.get("prune") is not None:
+        raise ValueError(f"structured pruning options ({', '.join(struct)}) were given for a recipe that prunes masks "
+                         "(it has a prune: section); use a recipe with a structured: section, or a model")
+    if mask and raw.get("structured") is not None:
+        raise ValueError(f"mask pruning options ({', '.join(mask)}) were given for a recipe that removes structures "
+                         "(it has a structured: section); use structured options, or a recipe with a prune: section")
+
+
 def _fields(cls: type) -> list[str]:
-    """The keys of a section: its class's fields (a PruneConfig's less :data:`NOT_IN_RECIPE`)."""
-    return [f.name for f in dataclasses.fields(cls) if f.name != "path"
-            and not (cls is PruneConfig and f.name in NOT_IN_RECIPE)]
+    """The keys of a section: its class's fields (a PruneConfig's less :data:`NOT_IN_RECIPE`, a
+    StructuredConfig's less :data:`NOT_IN_STRUCTURED_RECIPE`)."""
+    return [f.name for f in dataclasses.fields(cls) if f.name != "path" and f.name not in _LEFT_OUT.get(cls, {})]
 
 
-def _prune_section(config: PruneConfig) -> dict[str, Any]:
-    """A PruneConfig as a recipe's ``prune:`` mapping: YAML values, no empty options mapping."""
-    hints = typing.get_type_hints(PruneConfig)
+def _section(config: PruneConfig | StructuredConfig) -> dict[str, Any]:
+    """A config as a recipe's ``prune:`` / ``structured:`` mapping: YAML values, no empty options mapping."""
+    hints = typing.get_type_hints(type(config))
     out = {}
-    for name in _fields(PruneConfig):
+    for name in _fields(type(config)):
         value = _plain(getattr(config, name))
         mapping = any(typing.get_origin(a) in (dict, collections.abc.Mapping) for a in typing.get_args(hints[name]))
         if not (mapping and not value):
@@ -256,7 +300,8 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any] | Recipe, **overri
     folder's); ``builtin:`` names stay names. A data source (``text``, ``corpus``, ``tensors``)
     replaces the recipe's, an N:M ``pattern`` without ``sparsity`` drops the recipe's sparsity,
     another ``method`` (``refine``) drops the recipe's ``method_options`` (``refine_options``),
-    and mappings (options, ``kwargs``, ``overrides``) are merged key by key. The recipe is
+    ``ratio`` drops a structured recipe's ``params`` and ``params`` its ``ratio``, and mappings
+    (options, ``kwargs``, ``overrides``) are merged key by key. The recipe is
     validated once, after the overrides, so they can also complete it."""
     if isinstance(recipe, Recipe):
         if not overrides:
@@ -309,8 +354,11 @@ def _validate(raw: Any, source: str | None = None) -> Recipe:
         model = {"source": model}
     if isinstance(model, Mapping) and "source" not in model:
         raise ValueError(f"model{where} has no source; add source: path-or-package.module:factory")
+    if raw.get("prune") is not None and raw.get("structured") is not None:
+        raise ValueError(f"the recipe{where} has both a prune: and a structured: section; a job prunes masks (prune:) "
+                         "or removes structures (structured:): split it into two recipes")
     parts: dict[str, Any] = {"model": _build(ModelSpec, model, "model")}
-    for name in ("data", "prune", "output"):
+    for name in ("data", "prune", "structured", "output"):
         if raw.get(name) is not None:
             parts[name] = _build(_SECTIONS[name], raw[name], name)
     recipe = Recipe(**parts, path=source)
@@ -328,7 +376,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if key not in names:
             raise ValueError(_unknown(key, where, names))
         values[key] = _check_type(value, hints[key], f"{where}.{key}")
-        if cls is PruneConfig and isinstance(values[key], dict) and not values[key]:
+        if cls in _LEFT_OUT and isinstance(values[key], dict) and not values[key]:
             values[key] = None  # an empty options mapping is no options (and is not written back)
     return cls(**values)
 
@@ -398,15 +446,22 @@ def _choice(value: Any, choices: tuple, where: str) -> None:
 
 def _check_values(r: Recipe) -> None:
     """The checks types alone cannot make, all before any model is loaded; the ``prune:``
-    section is checked by :meth:`PruneConfig.validate`, its names prefixed with ``prune.``."""
+    (``structured:``) section is checked by :meth:`PruneConfig.validate`
+    (:meth:`StructuredConfig.validate`), its names prefixed with ``prune.`` (``structured.``)."""
     if not r.model.source.strip():
         raise ValueError("model.source is empty; pass a Hugging Face model directory or package.module:factory")
-    steps = r.prune.validate("prune.")
-    if r.data is None and (steps.method.needs or steps.refine is not None):
-        p = r.prune
-        raise ValueError(f"prune.method {p.method!r}" + (f" with refine {p.refine!r}" if p.refine else "")
+    if r.structured is not None:
+        s = r.structured
+        s.validate("structured.")
+        needs, name, fix = s.needs_data, "structured", "method: magnitude with refine: none"
+    else:
+        s = r.prune
+        steps = s.validate("prune.")
+        needs, name, fix = bool(steps.method.needs) or steps.refine is not None, "prune", "method: magnitude without refine"
+    if r.data is None and needs:
+        raise ValueError(f"{name}.method {s.method!r}" + (f" with refine {s.refine!r}" if s.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
-                         "tensors: inputs.pt), or use method: magnitude without refine")
+                         f"tensors: inputs.pt), or use {fix}")
     if r.data is not None:
         _check_data(r.data)
     for f in r.output.formats:

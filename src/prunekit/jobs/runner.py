@@ -23,7 +23,7 @@ from .torchrun import is_writer, process_group, wait_for_writer
 class RecipeOutcome:
     """What :func:`run_recipe` did: the prune result, the output folder, the files in it."""
 
-    result: Any  # prunekit.PruneResult
+    result: Any  # prunekit.PruneResult, or prunekit.StructuredResult for a structured: recipe
     output_dir: str
     files: list[str]
     model: Any = None  # the pruned model, still in memory
@@ -32,7 +32,9 @@ class RecipeOutcome:
 def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwrite: bool | None = None,
                progress: bool | None = None) -> RecipeOutcome:
     """Run a whole pruning job: validate, load the model, build and check the calibration
-    data, prune, and write the outputs.
+    data, prune (masks with :func:`prunekit.prune`, or structures with
+    :func:`prunekit.prune_structured` for a recipe with a ``structured:`` section), and write the
+    outputs.
 
     The outputs are written into a hidden sibling folder and renamed to ``output.dir`` only
     when complete, so the output folder never holds a half-written model, even after Ctrl-C.
@@ -41,12 +43,14 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     from .loading import build_calibration, check_calibration_fits, is_causal_lm, load_model
     from ..oneshot import prune as oneshot  # looked up at call time (tests interrupt it)
     from ..oneshot.blocks import find_blocks
+    from ..structures import prune as structured  # looked up at call time too
 
     recipe = load_recipe(recipe)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     out = os.path.abspath(recipe.output.dir)
     check_output(out, overwrite)
-    m, p = recipe.model, recipe.prune
+    m = recipe.model
+    p = recipe.structured if recipe.structured is not None else recipe.prune
     model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file,
                                   root=recipe.folder)
     calibration = None
@@ -57,10 +61,13 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
             blocks = decoder_blocks(model)
         check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
     config = dataclasses.replace(p, blocks=blocks, progress=progress)
-    with process_group(config.device) as processes:
-        if processes > 1:  # torchrun: every rank built the same list; each keeps its share
-            config = dataclasses.replace(config, shard_calibration=True)
-        result = oneshot.prune(model, calibration, config)
+    with process_group(getattr(config, "device", None)) as processes:
+        if recipe.structured is not None:  # every rank prunes on the whole list (no shared statistics)
+            result = structured.prune_structured(model, calibration, config)
+        else:
+            if processes > 1:  # torchrun: every rank built the same list; each keeps its share
+                config = dataclasses.replace(config, shard_calibration=True)
+            result = oneshot.prune(model, calibration, config)
         files: list[str] = []
         written = False
         try:
@@ -97,15 +104,21 @@ def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, resu
 
     spec = recipe.to_dict()
     report = model_report(model)
+    structured = recipe.structured is not None  # a smaller dense model: no sparsity to plot
+    result_dict = ({**dataclasses.asdict(result), "removed_fraction": result.removed_fraction} if structured
+                   else result.to_dict())
     with open(os.path.join(folder, "recipe.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
     with open(os.path.join(folder, "prune_report.json"), "w", encoding="utf-8") as f:
-        json.dump({"result": result.to_dict(), "model": report.to_dict(), "recipe": spec,
+        json.dump({"result": result_dict, "model": report.to_dict(), "recipe": spec,
                    "recipe_folder": recipe.folder}, f, indent=2)
     with open(os.path.join(folder, "prune_report.md"), "w", encoding="utf-8") as f:
+        plot = "" if structured else "![per-layer sparsity](layer_sparsity.png)\n\n"
         f.write(f"# prunekit report\n\n```\n{result.summary()}\n```\n\n## parameters and FLOPs\n\n"
-                f"{report.to_markdown()}\n\n![per-layer sparsity](layer_sparsity.png)\n\n## recipe\n\n```yaml\n"
+                f"{report.to_markdown()}\n\n{plot}## recipe\n\n```yaml\n"
                 f"{yaml.safe_dump(spec, sort_keys=False)}```\n")
+    if structured:
+        return
     plot_layer_sparsity(report, os.path.join(folder, "layer_sparsity.png"),
                         title=f"{result.method}{'+' + result.refine if result.refine else ''}, {result.pattern}")
 

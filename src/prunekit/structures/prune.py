@@ -28,18 +28,15 @@ from tqdm.auto import tqdm
 
 from ..oneshot.blocks import capture_inputs, execution_order, find_blocks, propagate
 from ..oneshot.calibration import collect_batches
-from ..oneshot.solvers.columns import SCORES, group_scores, obs_remove, output_error, refit_columns
-from .budget import BUDGETS, counts_for
+from ..oneshot.solvers.columns import group_scores, obs_remove, output_error, refit_columns
+from .budget import counts_for
+from .config import StructuredConfig
 from .find import find_structures
 from .shapes import CONFIG_KEY, merge_shapes, structure_shapes
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
 
-METHODS = SCORES
-REFINES = (None, "bias", "lstsq")
-BIASES = ("auto", True, False)
-TARGETS = ("pruned", "dense")
 OBS_DAMP = 0.01  # SparseGPT's damping of H before inverting it
 
 
@@ -69,37 +66,6 @@ class StructuredResult:
         return "\n".join(lines)
 
 
-def _check(structures, method, refine, bias, target, ratio, params, flops=None, budget="uniform",
-           floor=None) -> tuple[str, ...]:
-    if isinstance(structures, str):
-        structures = tuple(s.strip() for s in structures.split(",") if s.strip())
-    structures = tuple(structures)
-    if not structures or any(s not in ("mlp", "heads") for s in structures):
-        raise ValueError(f"structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)} for structures, got {method!r}")
-    if refine not in REFINES:
-        raise ValueError(f"refine must be one of None, 'bias', 'lstsq' for structures, got {refine!r}")
-    if bias not in BIASES:
-        raise ValueError(f"bias must be 'auto', True or False, got {bias!r}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    if sum(v is not None for v in (ratio, params, flops)) != 1:
-        raise ValueError("give exactly one of ratio= (fraction of each structure's units), params= (fraction of "
-                         "the parameters to remove) or flops= (fraction of the FLOPs per token to remove)")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {', '.join(BUDGETS)} for structures, got {budget!r}")
-    if floor is not None and budget != "global":
-        raise ValueError("floor= (the least share of each structure's units kept) applies to budget='global'")
-    if floor is not None and not (isinstance(floor, (int, float)) and not isinstance(floor, bool) and 0 <= floor < 1):
-        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
-    for name, value in (("ratio", ratio), ("params", params), ("flops", flops)):
-        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                      and 0 < value < 1):
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-    return structures
-
-
 def _block_of(owner: str, blocks: list[tuple[str, nn.Module]]) -> int | None:
     for i, (name, _) in enumerate(blocks):
         if name == "" or owner == name or owner.startswith(name + "."):
@@ -110,24 +76,14 @@ def _block_of(owner: str, blocks: list[tuple[str, nn.Module]]) -> int | None:
 def prune_structured(
     model: nn.Module,
     calibration: Iterable[Any] | None,
-    *,
-    structures: str | Sequence[str] = ("mlp",),
-    ratio: float | None = None,
-    params: float | None = None,
-    flops: float | None = None,
-    budget: str = "uniform",
-    floor: float | None = None,
-    method: str = "wanda",
-    refine: str | None = "lstsq",
-    bias: str | bool = "auto",
-    target: str = "pruned",
-    blocks: Sequence[str] | None = None,
-    max_batches: int | None = None,
-    damp: float = 0.1,
-    multiple_of: int = 1,
-    progress: bool | None = None,
+    config: StructuredConfig | None = None,
+    **options: Any,
 ) -> StructuredResult:
     """Remove whole MLP neurons and/or attention heads from ``model`` in place and repair it.
+
+    The options are the fields of :class:`StructuredConfig` (each documented there), given as
+    keywords, as a ``config``, or both (the keywords change the config's values; an unknown
+    keyword is a TypeError naming the closest option), as for :func:`prunekit.prune`.
 
     ``ratio`` removes that fraction of every structure's units (the same count in every layer,
     so a Hugging Face config stays standard); ``params`` instead sets the fraction of the
@@ -146,18 +102,22 @@ def prune_structured(
     kernels can be slower on odd widths); ``bias=True`` also fits a bias (adding one, and setting ``mlp_bias`` /
     ``attention_bias`` in the config, where the consumer had none), ``"auto"`` only where it has one.
     """
-    if refine == "none":
-        refine = None
-    structures = _check(structures, method, refine, bias, target, ratio, params, flops, budget, floor)
+    if config is not None and not isinstance(config, StructuredConfig):
+        raise TypeError(f"config must be a prunekit.StructuredConfig, got {type(config).__name__}; pass options as "
+                        "keywords or build one with prunekit.StructuredConfig(...)")
+    config = (config if config is not None else StructuredConfig()).replace(**options)
+    structures = config.validate()
+    c = config  # the options as the names the steps below use
+    ratio, params, flops, method, refine, bias, target = c.ratio, c.params, c.flops, c.method, c.refine, c.bias, c.target
+    blocks, max_batches, damp, multiple_of, progress = c.blocks, c.max_batches, c.damp, c.multiple_of, c.progress
+    budget, floor = c.budget, c.floor
     found = find_structures(model, structures)
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
                          "SwiGLU, BERT, GPT-2, fc1/fc2, nn.TransformerEncoderLayer and nn.Sequential(Linear, act, "
                          "Linear) MLPs and q/k/v/o_proj "
                          "attention with a head_dim)")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
-    needs_data = not (method == "magnitude" and refine is None)
+    needs_data = config.needs_data
     counts_data = calibration is not None and (budget == "global" or flops is not None)
     calls = collect_batches(calibration, max_batches) if needs_data or counts_data else []
     counts = counts_for(model, found, ratio, params, multiple_of, flops=flops, budget=budget, floor=floor,

@@ -1,0 +1,142 @@
+"""``StructuredConfig``: every option of structured pruning, with its default and its checks.
+
+This is the one list of what :func:`prunekit.prune_structured` accepts. Its keywords, a
+recipe's ``structured:`` section (:mod:`prunekit.jobs.recipe`) and the structured flags of
+``prunekit prune`` (:mod:`prunekit.cli.prune_cmd`) are views of these fields, as for
+:class:`~prunekit.oneshot.config.PruneConfig`: a new option is one field here, with its help.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..oneshot.config import option
+from ..oneshot.solvers.columns import SCORES
+from .budget import BUDGETS
+
+KINDS = ("mlp", "heads")
+METHODS = SCORES
+REFINES = (None, "bias", "lstsq")
+BIASES = ("auto", True, False)
+TARGETS = ("pruned", "dense")
+
+
+@dataclass(kw_only=True)
+class StructuredConfig:
+    """Every option of :func:`prunekit.prune_structured`, with its default
+    (``prune_structured(**options)`` builds one). :meth:`validate` checks them all before the
+    model is touched."""
+
+    # -- what is removed, and how much -------------------------------------------------------
+    structures: str | Sequence[str] = option(
+        ("mlp",), "what to remove: 'mlp' (MLP neurons), 'heads' (attention heads) or both, comma-separated",
+        metavar="mlp,heads", form=str)
+    ratio: float | None = option(
+        None, "fraction of every structure's units to remove, in (0, 1); give one of ratio, params, flops")
+    params: float | None = option(
+        None, "fraction of the parameters of the layers holding the structures to remove, in (0, 1), "
+              "(with the closest uniform ratio, or ranked globally with budget=global); give one of ratio, params, "
+              "flops")
+    flops: float | None = option(
+        None, "fraction of the FLOPs per token of the layers holding the structures to remove, in (0, 1) "
+              "(matrices plus attention products at the calibration length)")
+    budget: str = option(
+        "uniform", "uniform: the same count in every layer (a standard config); global: units of all layers "
+                   "ranked together (per-layer widths, reloaded by prunekit.load_structured)", choices=BUDGETS)
+    floor: float | None = option(
+        None, "with budget=global, the least fraction of each structure's units kept (default 0.25)")
+    multiple_of: int = option(1, "round every MLP's kept width to a multiple of this (CPU kernels favour e.g. 64)")
+    # -- which units go, and how the rest is repaired -----------------------------------------
+    method: str = option("wanda", "how the units to remove are chosen", choices=METHODS)
+    refine: str | None = option(
+        "lstsq", "how the consumer's kept columns are repaired: lstsq (least squares), bias (FLAP's bias "
+                 "compensation) or none", choices=("lstsq", "bias", "none"))
+    bias: str | bool = option(
+        "auto", "fit the consumer's bias with lstsq, adding one where it has none (auto: only where it has one)")
+    target: str = option(
+        "pruned", "what the refit matches: the layer's own inputs (pruned) or the dense model's (dense)",
+        choices=TARGETS)
+    damp: float = option(0.1, "ridge of the refit, pulling the kept columns towards their dense values")
+    # -- calibration ------------------------------------------------------------------------
+    blocks: Sequence[str] | None = option(
+        None, "module names calibrated in order (default: detected)", metavar="NAME")
+    max_batches: int | None = option(None, "use at most this many calibration batches")
+    progress: bool | None = option(None, "progress bars (default: only on a terminal)")
+
+    def __post_init__(self) -> None:
+        if self.refine in ("none", "null"):  # the spelling of "no refine" on a command line
+            self.refine = None
+        if isinstance(self.structures, str):  # "mlp,heads" and ["mlp", "heads"] are one config
+            self.structures = tuple(s.strip() for s in self.structures.split(",") if s.strip())
+        elif isinstance(self.structures, list):
+            self.structures = tuple(self.structures)
+
+    def replace(self, **options: Any) -> "StructuredConfig":
+        """A copy with ``options`` changed; an unknown name is a TypeError naming the closest option."""
+        known = [f.name for f in dataclasses.fields(self)]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"the options are: {', '.join(known)}"
+                raise TypeError(f"unknown structured pruning option {key!r}; {hint} (see prunekit.StructuredConfig)")
+        return dataclasses.replace(self, **options) if options else self
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether calibration data is needed (all but magnitude scores without a refit)."""
+        return not (self.method == "magnitude" and self.refine is None)
+
+    def validate(self, where: str = "") -> tuple[str, ...]:
+        """Check every value and return the structures asked for. A bad one is a ValueError or
+        TypeError naming the option, prefixed by ``where`` (``"structured."`` in a recipe), and
+        the fix. Nothing here needs the model; ``prune_structured`` checks the rest."""
+        w = where
+        structures = self.structures
+        if not isinstance(structures, tuple) or not structures or any(s not in KINDS for s in structures):
+            raise ValueError(f"{w}structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
+        _choice(self.method, METHODS, f"{w}method", " for structures")
+        _choice(self.refine, REFINES, f"{w}refine", " for structures")
+        if not (self.bias is True or self.bias is False or self.bias == "auto"):
+            raise ValueError(f"{w}bias must be 'auto', True or False, got {self.bias!r}")
+        _choice(self.target, TARGETS, f"{w}target")
+        if sum(v is not None for v in (self.ratio, self.params, self.flops)) != 1:
+            raise ValueError(f"give exactly one of {w}ratio= (fraction of each structure's units), {w}params= "
+                             f"(fraction of the parameters to remove) or {w}flops= (fraction of the FLOPs per token)")
+        _choice(self.budget, BUDGETS, f"{w}budget", " for structures")
+        if self.floor is not None and self.budget != "global":
+            raise ValueError(f"{w}floor= (the least share of each structure's units kept) applies to budget='global'")
+        if self.floor is not None and not (_number(self.floor) and 0 <= self.floor < 1):
+            raise ValueError(f"{w}floor must be a number in [0, 1), got {self.floor!r}")
+        for name in ("ratio", "params", "flops"):
+            value = getattr(self, name)
+            if value is not None and not (_number(value) and 0 < value < 1):
+                raise ValueError(f"{w}{name} must be a number in (0, 1), got {value!r}")
+        for name, value in (("multiple_of", self.multiple_of), ("max_batches", 1 if self.max_batches is None else self.max_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{w}{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (_number(self.damp) and self.damp >= 0):
+            raise ValueError(f"{w}damp must be a number >= 0, got {self.damp!r}")
+        if self.blocks is not None and (isinstance(self.blocks, str) or not isinstance(self.blocks, Sequence)
+                                        or not all(isinstance(b, str) for b in self.blocks)):
+            raise TypeError(f"{w}blocks must be a list of module names, got {self.blocks!r}")
+        if self.progress not in (None, True, False):
+            raise TypeError(f"{w}progress must be True, False or None (only on a terminal), got {self.progress!r}")
+        return structures
+
+
+StructuredConfig.__doc__ += "\n\n    Options (default):\n\n" + "\n".join(
+    f"    - ``{f.name}`` ({f.default!r}): {f.metadata['help']}" for f in dataclasses.fields(StructuredConfig)) + "\n"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _choice(value: Any, choices: Sequence[Any], name: str, context: str = "") -> None:
+    if value not in choices or isinstance(value, bool):
+        names = ", ".join("None" if c is None else repr(c) for c in choices)
+        close = difflib.get_close_matches(str(value), [c for c in choices if isinstance(c, str)], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{name} must be one of {names}{context}, got {value!r}{hint}")
