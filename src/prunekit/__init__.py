@@ -34,6 +34,7 @@ from .sparsity.patterns import NM, Unstructured, check_nm, nm_mask, parse_patter
 from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .layers.targets import find_head, find_targets
 from .structures import block_importance, find_structures, prune_blocks, prune_structured
+from .structures import find_experts, prune_experts, score_experts
 from .training import STR, MagnitudePruner, SoftThreshold
 
 from ._version import __version__

@@ -72,6 +72,9 @@ def _check(structures, method, refine, bias, target, ratio, params) -> tuple[str
     if isinstance(structures, str):
         structures = tuple(s.strip() for s in structures.split(",") if s.strip())
     structures = tuple(structures)
+    if "experts" in structures:
+        raise ValueError("experts of mixture-of-experts layers are removed by pk.prune_experts(model, calibration, "
+                         "ratio=...), not by prune_structured")
     if not structures or any(s not in ("mlp", "heads") for s in structures):
         raise ValueError(f"structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
     if method not in METHODS:
