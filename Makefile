@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench-llm: $(LLM_STAMP)
 # Structured pruning of SmolLM2 (MLP neurons): perplexity and measured tokens/s vs dense.
 bench-structured-llm: $(LLM_STAMP)
 	$(PY) benchmarks/structured_llm.py
+
+# Expert pruning of small byte-level Mixtral / Qwen2-MoE trained here: scores vs random experts.
+bench-structured-moe: $(STAMP)
+	$(PY) benchmarks/structured_moe.py --kind mixtral
+	$(PY) benchmarks/structured_moe.py --kind qwen2_moe
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py

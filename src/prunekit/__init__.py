@@ -36,6 +36,7 @@ from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSch
 from .layers.targets import find_head, find_targets
 from .structures import (StructuredConfig, apply_structure_shapes, block_importance, find_structures, prune_blocks,
                          prune_structured, structure_shapes)
+from .structures import find_experts, prune_experts, score_experts
 from .formats.structured import load_structured
 from .training import STR, MagnitudePruner, SoftThreshold
 

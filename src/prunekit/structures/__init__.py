@@ -1,11 +1,14 @@
-"""Structured pruning: whole MLP neurons and attention heads removed, the rest repaired, the
+"""Structured pruning: whole MLP neurons, attention heads and experts removed, the rest repaired, the
 modules made physically smaller (see shared/specs/structured.md)."""
 from .config import StructuredConfig
 from .depth import DepthResult, block_importance, prune_blocks
+from .experts import ExpertSite, find_experts
 from .find import find_structures
 from .prune import StructuredResult, prune_structured
+from .expert_pruning import ExpertsResult, prune_experts, score_experts
 from .shapes import apply_structure_shapes, structure_shapes
 from .units import Structure, StructureReport
 
-__all__ = ["DepthResult", "Structure", "StructuredConfig", "apply_structure_shapes", "block_importance", "prune_blocks",
-           "StructureReport", "StructuredResult", "find_structures", "prune_structured", "structure_shapes"]
+__all__ = ["DepthResult", "ExpertSite", "ExpertsResult", "Structure", "StructuredConfig", "apply_structure_shapes",
+           "block_importance", "find_experts", "find_structures", "prune_blocks", "prune_experts", "prune_structured",
+           "score_experts", "StructureReport", "StructuredResult", "structure_shapes"]

@@ -94,6 +94,9 @@ class StructuredConfig:
         the fix. Nothing here needs the model; ``prune_structured`` checks the rest."""
         w = where
         structures = self.structures
+        if isinstance(structures, tuple) and "experts" in structures:
+            raise ValueError(f"{w}structures: experts of mixture-of-experts layers are removed by "
+                             "pk.prune_experts(model, calibration, ratio=...), not by prune_structured")
         if not isinstance(structures, tuple) or not structures or any(s not in KINDS for s in structures):
             raise ValueError(f"{w}structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
         _choice(self.method, METHODS, f"{w}method", " for structures")
