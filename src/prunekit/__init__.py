@@ -33,7 +33,7 @@ from .report import ModelReport, model_report
 from .sparsity.patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
 from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .layers.targets import find_head, find_targets
-from .structures import block_importance, find_structures, prune_blocks, prune_structured
+from .structures import block_importance, find_channel_groups, find_structures, prune_blocks, prune_channels, prune_structured
 from .training import STR, MagnitudePruner, SoftThreshold
 
 from ._version import __version__

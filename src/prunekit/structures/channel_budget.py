@@ -47,8 +47,10 @@ def macs(graph: ChannelGraph, removed: list[int] | None = None) -> int:
     """Multiply-adds per sample of the convs and Linears with ``removed[g]`` channels taken from
     group ``g`` (None: the dense network)."""
     removed = removed or [0] * len(graph.groups)
+    if getattr(graph, "_terms", None) is None:
+        graph._terms = _terms(graph)  # the graph never changes: count its layers once
     total = 0
-    for t in _terms(graph):
+    for t in graph._terms:
         ins = t.ins - sum(a * removed[g] for g, a in t.per_in.items())
         if t.kind == "dw":
             total += t.spatial * ins
@@ -58,8 +60,8 @@ def macs(graph: ChannelGraph, removed: list[int] | None = None) -> int:
 
 
 def ratio_counts(graph: ChannelGraph, ratio: float) -> list[int]:
-    """``floor(ratio * count)`` channels from every group."""
-    return [int(ratio * g.count + 1e-9) for g in graph.groups]
+    """``round(ratio * count)`` channels from every group (halves round up)."""
+    return [int(ratio * g.count + 0.5) for g in graph.groups]
 
 
 def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:

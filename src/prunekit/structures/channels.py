@@ -224,7 +224,7 @@ def prune_channels(
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
-    ``ratio`` removes that fraction of every channel group (rounded down); ``flops`` instead
+    ``ratio`` removes that fraction of every channel group (rounded); ``flops`` instead
     removes at least that fraction of the convs' and Linears' multiply-adds with the smallest
     uniform ratio that does. ``score``: ``"l2"`` (filter norm), ``"bn"`` (BatchNorm ``|gamma|``)
     or ``"wanda"`` (activation-aware, from the consumers' inputs). ``refine="lstsq"`` refits every
