@@ -34,8 +34,8 @@ from .speed import SpeedReport, speed_report
 from .sparsity.patterns import NM, Unstructured, check_nm, nm_mask, parse_pattern, topk_keep, unstructured_mask
 from .training.schedules import Constant, Cubic, Cyclical, OneShot, ThresholdSchedule
 from .layers.targets import find_head, find_targets
-from .structures import (StructuredConfig, apply_structure_shapes, block_importance, find_structures, prune_blocks,
-                         prune_structured, structure_shapes)
+from .structures import (StructuredConfig, apply_structure_shapes, block_importance, find_channel_groups,
+                         find_structures, prune_blocks, prune_channels, prune_structured, structure_shapes)
 from .structures import find_experts, prune_experts, score_experts
 from .formats.structured import load_structured
 from .training import STR, MagnitudePruner, SoftThreshold

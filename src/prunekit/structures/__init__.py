@@ -1,5 +1,7 @@
 """Structured pruning: whole MLP neurons, attention heads and experts removed, the rest repaired, the
 modules made physically smaller (see shared/specs/structured.md)."""
+from .channels import ChannelResult, prune_channels
+from .channels_graph import find_channel_groups
 from .config import StructuredConfig
 from .depth import DepthResult, block_importance, prune_blocks
 from .experts import ExpertSite, find_experts
@@ -9,6 +11,7 @@ from .expert_pruning import ExpertsResult, prune_experts, score_experts
 from .shapes import apply_structure_shapes, structure_shapes
 from .units import Structure, StructureReport
 
-__all__ = ["DepthResult", "ExpertSite", "ExpertsResult", "Structure", "StructuredConfig", "apply_structure_shapes",
-           "block_importance", "find_experts", "find_structures", "prune_blocks", "prune_experts", "prune_structured",
-           "score_experts", "StructureReport", "StructuredResult", "structure_shapes"]
+__all__ = ["ChannelResult", "DepthResult", "ExpertSite", "ExpertsResult", "Structure", "StructuredConfig",
+           "apply_structure_shapes", "block_importance", "find_channel_groups", "find_experts", "find_structures",
+           "prune_blocks", "prune_channels", "prune_experts", "prune_structured", "score_experts", "StructureReport",
+           "StructuredResult", "structure_shapes"]
