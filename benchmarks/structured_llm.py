@@ -98,7 +98,7 @@ def run(args) -> list[dict]:
                 t0 = time.perf_counter()
                 bias = True if refine == "bias" else args.bias  # FLAP's compensation needs a bias to write
                 result = pk.prune_structured(pruned, calibration, structures=args.structures, **{target: amount},
-                                             method=method, refine=refine, bias=bias, damp=args.damp,
+                                             method=method, refine=refine, bias=bias, damp=args.damp, budget=args.budget,
                                              multiple_of=args.multiple_of, progress=False)
                 seconds = time.perf_counter() - t0
                 ppl = pk.perplexity(pruned, ids, seq_len=256, max_sequences=args.eval_sequences)
@@ -114,12 +114,13 @@ def run(args) -> list[dict]:
                                                for k in d1}, "dense": d1}
                 ratio, d1 = shapes[shape]["ratio"], shapes[shape]["dense"]
                 row = {"structures": args.structures, "params_target": params, "method": method, "refine": str(refine),
-                       "ratio": amount if target == "ratio" else None, "damp": args.damp,
+                       "ratio": amount if target == "ratio" else None, "damp": args.damp, "budget": args.budget,
                        "bias": str(bias), "multiple_of": args.multiple_of, "calibration": f"{args.sequences}x256",
                        "decoder_params_removed": round(1 - decoder_params(pruned) / dense_dec, 4),
                        "flops_removed": round(1 - forward_flops(pruned) / dense_flops, 4),
                        "model_params_removed": round(result.removed_fraction, 4),
-                       "intermediate_size": pruned.config.intermediate_size,
+                       "intermediate_size": pruned.model.layers[0].mlp.down_proj.in_features,
+                       "widths": [layer.mlp.down_proj.in_features for layer in pruned.model.layers],
                        "heads": pruned.config.num_attention_heads,
                        "perplexity": round(ppl, 2), "dense_perplexity": round(dense_ppl, 2),
                        "x_dense": round(ppl / dense_ppl, 3), "prune_seconds": round(seconds, 1),
@@ -136,11 +137,14 @@ def run(args) -> list[dict]:
 
 def write(rows: list[dict], path: Path) -> None:
     old = json.loads(path.read_text()) if path.exists() else []
-    key = lambda r: (r["structures"], r["params_target"], r.get("ratio"), r.get("damp", 0.1), r["method"],  # noqa: E731
+    key = lambda r: (r["structures"], r["params_target"], r.get("ratio"), r.get("damp", 0.1), r.get("budget", "uniform"),  # noqa: E731
+                     r["method"],
                      r["refine"], r["bias"], r["calibration"], r.get("multiple_of", 1))
     merged = {key(r): r for r in old + rows}
     # speed depends on the shapes alone: every row of a shape shows the newest measurement of it
-    shape = lambda r: (r["intermediate_size"], r["heads"], r.get("layers"))  # noqa: E731
+    # a global budget's widths differ per layer: its rows never share a uniform row's shape
+    shape = lambda r: (r["intermediate_size"], r["heads"], r.get("layers"), r.get("budget", "uniform"),  # noqa: E731
+                       r["decoder_params_removed"] if r.get("budget", "uniform") != "uniform" else None)
     newest = {shape(r): r for r in sorted(merged.values(), key=lambda r: r.get("measured", ""))
               if r.get("speed_vs_dense") is not None}
     flops = {shape(r): r["flops_removed"] for r in merged.values() if "flops_removed" in r}
@@ -168,7 +172,8 @@ def report(path: Path) -> None:
         target = f"params {r['params_target']:.0%}" if r["params_target"] is not None else f"units {r['ratio']:.0%}"
         flops = f"{r['flops_removed']:.1%}" if "flops_removed" in r else "-"
         lines.append(f"| {r['structures']} | {target} | {r['decoder_params_removed']:.1%} | {flops} | {r['method']} "
-                     f"| {r['refine']} | {r.get('damp', 0.1):g} | {r['bias']} | {r['intermediate_size']} | {r['heads']} "
+                     f"| {r['refine']}{'' if r.get('budget', 'uniform') == 'uniform' else ' (' + r['budget'] + ')'} "
+                     f"| {r.get('damp', 0.1):g} | {r['bias']} | {r['intermediate_size']} | {r['heads']} "
                      f"| {r['perplexity']} "
                      f"| {r['x_dense']} | {s['prefill_b1']} | {s['prefill_b8']} | {s['decode_b1']} | {s['decode_b8']} "
                      f"| {r['prune_seconds']} |")
@@ -190,6 +195,7 @@ def _plot(rows: list[dict], out: Path) -> None:
     series: dict[str, list] = {}
     for r in rows:
         damp = "" if r.get("damp", 0.1) == 0.1 else f" damp {r['damp']:g}"
+        damp += "" if r.get("budget", "uniform") == "uniform" else f" {r['budget']}"
         series.setdefault(f"{r['structures']} {r['method']}+{r['refine']}{damp}", []).append(
             (r["decoder_params_removed"], r["x_dense"]))
     off = []
@@ -214,6 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--params", type=float, nargs="*", default=[0.1, 0.2, 0.3],
                    help="fractions of the decoder parameters to remove (the closest uniform ratio)")
     p.add_argument("--ratio", type=float, nargs="*", default=[], help="fractions of every structure's units instead")
+    p.add_argument("--budget", default="uniform", choices=("uniform", "global"),
+                   help="global: units ranked across layers (per-layer widths; intermediate shows layer 0's)")
     p.add_argument("--damp", type=float, default=0.1, help="the least-squares refit's ridge towards the dense columns")
     p.add_argument("--method", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
     p.add_argument("--refine", nargs="+", default=["none", "bias", "lstsq"])
