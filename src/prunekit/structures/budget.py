@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .find import out_features
+from .find import out_features, producer_weight
 from .units import Structure
 
 
@@ -31,9 +31,8 @@ def unit_params(model: nn.Module, s: Structure) -> int:
     total = 0
     producers = s.producers + (s.kv_producers if s.kind == "heads" and s.q_per_kv == 1 else ())
     for name in producers:
-        m = modules[name]
-        d_in = m.weight.numel() // out_features(m)
-        total += s.unit_size * (d_in + (1 if m.bias is not None else 0))
+        weight, bias = producer_weight(modules[name])
+        total += s.unit_size * s.fused * (weight.shape[1] + (1 if bias is not None else 0))
     consumer = modules[s.consumer]
     total += s.unit_size * out_features(consumer)
     return total
