@@ -31,6 +31,7 @@ from ..oneshot.calibration import collect_batches
 from ..oneshot.solvers.columns import SCORES, group_scores, obs_remove, output_error, refit_columns
 from .budget import counts_for
 from .find import find_structures
+from .mha import swap_in
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
@@ -137,8 +138,8 @@ def prune_structured(
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
                          "SwiGLU, BERT, GPT-2, fc1/fc2, nn.TransformerEncoderLayer and nn.Sequential(Linear, act, "
-                         "Linear) MLPs and q/k/v/o_proj "
-                         "attention with a head_dim)")
+                         "Linear) MLPs, and q/k/v/o_proj attention with a head_dim, BERT, GPT-2 and "
+                         "nn.MultiheadAttention heads)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be an integer >= 1, got {multiple_of!r}")
     counts = counts_for(model, found, ratio, params, multiple_of)
@@ -161,6 +162,8 @@ def prune_structured(
                disable=(not progress) if progress is not None else None)
     try:
         model.eval()
+        if swap_in(model, found, undo):  # nn.MultiheadAttention -> a drop-in that can hold fewer heads
+            block_list = find_blocks(model, blocks)
         with torch.no_grad():
             if needs_data:
                 _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp,
@@ -307,7 +310,10 @@ def _update_config(model: nn.Module, found: list[Structure], undo: Undo) -> dict
                           "reload with prunekit.load_structured")
         if any(modules[s.consumer].bias is not None for s in mlps) and getattr(config, "mlp_bias", None) is False:
             changed["mlp_bias"] = True
-    heads = [s for s in found if s.kind == "heads"]
+    heads = [s for s in found if s.kind == "heads" and s.config_key]
+    if config is not None and any(s.kind == "heads" and not s.config_key for s in found):
+        warnings.warn("the config cannot express fewer attention heads here (head size = hidden / heads): it is "
+                      "left as it was; reload the pruned weights with prunekit.load_structured")
     if heads and config is not None:
         q = {modules[s.consumer].in_features // s.unit_size for s in heads}
         kv = {modules[s.kv_producers[0]].out_features // s.unit_size for s in heads}
