@@ -1,6 +1,7 @@
 """Structured one-shot pruning of all-MiniLM-L6-v2: embedding fidelity and encode speed vs dense.
 
-MLP neurons of every encoder layer are removed (``ratio`` of each layer's 1536), the rest repaired;
+MLP neurons of every encoder layer are removed (``ratio`` of each layer's 1536), or with
+``--structures heads`` attention heads (of each layer's 12), the rest repaired;
 embeddings are the model's mean-pooled, normalised last hidden states (sentence-transformers'
 pooling). On held-out pydoc paragraphs (calibration: the head of the text, disjoint):
 - fidelity: mean cosine between the pruned and dense embedding of each paragraph;
@@ -10,6 +11,7 @@ pooling). On held-out pydoc paragraphs (calibration: the head of the text, disjo
   with dense ones in this process, as a ratio to dense (> 1 is faster).
 
     python benchmarks/structured_minilm.py --ratio 0.2 0.3
+    python benchmarks/structured_minilm.py --structures heads --ratio 0.25 0.5 --out benchmarks/results/structured_minilm_heads.json
 Results: benchmarks/results/structured_minilm.json and .md.
 """
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ratio", type=float, nargs="+", default=[0.2, 0.3])
+    p.add_argument("--structures", choices=["mlp", "heads"], default="mlp")
     p.add_argument("--method", nargs="+", default=["wanda"])
     p.add_argument("--refine", nargs="+", default=["none", "lstsq"])
     p.add_argument("--threads", type=int, default=2)
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
             for refine in args.refine:
                 pruned = copy.deepcopy(model)
                 t0 = time.perf_counter()
-                result = pk.prune_structured(pruned, calibration, structures="mlp", ratio=ratio, method=method,
+                result = pk.prune_structured(pruned, calibration, structures=args.structures, ratio=ratio, method=method,
                                              refine=refine, progress=False)
                 seconds = time.perf_counter() - t0
                 emb = embed(pruned, held_out)
@@ -94,7 +97,9 @@ def main(argv=None) -> None:
                     d = _seconds(model, speed_batch, args.repeats)
                     q = _seconds(pruned, speed_batch, args.repeats)
                     ratios.append(d / q)
-                row = {"ratio": ratio, "method": method, "refine": refine, "intermediate": pruned.config.intermediate_size,
+                width = (pruned.config.intermediate_size if args.structures == "mlp" else
+                         pruned.encoder.layer[0].attention.self.num_attention_heads)
+                row = {"ratio": ratio, "method": method, "refine": refine, "intermediate": width,
                        "params_removed": round(result.removed_fraction, 4),
                        "cosine_mean": round(float((emb * dense).sum(1).mean()), 4),
                        "cosine_min": round(float((emb * dense).sum(1).min()), 4),
@@ -103,12 +108,15 @@ def main(argv=None) -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    what = "MLP neurons" if args.structures == "mlp" else "attention heads"
     lines = ["# Structured one-shot pruning of all-MiniLM-L6-v2 (CPU)", "",
-             "`python benchmarks/structured_minilm.py`. MLP neurons removed in every layer; calibration 256 pydoc "
+             f"`python benchmarks/structured_minilm.py --structures {args.structures}`. {what} removed in every "
+             "layer; calibration 256 pydoc "
              "paragraphs x 128 tokens, evaluation 256 held-out paragraphs. Cosine: pruned vs dense embedding of the "
              "same paragraph; top-10 overlap: nearest neighbours kept; speed: 64 x 128 tokens per call, ratio to "
              "dense in the same process (> 1 faster).", "",
-             "| MLP neurons removed | method | refine | intermediate | model params removed | cosine mean | cosine min "
+             f"| {what} removed | method | refine | {'intermediate' if args.structures == 'mlp' else 'heads'} "
+             "| model params removed | cosine mean | cosine min "
              "| top-10 overlap | encode speed vs dense | prune s |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['ratio']:.0%} | {r['method']} | {r['refine']} | {r['intermediate']} | "

@@ -71,7 +71,7 @@ def keep_outputs(module: nn.Module, rows: torch.Tensor, undo: Undo) -> None:
 
 def add_zero_bias(module: nn.Module, undo: Undo) -> None:
     """Give a bias-free Linear/Conv1D a zero bias (so a config flag like ``mlp_bias`` stays true)."""
-    if getattr(module, "bias", False) is None:  # (an attention's in_proj has no such flag)
+    if getattr(module, "bias", False) is None:  # no `bias` (the attention drop-in): no config flag covers it
         width = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
         undo.set(module, "bias", nn.Parameter(torch.zeros(width, dtype=module.weight.dtype,
                                                           device=module.weight.device)))
