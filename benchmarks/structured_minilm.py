@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     key = lambda r: (r["structures"], r["target"], r["amount"], r["method"], r["refine"])  # noqa: E731
     rows = sorted({key(r): r for r in old + rows}.values(), key=lambda r: (r["structures"], r["target"], r["amount"]))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    what = "MLP neurons" if args.structures == "mlp" else "attention heads"
     lines = ["# Structured one-shot pruning of all-MiniLM-L6-v2 (CPU)", "",
              "`python benchmarks/structured_minilm.py`. Units removed uniformly in every layer; calibration 256 pydoc "
              "paragraphs x 128 tokens, evaluation 256 held-out paragraphs. Cosine: pruned vs dense embedding of the "

@@ -80,3 +80,30 @@ def test_a_folder_without_weights_is_refused(llama, tmp_path):
     llama.config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         pk.load_structured(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_heads_a_config_cannot_hold_reload_with_load_structured(arch, tmp_path):
+    """BERT and GPT-2 derive the head size from the config, so fewer heads live only in the
+    recorded shapes (``all_head_size`` / ``split_size`` included): load_structured rebuilds them."""
+    transformers = pytest.importorskip("transformers")
+    if arch == "bert":
+        cls = transformers.BertModel
+        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64)
+    else:
+        cls = transformers.GPT2LMHeadModel
+        config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                         eos_token_id=0)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pk.prune_structured(model, _tokens(), structures="mlp,heads", ratio=0.25, progress=False)
+    x = _tokens(1, seed=2)[0]
+    with torch.no_grad():
+        expected = model(x)[0]
+    model.save_pretrained(tmp_path)
+    again = pk.load_structured(tmp_path, cls)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], expected, rtol=0, atol=0)

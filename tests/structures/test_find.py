@@ -49,3 +49,41 @@ def test_sequential_mlps_of_a_hand_written_vit():
     assert len(found) == 4
     (s,) = find_structures(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 2)))
     assert (s.owner, s.producers, s.consumer, s.units) == ("", ("0",), "3", 8)
+
+
+def test_bert_gpt2_and_torch_attention_heads():
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                                                          num_hidden_layers=1))
+    (s,) = find_structures(bert, ("heads",))
+    p = "encoder.layer.0.attention."
+    assert (s.owner, s.producers, s.kv_producers, s.consumer) == (
+        p[:-1], (p + "self.query",), (p + "self.key", p + "self.value"), p + "output.dense")
+    assert (s.units, s.unit_size, s.q_per_kv, s.fused, s.attributes_at, s.config_key) == (4, 8, 1, 1, p + "self", None)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=50))
+    (s,) = find_structures(gpt2, ("heads",))
+    assert (s.owner, s.producers, s.kv_producers, s.consumer) == (
+        "transformer.h.0.attn", ("transformer.h.0.attn.c_attn",), (), "transformer.h.0.attn.c_proj")
+    assert (s.units, s.unit_size, s.fused, s.config_key) == (2, 16, 3, None)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 24, batch_first=True), 1, enable_nested_tensor=False)
+    (s,) = find_structures(enc, ("heads",))
+    assert (s.owner, s.producers, s.consumer, s.units, s.unit_size, s.fused) == (
+        "layers.0.self_attn", ("layers.0.self_attn",), "layers.0.self_attn.out_proj", 2, 8, 3)
+    from prunekit.zoo.vit import vit_mnist
+
+    assert [(s.owner, s.units) for s in find_structures(vit_mnist(depth=2), ("heads",))] == [("1.attn", 4), ("2.attn", 4)]
+
+
+def test_attention_whose_widths_do_not_add_up_is_not_a_structure():
+    class Odd(nn.Module):  # q/k/v/o names and a head_dim, but o reads a different width than q writes
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.o_proj, self.head_dim = nn.Linear(4, 8), 4
+
+    class Fused(nn.Module):  # c_attn is not three parts of c_proj's input
+        def __init__(self):
+            super().__init__()
+            self.c_attn, self.c_proj, self.head_dim = nn.Linear(8, 16), nn.Linear(8, 8), 4
+
+    assert find_structures(Odd(), ("heads",)) == [] and find_structures(Fused(), ("heads",)) == []

@@ -172,3 +172,154 @@ def test_a_hand_written_vit_shrinks_and_the_refit_repairs_it():
         with torch.no_grad():
             errors[refine] = float((m(x) - dense(x)).pow(2).mean())
     assert errors["lstsq"] < 0.5 * errors[None]
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+                                  num_hidden_layers=2)
+    return transformers.BertModel(cfg).eval(), _tokens(8), _tokens(1, seed=9)[0], lambda o: o.last_hidden_state
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=100)
+    return transformers.GPT2LMHeadModel(cfg).eval(), _tokens(8), _tokens(1, seed=9)[0], lambda o: o.logits
+
+
+def _vit():
+    from prunekit.zoo.vit import vit_mnist
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 1, 28, 28, generator=g) for _ in range(4)]
+    return vit_mnist(depth=2).eval(), data, torch.randn(4, 1, 28, 28, generator=g), lambda o: o
+
+
+def _torch_encoder():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 24, batch_first=True), 2, enable_nested_tensor=False)
+    g = torch.Generator().manual_seed(0)
+    return enc.eval(), [torch.randn(4, 6, 16, generator=g) for _ in range(4)], torch.randn(3, 6, 16, generator=g), \
+        lambda o: o
+
+
+HEAD_MODELS = {"bert": _bert, "gpt2": _gpt2, "vit": _vit, "torch-encoder": _torch_encoder}
+
+
+def _zero_heads(model, reports):
+    """The oracle: the dense model with the removed heads' consumer columns zeroed."""
+    from prunekit.structures.find import find_structures
+
+    consumers = {s.owner: (s.consumer, s.unit_size) for s in find_structures(model, ("heads",))}
+    with torch.no_grad():
+        for r in reports:
+            name, size = consumers[r.owner]
+            cols = torch.cat([torch.arange(h * size, (h + 1) * size) for h in r.removed])
+            consumer = model.get_submodule(name)
+            if isinstance(consumer, nn.Linear):
+                consumer.weight[:, cols] = 0
+            else:  # transformers' Conv1D: weight [d_in, d_out]
+                consumer.weight[cols] = 0
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:the config cannot express fewer attention heads")
+@pytest.mark.parametrize("build", HEAD_MODELS)
+def test_removing_heads_equals_zeroing_them_and_the_refit_repairs(build):
+    from prunekit.structures.budget import unit_params
+    from prunekit.structures.find import find_structures
+
+    dense, data, x, out = HEAD_MODELS[build]()
+    per_unit = {s.owner: unit_params(dense, s) for s in find_structures(dense, ("heads",))}
+    m = copy.deepcopy(dense)
+    result = pk.prune_structured(m, data, structures="heads", ratio=0.5, refine=None, progress=False)
+    assert [len(r.removed) for r in result.reports] == [r.units_before // 2 for r in result.reports]
+    assert result.params_before - result.params_after == sum(per_unit[r.owner] * len(r.removed) for r in result.reports)
+    assert m.state_dict().keys() == dense.state_dict().keys()
+    oracle = _zero_heads(copy.deepcopy(dense), result.reports)
+    with torch.no_grad():
+        torch.testing.assert_close(out(m(x)), out(oracle(x)), rtol=1e-5, atol=1e-5)
+    refit = pk.prune_structured(copy.deepcopy(dense), data, structures="heads", ratio=0.5, refine="lstsq",
+                                progress=False)
+    assert all(r.error_refit <= r.error_dropped * (1 + 1e-9) for r in refit.reports)
+    assert all(r.error_refit < r.error_dropped for r in refit.reports)
+
+
+@pytest.mark.parametrize("build", HEAD_MODELS)
+def test_removing_every_head_is_refused_and_a_failure_midway_restores_the_attention(build, monkeypatch):
+    from prunekit.structures import prune as sp
+
+    dense, data, _, _ = HEAD_MODELS[build]()
+    m = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match="leaves none"):
+        pk.prune_structured(m, data, structures="heads", ratio=0.9, progress=False)
+    real, calls = sp._prune_one, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "_prune_one", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        pk.prune_structured(m, data, structures="heads", ratio=0.5, progress=False)
+    assert [type(a) for a in m.modules()] == [type(a) for a in dense.modules()]  # nn.MultiheadAttention is back
+    assert m.state_dict().keys() == dense.state_dict().keys()
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in dense.state_dict().items())
+    assert _ints(m) == _ints(dense)  # head counts, widths
+
+
+def _ints(model):
+    return {(n, k): v for n, mod in model.named_modules() for k, v in vars(mod).items() if isinstance(v, int)}
+
+
+def test_bert_and_gpt2_heads_keep_the_config_and_still_generate():
+    m, data, x, _ = _gpt2()
+    with pytest.warns(UserWarning, match="config cannot express fewer attention heads"):
+        pk.prune_structured(m, data, structures="heads", ratio=0.25, progress=False)
+    attn = m.transformer.h[1].attn
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf, m.config.n_head) == (3, 24, 72, 4)
+    assert m.generate(x[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)  # through the KV cache
+    bert, data, x, _ = _bert()
+    with pytest.warns(UserWarning, match="prunekit.load_structured"):
+        pk.prune_structured(bert, data, structures="mlp,heads", ratio=0.5, progress=False)
+    att = bert.encoder.layer[0].attention.self
+    assert (att.num_attention_heads, att.all_head_size, att.attention_head_size) == (2, 16, 8)
+    assert (bert.config.num_attention_heads, bert.config.intermediate_size) == (4, 24)
+    assert bert(x).last_hidden_state.shape == (2, 24, 32)
+
+
+def test_vit_heads_become_the_drop_in_with_the_same_keys():
+    from prunekit.structures.mha import PrunedMultiheadAttention
+
+    dense, data, x, _ = _vit()
+    m = copy.deepcopy(dense)
+    pk.prune_structured(m, data, structures="mlp,heads", ratio=0.25, progress=False)
+    attn = m[1].attn
+    assert isinstance(attn, PrunedMultiheadAttention) and (attn.num_heads, attn.head_dim, attn.embed_dim) == (3, 16, 64)
+    assert attn.in_proj_weight.shape == (144, 64) and attn.out_proj.in_features == 48
+    assert m.state_dict().keys() == dense.state_dict().keys()
+    assert m(x).shape == (4, 10)
+
+
+def test_qwen2_moe_shared_expert_width_goes_to_its_own_config_field(tmp_path):
+    """Qwen2-MoE's shared expert is an MLP whose width is ``shared_expert_intermediate_size``;
+    writing it into ``intermediate_size`` would make the checkpoint unloadable."""
+    pytest.importorskip("transformers")
+    import transformers
+    from helpers.moe_toys import tiny_moe, token_batches
+
+    model = tiny_moe("qwen2_moe").eval()
+    pk.prune_structured(model, token_batches(), structures="mlp", ratio=0.25, progress=False)
+    assert model.config.shared_expert_intermediate_size == 36 and model.config.intermediate_size == 64
+    x = token_batches(1, seed=3)[0]
+    with torch.no_grad():
+        expected = model(x).logits
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, expected, rtol=0, atol=0)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .allocate import allocate, unit_scores
 from .costs import attention_length, layer_params, unit_costs, unit_params  # noqa: F401 (re-exported)
+from .find import out_features
 from .units import Structure
 
 

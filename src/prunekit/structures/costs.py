@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..oneshot.blocks import capture_inputs
-from .find import find_structures, out_features
+from .find import find_structures, out_features, producer_weight
 from .units import Structure
 
 MEASURES = ("params", "flops")
@@ -32,10 +32,9 @@ def unit_params(model: nn.Module, s: Structure, biases: bool = True) -> int:
     modules = dict(model.named_modules())
     total = 0
     producers = s.producers + (s.kv_producers if s.kind == "heads" and s.q_per_kv == 1 else ())
-    for name in producers:
-        m = modules[name]
-        d_in = m.weight.numel() // out_features(m)
-        total += s.unit_size * (d_in + (1 if biases and m.bias is not None else 0))
+    for name in producers:  # a fused q/k/v producer gives s.fused rows per unit column
+        weight, bias = producer_weight(modules[name])
+        total += s.unit_size * s.fused * (weight.shape[1] + (1 if biases and bias is not None else 0))
     consumer = modules[s.consumer]
     total += s.unit_size * out_features(consumer)
     return total

@@ -5,14 +5,19 @@ Recognised MLPs (an elementwise activation between producers and consumer):
 ``output.dense`` (BERT); ``c_fc`` -> ``c_proj`` (GPT-2, transformers' ``Conv1D``); ``fc1`` -> ``fc2``
 (ViT, CLIP, OPT); ``linear1`` -> ``linear2`` (``nn.TransformerEncoderLayer``/``DecoderLayer``);
 ``nn.Sequential(Linear, activation, Linear)`` (a hand-written ViT).
-Recognised attention: ``q_proj``/``k_proj``/``v_proj`` -> ``o_proj`` with a ``head_dim`` (Llama-style,
-grouped-query included).
+Recognised attention (:data:`ATTENTION_LAYOUTS`): ``q_proj``/``k_proj``/``v_proj`` -> ``o_proj`` with a
+``head_dim`` (Llama-style, grouped-query included); ``self.query``/``self.key``/``self.value`` ->
+``output.dense`` (BERT's ``BertAttention``); ``c_attn`` (q, k, v fused) -> ``c_proj`` (GPT-2);
+``nn.MultiheadAttention`` (``in_proj_weight`` -> ``out_proj``; pruned through the drop-in of
+:mod:`.mha`).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..layers.base import kind_of
+from .mha import why_not
 from .units import KINDS, Structure
 
 #: (producers, consumer, config field of the width) of every recognised MLP layout
@@ -34,7 +39,8 @@ def _linear_like(module: nn.Module | None) -> bool:
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for part in path.split("."):
+    """The submodule at ``path`` ("" is ``module`` itself), or None."""
+    for part in path.split(".") if path else ():
         module = getattr(module, part, None)
         if not isinstance(module, nn.Module):
             return None
@@ -54,6 +60,8 @@ def _mlp(name: str, module: nn.Module) -> Structure | None:
             if len(widths) != 1:
                 continue
             prefix = f"{name}." if name else ""
+            if key and name.rsplit(".", 1)[-1] == "shared_expert":  # Qwen2-MoE: its own width field
+                key = "shared_expert_intermediate_size"
             return Structure("mlp", name, tuple(prefix + p for p in producers), prefix + consumer, widths.pop(),
                              config_key=key)
     return None
@@ -76,20 +84,68 @@ def _sequential_mlp(name: str, module: nn.Module) -> Structure | None:
     return Structure("mlp", name, (prefix + names[0],), prefix + names[-1], out_features(first))
 
 
+#: (q, k, v, out, head size attribute, config field of the head count) of every recognised
+#: attention layout, paths relative to the attention module ("": the module itself). k and v None:
+#: q's output rows stack the queries, keys and values (fused, one head's rows in each third). A
+#: config field None: the config cannot express fewer heads (head size = hidden / heads).
+ATTENTION_LAYOUTS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_attention_heads"),  # Llama, Mistral, Qwen
+    ("self.query", "self.key", "self.value", "output.dense", "self.attention_head_size", None),  # BERT
+    ("c_attn", None, None, "c_proj", "head_dim", None),  # GPT-2 (transformers' Conv1D)
+    ("", None, None, "out_proj", "head_dim", None),  # nn.MultiheadAttention (in_proj_weight)
+)
+
+
+def producer_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``[d_out, d_in]`` matrix and bias of a producer: a Linear or Conv1D, or the stacked
+    q/k/v ``in_proj_weight`` of ``nn.MultiheadAttention`` (and its drop-in)."""
+    if isinstance(getattr(module, "in_proj_weight", None), torch.Tensor):
+        return module.in_proj_weight.detach(), module.in_proj_bias
+    return kind_of(module).matrix(module), module.bias
+
+
+def _rows(module: nn.Module | None) -> int | None:
+    """Output rows of a would-be producer (None: not a producer)."""
+    if isinstance(module, nn.MultiheadAttention):  # in_proj_weight, or q/k/v_proj_weight (refused below)
+        return 3 * module.embed_dim
+    if isinstance(getattr(module, "in_proj_weight", None), torch.Tensor):  # the drop-in
+        return module.in_proj_weight.shape[0]
+    return out_features(module) if _linear_like(module) else None
+
+
+def _join(name: str, path: str) -> str:
+    return ".".join(p for p in (name, path) if p)
+
+
 def _attention(name: str, module: nn.Module) -> Structure | None:
-    projs = [getattr(module, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    head_dim = getattr(module, "head_dim", None)
-    if not all(isinstance(m, nn.Linear) for m in projs) or not isinstance(head_dim, int):
-        return None
-    q, k, v, o = projs
-    if q.out_features % head_dim or k.out_features % head_dim or k.out_features != v.out_features:
-        return None
-    heads, kv = q.out_features // head_dim, k.out_features // head_dim
-    if heads % kv or o.in_features != q.out_features:
-        return None
-    prefix = f"{name}." if name else ""
-    return Structure("heads", name, (prefix + "q_proj",), prefix + "o_proj", heads, unit_size=head_dim,
-                     kv_producers=(prefix + "k_proj", prefix + "v_proj"), q_per_kv=heads // kv)
+    for q_path, k_path, v_path, out_path, dim_path, key in ATTENTION_LAYOUTS:
+        holder_path = dim_path.rpartition(".")[0]
+        holder = _get(module, holder_path)
+        head_dim = getattr(holder, dim_path.rpartition(".")[2], None) if holder is not None else None
+        q, out = _get(module, q_path), _get(module, out_path)
+        if not (isinstance(head_dim, int) and head_dim > 0 and _linear_like(out)) or _rows(q) is None:
+            continue
+        rows, d_out_in = _rows(q), kind_of(out).matrix(out).shape[1]
+        at = _join(name, holder_path) if holder_path else None
+        common = dict(unit_size=head_dim, config_key=key, attributes_at=at)
+        if k_path is None:  # fused q, k, v
+            if rows % (3 * head_dim) or d_out_in != rows // 3:
+                continue
+            if isinstance(module, nn.MultiheadAttention) and why_not(module):
+                raise ValueError(f"{name or 'the model'}: nn.MultiheadAttention with {why_not(module)} cannot lose "
+                                 "heads; prune structures='mlp' only, or build it without that option")
+            return Structure("heads", name, (_join(name, q_path),), _join(name, out_path), rows // (3 * head_dim),
+                             fused=3, **common)
+        k, v = _get(module, k_path), _get(module, v_path)
+        if not (_linear_like(k) and _linear_like(v)) or rows % head_dim or out_features(k) % head_dim \
+                or out_features(k) != out_features(v) or d_out_in != rows:
+            continue
+        heads, kv = rows // head_dim, out_features(k) // head_dim
+        if heads % kv:
+            continue
+        return Structure("heads", name, (_join(name, q_path),), _join(name, out_path), heads,
+                         kv_producers=(_join(name, k_path), _join(name, v_path)), q_per_kv=heads // kv, **common)
+    return None
 
 
 def find_structures(model: nn.Module, kinds: tuple[str, ...] = ("mlp",)) -> list[Structure]:

@@ -33,6 +33,7 @@ from .budget import counts_for
 from .config import StructuredConfig
 from .find import find_structures
 from .shapes import CONFIG_KEY, merge_shapes, structure_shapes
+from .mha import swap_in
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
@@ -115,8 +116,8 @@ def prune_structured(
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
                          "SwiGLU, BERT, GPT-2, fc1/fc2, nn.TransformerEncoderLayer and nn.Sequential(Linear, act, "
-                         "Linear) MLPs and q/k/v/o_proj "
-                         "attention with a head_dim)")
+                         "Linear) MLPs, and q/k/v/o_proj attention with a head_dim, BERT, GPT-2 and "
+                         "nn.MultiheadAttention heads)")
     needs_data = config.needs_data
     counts_data = calibration is not None and (budget == "global" or flops is not None)
     calls = collect_batches(calibration, max_batches) if needs_data or counts_data else []
@@ -139,6 +140,8 @@ def prune_structured(
                disable=(not progress) if progress is not None else None)
     try:
         model.eval()
+        if swap_in(model, found, undo):  # nn.MultiheadAttention -> a drop-in that can hold fewer heads
+            block_list = find_blocks(model, blocks)
         with torch.no_grad():
             if needs_data:
                 _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp,
@@ -277,15 +280,24 @@ def _update_config(model: nn.Module, found: list[Structure], undo: Undo) -> dict
     mlps = [s for s in found if s.kind == "mlp"]
     widths = {matrix(modules[s.consumer]).shape[1] for s in mlps}
     if mlps and config is not None:
-        key = mlps[0].config_key
-        if len(widths) == 1 and key and hasattr(config, key):
-            changed[key] = widths.pop()
-        elif len(widths) > 1:
-            warnings.warn("MLP widths differ between layers: the config keeps its intermediate size and records "
+        by_key: dict[str | None, set[int]] = {}
+        for s in mlps:  # MLPs with different width fields (Qwen2-MoE's shared experts) are set apart
+            by_key.setdefault(s.config_key, set()).add(matrix(modules[s.consumer]).shape[1])
+        for key, group in by_key.items():
+            if len(group) == 1 and key and hasattr(config, key):
+                changed[key] = next(iter(group))
+        # widths the config cannot hold: different per layer, or no config field for them (CLIP's fc1/fc2)
+        widths = set().union(*(g for k, g in by_key.items() if len(g) > 1 or not (k and hasattr(config, k))))
+        if widths:
+            warnings.warn("MLP widths differ between layers or have no config field: the config keeps its "
+                          "intermediate size and records "
                           f"the per-layer shapes ({CONFIG_KEY}); reload with prunekit.load_structured(folder)")
         if any(modules[s.consumer].bias is not None for s in mlps) and getattr(config, "mlp_bias", None) is False:
             changed["mlp_bias"] = True
-    heads = [s for s in found if s.kind == "heads"]
+    heads = [s for s in found if s.kind == "heads" and s.config_key]
+    if config is not None and any(s.kind == "heads" and not s.config_key for s in found):
+        warnings.warn("the config cannot express fewer attention heads here (head size = hidden / heads): it is "
+                      f"left as it was and records the per-layer shapes ({CONFIG_KEY}); reload with prunekit.load_structured(folder)")
     if heads and config is not None:
         q = {modules[s.consumer].in_features // s.unit_size for s in heads}
         kv = {modules[s.kv_producers[0]].out_features // s.unit_size for s in heads}
@@ -296,8 +308,9 @@ def _update_config(model: nn.Module, found: list[Structure], undo: Undo) -> dict
                           f"the per-layer shapes ({CONFIG_KEY}); reload with prunekit.load_structured(folder)")
         if any(modules[s.consumer].bias is not None for s in heads) and getattr(config, "attention_bias", None) is False:
             changed["attention_bias"] = True
-    if config is not None and (len(widths) > 1 or (heads and not {"num_attention_heads"} <= set(changed))
-                               or getattr(config, CONFIG_KEY, None)):
+    unexpressible = any(s.kind == "heads" and not s.config_key for s in found)
+    if config is not None and ((mlps and widths) or (heads and not {"num_attention_heads"} <= set(changed))
+                               or unexpressible or getattr(config, CONFIG_KEY, None)):
         touched = [n for s in found for n in (s.owner, *s.producers, *s.kv_producers, s.consumer)]
         changed[CONFIG_KEY] = merge_shapes(getattr(config, CONFIG_KEY, None), structure_shapes(model, touched))
     for key, value in changed.items():

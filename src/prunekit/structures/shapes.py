@@ -18,7 +18,7 @@ from .surgery import Undo
 
 #: the integer attributes surgery sets on modules (Linear, transformers' Conv1D, MLPs, attention)
 SHAPE_ATTRS = ("in_features", "out_features", "nx", "nf", "intermediate_size", "num_heads",
-               "num_attention_heads", "num_key_value_heads", "num_key_value_groups")
+               "num_attention_heads", "num_key_value_heads", "num_key_value_groups", "split_size", "all_head_size")
 CONFIG_KEY = "prunekit_shapes"
 VERSION = 1
 

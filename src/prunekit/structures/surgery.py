@@ -51,7 +51,13 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 
 
 def keep_outputs(module: nn.Module, rows: torch.Tensor, undo: Undo) -> None:
-    """Keep only the output features ``rows`` (indices) of a Linear or Conv1D."""
+    """Keep only the output features ``rows`` (indices) of a Linear or Conv1D, or the rows of the
+    stacked q/k/v ``in_proj_weight`` of the ``nn.MultiheadAttention`` drop-in."""
+    if isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
+        undo.set(module, "in_proj_weight", _param(module.in_proj_weight.detach()[rows], module.in_proj_weight))
+        if module.in_proj_bias is not None:
+            undo.set(module, "in_proj_bias", _param(module.in_proj_bias.detach()[rows], module.in_proj_bias))
+        return
     w = module.weight.detach()
     if _is_conv1d(module):
         undo.set(module, "weight", _param(w[:, rows], module.weight))
@@ -65,7 +71,7 @@ def keep_outputs(module: nn.Module, rows: torch.Tensor, undo: Undo) -> None:
 
 def add_zero_bias(module: nn.Module, undo: Undo) -> None:
     """Give a bias-free Linear/Conv1D a zero bias (so a config flag like ``mlp_bias`` stays true)."""
-    if module.bias is None:
+    if getattr(module, "bias", False) is None:  # no `bias` (the attention drop-in): no config flag covers it
         width = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
         undo.set(module, "bias", nn.Parameter(torch.zeros(width, dtype=module.weight.dtype,
                                                           device=module.weight.device)))
@@ -94,17 +100,19 @@ def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
 
 def shrink(model: nn.Module, s: Structure, keep: list[int], new_matrix: torch.Tensor, new_bias: torch.Tensor | None,
            undo: Undo) -> None:
-    """Remove every unit of ``s`` not in ``keep`` (sorted unit indices): producer rows, key/value
-    rows where whole key/value heads go, the consumer's columns (given repaired as ``new_matrix``),
-    and the owner's width attributes."""
+    """Remove every unit of ``s`` not in ``keep`` (sorted unit indices): producer rows (in every
+    part of fused q/k/v producers), key/value rows where whole key/value heads go, the consumer's
+    columns (given repaired as ``new_matrix``), and the width attributes."""
     modules = dict(model.named_modules())
     rows = torch.tensor(keep, dtype=torch.long) if s.kind == "mlp" else head_rows(keep, s.unit_size)
+    part = s.units * s.unit_size
+    rows = torch.cat([p * part + rows for p in range(s.fused)])
     for name in s.producers:
         keep_outputs(modules[name], rows, undo)
     if new_bias is not None:
         for name in (*s.producers, *s.kv_producers):
             add_zero_bias(modules[name], undo)
-    owner = modules[s.owner]
+    owner = modules[s.attributes_at or s.owner]
     if s.kind == "heads":
         kept_kv = sorted({h // s.q_per_kv for h in keep})
         if s.q_per_kv == 1:  # each head has its own key and value
@@ -113,8 +121,10 @@ def shrink(model: nn.Module, s: Structure, keep: list[int], new_matrix: torch.Te
         elif len(kept_kv) != s.kv_heads:
             raise ValueError(f"{s.owner}: every key/value group must keep at least one query head")
         q_per_kv = len(keep) // len(kept_kv)
+        inner = len(keep) * s.unit_size  # BERT's all_head_size, GPT-2's split_size
         for attr, value in (("num_key_value_groups", q_per_kv), ("num_heads", len(keep)),
-                            ("num_attention_heads", len(keep)), ("num_key_value_heads", len(kept_kv))):
+                            ("num_attention_heads", len(keep)), ("num_key_value_heads", len(kept_kv)),
+                            ("all_head_size", inner), ("split_size", inner)):
             if isinstance(getattr(owner, attr, None), int):
                 undo.set(owner, attr, value)
     elif isinstance(getattr(owner, "intermediate_size", None), int):

@@ -22,7 +22,12 @@ class Structure:
     holds it (``model.layers.3.mlp``); ``producers`` the modules whose output rows go, ``consumer``
     the module whose input columns go. ``units`` neurons or query heads, ``unit_size`` columns per
     unit (1 or ``head_dim``). For heads, ``kv_producers`` are the key and value projections and
-    ``q_per_kv`` the query heads sharing one key/value head (grouped-query attention)."""
+    ``q_per_kv`` the query heads sharing one key/value head (grouped-query attention).
+    ``fused``: the producers' output rows are that many equal parts (GPT-2's ``c_attn`` and
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` stack q, k, v: 3) and a unit's rows go from
+    each part. ``attributes_at``: the module holding the head count attributes (``num_heads``,
+    ``all_head_size``, ...; None: ``owner``). ``config_key`` None for heads: the config cannot
+    express fewer heads (BERT, GPT-2: head size = hidden / heads) and is left alone."""
 
     kind: str
     owner: str
@@ -33,6 +38,8 @@ class Structure:
     kv_producers: tuple[str, ...] = ()
     q_per_kv: int = 1
     config_key: str | None = None  # the config field holding the width ("intermediate_size", "n_inner")
+    fused: int = 1
+    attributes_at: str | None = None
 
     @property
     def kv_heads(self) -> int:
