@@ -62,10 +62,12 @@ class GroupPrunerBase(PrunerBase):
     units held at zero, ``finalize()`` = surgery. Subclasses decide which units go."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, groups: str, example, exclude,
-                 sync: bool) -> None:
+                 sync: bool, target: tuple[float, str, str] | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         gset = build(model, groups, example, exclude)
+        if target is not None:  # (fraction, "groups"/"flops", the argument's name): reachable, or raise now
+            gset.check_target(*target)
         modules = dict(model.named_modules())
         targets = OrderedDict((m, modules[m]) for m in dict.fromkeys(gset.module_of.values())
                               if isinstance(getattr(modules[m], "weight", None), nn.Parameter))

@@ -54,10 +54,9 @@ class GroupMagnitudePruner(GroupPrunerBase):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.of, self.every = of, every
         first = self._fraction_at(0)  # validates the schedule before anything is touched
-        super().__init__(model, optimizer, groups, example, exclude, sync)
         final = getattr(self.schedule, "final", None)
-        self.groups.check_target(max(first, final if final is not None else 0.0), of,
-                                 "the schedule's final fraction")
+        super().__init__(model, optimizer, groups, example, exclude, sync,
+                         (max(first, final if final is not None else 0.0), of, "the schedule's final fraction"))
         self.s_prev = 0.0
         self.latent = {name: torch.zeros_like(p) for name, p in self.groups.params.items()
                        if name in self.groups.module_of}

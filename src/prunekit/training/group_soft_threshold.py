@@ -76,9 +76,8 @@ class GroupSoftThreshold(GroupPrunerBase):
             flops if flops is not None else target, self.of if flops is not None else "target")
         if isinstance(control_every, bool) or not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"control_every must be an integer >= 1, got {control_every!r}")
-        super().__init__(model, optimizer, groups, example, exclude, sync)
-        if self.target is not None:
-            self.groups.check_target(self.target, self.of, "flops" if self.of == "flops" else "target")
+        super().__init__(model, optimizer, groups, example, exclude, sync,
+                         None if self.target is None else (self.target, self.of, "flops" if flops is not None else "target"))
         self.total_steps, self.start, self.control_every = total_steps, start_step, control_every
         self.D = float(final_threshold or 0.0)
         self.d = 0.0
