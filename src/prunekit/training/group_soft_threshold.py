@@ -76,8 +76,9 @@ class GroupSoftThreshold(GroupPrunerBase):
             flops if flops is not None else target, self.of if flops is not None else "target")
         if isinstance(control_every, bool) or not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"control_every must be an integer >= 1, got {control_every!r}")
+        name = "flops" if flops is not None else "target"
         super().__init__(model, optimizer, groups, example, exclude, sync,
-                         None if self.target is None else (self.target, self.of, "flops" if flops is not None else "target"))
+                         None if self.target is None else (self.target, self.of, name))
         self.total_steps, self.start, self.control_every = total_steps, start_step, control_every
         self.D = float(final_threshold or 0.0)
         self.d = 0.0
