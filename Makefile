@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench-structured-llm: $(LLM_STAMP)
 bench-structured-moe: $(STAMP)
 	$(PY) benchmarks/structured_moe.py --kind mixtral
 	$(PY) benchmarks/structured_moe.py --kind qwen2_moe
+
+# Channels removed during training (group S-LATS, GMP, cyclical) on the MNIST demo CNN, 50/70% of FLOPs.
+bench-structured-training: $(STAMP)
+	$(PY) benchmarks/structured_training.py
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py

@@ -122,3 +122,12 @@ def test_failure_midway_restores_every_tensor(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pk.prune_channels(model, CALIB, ratio=0.5)
     assert same(model, snap) and [m.weight.shape for m in model.modules() if hasattr(m, "weight")] == shapes
+
+
+def test_a_model_in_training_mode_keeps_its_batchnorm_statistics_on_bad_input():
+    """Tracing runs a forward: in training mode that would move BatchNorm's running statistics."""
+    model = resnet_mnist(width=4).train()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="leaves none"):
+        pk.prune_channels(model, CALIB, ratio=0.99)
+    assert same(model, snap) and model.training

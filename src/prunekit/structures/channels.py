@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calls import eval_mode
 from ..oneshot.batchnorm import recalibrate_batchnorm
 from ..oneshot.calibration import collect_batches
 from ..oneshot.solvers.columns import output_error, refit_columns
@@ -237,7 +238,8 @@ def prune_channels(
     calls = collect_batches(calibration, max_batches)
     if calls[0][1]:
         raise TypeError("prune_channels traces the model with positional inputs; pass tensors or tuples as batches")
-    graph = find_channel_groups(model, calls[0][0], exclude)
+    with eval_mode(model), torch.no_grad():  # tracing runs a forward: BatchNorm statistics must not move
+        graph = find_channel_groups(model, calls[0][0], exclude)
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")
