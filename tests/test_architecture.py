@@ -131,3 +131,16 @@ def _documented_floors() -> dict[str, int]:
 
 def test_the_documented_floors_are_these():
     assert _documented_floors() == FLOORS, "docs/architecture.md's table and FLOORS disagree"
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by basename (tests/ folders are not packages): two test files
+    with one name stop collection on a clean clone ("import file mismatch")."""
+    tests = Path(__file__).resolve().parent
+    seen: dict[str, Path] = {}
+    repeated = []
+    for path in sorted(tests.rglob("test_*.py")):
+        if path.name in seen:
+            repeated.append(f"{seen[path.name].relative_to(tests)} and {path.relative_to(tests)}")
+        seen.setdefault(path.name, path)
+    assert not repeated, "rename one of each pair: " + "; ".join(repeated)

@@ -231,13 +231,13 @@ def test_auto_hessian_fraction_subsamples_only_conv_blocks_of_large_images():
 
 
 def test_prune_passes_the_model_input_shape_to_the_refit(monkeypatch):
-    from prunekit.oneshot.methods import snows as snows_method
-    seen, original = [], snows_method.auto_hessian_fraction
+    from prunekit.oneshot import snows_options
+    seen, original = [], snows_options.auto_hessian_fraction
 
     def spy(inputs, model_input):
         seen.append(model_input)
         return original(inputs, model_input)
-    monkeypatch.setattr(snows_method, "auto_hessian_fraction", spy)
+    monkeypatch.setattr(snows_options, "auto_hessian_fraction", spy)
     pk.prune(_depthwise_net(), [torch.randn(4, 3, 8, 8) for _ in range(2)], sparsity=0.5, refine="snows",
              refine_options={"k": 1, "max_cg": 2}, progress=False)
     assert seen and set(seen) == {(3, 8, 8)}

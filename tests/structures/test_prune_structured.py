@@ -107,7 +107,7 @@ def test_gpt2_conv1d_bert_and_torch_encoder_shrink():
     (dict(ratio=0.5, params=0.2), "exactly one of ratio"),
     (dict(ratio=0.5, structures="channels"), "structures must be drawn"),
     (dict(ratio=0.5, method="taylor"), "method must be one of"),
-    (dict(ratio=0.5, refine="snows"), "refine must be one of"),
+    (dict(ratio=0.5, refine="obs"), "refine must be one of"),
     (dict(ratio=0.25, structures="heads"), "can lose 1/2 of its heads"),
 ])
 def test_bad_input_is_refused_and_the_model_is_unchanged(llama, kwargs, match):

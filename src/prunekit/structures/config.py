@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..oneshot.config import option
 from ..oneshot.solvers.columns import SCORES
@@ -18,7 +18,7 @@ from .budget import BUDGETS
 
 KINDS = ("mlp", "heads")
 METHODS = SCORES
-REFINES = (None, "bias", "lstsq")
+REFINES = (None, "bias", "lstsq", "snows")
 BIASES = ("auto", True, False)
 TARGETS = ("pruned", "dense")
 
@@ -51,8 +51,11 @@ class StructuredConfig:
     # -- which units go, and how the rest is repaired -----------------------------------------
     method: str = option("wanda", "how the units to remove are chosen", choices=METHODS)
     refine: str | None = option(
-        "lstsq", "how the consumer's kept columns are repaired: lstsq (least squares), bias (FLAP's bias "
-                 "compensation) or none", choices=("lstsq", "bias", "none"))
+        "lstsq", "how the consumer's kept columns are repaired: lstsq (least squares), snows (least squares, then "
+                 "SNOWS's K-step lookahead), bias (FLAP's bias compensation) or none",
+        choices=("lstsq", "snows", "bias", "none"))
+    refine_options: Mapping[str, Any] | None = option(
+        None, "SNOWS's options with refine=snows (prunekit.SnowsOptions fields, e.g. k=4, max_cg=20)")
     bias: str | bool = option(
         "auto", "fit the consumer's bias with lstsq, adding one where it has none (auto: only where it has one)")
     target: str = option(

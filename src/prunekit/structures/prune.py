@@ -8,7 +8,8 @@ does for masks): for each structure in the block, in execution order,
 2. choose the units to remove (``method``): by a score (magnitude, Wanda's activation-aware
    score, FLAP's fluctuation) or greedily by OBS;
 3. repair the consumer's kept columns (``refine``): exact least squares to the dense block's
-   output (``"lstsq"``), FLAP's bias compensation (``"bias"``) or nothing (None);
+   output (``"lstsq"``), that and then SNOWS's K-step lookahead (``"snows"``, see
+   :mod:`.snows`), FLAP's bias compensation (``"bias"``) or nothing (None);
 4. make the modules physically smaller and update the model's config.
 
 Any failure, Ctrl-C included, puts the model back exactly as it was (an undo log of the
@@ -28,12 +29,15 @@ from tqdm.auto import tqdm
 
 from ..oneshot.blocks import capture_inputs, execution_order, find_blocks, propagate
 from ..oneshot.calibration import collect_batches
+from ..oneshot.registry import make_options
+from ..oneshot.snows_options import SnowsOptions
 from ..oneshot.solvers.columns import group_scores, obs_remove, output_error, refit_columns
 from .budget import counts_for
 from .config import StructuredConfig
 from .find import find_structures
 from .shapes import CONFIG_KEY, merge_shapes, structure_shapes
 from .mha import swap_in
+from .snows import prunable_ids, snows_structure
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
 from .units import Structure, StructureReport
@@ -65,6 +69,10 @@ class StructuredResult:
         lines.append(f"parameters {self.params_before:,} -> {self.params_after:,} "
                      f"({100 * self.removed_fraction:.1f}% fewer) in {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+class _Snows:  # what make_options reads: the name in its messages and the options class
+    name, Options = "snows", SnowsOptions
 
 
 def _block_of(owner: str, blocks: list[tuple[str, nn.Module]]) -> int | None:
@@ -102,6 +110,10 @@ def prune_structured(
     dense values; ``multiple_of`` rounds every MLP's kept width to a multiple of it (CPU matrix
     kernels can be slower on odd widths); ``bias=True`` also fits a bias (adding one, and setting ``mlp_bias`` /
     ``attention_bias`` in the config, where the consumer had none), ``"auto"`` only where it has one.
+    ``refine="snows"`` starts from that least-squares refit and refits the consumer's kept
+    columns against SNOWS's K-step lookahead loss (:mod:`prunekit.structures.snows`);
+    ``refine_options`` are its :class:`~prunekit.oneshot.snows_options.SnowsOptions` (or a dict of
+    them, e.g. ``{"k": 4, "max_cg": 20}``); ``warm_start="none"`` starts from the dropped columns.
     """
     if config is not None and not isinstance(config, StructuredConfig):
         raise TypeError(f"config must be a prunekit.StructuredConfig, got {type(config).__name__}; pass options as "
@@ -112,6 +124,10 @@ def prune_structured(
     ratio, params, flops, method, refine, bias, target = c.ratio, c.params, c.flops, c.method, c.refine, c.bias, c.target
     blocks, max_batches, damp, multiple_of, progress = c.blocks, c.max_batches, c.damp, c.multiple_of, c.progress
     budget, floor = c.budget, c.floor
+    refine_options = c.refine_options
+    if refine_options is not None and refine != "snows":
+        raise ValueError(f"refine_options are SNOWS's options; pass refine='snows' with them (refine={refine!r})")
+    snows = make_options(_Snows, refine_options) if refine == "snows" else None
     found = find_structures(model, structures)
     if not found:
         raise ValueError(f"the model has no recognised {'/'.join(structures)} structure (prunekit recognises "
@@ -145,7 +161,7 @@ def prune_structured(
         with torch.no_grad():
             if needs_data:
                 _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp,
-                            undo, result, bar)
+                            undo, result, bar, snows)
             else:
                 for s in found:
                     result.reports.append(_prune_one(model, s, counts[s.owner], None, method, refine, bias, damp, undo))
@@ -162,11 +178,13 @@ def prune_structured(
     return result
 
 
-def _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp, undo, result, bar):
+def _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp, undo, result, bar,
+                snows=None):
     first = min(where.values())
     inputs = capture_inputs(model, block_list[first][1], calls)
     dense_inputs = list(inputs) if target == "dense" else None
     last = max(where.values())
+    targets = prunable_ids(model) if snows is not None else set()
     for b in range(first, last + 1):
         block = block_list[b][1]
         mine = [s for s in found if where[s.owner] == b]
@@ -178,7 +196,9 @@ def _run_blocks(model, block_list, found, where, counts, calls, method, refine, 
             mine.sort(key=lambda s: order.index(s.owner) if s.owner in order else len(order))
         for s in mine:
             stats = _gather(model, block, dense_block, s, inputs, dense_inputs, block_list[b][0])
-            result.reports.append(_prune_one(model, s, counts[s.owner], stats, method, refine, bias, damp, undo))
+            lookahead = None if snows is None else (snows, block_list[b:], inputs, targets)
+            result.reports.append(_prune_one(model, s, counts[s.owner], stats, method, refine, bias, damp, undo,
+                                             lookahead))
             bar.update()
         if b < last:
             propagate(block, inputs)
@@ -239,7 +259,7 @@ def _lowest(values: torch.Tensor, ids: torch.Tensor, count: int) -> list[int]:
 
 
 def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, method, refine, bias, damp,
-               undo: Undo) -> StructureReport:
+               undo: Undo, lookahead=None) -> StructureReport:
     t0 = time.perf_counter()
     consumer = dict(model.named_modules())[s.consumer]
     w = matrix(consumer).double()
@@ -247,9 +267,11 @@ def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, met
     removed, w_obs = _choose(s, count, w, stats, method, damp) if count else ([], None)
     keep = [u for u in range(s.units) if u not in set(removed)]
     cols = s.column_groups()[keep].reshape(-1)
-    fit_bias = refine == "lstsq" and (bias is True or (bias == "auto" and b is not None))
+    # SNOWS starts from the least-squares refit (its warm start) unless told otherwise
+    lstsq = refine == "lstsq" or (lookahead is not None and lookahead[0].warm_start != "none")
+    fit_bias = lstsq and (bias is True or (bias == "auto" and b is not None))
     new_b = b
-    if refine == "lstsq" and stats is not None:
+    if lstsq and stats is not None:
         new_w, fitted = refit_columns(w, cols, stats.hessian, cross=stats.cross, bias=b, mean_s=stats.mean_s,
                                       mean_t=stats.mean_t, fit_bias=fit_bias, damp=damp)
         new_b = fitted if fit_bias else b
@@ -260,6 +282,10 @@ def _prune_one(model, s: Structure, count: int, stats: ConsumerStats | None, met
     else:
         new_w = (w_obs if w_obs is not None else w)[:, cols]
     report = StructureReport(s.kind, s.owner, s.units, len(keep), removed=removed)
+    if lookahead is not None:
+        options, chain, inputs, targets = lookahead
+        new_w, report.lookahead = snows_structure(model, s, cols, new_w, None if new_b is b else new_b,
+                                                  chain, inputs, options, targets, undo)
     if stats is not None:
         kw = dict(cross=stats.cross, target_gram=stats.target_gram, mean_s=stats.mean_s, mean_t=stats.mean_t, bias=b)
         report.error_dropped = output_error(w, cols, w[:, cols], stats.hessian, **kw, new_bias=b)

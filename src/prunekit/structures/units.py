@@ -65,7 +65,8 @@ class Structure:
 @dataclass
 class StructureReport:
     """What happened to one structure: units before/after, the consumer's output error (mean
-    squared, summed over outputs) of dropping the units without and with the refit, and seconds."""
+    squared, summed over outputs) of dropping the units without and with the refit, seconds, and
+    for ``refine="snows"`` the lookahead loss on the held-out batch (warm start, after)."""
 
     kind: str
     owner: str
@@ -75,3 +76,4 @@ class StructureReport:
     error_refit: float | None = None
     seconds: float = 0.0
     removed: list[int] = field(default_factory=list)
+    lookahead: tuple[float, float] | None = None

@@ -45,7 +45,7 @@ def test_spellings_of_one_config_are_equal():
     ({"ratio": 0.2, "structures": "channels"}, ValueError, "^structures must be drawn from 'mlp', 'heads'"),
     ({"ratio": 0.2, "structures": ""}, ValueError, "^structures must be drawn"),
     ({"ratio": 0.2, "method": "wandda"}, ValueError, "^method must be one of .* for structures.*did you mean 'wanda'"),
-    ({"ratio": 0.2, "refine": "snows"}, ValueError, "^refine must be one of None, 'bias', 'lstsq' for structures"),
+    ({"ratio": 0.2, "refine": "obs"}, ValueError, "^refine must be one of None, 'bias', 'lstsq', 'snows' for structures"),
     ({"ratio": 0.2, "bias": "yes"}, ValueError, "^bias must be 'auto', True or False"),
     ({"ratio": 0.2, "bias": 1}, ValueError, "^bias must be 'auto', True or False"),
     ({"ratio": 0.2, "target": "dens"}, ValueError, "^target must be one of .*did you mean 'dense'"),
@@ -66,7 +66,7 @@ def test_every_bad_value_names_its_option(options, error, match):
 
 
 @pytest.mark.parametrize("options", [{"ratio": 0.5, "method": "taylor"}, {"ratio": 0.5, "multiple_of": 0},
-                                     {"ratio": 0.5, "refine": "snows"}])
+                                     {"ratio": 0.5, "refine": "obs"}])
 def test_a_bad_option_leaves_the_model_exactly_as_it_was(options):
     model = _encoder()
     before = copy.deepcopy(model.state_dict())
