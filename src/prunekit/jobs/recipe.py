@@ -54,7 +54,7 @@ NOT_IN_RECIPE = {
     "shard_calibration": "the runner's: under torchrun every rank builds the same batches and keeps its share",
 }
 #: the StructuredConfig fields a recipe leaves out, and why
-NOT_IN_STRUCTURED_RECIPE = {"progress": NOT_IN_RECIPE["progress"]}
+NOT_IN_STRUCTURED_RECIPE = {k: NOT_IN_RECIPE[k] for k in ("progress", "shard_calibration")}
 
 
 @dataclass

@@ -62,11 +62,11 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
         check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
     config = dataclasses.replace(p, blocks=blocks, progress=progress)
     with process_group(getattr(config, "device", None)) as processes:
-        if recipe.structured is not None:  # every rank prunes on the whole list (no shared statistics)
+        if processes > 1:  # torchrun: every rank built the same list; each keeps its share
+            config = dataclasses.replace(config, shard_calibration=True)
+        if recipe.structured is not None:
             result = structured.prune_structured(model, calibration, config)
         else:
-            if processes > 1:  # torchrun: every rank built the same list; each keeps its share
-                config = dataclasses.replace(config, shard_calibration=True)
             result = oneshot.prune(model, calibration, config)
         files: list[str] = []
         written = False

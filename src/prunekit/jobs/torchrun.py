@@ -2,8 +2,8 @@
 
 ``torchrun --nproc-per-node N -m prunekit prune job.yaml`` starts N processes with the
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` environment set. Each loads the model and the same
-calibration list; :func:`prunekit.prune` then keeps every N-th batch per rank
-(``shard_calibration``) and sums the statistics, so all ranks end with the same weights. Only
+calibration list; :func:`prunekit.prune` (or :func:`prunekit.prune_structured`) then keeps every
+N-th batch per rank (``shard_calibration``) and sums the statistics, so all ranks end with the same weights. Only
 rank 0 writes the output folder; the others wait for it, so the command ends when the output is
 complete on every rank.
 """

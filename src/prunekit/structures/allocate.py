@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..calls import eval_mode
+from ..oneshot.runtime.ranks import Ranks
 from ..oneshot.solvers.columns import group_scores
 from .surgery import matrix
 from .units import Structure
@@ -80,6 +81,7 @@ def unit_scores(model: nn.Module, found: list[Structure], calls: list[tuple[tupl
         finally:
             for h in handles:
                 h.remove()
+        _sum_over_ranks(moments)
     out = {}
     for s in found:
         kw = {}
@@ -92,6 +94,19 @@ def unit_scores(model: nn.Module, found: list[Structure], calls: list[tuple[tupl
         values = group_scores(score, matrix(modules[s.consumer]).double(), s.column_groups(), **kw)
         out[s.owner] = values / values.mean().clamp_min(1e-300)
     return out
+
+
+def _sum_over_ranks(moments: dict[str, list[Any]]) -> None:
+    """Every rank's batches in each ``[count, sum, sum of squares]`` (nothing in one process)."""
+    ranks = Ranks.current()
+    if not ranks.active:
+        return
+    for m in moments.values():
+        if not isinstance(m[1], torch.Tensor):  # this rank's share never reached the consumer
+            raise ValueError("a consumer saw no calibration rows on this rank; give every rank batches")
+        count = torch.tensor([float(m[0])], dtype=torch.float64, device=m[1].device)
+        ranks.sum(count, m[1], m[2])
+        m[0] = int(count.item())
 
 
 def _order(values: torch.Tensor) -> list[int]:

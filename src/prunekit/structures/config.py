@@ -12,7 +12,10 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from ..oneshot.config import option
+from ..oneshot.runtime.placement import execution_device
 from ..oneshot.solvers.columns import SCORES
 from .budget import BUDGETS
 
@@ -66,6 +69,13 @@ class StructuredConfig:
     blocks: Sequence[str] | None = option(
         None, "module names calibrated in order (default: detected)", metavar="NAME")
     max_batches: int | None = option(None, "use at most this many calibration batches")
+    shard_calibration: bool = option(
+        False, "under torchrun every rank passes the same batches and keeps batches i % world_size == rank "
+               "(otherwise each rank passes its own share); the statistics are summed over the ranks")
+    # -- where ------------------------------------------------------------------------------
+    device: str | torch.device | None = option(
+        None, "where each block is calibrated, scored, refit and cut, one at a time (e.g. cuda for a model in "
+              "CPU memory; default: where the model is)")
     progress: bool | None = option(None, "progress bars (default: only on a terminal)")
 
     def __post_init__(self) -> None:
@@ -127,6 +137,12 @@ class StructuredConfig:
         if self.blocks is not None and (isinstance(self.blocks, str) or not isinstance(self.blocks, Sequence)
                                         or not all(isinstance(b, str) for b in self.blocks)):
             raise TypeError(f"{w}blocks must be a list of module names, got {self.blocks!r}")
+        if self.shard_calibration not in (True, False):
+            raise TypeError(f"{w}shard_calibration must be True or False, got {self.shard_calibration!r}")
+        try:
+            execution_device(self.device)
+        except ValueError as exc:
+            raise ValueError(f"{w}{exc}") from None
         if self.progress not in (None, True, False):
             raise TypeError(f"{w}progress must be True, False or None (only on a terminal), got {self.progress!r}")
         return structures

@@ -27,9 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..calls import model_device, to_device
 from ..oneshot.blocks import capture_inputs, execution_order, find_blocks, propagate
 from ..oneshot.calibration import collect_batches
 from ..oneshot.registry import make_options
+from ..oneshot.runtime.placement import execution_device, to_block_device
+from ..oneshot.runtime.ranks import Ranks, across_ranks, shard
 from ..oneshot.snows_options import SnowsOptions
 from ..oneshot.solvers.columns import group_scores, obs_remove, output_error, refit_columns
 from .budget import counts_for
@@ -37,6 +40,7 @@ from .config import StructuredConfig
 from .find import find_structures
 from .shapes import CONFIG_KEY, merge_shapes, structure_shapes
 from .mha import swap_in
+from .ranks import agree
 from .snows import prunable_ids, snows_structure
 from .stats import ConsumerStats, InputRecorder
 from .surgery import Undo, matrix, shrink
@@ -82,6 +86,7 @@ def _block_of(owner: str, blocks: list[tuple[str, nn.Module]]) -> int | None:
     return None
 
 
+@across_ranks
 def prune_structured(
     model: nn.Module,
     calibration: Iterable[Any] | None,
@@ -114,6 +119,12 @@ def prune_structured(
     columns against SNOWS's K-step lookahead loss (:mod:`prunekit.structures.snows`);
     ``refine_options`` are its :class:`~prunekit.oneshot.snows_options.SnowsOptions` (or a dict of
     them, e.g. ``{"k": 4, "max_cg": 20}``); ``warm_start="none"`` starts from the dropped columns.
+
+    ``device``: each block is moved there with its inputs for its statistics, scores, refits and
+    surgery, then back (the model stays where it is). Under ``torchrun`` (an initialised default
+    process group) every rank calls this on the same model with its own calibration batches (or
+    the same ones with ``shard_calibration=True``); the statistics are summed over the ranks, so
+    every rank removes the same units and ends with the same weights.
     """
     if config is not None and not isinstance(config, StructuredConfig):
         raise TypeError(f"config must be a prunekit.StructuredConfig, got {type(config).__name__}; pass options as "
@@ -137,6 +148,14 @@ def prune_structured(
     needs_data = config.needs_data
     counts_data = calibration is not None and (budget == "global" or flops is not None)
     calls = collect_batches(calibration, max_batches) if needs_data or counts_data else []
+    ranks = Ranks.current()
+    if c.shard_calibration and calls:
+        n_calls, calls = len(calls), shard(calls, ranks)
+        if not calls:
+            raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} "
+                             f"ranks, leaving rank {ranks.rank} none; pass at least {ranks.world} batches (smaller "
+                             "batches, e.g. the CLI's --batch-size) or shard_calibration=False")
+    agree(ranks, model, config)
     counts = counts_for(model, found, ratio, params, multiple_of, flops=flops, budget=budget, floor=floor,
                         method=method, calls=calls)
     for s in found:
@@ -149,6 +168,7 @@ def prune_structured(
     if outside:
         raise ValueError(f"structures {outside[:3]} lie outside the calibrated blocks; pass blocks= that contain them")
     result = StructuredResult(params_before=sum(p.numel() for p in model.parameters()))
+    home = model_device(model)
     undo = Undo()
     start = time.perf_counter()
     was_training = model.training
@@ -161,7 +181,7 @@ def prune_structured(
         with torch.no_grad():
             if needs_data:
                 _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp,
-                            undo, result, bar, snows)
+                            undo, result, bar, snows, execution_device(c.device))
             else:
                 for s in found:
                     result.reports.append(_prune_one(model, s, counts[s.owner], None, method, refine, bias, damp, undo))
@@ -169,6 +189,8 @@ def prune_structured(
             result.config = _update_config(model, found, undo)
     except BaseException:
         undo.restore()
+        if c.device is not None:  # parameters replaced while their block was on the device come home too
+            model.to(home)
         raise
     finally:
         bar.close()
@@ -179,32 +201,46 @@ def prune_structured(
 
 
 def _run_blocks(model, block_list, found, where, counts, calls, method, refine, bias, target, damp, undo, result, bar,
-                snows=None):
+                snows=None, device: torch.device | None = None):
+    home = model_device(model)
+    device = device or home
     first = min(where.values())
-    inputs = capture_inputs(model, block_list[first][1], calls)
+    inputs = to_device(capture_inputs(model, block_list[first][1], to_device(calls, home)), device)
     dense_inputs = list(inputs) if target == "dense" else None
     last = max(where.values())
     targets = prunable_ids(model) if snows is not None else set()
     for b in range(first, last + 1):
-        block = block_list[b][1]
-        mine = [s for s in found if where[s.owner] == b]
-        dense_block = copy.deepcopy(block) if dense_inputs is not None and mine else None
-        if mine:
-            modules = dict(model.named_modules())
-            args, kwargs = inputs[0]
-            order, _ = execution_order(block, {s.owner: modules[s.consumer] for s in mine}, args, kwargs)
-            mine.sort(key=lambda s: order.index(s.owner) if s.owner in order else len(order))
-        for s in mine:
-            stats = _gather(model, block, dense_block, s, inputs, dense_inputs, block_list[b][0])
-            lookahead = None if snows is None else (snows, block_list[b:], inputs, targets)
-            result.reports.append(_prune_one(model, s, counts[s.owner], stats, method, refine, bias, damp, undo,
-                                             lookahead))
-            bar.update()
-        if b < last:
-            propagate(block, inputs)
-            if dense_inputs is not None:
-                propagate(dense_block if dense_block is not None else block, dense_inputs)
-        del dense_block
+        # SNOWS's lookahead reads on into the next block: it comes along to the device
+        ahead = [m for _, m in block_list[b + 1:b + 2]] if snows is not None else []
+        chain = block_list[b:] if device == home else block_list[b:b + 2]
+        with to_block_device([block_list[b][1], *ahead], device, home):
+            _run_block(model, chain, b, last, found, where, counts, inputs, dense_inputs, method, refine, bias,
+                       damp, undo, result, bar, snows, targets)
+
+
+def _run_block(model, chain, b, last, found, where, counts, inputs, dense_inputs, method, refine, bias, damp,
+               undo, result, bar, snows, targets) -> None:
+    """Prune the structures of block ``b`` (``chain[0]``, then the blocks SNOWS may read on into)
+    on ``inputs`` (where the block is), then feed them on."""
+    block_name, block = chain[0]
+    mine = [s for s in found if where[s.owner] == b]
+    dense_block = copy.deepcopy(block) if dense_inputs is not None and mine else None
+    if mine:
+        modules = dict(model.named_modules())
+        args, kwargs = inputs[0]
+        order, _ = execution_order(block, {s.owner: modules[s.consumer] for s in mine}, args, kwargs)
+        mine.sort(key=lambda s: order.index(s.owner) if s.owner in order else len(order))
+    for s in mine:
+        stats = _gather(model, block, dense_block, s, inputs, dense_inputs, block_name)
+        lookahead = None if snows is None else (snows, chain, inputs, targets)
+        result.reports.append(_prune_one(model, s, counts[s.owner], stats, method, refine, bias, damp, undo,
+                                         lookahead))
+        bar.update()
+    if b < last:
+        propagate(block, inputs)
+        if dense_inputs is not None:
+            propagate(dense_block if dense_block is not None else block, dense_inputs)
+    del dense_block
 
 
 def _gather(model, block, dense_block, s: Structure, inputs, dense_inputs, block_name: str) -> ConsumerStats:
@@ -229,6 +265,7 @@ def _gather(model, block, dense_block, s: Structure, inputs, dense_inputs, block
         rec.close()
         if rec_t is not None:
             rec_t.close()
+    stats.reduce(Ranks.current())  # every rank's batches, so every rank makes the same choices
     return stats
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..layers.base import kind_of
 from ..oneshot.lookahead import measured_rule, snows_refit
+from ..oneshot.runtime.ranks import Ranks
 from ..oneshot.snows_options import SnowsOptions
 from .surgery import Undo
 from .units import Structure
@@ -77,6 +78,7 @@ def snows_structure(
         _, before, after = snows_refit(
             model, chain, consumer, kind.weight_mask(consumer, support), inputs, k=options.k,
             solver=options.solver(inputs, None), targets=targets, block_layers={s.consumer: consumer},
-            dense_weights=dense, measured_by=measured_rule(options.measured), param=consumer.weight, hvp=options.hvp)
+            dense_weights=dense, measured_by=measured_rule(options.measured), param=consumer.weight, hvp=options.hvp,
+            ranks=Ranks.current())
     return kind.matrix(consumer).double()[:, cols], (before, after)
 

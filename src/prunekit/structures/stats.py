@@ -33,6 +33,16 @@ class ConsumerStats:
             self.t_sum += (xt32.T @ xt32).double()
             self.st_sum += xt32.double().sum(0)
 
+    def reduce(self, ranks) -> None:
+        """Sum the running sums over ``ranks`` (a :class:`~prunekit.oneshot.runtime.ranks.Ranks`;
+        nothing happens in one process), so each rank holds the statistics of all the batches."""
+        if not ranks.active:
+            return
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.h_sum.device)
+        sums = [t for t in (self.h_sum, self.s_sum, self.c_sum, self.t_sum, self.st_sum) if t is not None]
+        ranks.sum(count, *sums)
+        self.count = int(count.item())
+
     def _n(self) -> int:
         if not self.count:
             raise ValueError("the consumer saw no calibration rows; check that the block uses it")
