@@ -9,10 +9,11 @@ import torch
 
 import prunekit as pk
 
+from helpers.llama_toys import token_batches
+
 
 def _tokens(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 100, (2, 24), generator=g) for _ in range(n)]
+    return token_batches(n, seed, length=24)
 
 
 @pytest.fixture(scope="module")

@@ -11,3 +11,9 @@ def tiny_llama(num_layers: int = 2):
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                    max_position_embeddings=64)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def token_batches(n: int = 4, seed: int = 1, length: int = 24, batch: int = 2) -> list[torch.Tensor]:
+    """``n`` batches of ``batch`` random sequences of ``length`` token ids below 100 (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 100, (batch, length), generator=g) for _ in range(n)]

@@ -11,14 +11,15 @@ import torch
 from torch import nn
 
 import prunekit as pk
+
+from helpers.llama_toys import token_batches
 from prunekit.structures.budget import counts_for
 from prunekit.structures.costs import unit_flops
 from prunekit.structures.find import find_structures
 
 
 def _tokens(n=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 100, (2, 24), generator=g) for _ in range(n)]
+    return token_batches(n, seed, length=24)
 
 
 @pytest.fixture(scope="module")

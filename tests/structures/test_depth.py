@@ -7,10 +7,11 @@ from torch import nn
 
 import prunekit as pk
 
+from helpers.llama_toys import token_batches
+
 
 def _tokens(n=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 100, (2, 16), generator=g) for _ in range(n)]
+    return token_batches(n, seed, length=16)
 
 
 @pytest.fixture(scope="module")

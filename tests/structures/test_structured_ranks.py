@@ -4,18 +4,16 @@ each block where asked and leaves the model where it was."""
 import copy
 import datetime
 import os
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import prunekit as pk
 
 from helpers.llama_toys import tiny_llama
+from helpers.two_ranks import run_two_ranks
 
 WORLD = 2
 SNOWS_TINY = {"k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0}
@@ -35,12 +33,6 @@ def _model() -> torch.nn.Module:
 def _batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, 100, (2, 16), generator=g) for _ in range(4)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error(fn) -> str | None:
@@ -81,13 +73,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks_out():
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
-        deadline = time.time() + 240
-        while not ctx.join(timeout=2):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("the gloo workers did not finish in 240 s")
+        run_two_ranks(_worker, out, timeout=240, what="prune_structured's gloo")
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 
