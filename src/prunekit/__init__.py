@@ -38,6 +38,7 @@ from .structures import (StructuredConfig, apply_structure_shapes, block_importa
                          find_structures, prune_blocks, prune_channels, prune_structured, structure_shapes)
 from .structures import find_experts, prune_experts, score_experts
 from .formats.structured import load_structured
+from .formats.channels import load_channels, save_channels
 from .training import STR, GroupMagnitudePruner, GroupResult, GroupSoftThreshold, MagnitudePruner, SoftThreshold
 
 from ._version import __version__
