@@ -78,7 +78,7 @@ class SpeedReport:
                  for row in rows]
         lines.append(f"latency: median of {self.repeats} forwards after {self.warmup} warm-up, "
                      f"{'models taking turns, ' if r else ''}{self.threads} threads; FLOPs: the prunable layers "
-                     "and head, per forward of the example input")
+                     "and head, 2 per multiply-add, per forward of the example input")
         return "\n".join(lines)
 
     to_markdown = to_terminal  # the table is plain text; prunekit report puts it in a code block

@@ -89,3 +89,24 @@ def silence(model, graph, removed):
                     mod.weight[idx] = 0
                     if mod.bias is not None:
                         mod.bias[idx] = 0
+
+
+def tiny_cnn() -> nn.Sequential:
+    """The zoo's small_cnn at width 4 (a module:factory for recipe and command-line tests)."""
+    from prunekit.zoo.models import small_cnn
+
+    torch.manual_seed(0)
+    return small_cnn(width=4)
+
+
+def write_channel_job(folder, **structured) -> str:
+    """A recipe file that removes half the multiply-adds of tiny_cnn, next to its 32 random
+    images; returns its path."""
+    import yaml
+
+    torch.save(torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)), folder / "x.pt")
+    spec = {"model": "helpers.cnn_toys:tiny_cnn", "data": {"tensors": "x.pt", "batch_size": 16},
+            "structured": {"structures": "channels", "flops": 0.5, "method": "l2", **structured},
+            "output": {"dir": "out", "formats": ["hf"]}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
+    return str(folder / "job.yaml")

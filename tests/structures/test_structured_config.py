@@ -42,7 +42,7 @@ def test_spellings_of_one_config_are_equal():
     ({"ratio": 1.0}, ValueError, r"^ratio must be a number in \(0, 1\)"),
     ({"params": "0.2"}, ValueError, r"^params must be a number in \(0, 1\), got '0.2'"),
     ({"ratio": True}, ValueError, "^ratio must be a number"),
-    ({"ratio": 0.2, "structures": "channels"}, ValueError, "^structures must be drawn from 'mlp', 'heads'"),
+    ({"ratio": 0.2, "structures": "convs"}, ValueError, "^structures must be drawn from 'mlp', 'heads'"),
     ({"ratio": 0.2, "structures": ""}, ValueError, "^structures must be drawn"),
     ({"ratio": 0.2, "method": "wandda"}, ValueError, "^method must be one of .* for structures.*did you mean 'wanda'"),
     ({"ratio": 0.2, "refine": "obs"}, ValueError, "^refine must be one of None, 'bias', 'lstsq', 'snows' for structures"),

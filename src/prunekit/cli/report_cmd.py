@@ -11,8 +11,10 @@ its measured forward latency on example inputs (the median of --repeats forwards
 ones), and with --baseline DENSE the same for the baseline, the two models taking turns in this
 process with the same threads, and the ratios: parameters, FLOPs and speed-up. FLOPs are then per
 forward of the example inputs (the prunable layers and head; attention's own products are not
-counted). Example inputs: the first --batch-size rows of --data-tensors FILE, or, for a model with a
-vocabulary, --batch-size x --seq-len random token ids.
+counted; FLOPs are 2 per multiply-add). Example inputs: the first --batch-size rows of --data-tensors
+FILE; or random images of --input-shape C,H,W (default for the output of a channel job: the shape it
+was calibrated on); or, for a model with a vocabulary, --batch-size x --seq-len random token ids.
+Several batch sizes (--batch-size 1 64) give one table each.
 
 MODEL_OR_CHECKPOINT is an output directory of prunekit prune (any model: one given as
 'package.module:factory' is rebuilt as the directory's recipe.yaml says), a Hugging Face model
@@ -24,6 +26,7 @@ examples:
   prunekit report out/
   prunekit report out/model.prunekit.safetensors --format markdown --output report.md --plot sparsity.png
   prunekit report out/ --baseline builtin:smollm2 --seq-len 256 --batch-size 1 --threads 2
+  prunekit report cnn-out/ --baseline prunekit.cli.demo:trained_cnn --batch-size 1 64
 """
 
 
@@ -41,7 +44,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", metavar="MODEL", help="also measure this model (e.g. the dense one; any MODEL "
                    "form above), taking turns with MODEL, and print the ratios; implies --speed")
     g.add_argument("--data-tensors", metavar="FILE", help="example inputs: a .pt or .npy array [N, ...]")
-    g.add_argument("--batch-size", type=int, default=1, help="example inputs per forward (default: 1)")
+    g.add_argument("--batch-size", type=int, nargs="+", default=[1], metavar="N",
+                   help="example inputs per forward; several sizes are measured one after another (default: 1)")
+    g.add_argument("--input-shape", metavar="C,H,W", help="random example inputs of this shape per sample (an image "
+                   "model without --data-tensors; default: the shape a channel job's output records)")
     g.add_argument("--seq-len", type=int, default=128, help="random token ids per sequence for a model with a "
                    "vocabulary, without --data-tensors (default: 128)")
     g.add_argument("--repeats", type=int, default=10, help="timed forwards per model; the median is reported "
@@ -77,24 +83,55 @@ def load_target(args: argparse.Namespace, target: str | None = None):
     return model
 
 
-def example_inputs(args: argparse.Namespace, model) -> object:
-    """The inputs the speed is measured on: rows of --data-tensors, or random token ids."""
+def example_inputs(args: argparse.Namespace, model, batch_size: int | None = None) -> object:
+    """The inputs the speed is measured on: rows of --data-tensors, random images of
+    --input-shape (or of the shape a channel job's output records), or random token ids."""
     import torch
 
     from ..jobs.loading import build_calibration, is_causal_lm
     from ..llm import check_seq_len
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    sizes = args.batch_size if isinstance(args.batch_size, list) else [args.batch_size]
+    bs = sizes[0] if batch_size is None else batch_size
+    if bs < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {bs}")
     if args.data_tensors:
-        return build_calibration({"tensors": args.data_tensors, "batch_size": args.batch_size}, model)[0]
+        batch = build_calibration({"tensors": args.data_tensors, "batch_size": bs}, model)[0]
+        if len(batch) < bs:
+            raise ValueError(f"--data-tensors {args.data_tensors} holds {len(batch)} rows, fewer than --batch-size {bs}; "
+                             "pass a larger file or a smaller batch size")
+        return batch
+    shape = input_shape(args)
+    if shape is not None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        return torch.randn(bs, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int):
         raise ValueError("measuring speed needs example inputs: pass --data-tensors FILE (a .pt or .npy array "
-                         "[N, ...] the model takes)")
+                         "[N, ...] the model takes) or --input-shape C,H,W")
     check_seq_len(model, args.seq_len)
-    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (bs, args.seq_len), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, **({"use_cache": False} if is_causal_lm(model) else {})}
+
+
+def input_shape(args: argparse.Namespace) -> list[int] | None:
+    """--input-shape C,H,W, else the input shape a channel job's output folder records, else None."""
+    from ..formats.channels import is_channel_checkpoint, read_record
+
+    if getattr(args, "input_shape", None):
+        try:
+            shape = [int(d) for d in args.input_shape.split(",")]
+        except ValueError:
+            shape = []
+        if not shape or any(d < 1 for d in shape):
+            raise ValueError(f"--input-shape takes positive integers separated by commas (e.g. 1,28,28), got "
+                             f"{args.input_shape!r}")
+        return shape
+    for target in (args.target, getattr(args, "baseline", None)):
+        folder = target if target and os.path.isdir(target) else None
+        if folder and is_channel_checkpoint(folder):
+            return read_record(folder).get("input_shape")
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,22 +149,32 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--threads must be at least 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         baseline = load_target(args, args.baseline) if args.baseline else None
-        inputs = example_inputs(args, model)
         names = (os.path.basename(os.path.normpath(args.target)) or "model",
                  os.path.basename(os.path.normpath(args.baseline or "")) or "baseline")
         if names[0] == names[1]:
             names = ("model", "baseline")
-        speed = speed_report(model, inputs, baseline, names=names, repeats=args.repeats, warmup=args.warmup)
-        report = model_report(model, inputs)  # FLOPs per forward of the same inputs
+        speeds = []
+        for bs in args.batch_size:  # every size checked before the first is timed
+            example_inputs(args, model, bs)
+        for bs in args.batch_size:
+            inputs = example_inputs(args, model, bs)
+            speeds.append((bs, speed_report(model, inputs, baseline, names=names, repeats=args.repeats,
+                                            warmup=args.warmup)))
+        speed = speeds[0][1]
+        report = model_report(model, example_inputs(args, model))  # FLOPs per forward of the first size's inputs
     else:
         report = model_report(model)
     text = {"terminal": report.to_terminal, "markdown": report.to_markdown, "json": report.to_json}[args.format]()
     if speed is not None:
         import json
 
-        text = (json.dumps({**report.to_dict(), "speed": speed.to_dict()}, indent=2) if args.format == "json"
-                else f"{text}\n{'```' + chr(10) if args.format == 'markdown' else ''}{speed.to_terminal()}"
-                     f"{chr(10) + '```' if args.format == 'markdown' else ''}")
+        if args.format == "json":
+            text = json.dumps({**report.to_dict(), "speed": {**speed.to_dict(), "batch_size": speeds[0][0]},
+                               "speeds": [{**s.to_dict(), "batch_size": bs} for bs, s in speeds]}, indent=2)
+        else:
+            fence = "```" if args.format == "markdown" else ""
+            tables = "\n\n".join(f"batch size {bs}:\n{s.to_terminal()}" for bs, s in speeds)
+            text = f"{text}\n{fence + chr(10) if fence else ''}{tables}{chr(10) + fence if fence else ''}"
     if args.output:
         with open(args.output, "w") as f:
             f.write(text + "\n")

@@ -46,8 +46,8 @@ def save_channels(model: nn.Module, folder: str | os.PathLike, *, example_inputs
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if export and example_inputs is None:
         raise ValueError("export=True needs example_inputs (a batch the model takes) to trace the model")
-    record = {"format": FORMAT, **module_shapes(model), "input_shape": _input_shape(example_inputs)}
     folder = os.fspath(folder)
+    record = _record(model, example_inputs)
     os.makedirs(folder, exist_ok=True)
     save_model(model, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
     files = [WEIGHTS, SHAPES]
@@ -61,9 +61,26 @@ def save_channels(model: nn.Module, folder: str | os.PathLike, *, example_inputs
             model.train(was_training)
         torch.export.save(program, os.path.join(folder, EXPORTED))
         files.append(EXPORTED)
-    with open(os.path.join(folder, SHAPES), "w", encoding="utf-8") as f:  # last: its presence marks a complete folder
-        json.dump(record, f, indent=1)
+    _dump(record, folder)  # last: its presence marks a complete folder
     return files
+
+
+def write_record(model: nn.Module, folder: str | os.PathLike, *, example_inputs: Any = None) -> str:
+    """Write only ``prunekit_channels.json`` (the weights saved another way, e.g. the compact
+    format); returns its path."""
+    os.makedirs(os.fspath(folder), exist_ok=True)
+    return _dump(_record(model, example_inputs), os.fspath(folder))
+
+
+def _record(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    return {"format": FORMAT, **module_shapes(model), "input_shape": _input_shape(example_inputs)}
+
+
+def _dump(record: dict[str, Any], folder: str) -> str:
+    path = os.path.join(folder, SHAPES)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return path
 
 
 def _input_shape(example_inputs: Any) -> list[int] | None:

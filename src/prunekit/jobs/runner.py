@@ -44,6 +44,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     from ..oneshot import prune as oneshot  # looked up at call time (tests interrupt it)
     from ..oneshot.blocks import find_blocks
     from ..structures import prune as structured  # looked up at call time too
+    from ..structures import channels as channel_pruning  # looked up at call time too
+    from ..structures.channel_options import channel_kwargs
+    from .job_fit import check_job_fits, is_channel_job
 
     recipe = load_recipe(recipe)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
@@ -53,18 +56,23 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     p = recipe.structured if recipe.structured is not None else recipe.prune
     model, tokenizer = load_model(m.source, state_dict=m.state_dict, kwargs=m.kwargs, gguf_file=m.gguf_file,
                                   root=recipe.folder)
+    channels = is_channel_job(recipe.structured)
+    if recipe.structured is not None:
+        check_job_fits(model, recipe.structured, m.source)
     calibration = None
     blocks = p.blocks
     if recipe.data is not None:
         calibration = build_calibration(dataclasses.asdict(recipe.data), model, tokenizer)
-        if blocks is None and is_causal_lm(model):
+        if blocks is None and is_causal_lm(model) and not channels:
             blocks = decoder_blocks(model)
         check_calibration_fits(model, calibration, last_block=find_blocks(model, blocks)[-1][1])
     config = dataclasses.replace(p, blocks=blocks, progress=progress)
     with process_group(getattr(config, "device", None)) as processes:
-        if processes > 1:  # torchrun: every rank built the same list; each keeps its share
+        if processes > 1 and not channels:  # torchrun: every rank built the same list; each keeps its share
             config = dataclasses.replace(config, shard_calibration=True)
-        if recipe.structured is not None:
+        if channels:  # every rank prunes on the whole list (prune_channels shares no statistics)
+            result = channel_pruning.prune_channels(model, calibration, **channel_kwargs(config))
+        elif recipe.structured is not None:
             result = structured.prune_structured(model, calibration, config)
         else:
             result = oneshot.prune(model, calibration, config)
@@ -72,7 +80,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
         written = False
         try:
             if is_writer():
-                files = write_folder(out, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result),
+                example = calibration[0] if channels else None
+                files = write_folder(out, lambda tmp: _write_outputs(tmp, recipe, model, tokenizer, result, example),
                                      overwrite=overwrite)
             written = True
         finally:
@@ -80,13 +89,19 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     return RecipeOutcome(result, out, files, model)
 
 
-def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any) -> None:
+def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, result: Any, example: Any = None) -> None:
+    from ..formats.channels import save_channels, write_record
     from ..formats.compact import save
     from ..formats.pretrained import save_pretrained_compressed
+    from .job_fit import is_channel_job
 
-    is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained")
+    channels = is_channel_job(recipe.structured)  # its modules' sizes are recorded beside the weights
+    is_hf = hasattr(getattr(model, "config", None), "save_pretrained") and hasattr(model, "save_pretrained") \
+        and not channels
     formats = recipe.output.formats
-    if "hf" in formats and is_hf:
+    if channels:  # the weights and every module's sizes; compressed (below) only with the sizes
+        (save_channels if "hf" in formats else write_record)(model, folder, example_inputs=example)
+    elif "hf" in formats and is_hf:
         model.save_pretrained(folder)
     elif "hf" in formats:
         from safetensors.torch import save_model
@@ -105,7 +120,8 @@ def _write_outputs(folder: str, recipe: Recipe, model: Any, tokenizer: Any, resu
     spec = recipe.to_dict()
     report = model_report(model)
     structured = recipe.structured is not None  # a smaller dense model: no sparsity to plot
-    result_dict = ({**dataclasses.asdict(result), "removed_fraction": result.removed_fraction} if structured
+    result_dict = ({**dataclasses.asdict(result), "flops_removed": result.flops_removed} if channels
+                   else {**dataclasses.asdict(result), "removed_fraction": result.removed_fraction} if structured
                    else result.to_dict())
     with open(os.path.join(folder, "recipe.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(spec, f, sort_keys=False)
@@ -133,7 +149,8 @@ def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = N
     :func:`prunekit.load_pretrained_compressed`); any other model, e.g. ``module:factory``, is
     rebuilt as the folder's ``recipe.yaml`` says (source, kwargs), then given the saved weights:
     ``weights`` if given, else ``model.safetensors``, else ``model.prunekit.safetensors``."""
-    from .loading import load_model, load_state_dict_file
+    from ..formats.channels import is_channel_checkpoint, load_sized, read_record
+    from .loading import load_model, load_state_dict_file, read_state_dict
 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -156,7 +173,10 @@ def load_output(folder: str | os.PathLike, weights: str | os.PathLike | None = N
     # only the model section is needed: formats=[] so that a format since removed does not stop an old folder
     m = load_recipe(os.path.join(folder, "recipe.yaml"), formats=[]).model
     model, _ = load_model(m.source, kwargs=m.kwargs, gguf_file=m.gguf_file, root=_recipe_folder(folder) or folder)
-    load_state_dict_file(model, weights)
+    if is_channel_checkpoint(folder):  # channels removed: the dense model is resized as recorded first
+        load_sized(model, read_record(folder), read_state_dict(weights), where=weights)
+    else:
+        load_state_dict_file(model, weights)
     return model.eval()
 
 

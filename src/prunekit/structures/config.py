@@ -19,7 +19,7 @@ from ..oneshot.runtime.placement import execution_device
 from ..oneshot.solvers.columns import SCORES
 from .budget import BUDGETS
 
-KINDS = ("mlp", "heads")
+KINDS = ("mlp", "heads", "channels")
 METHODS = SCORES
 REFINES = (None, "bias", "lstsq", "snows")
 BIASES = ("auto", True, False)
@@ -34,8 +34,9 @@ class StructuredConfig:
 
     # -- what is removed, and how much -------------------------------------------------------
     structures: str | Sequence[str] = option(
-        ("mlp",), "what to remove: 'mlp' (MLP neurons), 'heads' (attention heads) or both, comma-separated",
-        metavar="mlp,heads", form=str)
+        ("mlp",), "what to remove: 'mlp' (MLP neurons), 'heads' (attention heads) or both, comma-separated; or "
+                  "'channels' (a CNN's coupled channels, by prunekit.prune_channels)",
+        metavar="mlp,heads|channels", form=str)
     ratio: float | None = option(
         None, "fraction of every structure's units to remove, in (0, 1); give one of ratio, params, flops")
     params: float | None = option(
@@ -52,7 +53,8 @@ class StructuredConfig:
         None, "with budget=global, the least fraction of each structure's units kept (default 0.25)")
     multiple_of: int = option(1, "round every MLP's kept width to a multiple of this (CPU kernels favour e.g. 64)")
     # -- which units go, and how the rest is repaired -----------------------------------------
-    method: str = option("wanda", "how the units to remove are chosen", choices=METHODS)
+    method: str = option("wanda", "how the units to remove are chosen (channels: l2, bn or wanda, prune_channels' "
+                                  "score)", choices=METHODS)
     refine: str | None = option(
         "lstsq", "how the consumer's kept columns are repaired: lstsq (least squares), snows (least squares, then "
                  "SNOWS's K-step lookahead), bias (FLAP's bias compensation) or none",
@@ -65,6 +67,12 @@ class StructuredConfig:
         "pruned", "what the refit matches: the layer's own inputs (pruned) or the dense model's (dense)",
         choices=TARGETS)
     damp: float = option(0.1, "ridge of the refit, pulling the kept columns towards their dense values")
+    # -- channels only ----------------------------------------------------------------------
+    recalibrate_bn: bool | None = option(
+        None, "channels only: re-estimate BatchNorm statistics on the calibration data afterwards (default on)")
+    exclude: str | Sequence[str] | None = option(
+        None, "channels only: regexes of module names whose channels stay (traced as leaves: also the way past a "
+              "module torch.fx cannot trace)", metavar="REGEX")
     # -- calibration ------------------------------------------------------------------------
     blocks: Sequence[str] | None = option(
         None, "module names calibrated in order (default: detected)", metavar="NAME")
@@ -85,6 +93,8 @@ class StructuredConfig:
             self.structures = tuple(s.strip() for s in self.structures.split(",") if s.strip())
         elif isinstance(self.structures, list):
             self.structures = tuple(self.structures)
+        if isinstance(self.exclude, list):
+            self.exclude = tuple(self.exclude)
 
     def replace(self, **options: Any) -> "StructuredConfig":
         """A copy with ``options`` changed; an unknown name is a TypeError naming the closest option."""
@@ -98,8 +108,9 @@ class StructuredConfig:
 
     @property
     def needs_data(self) -> bool:
-        """Whether calibration data is needed (all but magnitude scores without a refit)."""
-        return not (self.method == "magnitude" and self.refine is None)
+        """Whether calibration data is needed (all but magnitude scores without a refit; channels
+        always: the model is traced on a batch)."""
+        return "channels" in tuple(self.structures) or not (self.method == "magnitude" and self.refine is None)
 
     def validate(self, where: str = "") -> tuple[str, ...]:
         """Check every value and return the structures asked for. A bad one is a ValueError or
@@ -111,7 +122,14 @@ class StructuredConfig:
             raise ValueError(f"{w}structures: experts of mixture-of-experts layers are removed by "
                              "pk.prune_experts(model, calibration, ratio=...), not by prune_structured")
         if not isinstance(structures, tuple) or not structures or any(s not in KINDS for s in structures):
-            raise ValueError(f"{w}structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), got {structures!r}")
+            raise ValueError(f"{w}structures must be drawn from 'mlp', 'heads' (e.g. 'mlp,heads'), or be 'channels', "
+                             f"got {structures!r}")
+        if "channels" in structures:
+            return self._validate_channels(structures, w)
+        for name in ("recalibrate_bn", "exclude"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{w}{name} applies to structures=channels (a CNN's channels), not "
+                                 f"{','.join(structures)}; remove it")
         _choice(self.method, METHODS, f"{w}method", " for structures")
         _choice(self.refine, REFINES, f"{w}refine", " for structures")
         if not (self.bias is True or self.bias is False or self.bias == "auto"):
@@ -145,6 +163,31 @@ class StructuredConfig:
             raise ValueError(f"{w}{exc}") from None
         if self.progress not in (None, True, False):
             raise TypeError(f"{w}progress must be True, False or None (only on a terminal), got {self.progress!r}")
+        return structures
+
+    def _validate_channels(self, structures: tuple[str, ...], w: str) -> tuple[str, ...]:
+        """``structures: channels``: alone, with the options ``prune_channels`` takes."""
+        from .channel_options import check_channel_options
+
+        if structures != ("channels",):
+            raise ValueError(f"{w}structures 'channels' (a CNN's channels) does not combine with "
+                             f"{', '.join(s for s in structures if s != 'channels')}; give channels alone")
+        if sum(v is not None for v in (self.ratio, self.params, self.flops)) != 1:
+            raise ValueError(f"give exactly one of {w}ratio= (fraction of every channel group) or {w}flops= "
+                             "(fraction of the multiply-adds to remove) for structures=channels")
+        for name in ("ratio", "params", "flops"):
+            value = getattr(self, name)
+            if value is not None and not (_number(value) and 0 < value < 1):
+                raise ValueError(f"{w}{name} must be a number in (0, 1), got {value!r}")
+        if not (_number(self.damp) and self.damp >= 0):
+            raise ValueError(f"{w}damp must be a number >= 0, got {self.damp!r}")
+        if self.max_batches is not None and (isinstance(self.max_batches, bool) or not isinstance(self.max_batches, int)
+                                             or self.max_batches < 1):
+            raise ValueError(f"{w}max_batches must be an integer >= 1, got {self.max_batches!r}")
+        if self.exclude is not None and not isinstance(self.exclude, str) and not (
+                isinstance(self.exclude, Sequence) and all(isinstance(e, str) for e in self.exclude)):
+            raise TypeError(f"{w}exclude must be a regex or a list of them, got {self.exclude!r}")
+        check_channel_options(self, w)
         return structures
 
 

@@ -131,6 +131,9 @@ def prune_structured(
                         "keywords or build one with prunekit.StructuredConfig(...)")
     config = (config if config is not None else StructuredConfig()).replace(**options)
     structures = config.validate()
+    if "channels" in structures:
+        raise ValueError("structures='channels' is prunekit.prune_channels(model, calibration, ratio=... or flops=...); "
+                         "prune_structured removes MLP neurons and attention heads")
     c = config  # the options as the names the steps below use
     ratio, params, flops, method, refine, bias, target = c.ratio, c.params, c.flops, c.method, c.refine, c.bias, c.target
     blocks, max_batches, damp, multiple_of, progress = c.blocks, c.max_batches, c.damp, c.multiple_of, c.progress
