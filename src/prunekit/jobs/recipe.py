@@ -235,9 +235,11 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[
     if isinstance(pattern, str) and ":" in pattern and ("prune", "sparsity") not in given \
             and isinstance(raw["prune"], dict):
         raw["prune"].pop("sparsity", None)  # N:M fixes the sparsity: the recipe's would contradict it
-    for one, other in (("ratio", "params"), ("params", "ratio")):  # alternatives: the one given replaces the other
-        if ("structured", one) in given and ("structured", other) not in given:
-            raw["structured"].pop(other, None)
+    amounts = ("ratio", "params", "flops")  # alternatives: the one given replaces the others
+    if isinstance(raw.get("structured"), dict) and sum(("structured", a) in given for a in amounts) == 1:
+        for other in amounts:
+            if ("structured", other) not in given:
+                raw["structured"].pop(other, None)
     return raw
 
 
