@@ -33,6 +33,9 @@ and a per-layer sparsity plot (layer_sparsity.png). With --structures (or --rati
 recipe with a structured: section) whole MLP neurons or attention heads are removed instead and the
 kept weights refit: a smaller dense model (prunekit.prune_structured), saved with its new widths
 (a Hugging Face model: config.json updated, plain from_pretrained loads it) and its summary printed.
+--structures channels removes a CNN's coupled channels instead (prunekit.prune_channels: --ratio or
+--flops, --method l2/bn/wanda, --refine lstsq/none, --recalibrate-bn, --exclude); the output holds
+model.safetensors and prunekit_channels.json, reloaded by prunekit.load_channels(OUT, build_model).
 Mask options (--sparsity, --pattern, ...) and structured ones (--structures, --ratio, ...) do not mix.
 
 MODEL is a Hugging Face model directory (or a name available offline), 'package.module:factory'
@@ -51,6 +54,9 @@ examples:
   prunekit prune --recipe cnn-magnitude-snows-90 --refine-option k=2 --refine-option max_cg=10 -o out/
   prunekit prune builtin:smollm2 --structures mlp --params 0.2 --multiple-of 64 --corpus pydoc -o out/
   prunekit prune minilm-structured-mlp-30 --ratio 0.2 -o out/
+  prunekit prune prunekit.cli.demo:trained_cnn --structures channels --flops 0.5 --method l2 \
+      --data-tensors builtin:mnist -o out/
+  prunekit prune cnn-channels-flops-50
 """
 
 
