@@ -460,6 +460,9 @@ def _check_values(r: Recipe) -> None:
         s = r.prune
         steps = s.validate("prune.")
         needs, name, fix = bool(steps.method.needs) or steps.refine is not None, "prune", "method: magnitude without refine"
+    if r.data is None and r.structured is not None and "channels" in tuple(r.structured.structures):
+        raise ValueError("structured.structures channels needs calibration data (the model is traced on a batch); add "
+                         "a data: section (tensors: images.pt or builtin:mnist; --data-tensors on the command line)")
     if r.data is None and needs:
         raise ValueError(f"{name}.method {s.method!r}" + (f" with refine {s.refine!r}" if s.refine else "")
                          + " needs calibration data; add a data: section (corpus: pydoc, text: [files] or "
