@@ -34,6 +34,8 @@ def test_structures_channels_from_the_command_line(tmp_path, capsys, monkeypatch
                                        method="bn", refine="none", recalibrate_bn=False, exclude=["fc"],
                                        tensors="x.pt", batch_size=16, formats=["hf"], dir="out")
     assert cli.structured.exclude == ("fc",) and cli.prune.exclude is None
+    from_file = build_recipe(build_parser().parse_args(["prune", "job.yaml", "--exclude", "fc", "--no-recalibrate-bn"]))
+    assert (from_file.structured.exclude, from_file.structured.recalibrate_bn) == (("fc",), False)  # the file's section
     assert main(argv) == 0
     assert "multiply-adds" in capsys.readouterr().out  # ChannelResult.summary()
     direct = tiny_cnn().eval()

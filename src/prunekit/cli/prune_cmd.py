@@ -78,7 +78,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--gguf-file", help="GGUF file name inside a model directory")
     add_config_flags(p.add_argument_group("pruning (the fields of prunekit.PruneConfig)"),
                      p.add_argument_group("structured pruning (the fields of prunekit.StructuredConfig; --method, "
-                                          "--refine, --block and --max-batches serve both)"))
+                                          "--refine, --block, --max-batches, --exclude and --recalibrate-bn "
+                                          "serve both)"))
     g = p.add_argument_group("calibration data")
     g.add_argument("--corpus", choices=["pydoc"], help="built-in offline English text (the standard library's docs)")
     g.add_argument("--data-text", nargs="+", metavar="FILE", help="text files, tokenised with the model's tokenizer")
