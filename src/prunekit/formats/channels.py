@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..calls import as_call
+from ..calls import as_call, eval_mode
 from ..sparsity.storage import storage_key
 from ..structures.surgery import Undo
 from .module_shapes import apply_module_shapes, check_record, module_shapes
@@ -49,16 +49,14 @@ def save_channels(model: nn.Module, folder: str | os.PathLike, *, example_inputs
     folder = os.fspath(folder)
     record = _record(model, example_inputs)
     os.makedirs(folder, exist_ok=True)
+    if os.path.exists(os.path.join(folder, SHAPES)):  # an older save's record must not vouch for half-written weights
+        os.remove(os.path.join(folder, SHAPES))
     save_model(model, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
     files = [WEIGHTS, SHAPES]
     if export:
         args, kwargs = as_call(example_inputs)
-        was_training = model.training
-        try:
-            model.eval()
+        with eval_mode(model):  # the program is the inference graph; every module gets its own mode back
             program = torch.export.export(model, args, kwargs)
-        finally:
-            model.train(was_training)
         torch.export.save(program, os.path.join(folder, EXPORTED))
         files.append(EXPORTED)
     _dump(record, folder)  # last: its presence marks a complete folder
