@@ -50,7 +50,7 @@ def test_report_on_a_channel_output_times_batch_1_and_64_against_the_dense_model
     from prunekit.jobs import run_recipe
 
     outcome = run_recipe(write_channel_job(tmp_path, refine="none"), progress=False)
-    argv = ["report", str(tmp_path / "out"), "--baseline", "helpers.cnn_toys:tiny_cnn", "--batch-size", "1", "64",
+    argv = ["report", str(tmp_path / "out"), "--baseline", "helpers.cnn_toys:tiny_cnn", "--batch-size", "1,64",
             "--repeats", "2", "--warmup", "1", "--threads", "1"]
     assert main([*argv, "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -72,11 +72,16 @@ def test_input_shape_and_too_few_rows(tmp_path, capsys):
                  "--repeats", "1", "--format", "json"]) == 0
     speed = json.loads(capsys.readouterr().out)["speed"]
     assert speed["batch_size"] == 3 and speed["model"]["flops"] > 0
+    assert main(["report", "--batch-size", "2", "helpers.cnn_toys:tiny_cnn", "--speed", "--input-shape", "1,28,28",
+                 "--repeats", "1", "--format", "json"]) == 0  # a single size before the positional still parses
+    assert json.loads(capsys.readouterr().out)["speed"]["batch_size"] == 2
+    assert main(["report", "helpers.cnn_toys:tiny_cnn", "--batch-size", "1,x"]) == 2
+    assert "invalid batch_sizes value" in capsys.readouterr().err
     one_line_error(capsys, ["report", "helpers.cnn_toys:tiny_cnn", "--speed", "--input-shape", "1x28"],
                    "--input-shape takes positive integers separated by commas")
     torch.save(torch.randn(4, 1, 28, 28), tmp_path / "x.pt")
     one_line_error(capsys, ["report", "helpers.cnn_toys:tiny_cnn", "--speed", "--data-tensors", str(tmp_path / "x.pt"),
-                            "--batch-size", "1", "64"], "holds 4 rows, fewer than --batch-size 64")
+                            "--batch-size", "1,64"], "holds 4 rows, fewer than --batch-size 64")
 
 
 def test_bad_combinations_are_refused_in_one_line(tmp_path, capsys, monkeypatch):

@@ -14,7 +14,7 @@ forward of the example inputs (the prunable layers and head; attention's own pro
 counted; FLOPs are 2 per multiply-add). Example inputs: the first --batch-size rows of --data-tensors
 FILE; or random images of --input-shape C,H,W (default for the output of a channel job: the shape it
 was calibrated on); or, for a model with a vocabulary, --batch-size x --seq-len random token ids.
-Several batch sizes (--batch-size 1 64) give one table each.
+Several batch sizes (--batch-size 1,64) give one table each.
 
 MODEL_OR_CHECKPOINT is an output directory of prunekit prune (any model: one given as
 'package.module:factory' is rebuilt as the directory's recipe.yaml says), a Hugging Face model
@@ -26,7 +26,7 @@ examples:
   prunekit report out/
   prunekit report out/model.prunekit.safetensors --format markdown --output report.md --plot sparsity.png
   prunekit report out/ --baseline builtin:smollm2 --seq-len 256 --batch-size 1 --threads 2
-  prunekit report cnn-out/ --baseline prunekit.cli.demo:trained_cnn --batch-size 1 64
+  prunekit report cnn-out/ --baseline prunekit.cli.demo:trained_cnn --batch-size 1,64
 """
 
 
@@ -44,8 +44,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--baseline", metavar="MODEL", help="also measure this model (e.g. the dense one; any MODEL "
                    "form above), taking turns with MODEL, and print the ratios; implies --speed")
     g.add_argument("--data-tensors", metavar="FILE", help="example inputs: a .pt or .npy array [N, ...]")
-    g.add_argument("--batch-size", type=int, nargs="+", default=[1], metavar="N",
-                   help="example inputs per forward; several sizes are measured one after another (default: 1)")
+    g.add_argument("--batch-size", type=batch_sizes, default=[1], metavar="N[,N...]",
+                   help="example inputs per forward; several, comma-separated, are measured one after another "
+                        "(default: 1)")
     g.add_argument("--input-shape", metavar="C,H,W", help="random example inputs of this shape per sample (an image "
                    "model without --data-tensors; default: the shape a channel job's output records)")
     g.add_argument("--seq-len", type=int, default=128, help="random token ids per sequence for a model with a "
@@ -55,6 +56,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default: 2)")
     g.add_argument("--threads", type=int, help="torch threads for the measurement (default: torch's)")
     return p
+
+
+def batch_sizes(text: str) -> list[int]:
+    """``"1,64"`` -> ``[1, 64]`` (--batch-size); argparse reports a ValueError as a usage error."""
+    sizes = [int(part) for part in text.split(",")]
+    if not sizes:
+        raise ValueError(text)
+    return sizes
 
 
 def load_target(args: argparse.Namespace, target: str | None = None):
