@@ -87,7 +87,9 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
         calls = shard(calls, ranks)
         if not calls:
             raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
-                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches (smaller "
+                             "batches of the same samples: a lower batch size; prunekit prune under torchrun "
+                             "splits its batches itself)")
     if isinstance(pattern, NM):
         budgets = {k: pattern.sparsity for k in units}
     else:
