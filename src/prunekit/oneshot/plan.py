@@ -20,7 +20,7 @@ from ..layers.base import known as known_kinds
 from ..layers.targets import check_plain_weights, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
-from .calibration import collect_batches
+from .calibration import InputKey, collect_batches, pick_input
 from .config import Checked, PruneConfig
 from .runtime.offload import Storage, home_device
 from .runtime.placement import execution_device, stats_precision
@@ -66,9 +66,9 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     if c.recalibrate_bn and calibration is None:
         raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
                          "pass calibration batches (or recalibrate_bn=False)")
-    calls = collect_batches(calibration, c.max_batches) if needs_data or c.recalibrate_bn else []
+    calls = collect_batches(calibration, c.max_batches, c.input_key) if needs_data or c.recalibrate_bn else []
     found = prunable(model, types=c.types, include=c.include, exclude=c.exclude, include_head=c.include_head,
-                     example_inputs=first_batch(calls, calibration))
+                     example_inputs=first_batch(calls, calibration, c.input_key))
     targets = found.layers
     _check_include(model, c.include, targets, c.types)
     if not targets:
@@ -103,6 +103,7 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
                     refine_options=steps.refine.options if steps.refine else None, sparsity=steps.sparsity,
                     budget=c.budget, cap=c.cap, overrides=c.overrides, include=c.include, exclude=c.exclude,
                     include_head=c.include_head, types=c.types, blocks=c.blocks, capture=c.capture,
+                    input_key=c.input_key if not callable(c.input_key) else "a function",
                     sequential=c.sequential, strict=c.strict, max_batches=c.max_batches, device=device.type,
                     stats_dtype=dtype, shard_calibration=c.shard_calibration,
                     batches_before_sharding=n_calls if c.shard_calibration else None, skipped=skipped, exact=c.exact,
@@ -176,14 +177,20 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
                              "which types= leaves out; add its type to types=")
 
 
-def first_batch(calls, calibration) -> Any:
-    """One calibration batch, to find the head by a forward (None without data)."""
+def first_batch(calls, calibration, input_key: InputKey = None) -> Any:
+    """One calibration batch (the model's input of it: ``input_key``), to find the head by a
+    forward (None without data, or when ``input_key`` does not apply: the head is then found
+    without a forward)."""
     if calls:
         args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
         return kwargs if kwargs else args
     if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
         return None
-    return next(iter(calibration), None)
+    batch = next(iter(calibration), None)
+    try:
+        return None if batch is None else pick_input(batch, input_key)
+    except (TypeError, ValueError, LookupError):
+        return None
 
 
 def _check_weights(targets, storage: Storage) -> None:

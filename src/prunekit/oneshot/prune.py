@@ -50,7 +50,9 @@ def prune(model: nn.Module, calibration: Iterable[Any] | None = None, config: Pr
     matrix, each a "layer" of its own for budgets, ``overrides`` and the report.
 
     ``calibration`` is any iterable of input batches (tensor -> ``model(x)``, tuple ->
-    ``model(*b)``, mapping -> ``model(**b)``); every method but plain magnitude needs it. Only one
+    ``model(*b)``, mapping -> ``model(**b)``); every method but plain magnitude needs it.
+    ``input_key`` picks the model's input of each batch: ``input_key=0`` for a labelled loader's
+    ``(x, y)`` pairs, a key of mapping batches, or a function of the batch. Only one
     block's inputs and one layer's statistics are held at a time. ``device`` is where the work
     runs (one block at a time is moved there and back; a model dispatched with accelerate is
     pruned where it is kept, block by block from its offload storage); ``stats_dtype`` is the
