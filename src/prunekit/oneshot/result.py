@@ -1,6 +1,7 @@
 """What one-shot pruning did, layer by layer."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -59,11 +60,16 @@ class PruneResult:
         out["sparsity"] = self.sparsity
         return out
 
-    def summary(self) -> str:
+    def summary(self, expand_groups: bool = False) -> str:
+        """The per-layer table. A grouped convolution is pruned group by group (one entry of
+        ``layers`` each, ``conv.weight[g0]``...), and is one row here: its sparsity over all its
+        weights, the groups' mean errors and their total time, its shape written ``G x`` one
+        group's (a depthwise conv of 3x3 kernels: ``32 x 1x1x3x3``); ``expand_groups=True`` lists every
+        group (a mobile network has thousands)."""
         head = f"{'layer':<40} {'shape':<18} {'sparsity':>8} {'err sel':>10} {'err ref':>10} {'time s':>7}"
         lines = [f"prunekit: {self.method}" + (f"+{self.refine}" if self.refine else "") + f", {self.pattern}", head, "-" * len(head)]
-        for r in self.layers:
-            shape = "x".join(map(str, r.shape))
+        rows = [(r, "x".join(map(str, r.shape))) for r in self.layers] if expand_groups else _fold_groups(self.layers)
+        for r, shape in rows:
             lines.append(
                 f"{r.name[-40:]:<40} {shape:<18} {100 * r.sparsity:>7.2f}% {_fmt(r.error_selected):>10} "
                 f"{_fmt(r.error_refined):>10} {r.seconds:>7.2f}" + _dead_note(r)
@@ -80,9 +86,49 @@ class PruneResult:
         elif self.bn_batches is not None:
             lines.append(f"BatchNorm running statistics re-estimated on {self.bn_batches} calibration batches")
         peak += f", calibrated over {self.processes} processes" if self.processes > 1 else ""
-        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(self.layers)} layers in {self.seconds:.1f} s"
+        matrices = f" ({len(self.layers)} matrices)" if len(rows) != len(self.layers) else ""
+        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(rows)} layers{matrices} in {self.seconds:.1f} s"
                      f" ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
+
+
+_GROUP = re.compile(r"^(.*)\.weight\[g(\d+)\]$")
+
+
+def _fold_groups(layers: list[LayerReport]) -> list[tuple[LayerReport, str]]:
+    """``(report, shape text)`` rows of ``layers``, each run of one grouped convolution's groups
+    (``name.weight[g0]``, ...) made one report named ``name [G groups]`` of shape ``G x`` one
+    group's: sparsity over all its weights, errors the mean over its groups (each has as many
+    outputs), times, dead columns and extra zeros summed."""
+    out: list[tuple[LayerReport, str]] = []
+    run: list[LayerReport] = []
+    for r in [*layers, None]:
+        match = _GROUP.match(r.name) if r is not None else None
+        if run and (match is None or match.group(1) != _GROUP.match(run[0].name).group(1)):
+            out.append((run[0], "x".join(map(str, run[0].shape))) if len(run) == 1 else _folded(run))
+            run = []
+        if match is not None:
+            run.append(r)
+        elif r is not None:
+            out.append((r, "x".join(map(str, r.shape))))
+    return out
+
+
+def _folded(run: list[LayerReport]) -> tuple[LayerReport, str]:
+    sizes = [_numel(r.shape) for r in run]
+    each = "x".join(map(str, run[0].shape)) if len({tuple(r.shape) for r in run}) == 1 else "varied"
+    name = _GROUP.match(run[0].name).group(1)
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else sum(values) / len(values)
+
+    dead = [r.dead_columns for r in run]
+    return LayerReport(
+        f"{name} [{len(run)} groups]", (sum(sizes),),
+        sum(r.sparsity * n for r, n in zip(run, sizes)) / sum(sizes),
+        error_selected=mean([r.error_selected for r in run]), error_refined=mean([r.error_refined for r in run]),
+        seconds=sum(r.seconds for r in run), dead_columns=None if all(d is None for d in dead) else sum(d or 0 for d in dead),
+        extra_zeros=sum(r.extra_zeros for r in run)), f"{len(run)} x {each}"
 
 
 def _dead_note(r: LayerReport) -> str:
