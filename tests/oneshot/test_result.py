@@ -48,7 +48,7 @@ def test_a_depthwise_conv_is_one_row_with_its_counted_sparsity():
         assert line.split()[3:7] == [*shape.split(), f"{100 * counted:.2f}%"], line
     errors = [r.error_selected for r in result.layers if r.name.startswith("dw.")]
     assert f"{sum(errors) / 8:.3e}" in dw  # the groups' mean (each group has one output)
-    assert "over 4 layers (12 matrices)" in summary
+    assert "over 4 pruned layers (12 matrices)" in summary
 
 
 def test_expand_groups_lists_every_group():
@@ -56,4 +56,4 @@ def test_expand_groups_lists_every_group():
     summary = result.summary(expand_groups=True)
     assert [bool(_row(summary, f"dw.weight[g{g}]")) for g in range(8)] == [True] * 8
     assert len(_row(summary, "grouped.weight[g1]")) == 1 and "groups]" not in summary
-    assert "over 12 layers in" in summary
+    assert "over 12 pruned layers in" in summary

@@ -67,7 +67,9 @@ class PruneConfig:
     include_head: bool = option(False, "prune the model's output layer too (found by structure; dense by default)")
     types: Sequence[type[nn.Module]] | None = option(
         None, "the module types to prune (default: every registered layer kind, prunekit.layers.base)")
-    strict: bool = option(False, "refuse a layer the pattern cannot fit instead of leaving it dense")
+    strict: bool = option(False, "refuse, before anything changes, any weight expected pruned that would be left "
+                                 "dense (a layer the pattern cannot fit, one whose forward is never called, a "
+                                 "parameter no layer kind handles) instead of leaving it dense and listed")
     # -- calibration -------------------------------------------------------------------------
     blocks: Sequence[str] | None = option(
         None, "module names calibrated in order (default: detected)", metavar="NAME")

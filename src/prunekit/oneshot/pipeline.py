@@ -25,6 +25,7 @@ from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
+from .coverage import count_zeros
 from .dead import dead_columns, keep_dead_dense
 from .plan import Plan, first_batch
 from .registry import LayerContext, LayerProblem, Update
@@ -85,6 +86,7 @@ def run(model: nn.Module, plan: Plan) -> PruneResult:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     result.seconds = time.perf_counter() - start
+    result.weights = count_zeros(model, plan.storage, plan.gaps)  # what result.sparsity reads
     _warn_skipped(result.skipped)
     result.peak_device_mib = tracker()
     return result

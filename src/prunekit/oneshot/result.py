@@ -47,17 +47,31 @@ class PruneResult:
     bn_batches: int | None = None
     #: how many processes (torch.distributed ranks) fed calibration batches, statistics summed
     processes: int = 1
+    #: ``{parameter path: (zeros, numel)}`` after pruning, over every weight expected pruned: the
+    #: targets' (pruned or left dense) and the weights no layer kind handles (prunekit.oneshot.coverage)
+    weights: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
-        """Achieved sparsity over the pruned layers' weights (read from the tensors)."""
+        """The fraction of zeros over every weight expected pruned, counted on the model's tensors
+        after pruning (``weights``): what the model is, dense gaps included. Without counts (a
+        result built by hand), the pruned layers' :attr:`layers_sparsity`."""
+        if not self.weights:
+            return self.layers_sparsity
+        total = sum(n for _, n in self.weights.values())
+        return sum(z for z, _ in self.weights.values()) / total if total else 0.0
+
+    @property
+    def layers_sparsity(self) -> float:
+        """Achieved sparsity over the pruned layers' weights alone (read from the tensors as each
+        was written)."""
         total = sum(_numel(r.shape) for r in self.layers)
         zeros = sum(r.sparsity * _numel(r.shape) for r in self.layers)
         return zeros / total if total else 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["sparsity"] = self.sparsity
+        out["sparsity"], out["layers_sparsity"] = self.sparsity, self.layers_sparsity
         return out
 
     def summary(self, expand_groups: bool = False) -> str:
@@ -87,8 +101,12 @@ class PruneResult:
             lines.append(f"BatchNorm running statistics re-estimated on {self.bn_batches} calibration batches")
         peak += f", calibrated over {self.processes} processes" if self.processes > 1 else ""
         matrices = f" ({len(self.layers)} matrices)" if len(rows) != len(self.layers) else ""
-        lines.append(f"total: {100 * self.sparsity:.2f}% sparse over {len(rows)} layers{matrices} in {self.seconds:.1f} s"
-                     f" ({self.device}, {self.stats_dtype} statistics{peak})")
+        expected = sum(n for _, n in self.weights.values())
+        if self.weights:  # the count over every weight expected pruned, the pruned layers' beside it
+            lines.append(f"model: {100 * self.sparsity:.2f}% of the {expected:,} weights expected pruned are zero, "
+                         f"counted on its tensors (asked {100 * self.target_sparsity:.2f}%)")
+        lines.append(f"total: {100 * self.layers_sparsity:.2f}% sparse over {len(rows)} pruned layers{matrices} in "
+                     f"{self.seconds:.1f} s ({self.device}, {self.stats_dtype} statistics{peak})")
         return "\n".join(lines)
 
 
