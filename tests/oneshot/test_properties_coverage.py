@@ -1,8 +1,9 @@
 """Property test of what ``result.sparsity`` reports: the zeros counted on the model's tensors.
 
 Hypothesis draws a stack of blocks, some with layouts no layer kind handles: fused 3-D expert
-tensors (einsum), raw 2-D parameters used with ``@``, and an ``nn.Linear`` whose weight is used
-functionally (``F.linear``: its forward never runs); some of their entries are zero already.
+tensors (einsum), raw 2-D parameters used with ``@``, an ``nn.Linear`` whose weight is used
+functionally (``F.linear``: its forward never runs), and a mixture's router (never expected
+pruned); some of their entries are zero already.
 After ``pk.prune`` the reported numbers must equal an independent count: every parameter of two
 or more dimensions in the blocks (the head, the model's last layer, left dense by rule and not
 expected), each left dense one listed with its reason; and ``strict=True`` must refuse exactly
@@ -67,7 +68,26 @@ class Functional(nn.Module):
         return torch.tanh(F.linear(x, self.lin.weight, self.lin.bias))
 
 
-BLOCKS = {"plain": Plain, "fused2": lambda: Fused(2), "fused3": lambda: Fused(3), "raw": Raw, "functional": Functional}
+class TopKRouter(nn.Module):
+    """A router as transformers 5 writes one: a 2-D weight used functionally, never expected pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, D))
+
+
+class Routed(nn.Module):
+    """Tokens scaled by a router's softmax, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.router, self.fc = TopKRouter(), nn.Linear(D, D)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x) * F.softmax(F.linear(x, self.router.weight), -1).max(-1, keepdim=True).values)
+
+
+BLOCKS = {"routed": Routed, "plain": Plain, "fused2": lambda: Fused(2), "fused3": lambda: Fused(3), "raw": Raw, "functional": Functional}
 
 
 def _model(kinds: list[str], zeros: float, seed: int) -> nn.Sequential:
@@ -81,13 +101,13 @@ def _model(kinds: list[str], zeros: float, seed: int) -> nn.Sequential:
 
 
 def _expected(model: nn.Sequential) -> dict[str, nn.Parameter]:
-    """The oracle: every parameter of two or more dimensions outside the head."""
-    return {n: p for n, p in model[:-1].named_parameters() if p.dim() >= 2}
+    """The oracle: every parameter of two or more dimensions outside the head and the routers."""
+    return {n: p for n, p in model[:-1].named_parameters() if p.dim() >= 2 and ".router." not in n}
 
 
 @settings(max_examples=examples(12))
 @given(kinds=st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=4).filter(
-           lambda ks: any(k in ("plain", "raw", "functional") for k in ks)),  # a target besides the head
+           lambda ks: any(k in ("plain", "raw", "functional", "routed") for k in ks)),  # a target besides the head
        method=st.sampled_from(["magnitude", "wanda", "sparsegpt"]), sparsity=st.sampled_from([0.3, 0.5, 0.75]),
        zeros=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 3))
 def test_reported_sparsity_is_the_counted_sparsity(kinds, method, sparsity, zeros, seed):

@@ -12,7 +12,8 @@ their layout. The weights *expected pruned* are
 
 Left out, as the user's own choice or by the rule of :mod:`prunekit.layers.targets`: the head
 (unless ``include_head``), layers ``include``/``exclude``/``types`` leave out (a gap whose path
-``exclude`` matches, or ``include`` does not, too), embeddings and weights tied to them.
+``exclude`` matches, or ``include`` does not, too), embeddings and weights tied to them, and the
+routers of mixtures of experts (:func:`is_router`).
 ``result.sparsity`` is the fraction of zeros over the expected weights, counted on the tensors
 after pruning; the pruned layers' own sparsity is beside it (``result.layers_sparsity``).
 """
@@ -47,10 +48,21 @@ def find_gaps(model: nn.Module, blocks: Iterable[tuple[str, nn.Module]], include
             seen.add(id(p))
             if (inc and not any(r.search(path) for r in inc)) or any(r.search(path) for r in exc):
                 continue
-            owner = modules.get(path.rpartition(".")[0], model)
+            owner_name = path.rpartition(".")[0]
+            owner = modules.get(owner_name, model)
+            if is_router(owner_name, owner):
+                continue
             gaps[path] = (f"a {p.dim()}-D parameter {tuple(p.shape)} of {type(owner).__name__} that no layer kind "
                           "handles (fused experts, or a weight used functionally)")
     return gaps
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """Whether a module is a mixture of experts' router, which chooses the experts and is never
+    expected pruned: its class is a ``...Router`` (transformers 5's ``MixtralTopKRouter``), or
+    it is named ``router`` or ``gate`` without being a layer kind (so Llama's ``gate_proj`` and a
+    ``gate`` Linear are not)."""
+    return "Router" in type(module).__name__ or name.rpartition(".")[2] in ("router", "gate")
 
 
 def count_zeros(model: nn.Module, storage: Storage, gaps: Mapping[str, str]) -> dict[str, tuple[int, int]]:
