@@ -71,3 +71,23 @@ def test_a_mixtral_from_its_config_reports_its_dense_experts():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert "expected pruned are zero" in result.summary()
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_offloaded_gaps_are_counted_from_their_storage(tmp_path, how):
+    """A gap offloaded by accelerate sits on the meta device: its zeros are read where it is kept."""
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = nn.Sequential(_Fused(), _Fused(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].experts[0].zero_()  # 16 of the 32 entries
+    plain = copy.deepcopy(model)
+    data = [torch.randn(8, 4)]
+    kwargs = {"offload_dir": str(tmp_path)} if how == "disk_offload" else {}
+    model = getattr(accelerate, how)(model, execution_device="cpu", **kwargs)
+    assert model[0].experts.is_meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pk.prune(model, data, sparsity=0.5, method="magnitude", progress=False)
+        expected = pk.prune(plain, data, sparsity=0.5, method="magnitude", progress=False)
+    assert result.weights == expected.weights and result.weights["0.experts"] == (16, 32)

@@ -60,8 +60,9 @@ def find_gaps(model: nn.Module, blocks: Iterable[tuple[str, nn.Module]], include
 def is_router(name: str, module: nn.Module) -> bool:
     """Whether a module is a mixture of experts' router, which chooses the experts and is never
     expected pruned: its class is a ``...Router`` (transformers 5's ``MixtralTopKRouter``), or
-    it is named ``router`` or ``gate`` without being a layer kind (so Llama's ``gate_proj`` and a
-    ``gate`` Linear are not)."""
+    it is named ``router`` or ``gate`` (Llama's ``gate_proj`` is not). Only modules no layer kind
+    handles are asked: a ``gate`` that is an ``nn.Linear`` (Qwen2-MoE's ``shared_expert_gate``
+    too) is a target like any other."""
     return "Router" in type(module).__name__ or name.rpartition(".")[2] in ("router", "gate")
 
 
