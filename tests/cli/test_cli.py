@@ -81,6 +81,8 @@ def test_options_override_the_recipe(tmp_path):
      {"corpus": "pydoc", "seq_len": 16, "refine": "snows", "refine_options": {"k": 2}, "include": ["^0$"]}),
     (["--data-text", "a.txt", "b.txt", "--refine", "none", "--budget", "global", "--cap", "0.8"],
      {"text": ["a.txt", "b.txt"], "refine": "none", "budget": "global", "cap": 0.8}),
+    (["--data-tensors", "y.pt", "--input-key", "0"], {"tensors": "y.pt", "input_key": 0}),  # an index: an int
+    (["--data-tensors", "y.pt", "--input-key", "ids"], {"tensors": "y.pt", "input_key": "ids"}),  # a key: a str
 ])
 def test_options_and_python_overrides_give_the_same_recipe(tmp_path, monkeypatch, argv, overrides):
     """Relative paths in the recipe are its folder's, on the command line the working folder's;

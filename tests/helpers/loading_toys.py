@@ -44,11 +44,12 @@ def slow_mlp(marker: str = "") -> nn.Module:
     return model
 
 
-def write_job(tmp_path, **prune):
-    """A recipe file for the tiny MLP with tensor data, next to its data; returns its path."""
+def write_job(tmp_path, data=None, **prune):
+    """A recipe file for the tiny MLP with tensor data, next to its data (``data``: more of the
+    recipe's data options); returns its path."""
     torch.save(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), tmp_path / "x.pt")
     spec = {"model": "helpers.loading_toys:tiny_mlp",
-            "data": {"tensors": "x.pt", "batch_size": 16},
+            "data": {"tensors": "x.pt", "batch_size": 16, **(data or {})},
             "prune": {"method": "wanda", "sparsity": 0.5, "include_head": True, **prune},
             "output": {"dir": "out", "formats": ["hf", "compressed"]}}
     path = tmp_path / "job.yaml"

@@ -184,7 +184,9 @@ def test_a_rank_left_without_batches_stops_every_rank(ranks_out):
     assert e0 == e1
     assert e0["type"] == "ValueError"
     assert e0["message"] == ("rank 1 of 2 failed with ValueError: shard_calibration=True shares 1 calibration batches "
-                             "among 2 ranks, leaving rank 1 none; pass at least 2 batches; every rank restored its model")
+                             "among 2 ranks, leaving rank 1 none; pass at least 2 batches (smaller batches of the same "
+                             "samples: a lower batch size; prunekit prune under torchrun splits its batches itself); "
+                             "every rank restored its model")
 
 
 def test_a_rank_that_fails_mid_calibration_stops_every_rank_with_its_error_and_all_restore(ranks_out):

@@ -95,7 +95,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def config_flags() -> dict[str, tuple[str, object]]:
     """``{field: (flag, form)}`` for every PruneConfig and StructuredConfig field with a flag;
-    the form is ``bool``, ``float``, ``int``, ``str``, ``"list"`` or ``"mapping"``, read from the
+    the form is ``bool``, ``float``, ``int``, ``str``, ``"list"``, ``"mapping"`` or
+    ``"index_or_key"`` (digits are an int, anything else a str: ``--input-key 0``), read from the
     field's type (or its ``form`` metadata). A field whose type has no form and is not in
     :data:`NOT_ON_COMMAND_LINE` is a TypeError, so no option is left off the command line by
     accident; so is a name the two configs share with different forms."""
@@ -175,8 +176,18 @@ def _add_flag(group, name: str, flag: str, form: object, meta, text: str, defaul
         group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                            help=text + f" (default: {said})")
     else:
+        form = index_or_key if form == "index_or_key" else form
         group.add_argument(flag, dest=name, type=form, choices=meta.get("choices"), metavar=meta.get("metavar"),
                            help=text + (f" (default: {said})" if said not in (None, "") else ""))
+
+
+def index_or_key(text: str) -> int | str:
+    """A command-line index or key: ``"0"`` is the int 0 (a tuple's element), ``"-1"`` -1, and
+    anything else the string itself (a mapping's key)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def overrides_from(args: argparse.Namespace) -> dict:

@@ -16,7 +16,7 @@ import yaml
 
 from ..formats.atomic import check_output, write_folder
 from .recipe import Recipe, load_recipe
-from .torchrun import is_writer, process_group, wait_for_writer
+from .torchrun import is_writer, process_group, split_for_ranks, wait_for_writer
 
 
 @dataclass
@@ -70,6 +70,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     with process_group(getattr(config, "device", None)) as processes:
         if processes > 1 and not channels:  # torchrun: every rank built the same list; each keeps its share
             config = dataclasses.replace(config, shard_calibration=True)
+            if calibration is not None:  # at least one batch for every rank
+                calibration = split_for_ranks(calibration, processes)
         if channels:  # every rank prunes on the whole list (prune_channels shares no statistics)
             result = channel_pruning.prune_channels(model, calibration, **channel_kwargs(config))
         elif recipe.structured is not None:

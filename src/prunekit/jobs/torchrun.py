@@ -3,15 +3,17 @@
 ``torchrun --nproc-per-node N -m prunekit prune job.yaml`` starts N processes with the
 ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` environment set. Each loads the model and the same
 calibration list; :func:`prunekit.prune` (or :func:`prunekit.prune_structured`) then keeps every
-N-th batch per rank (``shard_calibration``) and sums the statistics, so all ranks end with the same weights. Only
-rank 0 writes the output folder; the others wait for it, so the command ends when the output is
-complete on every rank.
+N-th batch per rank (``shard_calibration``) and sums the statistics, so all ranks end with the
+same weights. A list with fewer batches than processes is split into smaller batches first
+(:func:`split_for_ranks`), so that the command line's default batch size works with any number
+of processes. Only rank 0 writes the output folder; the others wait for it, so the command ends
+when the output is complete on every rank.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -59,3 +61,47 @@ def wait_for_writer(written: bool) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if not flag.item() and dist.get_rank():
         raise RuntimeError("rank 0 failed to write the outputs (its own error says why); nothing was written")
+
+
+def split_for_ranks(batches: list, world: int) -> list:
+    """``batches`` re-batched so that each of ``world`` processes gets at least one: while there
+    are fewer batches than processes, the largest is cut in two along its first (sample) axis,
+    in place, so the samples and their order stay the same (the summed statistics are those of
+    the original list). A list already long enough is returned as it is. Too few samples for
+    ``world`` processes is a ValueError naming the options that give more."""
+    out = list(batches)
+    while len(out) < world:
+        sizes = [_samples(b) for b in out]
+        i = max(range(len(out)), key=lambda j: sizes[j], default=None)
+        if i is None or sizes[i] < 2:
+            raise ValueError(
+                f"the calibration data holds {sum(sizes)} samples, fewer than the {world} processes torchrun started, "
+                "and every process needs at least one; give more samples (--n-sequences or --n-samples, "
+                "data.n_sequences / data.n_samples in a recipe) or start fewer processes (--nproc-per-node)")
+        out[i:i + 1] = _halves(out[i], sizes[i])
+    return out
+
+
+def _samples(batch: Any) -> int:
+    """The number of samples in a batch: the first axis of its first tensor (1 without one)."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else (
+        list(batch) if isinstance(batch, (tuple, list)) else [batch])
+    first = next((v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return 1 if first is None else int(first.shape[0])
+
+
+def _halves(batch: Any, n: int) -> list:
+    """``batch`` cut into its first ``ceil(n / 2)`` and last samples: every tensor with ``n``
+    rows is cut, anything else (``use_cache=False``) is kept in both."""
+    cut = (n + 1) // 2
+
+    def part(value: Any, k: int) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value[:cut] if k == 0 else value[cut:]
+        if isinstance(value, Mapping):
+            return {key: part(v, k) for key, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(part(v, k) for v in value)
+        return value
+
+    return [part(batch, 0), part(batch, 1)]

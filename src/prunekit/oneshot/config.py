@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ class PruneConfig:
     include_head: bool = option(False, "prune the model's output layer too (found by structure; dense by default)")
     types: Sequence[type[nn.Module]] | None = option(
         None, "the module types to prune (default: every registered layer kind, prunekit.layers.base)")
-    strict: bool = option(False, "refuse a layer the pattern cannot fit instead of leaving it dense")
+    strict: bool = option(False, "refuse, before anything changes, any weight expected pruned that would be left "
+                                 "dense (a layer the pattern cannot fit, one whose forward is never called, a "
+                                 "parameter no layer kind handles) instead of leaving it dense and listed")
     # -- calibration -------------------------------------------------------------------------
     blocks: Sequence[str] | None = option(
         None, "module names calibrated in order (default: detected)", metavar="NAME")
@@ -77,6 +79,10 @@ class PruneConfig:
     sequential: bool = option(
         False, "recompute statistics after every layer inside a block (always on for refines fitting the dense target)")
     max_batches: int | None = option(None, "use at most this many calibration batches")
+    input_key: int | str | Callable[[Any], Any] | None = option(
+        None, "what of each calibration batch the model takes: an index of a tuple batch (0: the inputs of a "
+              "labelled loader's (x, y) pairs), a key of a mapping batch, or (from Python) a function of the batch "
+              "(default: the whole batch)", metavar="INDEX|KEY", form="index_or_key")
     shard_calibration: bool = option(
         False, "under torchrun every rank passes the same batches and keeps batches i % world_size == rank")
     # -- the result ------------------------------------------------------------------------
@@ -156,6 +162,7 @@ class PruneConfig:
             _named(w, check_types, self.types)
         _check_names(self.blocks, f"{w}blocks")
         check_int(self.max_batches, f"{w}max_batches", 1, optional=True)
+        _check_input_key(self.input_key, f"{w}input_key")
         _named(w, execution_device, self.device)
         _named(w, stats_precision, self.stats_dtype)
         return Checked(method, refine, pattern, sparsity)
@@ -202,6 +209,15 @@ def _choice(value: Any, choices: Sequence[str], name: str) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _check_input_key(value: Any, name: str) -> None:
+    """None, an index (int), a key (str) or a function of a batch."""
+    if value is None or callable(value) or isinstance(value, str) or (isinstance(value, int)
+                                                                     and not isinstance(value, bool)):
+        return
+    raise TypeError(f"{name} must be an index (0 for (x, y) batches), a key of mapping batches or a function "
+                    f"batch -> inputs, got {value!r}")
 
 
 def _check_names(value: Any, name: str) -> None:

@@ -25,6 +25,7 @@ from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
 from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
+from .coverage import count_zeros
 from .dead import dead_columns, keep_dead_dense
 from .plan import Plan, first_batch
 from .registry import LayerContext, LayerProblem, Update
@@ -85,6 +86,7 @@ def run(model: nn.Module, plan: Plan) -> PruneResult:
         model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     result.seconds = time.perf_counter() - start
+    result.weights = count_zeros(model, plan.storage, plan.gaps)  # what result.sparsity reads
     _warn_skipped(result.skipped)
     result.peak_device_mib = tracker()
     return result
@@ -103,7 +105,7 @@ class Job:
         self.sequential = plan.config.sequential or bool(needs & {"dense_target", "sequential"})
         self.target_ids = {id(m) for m in plan.targets.values()}
         self.home, self.device, self.dtype, self.ranks = plan.home, plan.device, plan.dtype, plan.ranks
-        self.exact = plan.config.exact
+        self.exact, self.input_key = plan.config.exact, plan.config.input_key
         self.storage, self.dispatched = plan.storage, is_dispatched(model)
         self.bar = None
         self.show_progress = False
@@ -123,7 +125,7 @@ class Job:
         blocks = find_blocks(self.model, block_names)
         calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
         self.model_input = _sample_shape(calls[0])
-        _check_model_runs(self.model, calls[0], last_block=blocks[-1][1])
+        _check_model_runs(self.model, calls[0], last_block=blocks[-1][1], input_key=self.input_key)
         owned = {n: self._owner(n, blocks) for n in self.targets}
         lookahead = self.refine is not None and "sequential" in self.refine.needs
         inputs = None
@@ -264,15 +266,22 @@ def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tu
 
 
 @torch.no_grad()
-def _check_model_runs(model, call, last_block=None) -> None:
+def _check_model_runs(model, call, last_block=None, input_key=None) -> None:
     """One forward on the first batch, up to the last calibrated block, so data that does not
-    fit fails early and clearly (without computing an LM head's logits)."""
+    fit fails early and clearly (without computing an LM head's logits). A tuple batch the
+    model takes too many positional arguments of is most likely ``(inputs, labels)``: the
+    error then names ``input_key``."""
     args, kwargs = call
     try:
         forward_until(model, last_block, args, kwargs)
     except Exception as exc:
+        fix = "check that the batches match the model's inputs"
+        if isinstance(exc, TypeError) and "positional argument" in str(exc) and len(args) > 1 and input_key is None:
+            fix = (f"each batch is a tuple of {len(args)}, called as model(*batch); if the loader yields (inputs, "
+                   "labels) pairs, pass input_key=0 to give the model the inputs alone (prune.input_key in a "
+                   "recipe, --input-key 0 on the command line; or a function batch -> inputs)")
         raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
-                         "check that the batches match the model's inputs") from exc
+                         f"{fix}") from exc
 
 
 @torch.no_grad()

@@ -17,10 +17,12 @@ from torch import nn
 
 from ..layers.base import kind_of, unit_name
 from ..layers.base import known as known_kinds
-from ..layers.targets import check_plain_weights, prunable
+from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
-from .calibration import collect_batches
+from .blocks import find_blocks
+from .calibration import InputKey, collect_batches, pick_input
+from .coverage import find_gaps
 from .config import Checked, PruneConfig
 from .runtime.offload import Storage, home_device
 from .runtime.placement import execution_device, stats_precision
@@ -33,7 +35,9 @@ class Plan:
     """One call's decisions: the options and what they mean (``steps``), this process's
     calibration calls, the target modules and their units (``{unit name: (module name, unit)}``;
     each ``[d_out, d_in]`` matrix is a layer of its own), each unit's sparsity, the layers left
-    dense and why, where the work runs and in which precision."""
+    dense and why, where the work runs and in which precision. ``storage`` holds every target's
+    parameters, those left dense included; ``gaps`` the other weights expected pruned, which no
+    layer kind handles (:mod:`.coverage`)."""
 
     config: PruneConfig
     steps: Checked
@@ -47,6 +51,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     ranks: Ranks
+    gaps: dict[str, str]
 
     @property
     def needs_data(self) -> bool:
@@ -66,9 +71,9 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     if c.recalibrate_bn and calibration is None:
         raise ValueError("recalibrate_bn=True re-estimates BatchNorm statistics on the calibration data; "
                          "pass calibration batches (or recalibrate_bn=False)")
-    calls = collect_batches(calibration, c.max_batches) if needs_data or c.recalibrate_bn else []
+    calls = collect_batches(calibration, c.max_batches, c.input_key) if needs_data or c.recalibrate_bn else []
     found = prunable(model, types=c.types, include=c.include, exclude=c.exclude, include_head=c.include_head,
-                     example_inputs=first_batch(calls, calibration))
+                     example_inputs=first_batch(calls, calibration, c.input_key))
     targets = found.layers
     _check_include(model, c.include, targets, c.types)
     if not targets:
@@ -78,7 +83,10 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     dtype = stats_precision(c.stats_dtype, _widest_dtype(targets))
     storage = Storage(model, targets)
     _check_weights(targets, storage)
-    skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict)}
+    gaps = find_gaps(model, find_blocks(model, c.blocks), c.include, c.exclude)
+    if c.strict:
+        _refuse_gaps(model, targets, gaps, calls)
+    skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict), **gaps}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
     units = {unit_name(n, u): (n, u) for n, m in targets.items() for u in kind_of(m).units(m)}
@@ -87,7 +95,9 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
         calls = shard(calls, ranks)
         if not calls:
             raise ValueError(f"shard_calibration=True shares {n_calls} calibration batches among {ranks.world} ranks, "
-                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches")
+                             f"leaving rank {ranks.rank} none; pass at least {ranks.world} batches (smaller "
+                             "batches of the same samples: a lower batch size; prunekit prune under torchrun "
+                             "splits its batches itself)")
     if isinstance(pattern, NM):
         budgets = {k: pattern.sparsity for k in units}
     else:
@@ -101,12 +111,13 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
                     refine_options=steps.refine.options if steps.refine else None, sparsity=steps.sparsity,
                     budget=c.budget, cap=c.cap, overrides=c.overrides, include=c.include, exclude=c.exclude,
                     include_head=c.include_head, types=c.types, blocks=c.blocks, capture=c.capture,
+                    input_key=c.input_key if not callable(c.input_key) else "a function",
                     sequential=c.sequential, strict=c.strict, max_batches=c.max_batches, device=device.type,
                     stats_dtype=dtype, shard_calibration=c.shard_calibration,
                     batches_before_sharding=n_calls if c.shard_calibration else None, skipped=skipped, exact=c.exact,
                     recalibrate_bn=c.recalibrate_bn)
         ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
-    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks)
+    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks, gaps)
 
 
 def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
@@ -174,14 +185,20 @@ def _check_include(model: nn.Module, include, targets, types) -> None:
                              "which types= leaves out; add its type to types=")
 
 
-def first_batch(calls, calibration) -> Any:
-    """One calibration batch, to find the head by a forward (None without data)."""
+def first_batch(calls, calibration, input_key: InputKey = None) -> Any:
+    """One calibration batch (the model's input of it: ``input_key``), to find the head by a
+    forward (None without data, or when ``input_key`` does not apply: the head is then found
+    without a forward)."""
     if calls:
         args, kwargs = calls[0]  # as_call gives positional or keyword arguments, not both
         return kwargs if kwargs else args
     if calibration is None or isinstance(calibration, (torch.Tensor, Mapping)):
         return None
-    return next(iter(calibration), None)
+    batch = next(iter(calibration), None)
+    try:
+        return None if batch is None else pick_input(batch, input_key)
+    except (TypeError, ValueError, LookupError):
+        return None
 
 
 def _check_weights(targets, storage: Storage) -> None:
@@ -194,6 +211,31 @@ def _check_weights(targets, storage: Storage) -> None:
                                  "(an accelerate-dispatched model with offloaded weights is fine)")
             if not torch.isfinite(storage.read(path)).all():
                 raise ValueError(f"layer {name!r} has NaN or Inf weights; fix the model before pruning")
+
+
+def _refuse_gaps(model: nn.Module, targets, gaps: Mapping[str, str], calls) -> None:
+    """Under ``strict=True``: a ValueError for the first weight expected pruned that would be left
+    dense, a parameter no layer kind handles or (with calibration data) a target whose forward
+    one pass of the first batch never calls, so no statistics could exist for it."""
+    if gaps:
+        path, why = next(iter(gaps.items()))
+        more = f" (and {len(gaps) - 1} more: {', '.join(list(gaps)[1:4])}...)" if len(gaps) > 1 else ""
+        raise ValueError(f"strict=True: {path!r} is {why}, which would be left dense{more}; exclude it "
+                         f"(exclude={path!r}), register a layer kind for it (prunekit.layers.base.register_kind), "
+                         "or pass strict=False to leave it dense and listed")
+    if not calls:
+        return
+    try:
+        called = set(forward_order(model, targets, first_batch(calls, None)))
+    except Exception:  # data that does not fit: the pipeline's own check says so, clearly
+        return
+    uncalled = [n for n in targets if n not in called]
+    if uncalled:
+        raise ValueError(f"strict=True: layer {uncalled[0]!r}'s forward is never called (its weight is used "
+                         "functionally), so no calibration statistics exist for it"
+                         + (f" (nor for {', '.join(map(repr, uncalled[1:4]))})" if len(uncalled) > 1 else "")
+                         + f"; exclude it (exclude={uncalled[0]!r}), use a data-free method (magnitude), or pass "
+                           "strict=False to leave it dense and listed")
 
 
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:

@@ -50,7 +50,9 @@ def prune(model: nn.Module, calibration: Iterable[Any] | None = None, config: Pr
     matrix, each a "layer" of its own for budgets, ``overrides`` and the report.
 
     ``calibration`` is any iterable of input batches (tensor -> ``model(x)``, tuple ->
-    ``model(*b)``, mapping -> ``model(**b)``); every method but plain magnitude needs it. Only one
+    ``model(*b)``, mapping -> ``model(**b)``); every method but plain magnitude needs it.
+    ``input_key`` picks the model's input of each batch: ``input_key=0`` for a labelled loader's
+    ``(x, y)`` pairs, a key of mapping batches, or a function of the batch. Only one
     block's inputs and one layer's statistics are held at a time. ``device`` is where the work
     runs (one block at a time is moved there and back; a model dispatched with accelerate is
     pruned where it is kept, block by block from its offload storage); ``stats_dtype`` is the
@@ -73,9 +75,24 @@ def prune(model: nn.Module, calibration: Iterable[Any] | None = None, config: Pr
     process fed all the batches. ``shard_calibration=True`` instead lets every rank pass the
     same full list and keeps batches ``i`` with ``i % world_size == rank``. Ranks that disagree
     on the model or the options, or one that fails, stop every rank with the same error.
+
+    A ``torch.compile``d model is pruned through the module it wraps (``model._orig_mod``): the
+    result names its layers as that module does, and the compiled model runs the pruned weights.
     """
     if config is not None and not isinstance(config, PruneConfig):
         raise TypeError(f"config must be a prunekit.PruneConfig, got {type(config).__name__}; pass options as "
                         "keywords or build one with prunekit.PruneConfig(...)")
     config = (config if config is not None else PruneConfig()).replace(**options)
+    model = uncompiled(model)
     return run(model, make_plan(model, calibration, config))
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model``.
+
+    A compiled forward runs no forward hooks, so calibrating through the wrapper would see no
+    layer run; the wrapped module shares its parameters with the wrapper, whose compiled code
+    reads them on every call, so pruning it in place prunes what the compiled model runs."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
