@@ -22,16 +22,26 @@ from torch import nn
 from ..sparsity import sharding
 from ..sparsity.allocation import allocate
 from ..sparsity.masks import MaskSet
+from ..layers.base import kind_of
 from ..layers.targets import check_plain_weights, find_targets
 from ..layers.targets import unwrap
+from ..oneshot.pipeline import _warn_skipped as warn_skipped
+from ..oneshot.plan import _skip_misfits
+from ..sparsity.patterns import parse_pattern
+from .entries import Entry, build_entries
 from .shadow import shadow_weight, unshadow
 
 
-def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequence[str] | None) -> "OrderedDict[str, nn.Module]":
-    """Prunable modules by name: :func:`find_targets` by default, or the given names/modules."""
+def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequence[str] | None,
+                    pattern: Any = None, strict: bool = False) -> "OrderedDict[str, nn.Module]":
+    """Prunable modules by name: ``prune()``'s rule by default (:func:`find_targets` over every
+    registered layer kind: Linear, convolutions grouped or not, ``nn.MultiheadAttention``,
+    transformers' ``Conv1D``), or the given names/modules. Layers that cannot hold ``pattern``
+    (an N:M pattern the input dimension does not fit, a depthwise kernel) are left out with
+    ``prune()``'s warning, or refused with its ValueError under ``strict=True``; nothing changes."""
     model = unwrap(model)[0]  # DDP and torch.compile: names as in the user's module
     if targets is None:
-        out = find_targets(model)
+        out = find_targets(model, types=None)
     elif isinstance(targets, Mapping):
         out = OrderedDict(targets)
     else:
@@ -44,9 +54,27 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
         raise ValueError("no prunable layers found; pass targets=[...] module names")
     check_plain_weights(out)
     for name, module in out.items():
-        if not isinstance(getattr(module, "weight", None), nn.Parameter):
-            raise TypeError(f"target {name!r} has no weight parameter")
+        try:
+            kind_of(module)
+        except TypeError:
+            if not isinstance(getattr(module, "weight", None), nn.Parameter):
+                raise TypeError(f"target {name!r} has no weight parameter") from None
+    kinded = OrderedDict((n, m) for n, m in out.items() if _has_kind(m))
+    skipped = _skip_misfits(kinded, parse_pattern(pattern or "unstructured"), strict)
+    if skipped:
+        warn_skipped(skipped)
+        out = OrderedDict((n, m) for n, m in out.items() if n not in skipped)
+    if not out:
+        raise ValueError(f"no layer fits pattern {pattern}: {skipped}; use another pattern or pass targets=[...]")
     return out
+
+
+def _has_kind(module: nn.Module) -> bool:
+    try:
+        kind_of(module)
+    except TypeError:
+        return False
+    return True
 
 
 def world_size() -> int:
@@ -88,18 +116,24 @@ class PrunerBase(abc.ABC):
     final weights); ``sparsity()`` and ``finalize()`` are written here once.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, targets=None, sync: bool = True) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, targets=None, sync: bool = True,
+                 pattern: Any = None, strict: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
         self.model, self.optimizer, self.sync = model, optimizer, sync
-        self.targets = resolve_targets(model, targets)
+        self.targets = resolve_targets(model, targets, pattern, strict)
+        #: the parameters pruned, by name (:mod:`.entries`): the module's name for its only weight
+        self.entries: "OrderedDict[str, Entry]" = build_entries(self.targets)
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, module in self.targets.items():
-            sharding.check_sharding(f"parameter {name}.weight", module.weight)
-            if id(module.weight) not in owned:
-                raise ValueError(f"parameter {name}.weight is not owned by the optimizer; create the optimizer "
+        for key, e in self.entries.items():
+            where = f"{e.module_name}.{e.attr}" if e.owner is e.module else key
+            sharding.check_sharding(f"parameter {where}", e.param)
+            if id(e.param) not in owned:
+                raise ValueError(f"parameter {where} is not owned by the optimizer; create the optimizer "
                                  "over the model's parameters before the pruner")
-        self._weights = OrderedDict((n, m.weight) for n, m in self.targets.items())
+        self._weights = OrderedDict((n, e.param) for n, e in self.entries.items())
         self.step_count = 0
         self.finalized = False
         self._hooks: list[Any] = []
@@ -151,8 +185,9 @@ class PrunerBase(abc.ABC):
         self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.step()))
 
     def _shadow(self, name: str, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Run target ``name``'s forward on ``transform(weight)`` (see :func:`shadow_weight`)."""
-        self._hooks.extend(shadow_weight(self.targets[name], transform))
+        """Run entry ``name``'s module forward on ``transform(weight)`` (see :func:`shadow_weight`)."""
+        e = self.entries[name]
+        self._hooks.extend(shadow_weight(e.module, transform, e.owner, e.attr))
 
     @property
     def weights(self) -> "OrderedDict[str, nn.Parameter]":
@@ -168,8 +203,8 @@ class PrunerBase(abc.ABC):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for module in self.targets.values():
-            unshadow(module)
+        for e in self.entries.values():
+            unshadow(e.owner, e.attr)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(w.shape) for n, w in self.weights.items()}

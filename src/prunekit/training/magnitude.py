@@ -29,7 +29,9 @@ from ..sparsity.allocation import BUDGETS, allocate, check_sparsity
 from ..sparsity.masks import MaskSet
 from ..sparsity.patterns import NM, parse_pattern
 from .schedules import Constant
+from ..oneshot.plan import _spread_within_modules as spread_within_modules
 from .base import PrunerBase, broadcast_, mask_optimizer_state, world_size
+from .entries import entry_masks, unit_modules, unit_scores
 
 
 class MagnitudePruner(PrunerBase):
@@ -39,6 +41,13 @@ class MagnitudePruner(PrunerBase):
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (the schedule must then end at ``1 - N/M``; a ramp
     keeps ``M - round(s*M)`` of every ``M``). ``budget``: ``"uniform"``, ``"global"`` or ``"erk"``
     per-layer allocation (with ``cap`` / ``overrides``, see :func:`prunekit.allocate`).
+
+    The layers are ``prune()``'s (every registered layer kind), and budgets count on its units:
+    ``nn.MultiheadAttention``'s q, k, v and out_proj each, a grouped convolution's groups with
+    their counts spread so the layer prunes exactly ``round(s * n)``, transformers' ``Conv1D`` on
+    its transposed weight. A layer that cannot hold ``pattern`` (a 3-channel stem under 2:4, a
+    depthwise kernel) is left dense with ``prune()``'s warning when the pruner is built;
+    ``strict=True`` raises there instead.
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class MagnitudePruner(PrunerBase):
         auto_step: bool = False,
         sync: bool = True,
         masks: MaskSet | Mapping[str, torch.Tensor] | None = None,
+        strict: bool = False,
     ) -> None:
         self.schedule = Constant(schedule) if isinstance(schedule, (int, float)) else schedule
         if not callable(self.schedule):
@@ -77,7 +87,7 @@ class MagnitudePruner(PrunerBase):
             raise ValueError(f"every must be an integer >= 1, got {every!r}")
         self.every = every
         self._sparsity_at(0)  # validates the schedule before anything is touched
-        super().__init__(model, optimizer, targets, sync)
+        super().__init__(model, optimizer, targets, sync, self.pattern, strict)
         self.budget, self.cap, self.overrides, self.mode = budget, cap, overrides, mode
         self._masks = MaskSet({n: torch.ones_like(w, dtype=torch.bool) for n, w in self.weights.items()})
         self.latent = {n: torch.zeros_like(w) for n, w in self.weights.items()} if mode == "keep" else {}
@@ -121,9 +131,12 @@ class MagnitudePruner(PrunerBase):
             k = max(m - round(s * m), self.pattern.n)
             if k == m:
                 return {n: torch.ones_like(self._masks[n]) for n in scores}
-            return sharding.nm_masks(scores, NM(k, m))
-        per_layer = allocate(scores, s, self.budget, cap=self.cap, overrides=self.overrides)
-        return sharding.unstructured_masks(scores, per_layer)
+        units = unit_scores(self.entries, scores)
+        if isinstance(self.pattern, NM):
+            return entry_masks(self.entries, sharding.nm_masks(units, NM(k, m)))
+        per_unit = allocate(units, s, self.budget, cap=self.cap, overrides=self.overrides)
+        per_unit = spread_within_modules(per_unit, unit_modules(self.entries), {u: t.numel() for u, t in units.items()})
+        return entry_masks(self.entries, sharding.unstructured_masks(units, per_unit))
 
     @torch.no_grad()
     def _update(self, step: int) -> None:

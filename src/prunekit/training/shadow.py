@@ -17,21 +17,25 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 
-def shadow_weight(module: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]) -> list[RemovableHandle]:
-    """Make every forward of ``module`` use ``transform(module._parameters["weight"])`` as its weight.
+def shadow_weight(module: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor],
+                  owner: nn.Module | None = None, attr: str = "weight") -> list[RemovableHandle]:
+    """Make every forward of ``module`` use ``transform(owner._parameters[attr])`` as ``owner.<attr>``
+    (``owner`` defaults to ``module``; ``nn.MultiheadAttention`` reads ``out_proj.weight`` in its own
+    forward, so that parameter is shadowed around the attention's forward).
 
     Returns the two hook handles; remove them (and call :func:`unshadow`) to detach.
     """
+    owner = module if owner is None else owner
 
     def install(mod: nn.Module, args: Any) -> None:
-        mod.__dict__["weight"] = transform(mod._parameters["weight"])
+        owner.__dict__[attr] = transform(owner._parameters[attr])
 
     def restore(mod: nn.Module, args: Any, output: Any) -> None:
-        unshadow(mod)
+        unshadow(owner, attr)
 
     return [module.register_forward_pre_hook(install), module.register_forward_hook(restore, always_call=True)]
 
 
-def unshadow(module: nn.Module) -> None:
-    """Drop a shadowing weight, if any: ``module.weight`` is the parameter again."""
-    module.__dict__.pop("weight", None)
+def unshadow(module: nn.Module, attr: str = "weight") -> None:
+    """Drop a shadowing weight, if any: ``module.<attr>`` is the parameter again."""
+    module.__dict__.pop(attr, None)

@@ -89,7 +89,7 @@ class SoftThreshold(PrunerBase):
         if not isinstance(control_every, int) or control_every < 1:
             raise ValueError(f"control_every must be an integer >= 1, got {control_every!r}")
         super().__init__(model, optimizer, targets, sync)
-        names = list(self.targets)
+        names = list(self.weights)  # one threshold per pruned parameter (attention: in_proj_weight, out_proj.weight)
         if isinstance(final_threshold, Mapping):
             if set(final_threshold) != set(names):
                 raise ValueError(f"final_threshold keys must be the prunable layers {names}")
@@ -115,7 +115,7 @@ class SoftThreshold(PrunerBase):
                 for n, w in self.weights.items():
                     w.copy_(torch.sign(w) * (w.abs() + self.D[n]))
         if not greedy:
-            for n in self.targets:
+            for n in self.weights:
                 self._shadow(n, partial(self._soft_threshold, n))
         self._set_d(self._threshold_at(0))
         if auto_step:

@@ -41,13 +41,13 @@ class STR(PrunerBase):
         super().__init__(model, optimizer, targets, sync)
         self.final_sparsity = final_sparsity
         self.s = nn.ParameterDict({n.replace(".", "/"): nn.Parameter(torch.tensor(float(s_init)))
-                                   for n in self.targets})
+                                   for n in self.weights})
         group: dict[str, Any] = {"params": list(self.s.values())}
         if s_weight_decay is not None:
             group["weight_decay"] = s_weight_decay
         optimizer.add_param_group(group)
         self._s_group = optimizer.param_groups[-1]
-        for n in self.targets:
+        for n in self.weights:
             self._shadow(n, partial(self._soft_threshold, n))
         if sync:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.synchronize()))
@@ -70,12 +70,12 @@ class STR(PrunerBase):
 
     def thresholds(self) -> dict[str, float]:
         """Current ``d_l = sigmoid(s_l)`` per layer."""
-        return {n: float(torch.sigmoid(self.s[n.replace(".", "/")].detach())) for n in self.targets}
+        return {n: float(torch.sigmoid(self.s[n.replace(".", "/")].detach())) for n in self.weights}
 
     @torch.no_grad()
     def masks(self) -> MaskSet:
         """Entries currently non-zero in the forward (``|theta| > d_l``; after ``finalize()``, ``w != 0``)."""
-        d = dict.fromkeys(self.targets, 0.0) if self.finalized else self.thresholds()
+        d = dict.fromkeys(self.weights, 0.0) if self.finalized else self.thresholds()
         return MaskSet({n: w.abs() > d[n] for n, w in self.weights.items()})
 
     def step(self) -> None:
