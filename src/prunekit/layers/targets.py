@@ -2,8 +2,8 @@
 
 A *target* is a module whose weights prunekit may sparsify: one of the module types of the
 registered layer kinds (:mod:`prunekit.layers`: Linear, Conv1d/Conv2d, MultiheadAttention,
-transformers' Conv1D); ``types=None`` takes them all, the default ``DEFAULT_TYPES`` the Linear
-and convolution ones (what the training pruners handle). Embeddings, norms and biases are never
+transformers' Conv1D); ``types=None`` takes them all (what ``prune`` and the training pruners
+use), the default ``DEFAULT_TYPES`` the Linear and convolution ones. Embeddings, norms and biases are never
 targets, a weight tied to an embedding is never a target,
 and the model's output layer (its *head*) is left dense unless asked for, because pruning it
 hurts most and saves least (SparseGPT and Wanda leave it dense too).
@@ -26,8 +26,8 @@ from torch import nn
 from ..calls import as_call, eval_mode, model_device, to_device
 from .base import check_types, kind_of, prunable_types
 
-# The single-weight kinds (Linear, Conv1d/Conv2d): what the training pruners handle. prune()
-# and model_report() pass ``types=None``: every registered kind (attention, HF Conv1D, ...).
+# The single-weight kinds (Linear, Conv1d/Conv2d). prune(), model_report() and the training
+# pruners pass ``types=None``: every registered kind (attention, HF Conv1D, ...).
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 HEAD_REASON = "output layer (head), left dense by default; pass include_head=True to prune it"
 
