@@ -207,3 +207,15 @@ def test_gpt2_conv1d_taken_by_default_and_nm_along_its_input():
         w0 = dense[f"{name}.weight"]  # [d_in, d_out]: groups of 4 run along d_in
         kept = model.get_submodule(name).weight != 0
         assert torch.equal(kept.T, _brute_nm(w0.T, 2, 4)), name
+
+
+def test_out_proj_alone_is_refused_naming_the_attention():
+    model = Attn()
+    opt = _sgd(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"'attn.out_proj' is read by 'attn'.*targets=\['attn'\]"):
+        STR(model, opt, targets=["attn.out_proj", "fc"])
+    assert len(opt.param_groups) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    pruner = MagnitudePruner(model, opt, 0.5, targets=["attn"])
+    assert list(pruner.entries) == ["attn.in_proj_weight", "attn.out_proj.weight"]

@@ -52,6 +52,8 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
         out = OrderedDict((n, modules[n]) for n in targets)
     if not out:
         raise ValueError("no prunable layers found; pass targets=[...] module names")
+    if targets is not None:
+        _check_not_inside_a_kind(model, out)
     check_plain_weights(out)
     for name, module in out.items():
         try:
@@ -67,6 +69,24 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
     if not out:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}; use another pattern or pass targets=[...]")
     return out
+
+
+def _check_not_inside_a_kind(model: nn.Module, out: Mapping[str, nn.Module]) -> None:
+    """A target whose weight another layer kind writes in its own forward (attention's
+    ``out_proj``, whose forward never runs) could be neither shadowed nor seen as prune() sees
+    it: ValueError naming the module to target instead."""
+    parents: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if _has_kind(module):
+            for pname, p in kind_of(module).parameters(module).items():
+                if "." in pname:  # held by a submodule the kind reads from its own forward
+                    parents[id(p)] = name
+    for name, module in out.items():
+        parent = parents.get(id(getattr(module, "weight", None)))
+        if parent is not None and parent not in out:
+            raise ValueError(f"target {name!r} is read by {parent!r} ({type(model.get_submodule(parent)).__name__}) "
+                             f"in its own forward, never by its own; pass targets=[{parent!r}] (q, k, v and "
+                             "out_proj are pruned together)")
 
 
 def _has_kind(module: nn.Module) -> bool:
