@@ -77,13 +77,15 @@ def test_stem_is_skipped_at_construction_with_prunes_warning():
     model = Stem()
     reference = copy.deepcopy(model)
     with pytest.warns(UserWarning) as theirs:
-        pk.prune(reference, sparsity=0.5, pattern="2:4", method="magnitude")
+        result = pk.prune(reference, sparsity=0.5, pattern="2:4", method="magnitude")
     with pytest.warns(UserWarning) as ours:
         pruner = MagnitudePruner(model, _sgd(model), 0.5, pattern="2:4")
     mine = [str(w.message) for w in ours if "left" in str(w.message)]
     assert mine and mine == [str(w.message) for w in theirs if "left" in str(w.message)]
     assert "'stem'" in mine[0] and "'depthwise'" in mine[0]
     assert list(pruner.targets) == ["grouped", "fc"]
+    assert set(unit_modules(pruner.entries)) == {r.name for r in result.layers}
+    assert torch.equal(model.grouped.weight != 0, reference.grouped.weight != 0)  # prune()'s 2:4 magnitude masks
     opt = pruner.optimizer
     for _ in range(2):  # training runs: no N:M error at step 1
         opt.zero_grad()
