@@ -52,7 +52,7 @@ def resolve_targets(model: nn.Module, targets: Mapping[str, nn.Module] | Sequenc
         out = OrderedDict((n, modules[n]) for n in targets)
     if not out:
         raise ValueError("no prunable layers found; pass targets=[...] module names")
-    if targets is not None:
+    if targets is not None and not isinstance(targets, Mapping):  # names (group pruners pass their own mapping)
         _check_not_inside_a_kind(model, out)
     check_plain_weights(out)
     for name, module in out.items():
