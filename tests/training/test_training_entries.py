@@ -221,3 +221,41 @@ def test_out_proj_alone_is_refused_naming_the_attention():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     pruner = MagnitudePruner(model, opt, 0.5, targets=["attn"])
     assert list(pruner.entries) == ["attn.in_proj_weight", "attn.out_proj.weight"]
+
+
+def test_a_kind_of_ones_own_is_pruned_during_training():
+    from prunekit.layers.base import LayerKind, register_kind, unregister_kind
+
+    class TLinear(nn.Module):
+        def __init__(self, d_in: int, d_out: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(d_in, d_out))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight
+
+    class TransposedKind(LayerKind):
+        name = "transposed-training-test"
+        types = (TLinear,)
+
+        def matrix(self, module, unit=""):
+            return module.weight.detach().T
+
+        def weight_mask(self, module, mask, unit=""):
+            return mask.T
+
+    register_kind(TransposedKind())
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(TLinear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+        dense = net[0].weight.detach().clone()
+        pruner = MagnitudePruner(net, _sgd(net), 0.5, pattern="2:4")
+        assert list(pruner.targets) == ["0"]
+        assert torch.equal((net[0].weight != 0).T, _brute_nm(dense.T, 2, 4))
+        net = nn.Sequential(TLinear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+        pruner = SoftThreshold(net, _sgd(net), total_steps=2, final_threshold=0.5, schedule="constant")
+        x = torch.randn(3, 8)
+        expected = torch.relu(x @ (net[0].weight - net[0].weight.clamp(-0.5, 0.5))) @ net[2].weight.T + net[2].bias
+        torch.testing.assert_close(net(x), expected)
+    finally:
+        unregister_kind("transposed-training-test")
