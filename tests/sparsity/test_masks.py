@@ -25,3 +25,17 @@ def test_load_state_dict_rejects_other_model():
         masks.load_state_dict({"x": torch.ones(4, 4)})
     with pytest.raises(ValueError, match="shape"):
         masks.load_state_dict({"0": torch.ones(3, 4)})
+
+
+def test_parameter_paths_name_attention_weights():
+    torch.manual_seed(0)
+    attn = nn.Sequential(nn.MultiheadAttention(8, 2))
+    keep = torch.rand(24, 8) > 0.5
+    masks = MaskSet({"0.in_proj_weight": keep, "0.out_proj.weight": torch.ones(8, 8, dtype=torch.bool)})
+    masks.apply(attn)
+    assert torch.equal(attn[0].in_proj_weight != 0, keep)  # random weights: no other zeros
+    assert masks.verify(attn)
+    again = MaskSet.from_model(attn, ["0.in_proj_weight", "0.out_proj"])
+    assert torch.equal(again["0.in_proj_weight"], keep)
+    with pytest.raises(KeyError, match="'0.nothing' names neither a module nor a parameter"):
+        MaskSet({"0.nothing": keep}).apply(attn)

@@ -145,6 +145,12 @@ def test_attention_qkv_and_out_proj_each_pruned_by_magnitude():
         assert torch.equal(model.attn.in_proj_weight[rows] != 0, _brute_unstructured(w0[rows], 0.5))
     assert torch.equal(model.attn.out_proj.weight != 0, _brute_unstructured(dense["attn.out_proj.weight"], 0.5))
     assert torch.equal(pruner.masks()["attn.in_proj_weight"], model.attn.in_proj_weight != 0)
+    assert pruner.masks().verify(model)
+    # resume sparse fine-tuning from the model's zeros, keyed as the pruner keys its masks
+    again = Attn()
+    again.load_state_dict(model.state_dict())
+    resumed = MagnitudePruner(again, _sgd(again), 0.5, masks=pk.MaskSet.from_model(again, list(pruner.weights)))
+    assert all(torch.equal(resumed.masks()[k], m) for k, m in pruner.masks().items())
 
 
 def test_grouped_conv_units_are_its_groups():

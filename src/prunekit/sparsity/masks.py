@@ -1,4 +1,8 @@
-"""A set of keep-masks keyed by the module name of each prunable layer."""
+"""A set of keep-masks keyed by the module name of each prunable layer.
+
+A key is a module name (its ``weight``) or, for a module holding several pruned parameters
+(``nn.MultiheadAttention``'s ``in_proj_weight`` and ``out_proj.weight``), a parameter path
+(``attn.in_proj_weight``): the names the training pruners give their masks."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -40,21 +44,21 @@ class MaskSet:
     def from_model(cls, model: nn.Module, names: list[str]) -> "MaskSet":
         """Masks read from the non-zeros of each named layer's weight."""
         modules = dict(model.named_modules())
-        return cls({n: modules[n].weight.detach() != 0 for n in names})
+        return cls({n: weight_of(model, n, modules).detach() != 0 for n in names})
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero every masked-out weight of ``model`` in place."""
         modules = dict(model.named_modules())
         for name, mask in self._masks.items():
-            weight = modules[name].weight
+            weight = weight_of(model, name, modules)
             mask = sharding.local(sharding.shard_like(weight, mask))  # FSDP2: this rank's rows
             sharding.local(weight).masked_fill_(~mask.to(weight.device), 0.0)  # +0.0, never -0.0
 
     def verify(self, model: nn.Module) -> bool:
         """True when every masked-out weight of ``model`` is exactly zero."""
         modules = dict(model.named_modules())
-        weights = [modules[n].weight.detach() for n in self._masks]
+        weights = [weight_of(model, n, modules).detach() for n in self._masks]
         ok = all(not sharding.local(w)[~sharding.local(sharding.shard_like(w, m)).to(w.device)].any()
                  for w, m in zip(weights, self._masks.values()))
         return sharding.all_ranks(ok, weights)
@@ -77,3 +81,15 @@ class MaskSet:
             if name in self._masks and mask.shape != self._masks[name].shape:
                 raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, expected {tuple(self._masks[name].shape)}")
             self[name] = mask
+
+
+def weight_of(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> torch.Tensor:
+    """The weight a mask key names: module ``name``'s ``weight``, else the parameter at path
+    ``name``; a KeyError naming the key otherwise (``modules``: ``dict(model.named_modules())``)."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    if name in modules:
+        return modules[name].weight
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        raise KeyError(f"mask {name!r} names neither a module nor a parameter of the model") from None
