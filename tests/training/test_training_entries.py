@@ -265,3 +265,27 @@ def test_a_kind_of_ones_own_is_pruned_during_training():
         torch.testing.assert_close(net(x), expected)
     finally:
         unregister_kind("transposed-training-test")
+
+
+def test_fsdp2_shards_grouped_conv_as_one_layer_and_refuse_attention(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not already initialized")
+    from prunekit.training.entries import build_entries
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (1,))
+        conv, attn = nn.Conv2d(8, 8, 3, groups=2), nn.MultiheadAttention(8, 2)
+        conv.weight = nn.Parameter(distribute_tensor(conv.weight.detach(), mesh, [Shard(0)]))
+        attn.in_proj_weight = nn.Parameter(distribute_tensor(attn.in_proj_weight.detach(), mesh, [Shard(0)]))
+        entry = build_entries({"conv": conv})["conv"]
+        assert entry.simple and entry.units == ("",)
+        with pytest.raises(ValueError, match=r"attn.in_proj_weight \(attention layer\) is sharded"):
+            build_entries({"attn": attn})
+    finally:
+        dist.destroy_process_group()

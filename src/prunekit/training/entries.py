@@ -32,7 +32,8 @@ class Entry:
     holds the parameter as ``attr`` (``owner``: attention's ``out_proj``), its layer kind (None for
     a module no kind handles, which the group pruners pass) and the kind's units inside it.
     ``simple``: the parameter itself is the only unit, ranked in its own layout (Linear, ungrouped
-    convolutions), so FSDP2 shards work unchanged."""
+    convolutions, and a grouped one sharded by FSDP2, whose rows are split across ranks), so FSDP2
+    shards work unchanged."""
 
     module_name: str
     module: nn.Module
@@ -71,11 +72,13 @@ def build_entries(targets: Mapping[str, nn.Module]) -> "OrderedDict[str, Entry]"
             owner_path, _, attr = pname.rpartition(".")
             owner = module.get_submodule(owner_path) if owner_path else module
             units = ("",) if kind is None else tuple(u for u in kind.units(module) if kind.parameter(module, u) is param)
+            if isinstance(kind, ConvKind) and sharding.is_sharded(param):
+                units = ("",)  # FSDP2 rows: a grouped convolution is ranked as one layer (N:M is the same)
             out[key] = Entry(name, module, owner, attr, param, kind, units)
     for key, e in out.items():
         if not e.simple and sharding.is_sharded(e.param):
-            raise ValueError(f"parameter {key} of a {e.kind.name} layer is sharded (FSDP2); the pruners split only "
-                             "Linear and ungrouped convolution weights by rows: exclude it with targets=[...] or "
+            raise ValueError(f"parameter {key} ({e.kind.name} layer) is sharded (FSDP2); the pruners split only "
+                             "Linear and convolution weights by rows: exclude it with targets=[...] or "
                              "keep that module unsharded")
     return out
 
