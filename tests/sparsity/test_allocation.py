@@ -67,3 +67,18 @@ def test_override_key_that_is_not_a_regex_is_a_value_error():
     # found by the prune() property test: re.error escaped instead of a ValueError
     with pytest.raises(ValueError, match=r"overrides key '\(' is not a regular expression"):
         allocate(_scores(), 0.5, overrides={"(": 0.1})
+
+
+def test_global_counts_on_many_same_size_layers_equal_a_stable_sort():
+    """Same-size layers are searched as one batch: the counts are a brute-force stable sort's
+    (ties at the threshold filled in layer order)."""
+    g = torch.Generator().manual_seed(0)
+    scores = {f"u{i}": torch.randint(0, 7, (3, 3), generator=g).float() for i in range(40)}
+    scores.update({f"w{i}": torch.randint(0, 7, (5,), generator=g).float() for i in range(5)})
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1) for n in names])
+    owner = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+    for to_prune in (1, 77, 200, flat.numel() - 1):
+        chosen = owner[torch.sort(flat, stable=True).indices[:to_prune]]
+        expected = {n: int((chosen == i).sum()) / scores[n].numel() for i, n in enumerate(names)}
+        assert global_counts(scores, to_prune) == expected

@@ -100,11 +100,27 @@ def global_counts(scores: Mapping[str, torch.Tensor], to_prune: int, cap: float 
     if any(sharding.is_sharded(s) for s in scores.values()):  # FSDP2: counts over all shards
         counts = sharding.global_counts(scores, to_prune, caps)
         return {n: counts[n] / numel[n] for n in names}
-    flat = {n: torch.sort(scores[n].detach().reshape(-1).double()).values for n in names}
+    # layers of one size sorted as the rows of one matrix: one batched search per size and round
+    # (a depthwise convolution is hundreds of same-size units)
+    by_size: dict[int, list[str]] = {}
+    for n in names:
+        by_size.setdefault(numel[n], []).append(n)
+    buckets = {size: torch.sort(torch.stack([scores[n].detach().reshape(-1).double() for n in ns]), dim=1).values
+               for size, ns in by_size.items()}
+    bucket_caps = {size: torch.tensor([caps[n] for n in ns]) for size, ns in by_size.items()}
+    flat = {n: buckets[size][i] for size, ns in by_size.items() for i, n in enumerate(ns)}
+
+    def counts(tau: float, right: bool) -> dict[int, torch.Tensor]:
+        """Per size, each layer's count of scores <= tau (< tau unless ``right``), capped."""
+        out = {}
+        for size, mat in buckets.items():
+            t = torch.full((mat.shape[0], 1), tau, dtype=torch.float64)
+            out[size] = torch.minimum(torch.searchsorted(mat, t, right=right).squeeze(1), bucket_caps[size])
+        return out
 
     def count(tau: float, right: bool) -> dict[str, int]:
-        t = torch.tensor([tau], dtype=torch.float64)
-        return {n: min(caps[n], int(torch.searchsorted(flat[n], t, right=right))) for n in names}
+        got = counts(tau, right)
+        return {n: int(got[size][i]) for size, ns in by_size.items() for i, n in enumerate(ns)}
 
     lo = min(float(v[0]) for v in flat.values()) - 1.0
     hi = max(float(v[-1]) for v in flat.values())
@@ -112,7 +128,7 @@ def global_counts(scores: Mapping[str, torch.Tensor], to_prune: int, cap: float 
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
-        if sum(count(mid, True).values()) >= to_prune:
+        if sum(int(c.sum()) for c in counts(mid, True).values()) >= to_prune:
             hi = mid
         else:
             lo = mid

@@ -24,6 +24,8 @@ from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.conv import ConvKind
 from ..layers.linear import LinearKind
 from ..sparsity import sharding
+from ..sparsity.layout import from_matrix, to_matrix
+from ..sparsity.patterns import keep_count, topk_keep
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ def unit_scores(entries: Mapping[str, Entry], scores: Mapping[str, torch.Tensor]
         if e.simple:
             out[key] = scores[key]
             continue
+        if isinstance(e.kind, ConvKind):  # groups are row blocks of the matrix: views, no copy per group
+            mat, per = to_matrix(scores[key]), e.param.shape[0] // len(e.units)
+            for g, u in enumerate(e.units):
+                out[unit_name(e.module_name, u)] = mat[g * per:(g + 1) * per]
+            continue
         with _holding(e.param, scores[key].to(e.param.dtype)):
             for u in e.units:
                 out[unit_name(e.module_name, u)] = e.kind.matrix(e.module, u)
@@ -116,11 +123,35 @@ def entry_masks(entries: Mapping[str, Entry], masks: Mapping[str, torch.Tensor])
         if e.simple:
             out[key] = masks[key]
             continue
+        if isinstance(e.kind, ConvKind):  # one concatenation, not a full-size mask per group
+            out[key] = from_matrix(torch.cat([masks[unit_name(e.module_name, u)] for u in e.units]), e.param.shape)
+            continue
         keep = torch.zeros(e.param.shape, dtype=torch.bool, device=e.param.device)
         for u in e.units:
             keep |= e.kind.weight_mask(e.module, masks[unit_name(e.module_name, u)], u)
         out[key] = keep
     return out
+
+
+@torch.no_grad()
+def unstructured_entry_masks(entries: Mapping[str, Entry], units: Mapping[str, torch.Tensor],
+                             sparsity: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Per-entry keep-masks pruning exactly ``round(s_u * n_u)`` lowest scores of every unit (ties
+    by index), as :func:`~prunekit.sparsity.sharding.unstructured_masks` unit by unit; a grouped
+    convolution's groups are ranked in one batched sort (a depthwise layer is hundreds of units)."""
+    out: dict[str, torch.Tensor] = {}
+    plain: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, e in entries.items():
+        names = [key] if e.simple else [unit_name(e.module_name, u) for u in e.units]
+        if isinstance(e.kind, ConvKind) and len(names) > 1:
+            stacked = torch.stack([units[n].reshape(-1) for n in names])
+            k = torch.tensor([keep_count(stacked.shape[1], sparsity[n]) for n in names], device=stacked.device)
+            keep = topk_keep(stacked, k).view(len(names), *units[names[0]].shape)
+            out.update(zip(names, keep.unbind(0)))
+        else:
+            plain.update((n, units[n]) for n in names)
+    out.update(sharding.unstructured_masks(plain, {n: sparsity[n] for n in plain}))
+    return entry_masks(entries, out)
 
 
 def unit_modules(entries: Mapping[str, Entry]) -> dict[str, tuple[str, str]]:

@@ -31,7 +31,7 @@ from ..sparsity.patterns import NM, parse_pattern
 from .schedules import Constant
 from ..oneshot.plan import _spread_within_modules as spread_within_modules
 from .base import PrunerBase, broadcast_, mask_optimizer_state, world_size
-from .entries import entry_masks, unit_modules, unit_scores
+from .entries import entry_masks, unit_modules, unit_scores, unstructured_entry_masks
 
 
 class MagnitudePruner(PrunerBase):
@@ -136,7 +136,7 @@ class MagnitudePruner(PrunerBase):
             return entry_masks(self.entries, sharding.nm_masks(units, NM(k, m)))
         per_unit = allocate(units, s, self.budget, cap=self.cap, overrides=self.overrides)
         per_unit = spread_within_modules(per_unit, unit_modules(self.entries), {u: t.numel() for u, t in units.items()})
-        return entry_masks(self.entries, sharding.unstructured_masks(units, per_unit))
+        return unstructured_entry_masks(self.entries, units, per_unit)
 
     @torch.no_grad()
     def _update(self, step: int) -> None:
