@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit as pk
-from prunekit.structures import channels as channels_mod
+from prunekit.structures import channel_refit as refit_mod
 from prunekit.zoo.mobilenet import mobilenet_v1_mnist
 from prunekit.zoo.models import resnet_mnist, small_cnn
 from prunekit.structures.channels_graph import find_channel_groups
@@ -117,8 +117,8 @@ def test_failure_midway_restores_every_tensor(monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    real = channels_mod.refit_columns
-    monkeypatch.setattr(channels_mod, "refit_columns", boom)
+    real = refit_mod.refit_columns
+    monkeypatch.setattr(refit_mod, "refit_columns", boom)
     with pytest.raises(KeyboardInterrupt):
         pk.prune_channels(model, CALIB, ratio=0.5)
     assert same(model, snap) and [m.weight.shape for m in model.modules() if hasattr(m, "weight")] == shapes

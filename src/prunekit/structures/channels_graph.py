@@ -79,13 +79,17 @@ class ChannelGroup:
 
 @dataclass
 class LayerInfo:
-    """A conv or Linear as traced: the union-find ids of its input and output positions and the
-    multiply-adds per sample of one output position for one input position (``spatial``)."""
+    """A conv or Linear as traced: the union-find ids of its input and output positions, the
+    multiply-adds per sample of one output position for one input position (``spatial``), the
+    weights per (input, output) pair (``kernel``: ``kh * kw``, 1 for a Linear) and whether it has
+    a bias (one parameter per output position)."""
 
     kind: str  # "conv", "dw" or "linear"
     ins: list[int]
     outs: list[int]
     spatial: int
+    kernel: int = 1
+    bias: bool = False
 
 
 @dataclass
@@ -272,14 +276,16 @@ class _Walker:
         if isinstance(m, nn.Conv2d):
             out_shape = _shape(node)
             if m.groups == 1:
+                kernel = m.kernel_size[0] * m.kernel_size[1]
                 self.layers[name] = LayerInfo("conv", self.record(name, "in", ids), [],
-                                              out_shape[2] * out_shape[3] * m.kernel_size[0] * m.kernel_size[1])
+                                              out_shape[2] * out_shape[3] * kernel, kernel, m.bias is not None)
                 self.layers[name].outs = self.record(name, "out", self.uf.new(m.out_channels))
                 return self.layers[name].outs
             if m.groups == m.in_channels == m.out_channels:
                 own = self.record(name, "dw", ids)
-                self.layers[name] = LayerInfo("dw", own, own, out_shape[2] * out_shape[3] * m.kernel_size[0]
-                                              * m.kernel_size[1])
+                kernel = m.kernel_size[0] * m.kernel_size[1]
+                self.layers[name] = LayerInfo("dw", own, own, out_shape[2] * out_shape[3] * kernel, kernel,
+                                              m.bias is not None)
                 return own
             self.fail(node, f"a grouped convolution (groups={m.groups}) couples channels within groups, "
                             "which prunekit does not resize")
@@ -287,7 +293,7 @@ class _Walker:
             shape = _shape(node)
             if len(shape) != 2:
                 self.fail(node, f"a Linear on a {len(shape)}-d tensor (prunekit follows [N, features] only)")
-            info = LayerInfo("linear", self.record(name, "in", ids), [], 1)
+            info = LayerInfo("linear", self.record(name, "in", ids), [], 1, 1, m.bias is not None)
             info.outs = self.record(name, "out", self.uf.new(m.out_features))
             self.layers[name] = info
             return info.outs
