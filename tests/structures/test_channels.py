@@ -81,7 +81,16 @@ def test_batchnorm_is_re_estimated_on_the_pruned_network():
 @pytest.mark.parametrize("kwargs,match", [({"ratio": 1.0}, "ratio must be a number in"),
                                           ({"ratio": 0.5, "flops": 0.5}, "exactly one of"),
                                           ({"flops": 0.999}, "cannot be reached"),
-                                          ({"ratio": 0.5, "score": "taylor"}, "score must be one of")])
+                                          ({"ratio": 0.5, "score": "taylor"}, "score must be one of"),
+                                          ({"ratio": 0.5, "params": 0.5}, "exactly one of"),
+                                          ({"params": 0}, "params must be a number in"),
+                                          ({"params": 0.999}, "params=0.999 cannot be reached"),
+                                          ({"ratio": 0.5, "budget": "greedy"}, "budget must be one of"),
+                                          ({"ratio": 0.5, "floor": 0.5}, "applies to budget='global'"),
+                                          ({"ratio": 0.5, "budget": "global", "floor": 1.0}, "floor must be"),
+                                          ({"ratio": 0.5, "refine": "snows", "refine_options": {"kk": 1}},
+                                           "unknown snows option 'kk'"),
+                                          ({"ratio": 0.5, "refine": "obs"}, "refine must be None")])
 def test_bad_targets_raise_and_leave_the_model(kwargs, match):
     model = resnet_mnist(width=4).eval()
     snap = snapshot(model)
