@@ -62,11 +62,12 @@ def _count(graph: ChannelGraph, removed: list[int] | None, what: str) -> int:
     total = 0
     for t in graph._terms:
         ins = t.ins - sum(a * removed[g] for g, a in t.per_in.items())
-        outs = ins if t.kind == "dw" else t.outs - sum(b * removed[g] for g, b in t.per_out.items())
+        per_channel = t.kind in ("dw", "attn")
+        outs = ins if per_channel else t.outs - sum(b * removed[g] for g, b in t.per_out.items())
         if what == "flops":
-            total += t.spatial * (ins if t.kind == "dw" else ins * outs)
+            total += t.spatial * (ins if per_channel else ins * outs)
         else:
-            total += t.kernel * (ins if t.kind == "dw" else ins * outs) + (outs if t.bias else 0)
+            total += t.kernel * (ins if per_channel else ins * outs) + (outs if t.bias else 0)
     return total
 
 
@@ -77,7 +78,7 @@ def macs(graph: ChannelGraph, removed: list[int] | None = None) -> int:
 
 
 def params(graph: ChannelGraph, removed: list[int] | None = None) -> int:
-    """Weights and biases of the convs and Linears with ``removed[g]`` channels taken from group
+    """Weights and biases of the convs and Linears (and attention's ``in_proj``) with ``removed[g]`` channels taken from group
     ``g`` (None: the dense network); BatchNorm entries are not counted."""
     return _count(graph, removed, "params")
 

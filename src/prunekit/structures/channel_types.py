@@ -13,8 +13,9 @@ __all__ = ["ChannelGraph", "ChannelGroup", "LayerInfo", "Member"]
 @dataclass
 class Member:
     """One module's share of a group: ``role`` ``"out"`` (conv/Linear output rows), ``"in"``
-    (conv input channels or Linear input columns), ``"bn"`` (BatchNorm entries) or ``"dw"``
-    (a depthwise conv's channels); ``index[c]`` the positions of the group's channel ``c`` on that
+    (conv input channels or Linear input columns), ``"bn"`` (BatchNorm entries), ``"dw"``
+    (a depthwise conv's channels) or ``"heads"`` (an attention's q, k, v rows of ``in_proj_weight``,
+    one channel per head); ``index[c]`` the positions of the group's channel ``c`` on that
     axis (``[count, k]``; ``k = H * W`` for a Linear after flatten)."""
 
     module: str
@@ -50,7 +51,7 @@ class LayerInfo:
     weights per (input, output) pair (``kernel``: ``kh * kw``, 1 for a Linear) and whether it has
     a bias (one parameter per output position)."""
 
-    kind: str  # "conv", "dw" or "linear"
+    kind: str  # "conv", "dw", "linear" or "attn" (attention's two products: per channel, like "dw")
     ins: list[int]
     outs: list[int]
     spatial: int

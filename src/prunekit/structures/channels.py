@@ -30,8 +30,9 @@ from .channel_refit import check_consumers, gone_columns, repair
 from .channel_scores import SCORES, channel_scores, input_stats, lowest, obs_choose, obs_states
 from .channel_surgery import shrink_channels
 from .channels_graph import find_channel_groups
+from .mha import swap_in
 from .surgery import Undo
-from .units import StructureReport
+from .units import Structure, StructureReport
 
 REFINES = (None, "lstsq", "snows")
 
@@ -149,12 +150,14 @@ def prune_channels(
             if not any(m.role == "bn" for m in group.members):
                 raise ValueError(f"{group.name}: score='bn' needs a BatchNorm on every group; this one has none")
     consumers = list(dict.fromkeys(m.module for g in graph.groups for m in g.consumers))
+    attention = [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members if m.role == "heads"]
     if refine is not None:
         check_consumers(model, consumers)
     result = ChannelResult(params_before=sum(p.numel() for p in model.parameters()), macs_before=macs(graph))
     undo, start, was_training = Undo(), time.perf_counter(), model.training
     try:
         model.eval()
+        swap_in(model, attention, undo)  # nn.MultiheadAttention -> the drop-in that can hold fewer heads
         with torch.no_grad():
             stats = input_stats(model, consumers, calls, full=score == "obs") if score in ("wanda", "obs") else {}
             if score == "obs":

@@ -20,6 +20,7 @@ modules and functions, a module called twice) raises ``ValueError`` naming the m
 """
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Iterable
 
@@ -29,20 +30,22 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .channel_types import ChannelGraph, ChannelGroup, LayerInfo, Member
 from .channels_walk import _Walker
+from .mha import PrunedMultiheadAttention
 
 __all__ = ["ChannelGraph", "ChannelGroup", "LayerInfo", "Member", "find_channel_groups"]
 
 
 class _Tracer(fx.Tracer):
-    """``symbolic_trace``'s tracer, with excluded modules kept as leaves and the module being
-    traced remembered, so a failure can name it."""
+    """``symbolic_trace``'s tracer, with excluded and passthrough modules (and the attention
+    drop-in) kept as leaves and the module being traced remembered, so a failure can name it."""
 
-    def __init__(self, exclude: re.Pattern | None) -> None:
+    def __init__(self, exclude: re.Pattern | None, passthrough: frozenset[str] = frozenset()) -> None:
         super().__init__()
-        self.exclude, self.stack = exclude, []
+        self.exclude, self.passthrough, self.stack = exclude, passthrough, []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return bool(self.exclude and qualname and self.exclude.search(qualname)) or super().is_leaf_module(m, qualname)
+        return bool(self.exclude and qualname and self.exclude.search(qualname)) or qualname in self.passthrough \
+            or isinstance(m, PrunedMultiheadAttention) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         self.stack.append(self.path_of_module(m))
@@ -62,16 +65,40 @@ def _exclude_pattern(exclude: str | Iterable[str] | None) -> re.Pattern | None:
     return re.compile("^(" + "|".join(re.escape(n) for n in names) + r")(\.|$)") if names else None
 
 
-def trace(model: nn.Module, example: tuple, exclude: str | Iterable[str] | None = None) -> fx.GraphModule:
-    """``model`` traced by torch.fx (excluded modules as leaves) with shapes from ``example``;
-    a ValueError naming the module whose forward cannot be traced."""
-    tracer = _Tracer(_exclude_pattern(exclude))
+def passthrough_names(model: nn.Module, passthrough: Iterable[str] | None) -> frozenset[str]:
+    """The modules declared to map channel c of their input to channel c of their output; a
+    ValueError for a name the model lacks or a module holding parameters or buffers (which the
+    surgery would have to resize)."""
+    if passthrough is None:
+        return frozenset()
+    if isinstance(passthrough, str) or not all(isinstance(n, str) for n in passthrough):
+        raise TypeError(f"passthrough must be a list of module names, got {passthrough!r}")
+    modules = dict(model.named_modules())
+    for name in passthrough:
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, list(modules), n=1)
+            raise ValueError(f"passthrough: the model has no module {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        held = [n for n, _ in (*modules[name].named_parameters(), *modules[name].named_buffers())]
+        if held:
+            raise ValueError(f"passthrough: {name} holds {held[0]!r}, which would have to lose the removed "
+                             f"channels; exclude it instead (exclude=[{name!r}]) to keep its channels")
+    return frozenset(passthrough)
+
+
+def trace(model: nn.Module, example: tuple, exclude: str | Iterable[str] | None = None,
+          passthrough: frozenset[str] = frozenset()) -> fx.GraphModule:
+    """``model`` traced by torch.fx (excluded and passthrough modules as leaves) with shapes from
+    ``example``; a ValueError naming the module whose forward cannot be traced, and the two fixes."""
+    tracer = _Tracer(_exclude_pattern(exclude), passthrough)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, ...)
         where = tracer.stack[-1] if tracer.stack else "the model's own forward"
         raise ValueError(f"torch.fx cannot trace {where or 'the model'} ({type(e).__name__}: {e}); "
-                         f"exclude it (exclude=[{where!r}]) to keep its channels as they are") from e
+                         f"exclude it (exclude=[{where!r}]) to keep its channels as they are, or, if it maps "
+                         f"each channel to the same channel and holds no parameters (an activation, a gate), "
+                         f"declare it (passthrough=[{where!r}]) so its channels can still go") from e
     gm = fx.GraphModule(tracer.root, graph)
     with torch.no_grad():
         ShapeProp(gm).propagate(*example)
@@ -79,13 +106,17 @@ def trace(model: nn.Module, example: tuple, exclude: str | Iterable[str] | None 
 
 
 
-def find_channel_groups(model: nn.Module, example: Any, exclude: str | Iterable[str] | None = None) -> ChannelGraph:
+def find_channel_groups(model: nn.Module, example: Any, exclude: str | Iterable[str] | None = None,
+                        passthrough: Iterable[str] | None = None) -> ChannelGraph:
     """The coupled channel groups of ``model`` traced with torch.fx, shapes from ``example`` (one
     input batch: a tensor, or a tuple of positional inputs). ``exclude``: a regex or a list of
-    module names traced as opaque leaves whose channels stay as they are."""
+    module names traced as opaque leaves whose channels stay as they are. ``passthrough``: module
+    names the user declares to map channel c to channel c with no parameters (e.g. one torch.fx
+    cannot trace): traced as leaves, their channels couple input to output."""
     example = example if isinstance(example, tuple) else (example,)
-    gm = trace(model, example, exclude)
-    walker = _Walker(gm, _exclude_pattern(exclude))
+    declared = passthrough_names(model, passthrough)
+    gm = trace(model, example, exclude, declared)
+    walker = _Walker(gm, _exclude_pattern(exclude), declared)
     walker.run()
     find = walker.uf.find
     by_class: dict[int, dict[tuple[str, str], list[int]]] = {}
