@@ -114,6 +114,7 @@ def prune_channels(
     budget: str = "uniform",
     floor: float | None = None,
     refine_options: SnowsOptions | dict | None = None,
+    passthrough: Iterable[str] | None = None,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
@@ -130,7 +131,9 @@ def prune_channels(
     ``refine=None`` keeps the weights (for ``obs``: the OBS-updated consumers). ``recalibrate_bn``
     re-estimates BatchNorm statistics on ``calibration`` afterwards. ``exclude``: a regex or
     module names traced as leaves whose channels stay (also the way past a module torch.fx cannot
-    trace). The model's input and output channels never change.
+    trace). ``passthrough``: names of modules you declare map channel c to channel c and hold no
+    parameters (a custom activation torch.fx cannot trace): traced as leaves, their channels can
+    still go. The model's input and output channels never change.
     """
     snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
                    refine_options)
@@ -141,7 +144,7 @@ def prune_channels(
     if calls[0][1]:
         raise TypeError("prune_channels traces the model with positional inputs; pass tensors or tuples as batches")
     with eval_mode(model), torch.no_grad():  # tracing runs a forward: BatchNorm statistics must not move
-        graph = find_channel_groups(model, calls[0][0], exclude)
+        graph = find_channel_groups(model, calls[0][0], exclude, passthrough)
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")

@@ -154,9 +154,10 @@ class _Walker:
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         ids, axis = self.ids.get(src, []), self.axis.get(src, 1)
         if name in self.passthrough:
-            if _shape(node) != _shape(src):
-                self.fail(node, f"declared passthrough, but its output {list(_shape(node) or ())} is not shaped like "
-                                f"its input {list(_shape(src) or ())}")
+            before, after = _shape(src), _shape(node)
+            if before is None or after is None or len(after) != len(before) or after[axis] != before[axis]:
+                self.fail(node, f"declared passthrough, but its output {list(after or ())} does not keep the "
+                                f"{before[axis] if before else '?'} channels of its input {list(before or ())}")
             return ids, axis
         if self.excluded(name):
             self.freeze(node.all_input_nodes)
