@@ -140,3 +140,13 @@ def test_a_model_in_training_mode_keeps_its_batchnorm_statistics_on_bad_input():
     with pytest.raises(ValueError, match="leaves none"):
         pk.prune_channels(model, CALIB, ratio=0.99)
     assert same(model, snap) and model.training
+
+
+@pytest.mark.parametrize("score,refine", [("wanda", None), ("obs", None), ("l2", "snows")])
+def test_string_padding_is_refused_where_im2col_columns_are_read(score, refine):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding="same"), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 3, padding="same"))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"^2: refine='lstsq'/'snows' and score='wanda'/'obs' read im2col"):
+        pk.prune_channels(model, CALIB, ratio=0.5, score=score, refine=refine)
+    assert same(model, snap)

@@ -56,8 +56,9 @@ def check_consumers(model: nn.Module, names: list[str]) -> None:
     for name in names:
         m = modules[name]
         if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
-            raise ValueError(f"{name}: refine='lstsq'/'snows' needs zero padding given as numbers (got padding="
-                             f"{m.padding!r}, padding_mode={m.padding_mode!r}); use refine=None")
+            raise ValueError(f"{name}: refine='lstsq'/'snows' and score='wanda'/'obs' read im2col columns, which "
+                             f"need zero padding given as numbers (got padding={m.padding!r}, padding_mode="
+                             f"{m.padding_mode!r}); use refine=None with score='l2' or 'bn'")
 
 
 def _param(t: torch.Tensor, like: nn.Parameter, requires_grad: bool) -> nn.Parameter:

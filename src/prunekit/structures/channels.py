@@ -154,7 +154,7 @@ def prune_channels(
                 raise ValueError(f"{group.name}: score='bn' needs a BatchNorm on every group; this one has none")
     consumers = list(dict.fromkeys(m.module for g in graph.groups for m in g.consumers))
     attention = [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members if m.role == "heads"]
-    if refine is not None:
+    if refine is not None or score in ("wanda", "obs"):  # both read the consumers' im2col columns
         check_consumers(model, consumers)
     result = ChannelResult(params_before=sum(p.numel() for p in model.parameters()), macs_before=macs(graph))
     undo, start, was_training = Undo(), time.perf_counter(), model.training
