@@ -184,7 +184,8 @@ def prune_channels(
             shrink_channels(model, graph, removed, undo)
             for g, group in enumerate(graph.groups):
                 gone = removed.get(g, [])
-                result.reports.append(StructureReport("channels", group.name, group.count, group.count - len(gone),
+                kind = "heads" if any(m.role == "heads" for m in group.members) else "channels"
+                result.reports.append(StructureReport(kind, group.name, group.count, group.count - len(gone),
                                                       removed=gone))
             if recalibrate_bn:
                 result.bn_batches = recalibrate_batchnorm(

@@ -139,8 +139,9 @@ class _Walker:
                         and node.target not in ("size", "dim") and node.target is not getattr:
                     self.fail(node, "its result is not a tensor the walk can follow")
                 continue
-            if node.op in ("placeholder", "get_attr"):
-                self.ids[node], self.axis[node] = self.fresh(node, frozen=True), 1
+            if node.op in ("placeholder", "get_attr"):  # images [N, C, H, W]: axis 1; tokens [N, T, D]: the last
+                axis = 1 if len(_shape(node)) >= 4 else max(len(_shape(node)) - 1, 0)
+                self.ids[node], self.axis[node] = self.fresh(node, frozen=True, axis=axis), axis
             elif node.op == "call_module":
                 self.ids[node], self.axis[node] = self.module(node)
             else:
