@@ -108,3 +108,11 @@ def test_attention_prunekit_cannot_shrink_keeps_its_heads_and_bad_input_leaves_t
     with pytest.raises(ValueError, match="score='bn' needs a BatchNorm"):
         pk.prune_channels(model, [X], ratio=0.5, score="bn")
     assert same(model, snap) and isinstance(model[2].attn, nn.MultiheadAttention)
+
+
+def test_a_pruned_vit_prunes_again_through_the_drop_in():
+    model = _vit()
+    pk.prune_channels(model, [X], ratio=0.25, score="wanda")
+    result = pk.prune_channels(model, [X], ratio=0.5, score="obs")
+    assert [(r.kind, r.units_before, r.units_after) for r in result.reports] == [("heads", 3, 1), ("channels", 18, 9)] * 2
+    assert model[1].attn.num_heads == 1 and model[1].attn.in_proj_weight.shape == (12, E) and model(X).shape == (3, 10)
