@@ -57,8 +57,8 @@ def snows_structure(
     targets: set[int],
     undo: Undo,
 ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """Refit ``s``'s consumer (kept columns ``cols`` of its layer kind's matrix, in any order, warm start ``warm`` ``[d_out, len(cols)]``,
-    bias ``warm_bias`` if one was fitted) against the lookahead loss on the block ``inputs``,
+    """Refit ``s``'s consumer (kept columns ``cols`` of its layer kind's matrix, in any order; warm
+    start ``warm`` ``[d_out, len(cols)]``, bias ``warm_bias`` if one was fitted) against the lookahead loss on the block ``inputs``,
     through ``chain`` (this block and the later ones). Returns the refit kept columns (float64)
     and the lookahead loss on the held-out batch (warm start, after)."""
     modules = dict(model.named_modules())
