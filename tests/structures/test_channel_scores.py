@@ -1,5 +1,6 @@
 """Channel scores: OBS against brute-force least-squares refits on a channel read by two
 consumers, and the OBS-updated consumer against a dense solve."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,3 +79,11 @@ def test_wanda_columns_of_a_linear_on_tokens_are_rows_per_token():
     conv = nn.Conv2d(2, 3, 3, padding=1)
     img = torch.randn(1, 2, 4, 4)
     assert torch.equal(columns(conv, img), F.unfold(img, 3, padding=1).transpose(1, 2).reshape(-1, 18))
+
+
+def test_obs_refuses_a_consumer_whose_hessian_would_not_fit_and_leaves_the_model():
+    model = nn.Sequential(nn.Conv2d(1, 512, 1), nn.ReLU(), nn.Flatten(), nn.Linear(512 * 36, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^3: score='obs' would hold a 18432 x 18432 float64 Hessian \(2.5 GiB\)"):
+        pk.prune_channels(model, [torch.randn(1, 1, 6, 6)], ratio=0.5, score="obs")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

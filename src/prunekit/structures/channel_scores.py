@@ -22,6 +22,19 @@ from .stats import ConsumerStats
 
 SCORES = ("l2", "bn", "wanda", "obs")
 OBS_DAMP = 0.01  # SparseGPT's damping of H before inverting it (as prune_structured)
+OBS_MAX_COLUMNS = 16384  # a consumer wider than this would hold a Hessian over 2 GiB (float64) for OBS
+
+
+def check_obs(model: nn.Module, consumers: list[str]) -> None:
+    """A ValueError naming a consumer too wide for OBS's ``d_in x d_in`` float64 Hessian."""
+    modules = dict(model.named_modules())
+    for name in consumers:
+        w = modules[name].weight
+        d_in = w.numel() // w.shape[0]
+        if d_in > OBS_MAX_COLUMNS:
+            raise ValueError(f"{name}: score='obs' would hold a {d_in} x {d_in} float64 Hessian "
+                             f"({d_in * d_in * 8 / 2 ** 30:.1f} GiB) for its input columns; use score='wanda', or "
+                             f"exclude it (exclude=[{name!r}])")
 
 
 def columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

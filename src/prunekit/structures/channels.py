@@ -27,7 +27,7 @@ from ..oneshot.snows_options import SnowsOptions
 from .budget import GLOBAL_FLOOR
 from .channel_budget import BUDGETS, global_counts, macs, ratio_counts, uniform_counts
 from .channel_refit import check_consumers, gone_columns, repair
-from .channel_scores import SCORES, channel_scores, input_stats, lowest, obs_choose, obs_states
+from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
 from .channel_surgery import shrink_channels
 from .channels_graph import find_channel_groups
 from .mha import swap_in
@@ -156,6 +156,8 @@ def prune_channels(
     attention = [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members if m.role == "heads"]
     if refine is not None or score in ("wanda", "obs"):  # both read the consumers' im2col columns
         check_consumers(model, consumers)
+    if score == "obs":
+        check_obs(model, consumers)
     result = ChannelResult(params_before=sum(p.numel() for p in model.parameters()), macs_before=macs(graph))
     undo, start, was_training = Undo(), time.perf_counter(), model.training
     try:
