@@ -89,8 +89,8 @@ def test_bad_combinations_are_refused_in_one_line(tmp_path, capsys, monkeypatch)
     monkeypatch.chdir(tmp_path)
     base = ["prune", "helpers.cnn_toys:tiny_cnn", "--data-tensors", "x.pt", "-o", "out"]
     one_line_error(capsys, [*base, "--structures", "mlp", "--ratio", "0.5"], "has convolutions and no mlp structure")
-    one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--method", "obs"],
-                   "structured.method must be one of l2, bn, wanda for structures=channels")
+    one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--method", "flap"],
+                   "structured.method must be one of l2, bn, wanda, obs for structures=channels")
     one_line_error(capsys, [*base, "--structures", "channels,mlp", "--ratio", "0.5"], "does not combine with mlp")
     one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--multiple-of", "8"],
                    "structured.multiple_of applies to structures mlp and heads, not channels")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import prunekit as pk
-from prunekit.structures import channels as channels_mod
+from prunekit.structures import channel_refit as refit_mod
 from prunekit.zoo.mobilenet import mobilenet_v1_mnist
 from prunekit.zoo.models import resnet_mnist, small_cnn
 from prunekit.structures.channels_graph import find_channel_groups
@@ -81,7 +81,16 @@ def test_batchnorm_is_re_estimated_on_the_pruned_network():
 @pytest.mark.parametrize("kwargs,match", [({"ratio": 1.0}, "ratio must be a number in"),
                                           ({"ratio": 0.5, "flops": 0.5}, "exactly one of"),
                                           ({"flops": 0.999}, "cannot be reached"),
-                                          ({"ratio": 0.5, "score": "taylor"}, "score must be one of")])
+                                          ({"ratio": 0.5, "score": "taylor"}, "score must be one of"),
+                                          ({"ratio": 0.5, "params": 0.5}, "exactly one of"),
+                                          ({"params": 0}, "params must be a number in"),
+                                          ({"params": 0.999}, "params=0.999 cannot be reached"),
+                                          ({"ratio": 0.5, "budget": "greedy"}, "budget must be one of"),
+                                          ({"ratio": 0.5, "floor": 0.5}, "applies to budget='global'"),
+                                          ({"ratio": 0.5, "budget": "global", "floor": 1.0}, "floor must be"),
+                                          ({"ratio": 0.5, "refine": "snows", "refine_options": {"kk": 1}},
+                                           "unknown snows option 'kk'"),
+                                          ({"ratio": 0.5, "refine": "obs"}, "refine must be None")])
 def test_bad_targets_raise_and_leave_the_model(kwargs, match):
     model = resnet_mnist(width=4).eval()
     snap = snapshot(model)
@@ -117,8 +126,8 @@ def test_failure_midway_restores_every_tensor(monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    real = channels_mod.refit_columns
-    monkeypatch.setattr(channels_mod, "refit_columns", boom)
+    real = refit_mod.refit_columns
+    monkeypatch.setattr(refit_mod, "refit_columns", boom)
     with pytest.raises(KeyboardInterrupt):
         pk.prune_channels(model, CALIB, ratio=0.5)
     assert same(model, snap) and [m.weight.shape for m in model.modules() if hasattr(m, "weight")] == shapes
@@ -131,3 +140,13 @@ def test_a_model_in_training_mode_keeps_its_batchnorm_statistics_on_bad_input():
     with pytest.raises(ValueError, match="leaves none"):
         pk.prune_channels(model, CALIB, ratio=0.99)
     assert same(model, snap) and model.training
+
+
+@pytest.mark.parametrize("score,refine", [("wanda", None), ("obs", None), ("l2", "snows")])
+def test_string_padding_is_refused_where_im2col_columns_are_read(score, refine):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding="same"), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 3, padding="same"))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"^2: refine='lstsq'/'snows' and score='wanda'/'obs' read im2col"):
+        pk.prune_channels(model, CALIB, ratio=0.5, score=score, refine=refine)
+    assert same(model, snap)

@@ -110,3 +110,14 @@ def test_bad_groups_raise_and_leave_the_model():
     assert model.training and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="no channel group"):
         build(nn.Sequential(nn.Conv2d(1, 2, 3)), "channels", torch.zeros(1, 1, 5, 5))
+
+
+def test_attention_heads_are_refused_during_training_and_excluding_them_keeps_the_mlp_units():
+    from prunekit.zoo.vit import vit_mnist
+    torch.manual_seed(0)
+    model = vit_mnist(dim=8, depth=1, heads=2, mlp=12)
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"1.attn: attention heads are not pruned during training.*exclude=\['1.attn'\]"):
+        build(model, "channels", x)
+    g = build(model, "channels", x, exclude=["1.attn"])
+    assert [(s.name, s.count) for s in g.sites] == [("1.mlp.0", 12)]

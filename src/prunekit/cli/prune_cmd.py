@@ -34,7 +34,7 @@ recipe with a structured: section) whole MLP neurons or attention heads are remo
 kept weights refit: a smaller dense model (prunekit.prune_structured), saved with its new widths
 (a Hugging Face model: config.json updated, plain from_pretrained loads it) and its summary printed.
 --structures channels removes a CNN's coupled channels instead (prunekit.prune_channels: --ratio or
---flops, --method l2/bn/wanda, --refine lstsq/none, --recalibrate-bn, --exclude); the output holds
+--params or --flops, --method l2/bn/wanda/obs, --refine lstsq/snows/none, --recalibrate-bn, --exclude); the output holds
 model.safetensors and prunekit_channels.json, reloaded by prunekit.load_channels(OUT, build_model).
 Mask options (--sparsity, --pattern, ...) and structured ones (--structures, --ratio, ...) do not mix.
 

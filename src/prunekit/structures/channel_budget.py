@@ -1,23 +1,34 @@
-"""How many channels each group loses: a uniform ratio, or the ratio that removes a fraction of
-the network's multiply-adds (counted from the traced shapes: convs, depthwise convs, Linears).
+"""How many channels each group loses: a uniform ratio, the smallest uniform ratio that removes a
+fraction of the network's multiply-adds or parameters (counted from the traced shapes: convs,
+depthwise convs, Linears), or a global budget that ranks every group's channels together.
 
-Every channel of a group has the same positions in the same layers, so the multiply-adds left
-depend only on how many channels each group keeps, not on which ones.
+Every channel of a group has the same positions in the same layers, so the multiply-adds and
+parameters left depend only on how many channels each group keeps, not on which ones.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from .allocate import allocate, steps
 from .channels_graph import ChannelGraph
+from .units import Structure
+
+TARGETS = ("ratio", "flops", "params")
+BUDGETS = ("uniform", "global")
 
 
 @dataclass
 class _Terms:
     """One layer's multiply-adds: ``spatial * (ins - sum_g a_g n_g) * (outs - sum_g b_g n_g)``
-    for ``n_g`` channels removed from group ``g`` (a depthwise conv: ``spatial * channels``)."""
+    for ``n_g`` channels removed from group ``g`` (a depthwise conv: ``spatial * channels``);
+    its parameters the same with ``kernel`` for ``spatial``, plus a bias per output."""
 
     kind: str
     spatial: int
+    kernel: int
+    bias: bool
     ins: int
     outs: int
     per_in: dict[int, int]
@@ -39,24 +50,37 @@ def _terms(graph: ChannelGraph) -> list[_Terms]:
             for per in (per_in, per_out):
                 if g in per:
                     per[g] //= group.count
-        out.append(_Terms(info.kind, info.spatial, len(info.ins), len(info.outs), per_in, per_out))
+        out.append(_Terms(info.kind, info.spatial, info.kernel, info.bias, len(info.ins), len(info.outs),
+                          per_in, per_out))
     return out
 
 
-def macs(graph: ChannelGraph, removed: list[int] | None = None) -> int:
-    """Multiply-adds per sample of the convs and Linears with ``removed[g]`` channels taken from
-    group ``g`` (None: the dense network)."""
+def _count(graph: ChannelGraph, removed: list[int] | None, what: str) -> int:
     removed = removed or [0] * len(graph.groups)
     if getattr(graph, "_terms", None) is None:
         graph._terms = _terms(graph)  # the graph never changes: count its layers once
     total = 0
     for t in graph._terms:
         ins = t.ins - sum(a * removed[g] for g, a in t.per_in.items())
-        if t.kind == "dw":
-            total += t.spatial * ins
+        per_channel = t.kind in ("dw", "attn")
+        outs = ins if per_channel else t.outs - sum(b * removed[g] for g, b in t.per_out.items())
+        if what == "flops":
+            total += t.spatial * (ins if per_channel else ins * outs)
         else:
-            total += t.spatial * ins * (t.outs - sum(b * removed[g] for g, b in t.per_out.items()))
+            total += t.kernel * (ins if per_channel else ins * outs) + (outs if t.bias else 0)
     return total
+
+
+def macs(graph: ChannelGraph, removed: list[int] | None = None) -> int:
+    """Multiply-adds per sample of the convs and Linears with ``removed[g]`` channels taken from
+    group ``g`` (None: the dense network)."""
+    return _count(graph, removed, "flops")
+
+
+def params(graph: ChannelGraph, removed: list[int] | None = None) -> int:
+    """Weights and biases of the convs and Linears (and attention's ``in_proj``) with ``removed[g]`` channels taken from group
+    ``g`` (None: the dense network); BatchNorm entries are not counted."""
+    return _count(graph, removed, "params")
 
 
 def ratio_counts(graph: ChannelGraph, ratio: float) -> list[int]:
@@ -64,20 +88,51 @@ def ratio_counts(graph: ChannelGraph, ratio: float) -> list[int]:
     return [int(ratio * g.count + 0.5) for g in graph.groups]
 
 
-def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
-    """The counts of the smallest uniform ratio that removes at least the fraction ``flops`` of the
-    multiply-adds; a ValueError when even one channel left per group removes less."""
-    dense = macs(graph)
-    removed = lambda counts: 1 - macs(graph, counts) / dense  # noqa: E731
+def uniform_counts(graph: ChannelGraph, what: str, fraction: float) -> list[int]:
+    """The counts of the smallest uniform ratio that removes at least ``fraction`` of the
+    multiply-adds (``what="flops"``) or parameters (``"params"``); a ValueError when even one
+    channel left per group removes less."""
+    dense = _count(graph, None, what)
+    removed = lambda counts: 1 - _count(graph, counts, what) / dense  # noqa: E731
     most = [g.count - 1 for g in graph.groups]
-    if removed(most) < flops:
-        raise ValueError(f"flops={flops} cannot be reached: keeping one channel in every group removes "
-                         f"{100 * removed(most):.1f}% of the multiply-adds; lower flops")
+    noun = "multiply-adds" if what == "flops" else "parameters"
+    if removed(most) < fraction:
+        raise ValueError(f"{what}={fraction} cannot be reached: keeping one channel in every group removes "
+                         f"{100 * removed(most):.1f}% of the {noun}; lower {what}")
     lo, hi = 0.0, 1.0
     for _ in range(40):  # removed(ratio_counts(r)) grows with r
         mid = (lo + hi) / 2
-        if removed([min(c, m) for c, m in zip(ratio_counts(graph, mid), most)]) >= flops:
+        if removed([min(c, m) for c, m in zip(ratio_counts(graph, mid), most)]) >= fraction:
             hi = mid
         else:
             lo = mid
     return [min(c, m) for c, m in zip(ratio_counts(graph, hi), most)]
+
+
+def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
+    """:func:`uniform_counts` for a fraction of the multiply-adds."""
+    return uniform_counts(graph, "flops", flops)
+
+
+def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fraction: float,
+                  floor: float) -> list[int]:
+    """Counts from one ranking of every group's channels by score divided by its group's mean
+    score (:mod:`.allocate`'s normalisation and steps), each group keeping at least ``floor`` of
+    its channels (and one). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
+    ``"flops"``/``"params"``: the shortest prefix that removes at least ``fraction`` of them."""
+    sites = [Structure("channels", str(g), (), "", grp.count) for g, grp in enumerate(graph.groups)]
+    normed = {s.owner: v.double() / v.double().mean().clamp_min(1e-300) for s, v in zip(sites, scores)}
+    if what == "ratio":
+        counts = allocate(sites, normed, {s.owner: 1.0 for s in sites}, fraction * sum(s.units for s in sites), floor)
+        return [counts[s.owner] for s in sites]
+    ranked = sorted((st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor)),
+                    key=lambda st: (st.score, st.site, st.index))
+    dense = _count(graph, None, what)
+    counts = [0] * len(sites)
+    for st in ranked:
+        counts[st.site] += st.units
+        if 1 - _count(graph, counts, what) / dense >= fraction - 1e-12:
+            return counts
+    reach = 1 - _count(graph, counts, what) / dense
+    raise ValueError(f"budget='global': floor={floor:g} keeps too much to remove {what}={fraction}; the floors "
+                     f"allow at most {100 * reach:.1f}%; lower floor= or {what}=")

@@ -1,5 +1,5 @@
-"""Making a CNN physically narrower: Conv2d, depthwise Conv2d, BatchNorm2d and Linear lose the
-positions of the removed channels, in place (module names and ``state_dict`` keys stay), each
+"""Making a CNN physically narrower: Conv2d, depthwise Conv2d, BatchNorm2d, Linear and the
+``nn.MultiheadAttention`` drop-in (:mod:`.mha`: whole heads) lose the positions of the removed channels, in place (module names and ``state_dict`` keys stay), each
 change recorded in an :class:`Undo` log first.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .channels_graph import ChannelGraph
-from .surgery import Undo
+from .surgery import Undo, keep_outputs
 
 
 def _keep(size: int, removed: set[int]) -> torch.Tensor:
@@ -35,7 +35,12 @@ def shrink_channels(model: nn.Module, graph: ChannelGraph, removed: dict[int, li
     for name in dict.fromkeys(m for m, _ in gone):
         m = modules[name]
         out_r, in_r = gone.get((name, "out"), set()), gone.get((name, "in"), set())
-        if isinstance(m, nn.BatchNorm2d):
+        if (name, "heads") in gone:  # the attention drop-in: q, k, v rows of the removed heads
+            rows = m.in_proj_weight.shape[0]
+            keep = _keep(rows, gone[(name, "heads")])
+            keep_outputs(m, keep, undo)
+            undo.set(m, "num_heads", len(keep) // (3 * m.head_dim))
+        elif isinstance(m, nn.BatchNorm2d):
             keep = _keep(m.num_features, gone[(name, "bn")])
             for attr in ("weight", "bias"):
                 if getattr(m, attr) is not None:

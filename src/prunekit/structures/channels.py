@@ -1,41 +1,40 @@
 """``prunekit.prune_channels``: remove coupled CNN channels in one shot, repair, shrink.
 
 1. trace the model with torch.fx and find its coupled channel groups (``channels_graph``);
-2. score every channel of a group (``l2``: its filters' norm; ``bn``: its BatchNorm ``|gamma|``;
-   ``wanda``: its consumers' columns' ``||W[:, j]||^2 E[x_j^2]`` on the dense network) and remove
-   the lowest, a uniform ratio per group or the ratio that removes a fraction of the FLOPs;
-3. ``refine="lstsq"``: with the removed input columns of every consumer zeroed, refit each
-   consumer in execution order by exact least squares of its kept columns (a conv's columns are
-   its im2col columns, ``in_channel x kh x kw``) to the dense network's output of that layer, on
-   the inputs the already-repaired network feeds it;
-4. physical surgery (``channel_surgery``), then BatchNorm re-estimation on the calibration batches.
+2. count how many channels each group loses (``channel_budget``: a uniform ratio, the smallest
+   uniform ratio reaching a FLOPs or parameter fraction, or a global budget over all groups);
+3. choose them by a score (``channel_scores``: l2, bn, wanda, obs);
+4. ``refine``: refit every consumer by least squares, then optionally by SNOWS's lookahead
+   (``channel_refit``);
+5. physical surgery (``channel_surgery``), then BatchNorm re-estimation on the calibration batches.
 
 Any failure, Ctrl-C included, puts the model back exactly as it was (an :class:`Undo` log).
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..calls import eval_mode
 from ..oneshot.batchnorm import recalibrate_batchnorm
 from ..oneshot.calibration import collect_batches
-from ..oneshot.solvers.columns import output_error, refit_columns
-from .channel_budget import flops_counts, macs, ratio_counts
-from .channel_surgery import removed_positions, shrink_channels
-from .channels_graph import ChannelGraph, ChannelGroup, find_channel_groups
-from .stats import ConsumerStats
+from ..oneshot.registry import make_options
+from ..oneshot.snows_options import SnowsOptions
+from .budget import GLOBAL_FLOOR
+from .channel_budget import BUDGETS, global_counts, macs, ratio_counts, uniform_counts
+from .channel_refit import check_consumers, gone_columns, repair
+from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
+from .channel_surgery import shrink_channels
+from .channels_graph import find_channel_groups
+from .mha import swap_in
 from .surgery import Undo
-from .units import StructureReport
+from .units import Structure, StructureReport
 
-SCORES = ("l2", "bn", "wanda")
-REFINES = (None, "lstsq")
+REFINES = (None, "lstsq", "snows")
 
 
 @dataclass
@@ -66,148 +65,37 @@ class ChannelResult:
         return "\n".join(lines)
 
 
-class _Stop(Exception):
-    """Raised by a hook once the input it waits for has been seen: the rest of the forward is skipped."""
+class _Snows:  # what make_options reads: the name in its messages and the options class
+    name, Options = "snows", SnowsOptions
 
 
-def layer_input(model: nn.Module, module: nn.Module, call: tuple[tuple, dict]) -> torch.Tensor:
-    """The input ``module`` receives when ``model`` runs one batch (the forward stops there)."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m, args):
-        seen.append(args[0].detach())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        model(*call[0], **call[1])
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise ValueError("a consumer was not called by the model's forward")
-    return seen[0]
+def _fraction(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
 
-def columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows of its matrix's columns: a conv's im2col rows
-    (``F.unfold``: ``in_channel x kh x kw``, channel-major like ``weight.reshape(out, -1)``)."""
-    if isinstance(module, nn.Linear):
-        return x
-    u = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    return u.transpose(1, 2).reshape(-1, u.shape[1])
-
-
-def _span(module: nn.Module) -> int:
-    return module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
-
-
-def _check(ratio, flops, score, refine, damp) -> None:
-    if (ratio is None) == (flops is None):
-        raise ValueError("give exactly one of ratio= (fraction of every group's channels) or flops= "
-                         "(fraction of the multiply-adds to remove)")
-    for name, value in (("ratio", ratio), ("flops", flops)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+def _check(targets: dict[str, Any], score, refine, damp, budget, floor, refine_options) -> SnowsOptions | None:
+    given = [k for k, v in targets.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of ratio= (fraction of every group's channels), flops= (fraction of the "
+                         f"multiply-adds to remove) or params= (fraction of the parameters); got {given or 'none'}")
+    for name, value in targets.items():
+        _fraction(name, value)
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if refine not in REFINES:
-        raise ValueError(f"refine must be None or 'lstsq' for channels, got {refine!r}")
+        raise ValueError(f"refine must be None, 'lstsq' or 'snows' for channels, got {refine!r}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or damp < 0:
         raise ValueError(f"damp must be a number >= 0, got {damp!r}")
-
-
-def _scores(model: nn.Module, group: ChannelGroup, score: str, sq_means: dict[str, torch.Tensor]) -> torch.Tensor:
-    modules = dict(model.named_modules())
-    total = torch.zeros(group.count, dtype=torch.float64)
-    for m in group.members:
-        mod = modules[m.module]
-        if score == "l2" and m.role == "out":
-            rows = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).pow(2).sum(1)
-            total += rows[m.index].sum(1)
-        elif score == "bn" and m.role == "bn":
-            total += mod.weight.detach().double().abs()[m.index].sum(1)
-        elif score == "wanda" and m.role == "in":
-            span = _span(mod)
-            cols = mod.weight.detach().double().reshape(mod.weight.shape[0], -1).pow(2).sum(0) * sq_means[m.module]
-            total += cols.view(-1, span).sum(1)[m.index].sum(1) if span > 1 else cols[m.index].sum(1)
-    return total
-
-
-def _sq_means(model: nn.Module, consumers: list[str], calls) -> dict[str, torch.Tensor]:
-    """``E[x_j^2]`` of every column of each consumer on the dense network (one pass)."""
-    modules = dict(model.named_modules())
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-    handles = []
-
-    def hook(name):
-        def f(m, args):
-            u = columns(m, args[0].detach())
-            sums[name] = sums.get(name, 0) + u.double().pow(2).sum(0)
-            rows[name] = rows.get(name, 0) + u.shape[0]
-        return f
-
-    for name in consumers:
-        handles.append(modules[name].register_forward_pre_hook(hook(name)))
-    try:
-        for args, kwargs in calls:
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / rows[n] for n in consumers}
-
-
-def _lowest(values: torch.Tensor, count: int) -> list[int]:
-    """The ``count`` channels of lowest score, ties towards the lower index."""
-    order = sorted(range(len(values)), key=lambda i: (float(values[i]), i))
-    return sorted(order[:count])
-
-
-def _check_consumers(model: nn.Module, names: list[str]) -> None:
-    modules = dict(model.named_modules())
-    for name in names:
-        m = modules[name]
-        if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
-            raise ValueError(f"{name}: refine='lstsq' needs zero padding given as numbers (got padding="
-                             f"{m.padding!r}, padding_mode={m.padding_mode!r}); use refine=None")
-
-
-def _refit(model, dense, name: str, gone: set[int], calls, damp: float, undo: Undo) -> tuple[float, float]:
-    """Refit one consumer's kept columns to the dense network's output of that layer."""
-    m, t = dict(model.named_modules())[name], dict(dense.named_modules())[name]
-    w = t.weight.detach().double().reshape(t.weight.shape[0], -1)
-    span = _span(m)
-    removed = torch.tensor(sorted(gone), dtype=torch.long)
-    drop = (removed.unsqueeze(1) * span + torch.arange(span)).reshape(-1)
-    keep = torch.tensor(sorted(set(range(w.shape[1])) - set(drop.tolist())), dtype=torch.long)
-    stats = ConsumerStats(w.shape[1], dense=True)
-    for call in calls:
-        stats.add(columns(m, layer_input(model, m, call)).double(), columns(t, layer_input(dense, t, call)).double())
-    b = None if t.bias is None else t.bias.detach().double()
-    kw = dict(cross=stats.cross, mean_s=stats.mean_s, mean_t=stats.mean_t, bias=b)
-    new_w, new_b = refit_columns(w, keep, stats.hessian, fit_bias=b is not None, damp=damp, **kw)
-    if not torch.isfinite(new_w).all():
-        raise ValueError(f"{name}: the refit produced non-finite weights; raise damp= or use refine=None")
-    err_drop = output_error(w, keep, w[:, keep], stats.hessian, target_gram=stats.target_gram, new_bias=b, **kw)
-    err_fit = output_error(w, keep, new_w, stats.hessian, target_gram=stats.target_gram, new_bias=new_b, **kw)
-    full = torch.zeros_like(w)
-    full[:, keep] = new_w
-    undo.set(m, "weight", nn.Parameter(full.reshape(m.weight.shape).to(m.weight.dtype),
-                                       requires_grad=m.weight.requires_grad))
-    if b is not None:
-        undo.set(m, "bias", nn.Parameter(new_b.to(m.bias.dtype), requires_grad=m.bias.requires_grad))
-    return err_drop, err_fit
-
-
-def _mask(model: nn.Module, name: str, gone: set[int], undo: Undo) -> None:
-    """Zero a consumer's input columns of removed channels (the pruned network, before surgery)."""
-    m = dict(model.named_modules())[name]
-    w = m.weight.detach().reshape(m.weight.shape[0], -1).clone()
-    w[:, sorted(gone)] = 0
-    undo.set(m, "weight", nn.Parameter(w.reshape(m.weight.shape), requires_grad=m.weight.requires_grad))
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    if floor is not None and budget != "global":
+        raise ValueError("floor= (the least share of each group's channels kept) applies to budget='global'")
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < 1):
+        raise ValueError(f"floor must be a number in [0, 1), got {floor!r}")
+    if refine_options is not None and refine != "snows":
+        raise ValueError(f"refine_options are SNOWS's options; pass refine='snows' with them (refine={refine!r})")
+    return make_options(_Snows, refine_options) if refine == "snows" else None
 
 
 def prune_channels(
@@ -222,53 +110,84 @@ def prune_channels(
     exclude: str | Iterable[str] | None = None,
     damp: float = 0.01,
     max_batches: int | None = None,
+    params: float | None = None,
+    budget: str = "uniform",
+    floor: float | None = None,
+    refine_options: SnowsOptions | dict | None = None,
+    passthrough: Iterable[str] | None = None,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
-    ``ratio`` removes that fraction of every channel group (rounded); ``flops`` instead
-    removes at least that fraction of the convs' and Linears' multiply-adds with the smallest
-    uniform ratio that does. ``score``: ``"l2"`` (filter norm), ``"bn"`` (BatchNorm ``|gamma|``)
-    or ``"wanda"`` (activation-aware, from the consumers' inputs). ``refine="lstsq"`` refits every
-    consumer to the dense network's output of that layer (a ridge ``damp`` towards the dense
-    columns); ``recalibrate_bn`` re-estimates BatchNorm statistics on ``calibration`` afterwards.
-    ``exclude``: a regex or module names traced as leaves whose channels stay (also the way past
-    a module torch.fx cannot trace). The model's input and output channels never change.
+    ``ratio`` removes that fraction of every channel group (rounded); ``flops`` / ``params``
+    instead remove at least that fraction of the convs' and Linears' multiply-adds / parameters
+    with the smallest uniform ratio that does. ``budget="global"`` ranks every group's channels
+    together by score divided by the group's mean score and gives each group its own count,
+    keeping at least ``floor`` (default 0.25) of its channels. ``score``: ``"l2"`` (filter norm),
+    ``"bn"`` (BatchNorm ``|gamma|``), ``"wanda"`` (activation-aware, from the consumers' inputs)
+    or ``"obs"`` (greedy second-order removal, costs summed over the group's consumers).
+    ``refine="lstsq"`` refits every consumer to the dense network's output of that layer (a ridge
+    ``damp`` towards the dense columns); ``"snows"`` then refits it against SNOWS's K-step
+    lookahead (``refine_options``: :class:`~prunekit.oneshot.snows_options.SnowsOptions` or a dict);
+    ``refine=None`` keeps the weights (for ``obs``: the OBS-updated consumers). ``recalibrate_bn``
+    re-estimates BatchNorm statistics on ``calibration`` afterwards. ``exclude``: a regex or
+    module names traced as leaves whose channels stay (also the way past a module torch.fx cannot
+    trace). ``passthrough``: names of modules you declare map channel c to channel c and hold no
+    parameters (a custom activation torch.fx cannot trace): traced as leaves, their channels can
+    still go. The model's input and output channels never change.
     """
-    _check(ratio, flops, score, refine, damp)
+    snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
+                   refine_options)
+    floor = GLOBAL_FLOOR if floor is None else floor
+    target = "ratio" if ratio is not None else "flops" if flops is not None else "params"
+    fraction = ratio if ratio is not None else flops if flops is not None else params
     calls = collect_batches(calibration, max_batches)
     if calls[0][1]:
         raise TypeError("prune_channels traces the model with positional inputs; pass tensors or tuples as batches")
     with eval_mode(model), torch.no_grad():  # tracing runs a forward: BatchNorm statistics must not move
-        graph = find_channel_groups(model, calls[0][0], exclude)
+        graph = find_channel_groups(model, calls[0][0], exclude, passthrough)
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")
-    counts = ratio_counts(graph, ratio) if ratio is not None else flops_counts(graph, flops)
-    for group, n in zip(graph.groups, counts):
-        if n >= group.count:
-            raise ValueError(f"{group.name}: removing {n} of its {group.count} channels leaves none; lower "
-                             f"{'ratio' if ratio is not None else 'flops'}")
     if score == "bn":
-        for group, n in zip(graph.groups, counts):
-            if n and not any(m.role == "bn" for m in group.members):
+        for group in graph.groups:
+            if not any(m.role == "bn" for m in group.members):
                 raise ValueError(f"{group.name}: score='bn' needs a BatchNorm on every group; this one has none")
-    consumers = list(dict.fromkeys(m.module for g, n in zip(graph.groups, counts) if n for m in g.consumers))
-    if refine == "lstsq":
-        _check_consumers(model, consumers)
+    consumers = list(dict.fromkeys(m.module for g in graph.groups for m in g.consumers))
+    attention = [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members if m.role == "heads"]
+    if refine is not None or score in ("wanda", "obs"):  # both read the consumers' im2col columns
+        check_consumers(model, consumers)
+    if score == "obs":
+        check_obs(model, consumers)
     result = ChannelResult(params_before=sum(p.numel() for p in model.parameters()), macs_before=macs(graph))
     undo, start, was_training = Undo(), time.perf_counter(), model.training
     try:
         model.eval()
+        swap_in(model, attention, undo)  # nn.MultiheadAttention -> the drop-in that can hold fewer heads
         with torch.no_grad():
-            sq = _sq_means(model, consumers, calls) if score == "wanda" else {}
-            removed = {g: _lowest(_scores(model, group, score, sq), n)
+            stats = input_stats(model, consumers, calls, full=score == "obs") if score in ("wanda", "obs") else {}
+            if score == "obs":
+                stats = obs_states(model, stats)
+            if budget == "global":
+                scores = [channel_scores(model, group, score, stats) for group in graph.groups]
+                counts = global_counts(graph, scores, target, fraction, floor)
+            else:
+                counts = ratio_counts(graph, ratio) if ratio is not None else uniform_counts(graph, target, fraction)
+            for group, n in zip(graph.groups, counts):
+                if n >= group.count:
+                    raise ValueError(f"{group.name}: removing {n} of its {group.count} channels leaves none; lower "
+                                     f"{target}")
+            removed = {g: (obs_choose(model, group, n, stats) if score == "obs" else
+                           lowest(channel_scores(model, group, score, stats), n))
                        for g, (group, n) in enumerate(zip(graph.groups, counts)) if n}
-            if refine == "lstsq":
-                _repair(model, graph, removed, calls, damp, undo, result)
+            if refine is not None:
+                repair(model, graph, removed, calls, damp, undo, result.refits, snows)
+            elif score == "obs":
+                _write_obs(model, gone_columns(model, graph, removed), stats, undo)
             shrink_channels(model, graph, removed, undo)
             for g, group in enumerate(graph.groups):
                 gone = removed.get(g, [])
-                result.reports.append(StructureReport("channels", group.name, group.count, group.count - len(gone),
+                kind = "heads" if any(m.role == "heads" for m in group.members) else "channels"
+                result.reports.append(StructureReport(kind, group.name, group.count, group.count - len(gone),
                                                       removed=gone))
             if recalibrate_bn:
                 result.bn_batches = recalibrate_batchnorm(
@@ -284,14 +203,10 @@ def prune_channels(
     return result
 
 
-def _repair(model, graph: ChannelGraph, removed, calls, damp, undo, result: ChannelResult) -> None:
-    """Mask every consumer's removed inputs, then refit the consumers in execution order."""
-    dense = copy.deepcopy(model)
-    gone = {name: cols for (name, role), cols in removed_positions(graph, removed).items() if role == "in"}
+def _write_obs(model: nn.Module, gone: dict[str, set[int]], states, undo: Undo) -> None:
+    """``refine=None`` with ``score="obs"``: every consumer that lost columns takes its OBS-updated matrix."""
     modules = dict(model.named_modules())
-    for name, positions in gone.items():
-        span = _span(modules[name])
-        _mask(model, name, {p * span + k for p in positions for k in range(span)}, undo)
-    for name in graph.layers:  # execution order
-        if name in gone:
-            result.refits[name] = _refit(model, dense, name, gone[name], calls, damp, undo)
+    for name in gone:
+        m = modules[name]
+        undo.set(m, "weight", nn.Parameter(states[name].w.reshape(m.weight.shape).to(m.weight.dtype),
+                                           requires_grad=m.weight.requires_grad))

@@ -53,8 +53,8 @@ class StructuredConfig:
         None, "with budget=global, the least fraction of each structure's units kept (default 0.25)")
     multiple_of: int = option(1, "round every MLP's kept width to a multiple of this (CPU kernels favour e.g. 64)")
     # -- which units go, and how the rest is repaired -----------------------------------------
-    method: str = option("wanda", "how the units to remove are chosen; for channels prune_channels' score (l2, bn or "
-                                  "wanda), else", choices=METHODS)
+    method: str = option("wanda", "how the units to remove are chosen; for channels prune_channels' score (l2, bn, "
+                                  "wanda or obs), else", choices=METHODS)
     refine: str | None = option(
         "lstsq", "how the consumer's kept columns are repaired: lstsq (least squares), snows (least squares, then "
                  "SNOWS's K-step lookahead), bias (FLAP's bias compensation) or none",

@@ -57,8 +57,8 @@ def snows_structure(
     targets: set[int],
     undo: Undo,
 ) -> tuple[torch.Tensor, tuple[float, float]]:
-    """Refit ``s``'s consumer (kept columns ``cols``, warm start ``warm`` ``[d_out, len(cols)]``,
-    bias ``warm_bias`` if one was fitted) against the lookahead loss on the block ``inputs``,
+    """Refit ``s``'s consumer (kept columns ``cols`` of its layer kind's matrix, in any order; warm
+    start ``warm`` ``[d_out, len(cols)]``, bias ``warm_bias`` if one was fitted) against the lookahead loss on the block ``inputs``,
     through ``chain`` (this block and the later ones). Returns the refit kept columns (float64)
     and the lookahead loss on the held-out batch (warm start, after)."""
     modules = dict(model.named_modules())
@@ -67,6 +67,9 @@ def snows_structure(
     full = torch.zeros(kind.matrix(consumer).shape, dtype=torch.float64, device=warm.device)
     full[:, cols] = warm.double()
     dense = {s.consumer: {"weight": consumer.weight.detach()}}  # the old Parameter: kept by undo, never written
+    if warm_bias is not None:  # D is the dense layer: its own bias (zero where it had none), not the fitted one
+        dense[s.consumer]["bias"] = consumer.bias.detach() if consumer.bias is not None else \
+            torch.zeros(warm_bias.shape, dtype=consumer.weight.dtype, device=consumer.weight.device)
     undo.set(consumer, "weight", nn.Parameter(consumer.weight.detach().clone(), requires_grad=True))
     kind.write(consumer, full)
     if warm_bias is not None:

@@ -213,6 +213,11 @@ def from_channels(model: nn.Module, example, exclude=None) -> GroupSet:
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")
+    heads = [g.name for g in graph.groups if any(m.role == "heads" for m in g.members)]
+    if heads:
+        raise ValueError(f"{heads[0]}: attention heads are not pruned during training (their q/k/v rows live in "
+                         f"in_proj_weight); exclude the attention (exclude=[{heads[0]!r}]) to prune the rest, or "
+                         "use pk.prune_channels after training")
     slices, sites, start = [], [], 0
     for group in graph.groups:
         units = torch.arange(start, start + group.count)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SCORES", "group_scores", "obs_remove", "refit_columns", "output_error"]
+__all__ = ["SCORES", "ObsState", "group_scores", "obs_remove", "refit_columns", "output_error"]
 
 SCORES = ("magnitude", "wanda", "flap", "obs")
 
@@ -43,39 +43,29 @@ def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, groups: torch.Tensor, count: int, *,
-               damp: float = 0.01, buckets: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
-    """Greedily remove ``count`` groups by the OBS cost ``tr(W_R (Hinv_RR)^-1 W_R^T)``, updating the
-    rest after each removal (``W <- W - W_R (Hinv_RR)^-1 Hinv_R,:``) and downdating ``Hinv``.
+class ObsState:
+    """One consumer's matrix and inverse (damped) Hessian while groups of its input columns are
+    removed greedily by OBS: :meth:`costs` prices removing each candidate group now, :meth:`remove`
+    takes one out and updates the remaining columns (SparseGPT's / ZipLM's update). Several
+    states can be priced together (a CNN channel read by several consumers: the costs add up)."""
 
-    ``buckets`` (a bucket id per group): remove the same number from every bucket (grouped-query
-    attention: query heads per key/value group stay equal). Returns the removed group indices in
-    removal order and the updated matrix (removed columns zero). Ties break towards the lower
-    group index, so the result is deterministic."""
-    w = weight.double().clone()
-    hinv = torch.linalg.inv(_damped(hessian, damp))
-    alive = torch.ones(groups.shape[0], dtype=torch.bool)
-    removed: list[int] = []
-    quota = None
-    if buckets is not None:
-        n_buckets = int(buckets.max()) + 1
-        if count % n_buckets:
-            raise ValueError(f"count {count} is not a multiple of the {n_buckets} buckets")
-        quota = torch.full((n_buckets,), count // n_buckets)
-    for _ in range(count):
-        allowed = alive if quota is None else alive & (quota[buckets] > 0)
-        idx = groups[allowed]                                        # [g, k]
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> None:
+        self.w = weight.double().clone()
+        self.hinv = torch.linalg.inv(_damped(hessian, damp))
+
+    def costs(self, idx: torch.Tensor) -> torch.Tensor:
+        """``tr(W_g (Hinv_gg)^-1 W_g^T)`` for each row of ``idx`` (``[g, k]`` column indices)."""
+        w, hinv = self.w, self.hinv
         if idx.shape[1] == 1:  # single columns (MLP neurons): ||W[:, j]||^2 / Hinv_jj
             j = idx[:, 0]
-            cost = w[:, j].pow(2).sum(0) / hinv[j, j]
-        else:
-            sub = hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]           # [g, k, k]
-            wg = w[:, idx].permute(1, 0, 2)                            # [g, d_out, k]
-            cost = (torch.linalg.solve(sub, wg.mT).mT * wg).sum((1, 2))  # tr(W_g sub^-1 W_g^T)
-        best = int(torch.nonzero(allowed)[int(torch.argmin(cost))])
-        if quota is not None:
-            quota[buckets[best]] -= 1
-        r = groups[best]
+            return w[:, j].pow(2).sum(0) / hinv[j, j]
+        sub = hinv[idx.unsqueeze(-1), idx.unsqueeze(-2)]           # [g, k, k]
+        wg = w[:, idx].permute(1, 0, 2)                            # [g, d_out, k]
+        return (torch.linalg.solve(sub, wg.mT).mT * wg).sum((1, 2))  # tr(W_g sub^-1 W_g^T)
+
+    def remove(self, r: torch.Tensor) -> None:
+        """Remove the columns ``r``: ``W <- W - W_R (Hinv_RR)^-1 Hinv_R,:``, downdate ``Hinv``."""
+        w, hinv = self.w, self.hinv
         if len(r) == 1:  # rank-one updates in place
             j, scale = int(r[0]), -1.0 / float(hinv[r[0], r[0]])
             row = hinv[j].clone()
@@ -86,9 +76,36 @@ def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, groups: torch.Tensor
             w -= w[:, r] @ inv_rr @ hinv[r, :]
             hinv -= hinv[:, r] @ inv_rr @ hinv[r, :]
         w[:, r] = 0
+
+
+def obs_remove(weight: torch.Tensor, hessian: torch.Tensor, groups: torch.Tensor, count: int, *,
+               damp: float = 0.01, buckets: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedily remove ``count`` groups by the OBS cost ``tr(W_R (Hinv_RR)^-1 W_R^T)``, updating the
+    rest after each removal (``W <- W - W_R (Hinv_RR)^-1 Hinv_R,:``) and downdating ``Hinv``.
+
+    ``buckets`` (a bucket id per group): remove the same number from every bucket (grouped-query
+    attention: query heads per key/value group stay equal). Returns the removed group indices in
+    removal order and the updated matrix (removed columns zero). Ties break towards the lower
+    group index, so the result is deterministic."""
+    state = ObsState(weight, hessian, damp)
+    alive = torch.ones(groups.shape[0], dtype=torch.bool)
+    removed: list[int] = []
+    quota = None
+    if buckets is not None:
+        n_buckets = int(buckets.max()) + 1
+        if count % n_buckets:
+            raise ValueError(f"count {count} is not a multiple of the {n_buckets} buckets")
+        quota = torch.full((n_buckets,), count // n_buckets)
+    for _ in range(count):
+        allowed = alive if quota is None else alive & (quota[buckets] > 0)
+        cost = state.costs(groups[allowed])
+        best = int(torch.nonzero(allowed)[int(torch.argmin(cost))])
+        if quota is not None:
+            quota[buckets[best]] -= 1
+        state.remove(groups[best])
         alive[best] = False
         removed.append(best)
-    return removed, w.to(weight.dtype)
+    return removed, state.w.to(weight.dtype)
 
 
 def refit_columns(weight: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, *,
