@@ -19,6 +19,10 @@ def _fmt(x, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if x is None else format(scale * x, spec)
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def _span(values: list[float]) -> str:
     if not values:
         return "-"
@@ -61,8 +65,8 @@ def table(rows: list[dict]) -> str:
         if s["error"]:
             lines.append(f"{head} - | - | - | - | refused: {s['error']} | - | - |")
             continue
-        lines.append(f"{head} {_fmt(s['removed_own'], '.1f', 100)}% | {_fmt(s['removed_tp'], '.1f', 100)}% | "
-                     f"{_fmt(s['removed_hooks'], '.1f', 100)}% | {_fmt(s['params'], ',.0f')} | "
+        lines.append(f"{head} {_pct(s['removed_own'])} | {_pct(s['removed_tp'])} | "
+                     f"{_pct(s['removed_hooks'])} | {_fmt(s['params'], ',.0f')} | "
                      f"{_span(s['oneshot_all'])} ({s['seeds']}) | {_span(s['finetuned_all'])} | "
                      f"{_fmt(s['prune_s'], '.1f')} |")
     return "\n".join(lines)

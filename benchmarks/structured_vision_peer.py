@@ -202,6 +202,9 @@ def main() -> None:
         dense_info[name] = {"tag": vc.MODELS[name].tag, "description": vc.MODELS[name].description,
                             "accuracy": io.accuracy(dense, *test), "macs_hooks": vc.macs(dense),
                             "params": sum(p.numel() for p in dense.parameters())}
+    for name in names:  # rows of an earlier run in the same work folder are not this run's
+        if os.path.exists(os.path.join(work, f"peer_{name}.jsonl")):
+            os.remove(os.path.join(work, f"peer_{name}.jsonl"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     peer_cmd = [args.peer_python, PEER, "--work", work, "--threads", str(args.threads)]
     # The peers run beside prunekit (one process per model), under the same load as it.
