@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -57,6 +58,12 @@ def trained(name: str) -> torch.nn.Module:
     return cached(spec.tag, spec.build, train)
 
 
+def dense_finetuned(name: str) -> float:
+    """The control: test accuracy of the dense model after the same fine-tune as the pruned ones."""
+    test = vc.mnist("test")
+    return io.accuracy(vc.fine_tune(copy.deepcopy(trained(name))), *test)
+
+
 def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: set[int], work: str,
                   test) -> list[dict]:
     """prunekit's rows for one model and FLOPs target; seed-``min(seeds)`` models are pickled for counting."""
@@ -90,6 +97,33 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
     return rows
 
 
+def mlp_rows(name: str, dense, peer: list[dict], ft_seeds: set[int], work: str, test) -> list[dict]:
+    """For a ViT, whose channels ``prune_channels`` refuses: prunekit's MLP-neuron pruning
+    (``pk.prune_structured(structures="mlp", method="magnitude", refine="lstsq")``) at the ratio
+    torch-pruning's ``num_heads`` rows used, which prune the MLP hidden layers only: the same
+    widths, so the same FLOPs (checked: the parameter counts must match)."""
+    rows = []
+    for ref in [r for r in peer if r.get("config") == "num_heads" and r.get("importance") == "l2" and not r.get("error")]:
+        x, _ = io.read_tensors(work, f"calib_s{ref['seed']}")
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        r = pk.prune_structured(model, list(x.split(64)), structures="mlp", ratio=ref["ratio"], method="magnitude",
+                                refine="lstsq")
+        row = {"kind": "row", "model": name, "tool": "prunekit", "version": pk.__version__, "target": ref["target"],
+               "importance": "mlp neurons: magnitude+lstsq (prune_structured)", "config": "num_heads widths",
+               "seed": ref["seed"], "ratio": ref["ratio"], "prune_s": time.perf_counter() - start,
+               "macs_removed_own": None, "macs_removed_tp": ref["macs_removed_tp"] if r.params_after == ref["params"] else None,
+               "macs_removed_hooks": 1 - vc.macs(model) / vc.macs(dense), "params": r.params_after,
+               "widths": [m.out_features for n, m in model.named_modules() if n.endswith("mlp.0")],
+               "oneshot_acc": io.accuracy(model, *test), "finetuned_acc": None, "error": None, "loadavg": os.getloadavg()}
+        if ref["seed"] in ft_seeds:
+            row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), *test)
+        rows.append(row)
+        print(f"prunekit {name} {ref['target']} mlp s{ref['seed']}: params {r.params_after} (peer {ref['params']}) "
+              f"one-shot {row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
+    return rows
+
+
 def attach_counts(rows: list[dict], counts: list[dict], dense_tp: dict[str, float]) -> None:
     """Give prunekit's pickled rows torch-pruning's MAC count (``macs_removed_tp``)."""
     by_file = {c["file"]: c["macs_tp"] for c in counts}
@@ -98,9 +132,12 @@ def attach_counts(rows: list[dict], counts: list[dict], dense_tp: dict[str, floa
             r["macs_removed_tp"] = 1 - by_file[r["pickle"]] / dense_tp[r["model"]]
 
 
-def write(out: str, meta: dict, dense: dict, rows: list[dict]) -> None:
-    """Rewrite the JSON and markdown results from everything measured so far."""
-    meta = {**meta, "loadavg_end": os.getloadavg(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = False) -> None:
+    """Rewrite the JSON and markdown results from everything measured so far (``keep_end``:
+    re-rendering a finished run, whose end load and time stay as they were)."""
+    if not keep_end:
+        meta = {**meta, "loadavg_end": os.getloadavg(),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     with open(out, "w") as f:
         json.dump({"meta": meta, "dense": dense, "rows": rows, "goals": report.goals(rows)}, f, indent=1)
     earlier = "".join(
@@ -108,7 +145,8 @@ def write(out: str, meta: dict, dense: dict, rows: list[dict]) -> None:
         f"({run.get('threads')} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
         f"{run['loadavg_end'][0]:.1f} at the end, finished {run.get('finished')})." for run in meta.get("earlier_runs", []))
     dense_lines = "\n".join(
-        f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | {d['macs_hooks']:,} | "
+        f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | "
+        f"{d['finetuned_accuracy']:.2f} | {d['macs_hooks']:,} | "
         f"{d.get('macs_tp', float('nan')):,.0f} | {d['params']:,} |" for n, d in dense.items())
     md = f"""# prunekit `prune_channels` vs torch-pruning {meta['versions'].get('torch-pruning')}: MNIST models, one shot and fine-tuned
 
@@ -131,14 +169,24 @@ one-shot (median [min-max] over seeds) and after the same fine-tune (calibration
   the gradients of the cross-entropy summed over the calibration batches (eval mode). ViT: `example`
   follows torch-pruning's torchvision ViT example (`round_to` = heads; the embedding width shrinks),
   `num_heads` passes `num_heads={{mha: mha.num_heads}}` (the embedding width then stays).
+- ViT: `prune_channels` does not follow channels through the patch embedding's transpose nor
+  through LayerNorm (it refuses, the model unchanged). The `mlp neurons` rows are prunekit's
+  transformer path instead: `pk.prune_structured(model, calib, structures="mlp", ratio=r,
+  method="magnitude", refine="lstsq")` at the `r` of torch-pruning's `num_heads` rows, which also
+  prune only the MLP hidden layers: the same widths, so the same FLOPs (the tp count is copied
+  only where the parameter counts agree). (`prune_structured(..., flops=f)` raises on this model:
+  "a block was not called during the forward pass", `nn.MultiheadAttention` never calls its
+  `out_proj` module.)
+- torch-pruning reaches a FLOPs target only as closely as its channel counts allow (its ratio
+  applies to every group); prunekit's `flops=f` is a floor. The columns below say what each removed.
 - MACs removed: "own count" is each tool's own claim (prunekit's `flops_removed`, torch-pruning's
   counter), "tp count" is torch-pruning's counter on both tools' models, "conv+linear hooks" is
   `_vision_common.macs` on both (it does not see `nn.MultiheadAttention`'s projections).
 
 Dense models:
 
-| model | cache tag | architecture | accuracy % | MACs (conv+linear hooks) | MACs (tp count) | params |
-|---|---|---|---:|---:|---:|---:|
+| model | cache tag | architecture | accuracy % | after the same fine-tune % (control) | MACs (conv+linear hooks) | MACs (tp count) | params |
+|---|---|---|---:|---:|---:|---:|---:|
 {dense_lines}
 
 {report.table(rows)}
@@ -167,7 +215,18 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results", "structured_vision_peer.json"))
     parser.add_argument("--keep-other-models", action="store_true",
                         help="keep the rows of models not in --models from an earlier run in --out")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out")
     args = parser.parse_args()
+    if args.render:
+        with open(args.out) as f:
+            old = json.load(f)
+        torch.set_num_threads(args.threads)
+        for name, info in old["dense"].items():  # the control, for results measured before it existed
+            if "finetuned_accuracy" not in info:
+                info["finetuned_accuracy"] = dense_finetuned(name)
+                info["finetuned_accuracy_note"] = f"measured by --render, load {os.getloadavg()[0]:.1f}"
+        write(args.out, old["meta"], old["dense"], old["rows"], keep_end=True)
+        return
     torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="vision_peer_")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -201,7 +260,9 @@ def main() -> None:
         test = io.read_tensors(work, "test")
         dense_info[name] = {"tag": vc.MODELS[name].tag, "description": vc.MODELS[name].description,
                             "accuracy": io.accuracy(dense, *test), "macs_hooks": vc.macs(dense),
-                            "params": sum(p.numel() for p in dense.parameters())}
+                            "params": sum(p.numel() for p in dense.parameters()),
+                            "finetuned_accuracy": dense_finetuned(name),
+                            "cache_md5": hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()}
     for name in names:  # rows of an earlier run in the same work folder are not this run's
         if os.path.exists(os.path.join(work, f"peer_{name}.jsonl")):
             os.remove(os.path.join(work, f"peer_{name}.jsonl"))
@@ -232,6 +293,10 @@ def main() -> None:
         if proc.wait():
             pk_rows.append({"kind": "row", "model": name, "tool": "torch-pruning", "target": float(args.flops.split(",")[0]),
                             "importance": "-", "error": f"the peer exited with status {proc.returncode}"})
+    for name in names:
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in trained(name).modules()):
+            peer = io.read_rows(os.path.join(work, f"peer_{name}.jsonl"))
+            pk_rows.extend(mlp_rows(name, trained(name), peer, ft_seeds, work, io.read_tensors(work, "test")))
     rows = gather()
     write(args.out, meta, dense_info, rows)
     print(report.table(rows))
