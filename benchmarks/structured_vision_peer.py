@@ -144,6 +144,7 @@ def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = 
         f"\n\nRows of {', '.join(run.get('models', []))} come from an earlier run of the same script: `{run['command']}` "
         f"({run.get('threads')} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
         f"{run['loadavg_end'][0]:.1f} at the end, finished {run.get('finished')})." for run in meta.get("earlier_runs", []))
+    earlier += "".join(f"\n\nNote: {note}" for note in meta.get("notes", []))
     dense_lines = "\n".join(
         f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | "
         f"{d['finetuned_accuracy']:.2f} | {d['macs_hooks']:,} | "
@@ -163,7 +164,8 @@ one-shot (median [min-max] over seeds) and after the same fine-tune (calibration
   re-estimated on the calibration images, its default); `l2 (no refit)` is the same call with
   `refine=None`. `flops=f` removes at least `f` (the smallest uniform ratio that does).
 - torch-pruning: `tp.pruner.MetaPruner`, `global_pruning=False`, `iterative_steps=1`, the classifier
-  `fc` ignored, `pruning_ratio` searched (bisection, ratio resolution 0.002) for the MACs removed,
+  `fc` ignored, `pruning_ratio` searched (a scan by 0.05, then bisection to 0.002 around the first
+  crossing: `benchmarks/_ratio_search.py`) for the MACs removed,
   counted by `tp.utils.count_ops_and_params`, closest to `f`; importances `l2` =
   `MagnitudeImportance(p=2)`, `bn` = `BNScaleImportance()`, `taylor` = `TaylorImportance()` on
   the gradients of the cross-entropy summed over the calibration batches (eval mode). ViT: `example`
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--keep-other-models", action="store_true",
                         help="keep the rows of models not in --models from an earlier run in --out")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out")
+    parser.add_argument("--note", action="append", default=[], help="with --render: a note to add to the results")
     args = parser.parse_args()
     if args.render:
         with open(args.out) as f:
@@ -225,6 +228,7 @@ def main() -> None:
             if "finetuned_accuracy" not in info:
                 info["finetuned_accuracy"] = dense_finetuned(name)
                 info["finetuned_accuracy_note"] = f"measured by --render, load {os.getloadavg()[0]:.1f}"
+        old["meta"]["notes"] = old["meta"].get("notes", []) + args.note
         write(args.out, old["meta"], old["dense"], old["rows"], keep_end=True)
         return
     torch.set_num_threads(args.threads)
