@@ -1,0 +1,311 @@
+"""prunekit's ``prune_channels`` beside torch-pruning 1.6.1 on the zoo's MNIST models, one run.
+
+``make bench-structured-vision-peer`` (or ``python benchmarks/structured_vision_peer.py
+--peer-python .venv-tp/bin/python``). For each model of ``_vision_common.MODELS`` (trained once and
+cached under the same tag structured_vision.py uses): the dense state dict, the calibration
+images (512 training images per seed, with labels) and the test split are saved to a work folder;
+prunekit prunes with ``pk.prune_channels(model, calib, flops=f, score="l2", refine="lstsq")``
+(and the same call with ``refine=None``, to show what the refit adds); then
+``benchmarks/peer_torch_pruning_vision.py`` runs in the peer's venv with the same threads and
+prunes the same dense model at the same FLOPs targets with torch-pruning's importances, and also
+counts prunekit's pruned models with torch-pruning's MAC counter. Every pruned model is scored
+one-shot on the 10k test images; the seeds in ``--finetune-seeds`` are then fine-tuned with
+``_vision_common.fine_tune`` (the same recipe, batches and order for both tools) and scored
+again. Rows are written to ``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they
+finish, with the issue's goals marked met or missed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _peer_vision_io as io  # noqa: E402
+import _peer_vision_report as report  # noqa: E402
+import _vision_common as vc  # noqa: E402
+
+import prunekit as pk  # noqa: E402
+from prunekit.zoo.train import cached, train_classifier  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.join(HERE, "peer_torch_pruning_vision.py")
+REFINES = {"l2+lstsq": "lstsq", "l2 (no refit)": None}
+
+
+def trained(name: str) -> torch.nn.Module:
+    """The dense model from prunekit's cache (the tag ``_vision_common`` names), trained with its
+    recipe (seed 0) if it is not there yet."""
+    spec = vc.MODELS[name]
+    x, y = vc.mnist("train")
+
+    def train(model):
+        return train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, optimizer=spec.optimizer, seed=0)
+
+    torch.manual_seed(0)
+    return cached(spec.tag, spec.build, train)
+
+
+def dense_finetuned(name: str) -> float:
+    """The control: test accuracy of the dense model after the same fine-tune as the pruned ones."""
+    test = vc.mnist("test")
+    return io.accuracy(vc.fine_tune(copy.deepcopy(trained(name))), *test)
+
+
+def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: set[int], work: str,
+                  test) -> list[dict]:
+    """prunekit's rows for one model and FLOPs target; seed-``min(seeds)`` models are pickled for counting."""
+    rows = []
+    base = {"kind": "row", "model": name, "tool": "prunekit", "version": pk.__version__, "config": None,
+            "target": target, "threads": torch.get_num_threads(), "macs_hooks_dense": vc.macs(dense),
+            "params_dense": sum(p.numel() for p in dense.parameters())}
+    for label, refine in REFINES.items():
+        for seed in seeds if refine else seeds[:1]:  # no refit: one seed, to show what the refit adds
+            x, _ = io.read_tensors(work, f"calib_s{seed}")
+            model = copy.deepcopy(dense)
+            row = {**base, "importance": label, "seed": seed, "finetuned_acc": None, "error": None}
+            start = time.perf_counter()
+            try:
+                r = pk.prune_channels(model, list(x.split(64)), flops=target, score="l2", refine=refine)
+            except (ValueError, TypeError) as e:
+                rows.append({**row, "error": f"{type(e).__name__}: {e}"})
+                break  # the same refusal for every seed
+            row.update(prune_s=time.perf_counter() - start, macs_removed_own=r.flops_removed,
+                       macs_removed_hooks=1 - vc.macs(model) / base["macs_hooks_dense"],
+                       params=sum(p.numel() for p in model.parameters()), oneshot_acc=io.accuracy(model, *test),
+                       loadavg=os.getloadavg())
+            if seed == min(seeds):
+                row["pickle"] = f"pk_{name}_{target}_{refine}_s{seed}.pt"
+                torch.save(model, os.path.join(work, row["pickle"]))
+            if seed in ft_seeds:
+                row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), *test)
+            rows.append(row)
+            print(f"prunekit {name} {target} {label} s{seed}: removed {100 * r.flops_removed:.1f}% one-shot "
+                  f"{row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
+    return rows
+
+
+def mlp_rows(name: str, dense, peer: list[dict], ft_seeds: set[int], work: str, test) -> list[dict]:
+    """For a ViT, whose channels ``prune_channels`` refuses: prunekit's MLP-neuron pruning
+    (``pk.prune_structured(structures="mlp", method="magnitude", refine="lstsq")``) at the ratio
+    torch-pruning's ``num_heads`` rows used, which prune the MLP hidden layers only: the same
+    widths, so the same FLOPs (checked: the parameter counts must match)."""
+    rows = []
+    for ref in [r for r in peer if r.get("config") == "num_heads" and r.get("importance") == "l2" and not r.get("error")]:
+        x, _ = io.read_tensors(work, f"calib_s{ref['seed']}")
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        r = pk.prune_structured(model, list(x.split(64)), structures="mlp", ratio=ref["ratio"], method="magnitude",
+                                refine="lstsq")
+        row = {"kind": "row", "model": name, "tool": "prunekit", "version": pk.__version__, "target": ref["target"],
+               "importance": "mlp neurons: magnitude+lstsq (prune_structured)", "config": "num_heads widths",
+               "seed": ref["seed"], "ratio": ref["ratio"], "prune_s": time.perf_counter() - start,
+               "macs_removed_own": None, "macs_removed_tp": ref["macs_removed_tp"] if r.params_after == ref["params"] else None,
+               "macs_removed_hooks": 1 - vc.macs(model) / vc.macs(dense), "params": r.params_after,
+               "widths": [m.out_features for n, m in model.named_modules() if n.endswith("mlp.0")],
+               "oneshot_acc": io.accuracy(model, *test), "finetuned_acc": None, "error": None, "loadavg": os.getloadavg()}
+        if ref["seed"] in ft_seeds:
+            row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), *test)
+        rows.append(row)
+        print(f"prunekit {name} {ref['target']} mlp s{ref['seed']}: params {r.params_after} (peer {ref['params']}) "
+              f"one-shot {row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
+    return rows
+
+
+def attach_counts(rows: list[dict], counts: list[dict], dense_tp: dict[str, float]) -> None:
+    """Give prunekit's pickled rows torch-pruning's MAC count (``macs_removed_tp``)."""
+    by_file = {c["file"]: c["macs_tp"] for c in counts}
+    for r in rows:
+        if r.get("pickle") in by_file and r["model"] in dense_tp:
+            r["macs_removed_tp"] = 1 - by_file[r["pickle"]] / dense_tp[r["model"]]
+
+
+def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = False) -> None:
+    """Rewrite the JSON and markdown results from everything measured so far (``keep_end``:
+    re-rendering a finished run, whose end load and time stay as they were)."""
+    if not keep_end:
+        meta = {**meta, "loadavg_end": os.getloadavg(),
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "dense": dense, "rows": rows, "goals": report.goals(rows)}, f, indent=1)
+    earlier = "".join(
+        f"\n\nRows of {', '.join(run.get('models', []))} come from an earlier run of the same script: `{run['command']}` "
+        f"({run.get('threads')} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
+        f"{run['loadavg_end'][0]:.1f} at the end, finished {run.get('finished')})." for run in meta.get("earlier_runs", []))
+    earlier += "".join(f"\n\nNote: {note}" for note in meta.get("notes", []))
+    dense_lines = "\n".join(
+        f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | "
+        f"{d['finetuned_accuracy']:.2f} | {d['macs_hooks']:,} | "
+        f"{d.get('macs_tp', float('nan')):,.0f} | {d['params']:,} |" for n, d in dense.items())
+    md = f"""# prunekit `prune_channels` vs torch-pruning {meta['versions'].get('torch-pruning')}: MNIST models, one shot and fine-tuned
+
+Command: `{meta['command']}`, {meta['threads']} threads in both processes, load average
+{meta['loadavg_start'][0]:.1f} at the start, {meta['loadavg_end'][0]:.1f} at the end (a 2-core
+machine shared with other jobs: pruning seconds are indicative only). Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}.{earlier}
+
+Each tool prunes the same dense model (state dict handed over by file) from the same 512
+calibration images per seed (seeds {meta['seeds']}); accuracy on the 10k MNIST test images,
+one-shot (median [min-max] over seeds) and after the same fine-tune (calibration seed(s)
+{meta['finetune_seeds']} only): {meta['finetune']}.
+
+- prunekit: `pk.prune_channels(model, calib, flops=f, score="l2", refine="lstsq")` (BatchNorm
+  re-estimated on the calibration images, its default); `l2 (no refit)` is the same call with
+  `refine=None`. `flops=f` removes at least `f` (the smallest uniform ratio that does).
+- torch-pruning: `tp.pruner.MetaPruner`, `global_pruning=False`, `iterative_steps=1`, the classifier
+  `fc` ignored, `pruning_ratio` searched (a scan by 0.05, then bisection to 0.002 around the first
+  crossing: `benchmarks/_ratio_search.py`) for the MACs removed,
+  counted by `tp.utils.count_ops_and_params`, closest to `f`; importances `l2` =
+  `MagnitudeImportance(p=2)`, `bn` = `BNScaleImportance()`, `taylor` = `TaylorImportance()` on
+  the gradients of the cross-entropy summed over the calibration batches (eval mode). ViT: `example`
+  follows torch-pruning's torchvision ViT example (`round_to` = heads; the embedding width shrinks),
+  `num_heads` passes `num_heads={{mha: mha.num_heads}}` (the embedding width then stays).
+- ViT: `prune_channels` does not follow channels through the patch embedding's transpose nor
+  through LayerNorm (it refuses, the model unchanged). The `mlp neurons` rows are prunekit's
+  transformer path instead: `pk.prune_structured(model, calib, structures="mlp", ratio=r,
+  method="magnitude", refine="lstsq")` at the `r` of torch-pruning's `num_heads` rows, which also
+  prune only the MLP hidden layers: the same widths, so the same FLOPs (the tp count is copied
+  only where the parameter counts agree). (`prune_structured(..., flops=f)` raises on this model:
+  "a block was not called during the forward pass", `nn.MultiheadAttention` never calls its
+  `out_proj` module.)
+- torch-pruning reaches a FLOPs target only as closely as its channel counts allow (its ratio
+  applies to every group); prunekit's `flops=f` is a floor. The columns below say what each removed.
+- MACs removed: "own count" is each tool's own claim (prunekit's `flops_removed`, torch-pruning's
+  counter), "tp count" is torch-pruning's counter on both tools' models, "conv+linear hooks" is
+  `_vision_common.macs` on both (it does not see `nn.MultiheadAttention`'s projections).
+
+Dense models:
+
+| model | cache tag | architecture | accuracy % | after the same fine-tune % (control) | MACs (conv+linear hooks) | MACs (tp count) | params |
+|---|---|---|---:|---:|---:|---:|---:|
+{dense_lines}
+
+{report.table(rows)}
+
+## Goals (issue 22)
+
+At {100 * report.GOAL_TARGET:.0f}% of the FLOPs removed, prunekit one-shot with the refit beats
+torch-pruning's best one-shot importance by at least {report.GOAL_MARGIN:.0f} accuracy points on each
+model, and after the same fine-tune it is at least as accurate:
+
+{report.goals_markdown(rows) or '- not measured yet'}
+"""
+    with open(out[:-5] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
+        f.write(md)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer-python", default=os.path.join(HERE, os.pardir, ".venv-tp", "bin", "python"))
+    parser.add_argument("--models", default="resnet,mobilenet,vit")
+    parser.add_argument("--flops", default="0.5,0.3")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--finetune-seeds", default="0")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--work", default=None, help="folder for the hand-over files (default: a temporary one)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "structured_vision_peer.json"))
+    parser.add_argument("--keep-other-models", action="store_true",
+                        help="keep the rows of models not in --models from an earlier run in --out")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out")
+    parser.add_argument("--note", action="append", default=[], help="with --render: a note to add to the results")
+    args = parser.parse_args()
+    if args.render:
+        with open(args.out) as f:
+            old = json.load(f)
+        torch.set_num_threads(args.threads)
+        for name, info in old["dense"].items():  # the control, for results measured before it existed
+            if "finetuned_accuracy" not in info:
+                info["finetuned_accuracy"] = dense_finetuned(name)
+                info["finetuned_accuracy_note"] = f"measured by --render, load {os.getloadavg()[0]:.1f}"
+        old["meta"]["notes"] = old["meta"].get("notes", []) + args.note
+        write(args.out, old["meta"], old["dense"], old["rows"], keep_end=True)
+        return
+    torch.set_num_threads(args.threads)
+    work = args.work or tempfile.mkdtemp(prefix="vision_peer_")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    ft_seeds = {int(s) for s in args.finetune_seeds.split(",") if s}
+    peer_versions = subprocess.run(
+        [args.peer_python, "-c", "import importlib.metadata as m, torch, torch_pruning as tp; "
+                                 "print(m.version('torch-pruning'), torch.__version__, tp.__version__)"],
+        check=True, capture_output=True, text=True).stdout.split()
+    meta = {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+            "threads": args.threads, "seeds": seeds, "finetune_seeds": sorted(ft_seeds),
+            "finetune": vc.FINETUNE.describe(), "finetune_recipe": dataclasses.asdict(vc.FINETUNE), "loadavg_start": os.getloadavg(), "machine": platform.processor() or platform.machine(),
+            "versions": {"prunekit": pk.__version__, "torch (prunekit venv)": torch.__version__,
+                         "torch-pruning": peer_versions[0], "torch-pruning's __version__ string": peer_versions[2],
+                         "torch (peer venv)": peer_versions[1], "python": platform.python_version()}}
+    pk_rows: list[dict] = []
+    dense_info: dict[str, dict] = {}
+    names = args.models.split(",")
+    kept: list[dict] = []
+    if args.keep_other_models and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        kept = [r for r in old["rows"] if r["model"] not in names]
+        dense_info.update({n: d for n, d in old["dense"].items() if n not in names})
+        meta["earlier_runs"] = old["meta"].get("earlier_runs", []) + [
+            {k: old["meta"][k] for k in ("command", "models", "threads", "loadavg_start", "loadavg_end", "finished")
+             if k in old["meta"]}]
+    meta["models"] = names
+    for name in names:
+        dense = trained(name)
+        io.write_inputs(work, name, dense, seeds)
+        test = io.read_tensors(work, "test")
+        dense_info[name] = {"tag": vc.MODELS[name].tag, "description": vc.MODELS[name].description,
+                            "accuracy": io.accuracy(dense, *test), "macs_hooks": vc.macs(dense),
+                            "params": sum(p.numel() for p in dense.parameters()),
+                            "finetuned_accuracy": dense_finetuned(name),
+                            "cache_md5": hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()}
+    for name in names:  # rows of an earlier run in the same work folder are not this run's
+        if os.path.exists(os.path.join(work, f"peer_{name}.jsonl")):
+            os.remove(os.path.join(work, f"peer_{name}.jsonl"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    peer_cmd = [args.peer_python, PEER, "--work", work, "--threads", str(args.threads)]
+    # The peers run beside prunekit (one process per model), under the same load as it.
+    peers = {name: subprocess.Popen(peer_cmd + ["--model", name, "--flops", args.flops, "--seeds", args.seeds,
+                                                "--finetune-seeds", args.finetune_seeds,
+                                                "--out", os.path.join(work, f"peer_{name}.jsonl")], env=env)
+             for name in names}
+
+    def gather() -> list[dict]:
+        peer = [r for name in names for r in io.read_rows(os.path.join(work, f"peer_{name}.jsonl"))]
+        for r in peer:
+            r.setdefault("macs_removed_own", r.get("macs_removed_tp"))
+            dense_info[r["model"]].setdefault("macs_tp", r.get("macs_tp_dense"))
+        counts = io.read_rows(os.path.join(work, "counts.jsonl"))
+        attach_counts(pk_rows, counts, {n: d["macs_tp"] for n, d in dense_info.items() if d.get("macs_tp")})
+        return kept + pk_rows + peer
+
+    for target in (float(f) for f in args.flops.split(",")):
+        for name in names:
+            pk_rows.extend(prunekit_rows(name, trained(name), target, seeds, ft_seeds, work, test))
+            write(args.out, meta, dense_info, gather())
+    pickles = [os.path.join(work, r["pickle"]) for r in pk_rows if r.get("pickle")]
+    subprocess.run(peer_cmd + ["--out", os.path.join(work, "counts.jsonl"), "--count", *pickles], env=env, check=True)
+    for name, proc in peers.items():
+        if proc.wait():
+            pk_rows.append({"kind": "row", "model": name, "tool": "torch-pruning", "target": float(args.flops.split(",")[0]),
+                            "importance": "-", "error": f"the peer exited with status {proc.returncode}"})
+    for name in names:
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in trained(name).modules()):
+            peer = io.read_rows(os.path.join(work, f"peer_{name}.jsonl"))
+            pk_rows.extend(mlp_rows(name, trained(name), peer, ft_seeds, work, io.read_tensors(work, "test")))
+    rows = gather()
+    write(args.out, meta, dense_info, rows)
+    print(report.table(rows))
+    print(report.goals_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
