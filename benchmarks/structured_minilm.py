@@ -12,6 +12,7 @@ pooling). On held-out pydoc paragraphs (calibration: the head of the text, disjo
 
     python benchmarks/structured_minilm.py                      # 20% and 30% of encoder parameters
     python benchmarks/structured_minilm.py --params --ratio 0.2 0.3    # 20% and 30% of MLP neurons
+    python benchmarks/structured_minilm.py --params 0.2 --refine snows --snows '{"k": 2, "max_cg": 5}'  # SNOWS
 Results: benchmarks/results/structured_minilm.json (rows merged by their settings) and .md.
 """
 from __future__ import annotations
@@ -57,6 +58,28 @@ def _seconds(model, batch: dict, repeats: int) -> float:
     return statistics.median(times)
 
 
+def report(path: Path) -> None:
+    """Write the .md table from the JSON rows."""
+    rows = json.loads(path.read_text())
+    lines = ["# Structured one-shot pruning of all-MiniLM-L6-v2 (CPU)", "",
+             "`python benchmarks/structured_minilm.py`. Units removed uniformly in every layer; calibration 256 pydoc "
+             "paragraphs x 128 tokens, evaluation 256 held-out paragraphs. Cosine: pruned vs dense embedding of the "
+             "same paragraph; top-10 overlap: nearest neighbours kept; speed: 64 x 128 tokens per call, ratio to "
+             "dense in the same process (> 1 faster); load: the machine's 1-minute load average when the row was "
+             "measured (2 cores: above 2, speed and prune seconds are only indicative).", "",
+             "| structures | target | method | refine | intermediate | heads | encoder params removed "
+             "| model params removed | cosine mean | cosine min | top-10 overlap | encode speed vs dense | prune s | load |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        target = f"{'params' if r['target'] == 'params' else 'units'} {r['amount']:.0%}"
+        enc = f"{r['encoder_params_removed']:.1%}" if "encoder_params_removed" in r else "-"
+        lines.append(f"| {r['structures']} | {target} | {r['method']} | {r['refine']} | {r['intermediate']} | "
+                     f"{r.get('heads', 12)} | {enc} | "
+                     f"{r['params_removed']:.1%} | {r['cosine_mean']} | {r['cosine_min']} | {r['top10_overlap']} | "
+                     f"{r['encode_speed_vs_dense']} | {r['prune_seconds']} | {r.get('load_average', '-')} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     import prunekit as pk
     from prunekit.zoo.minilm import load_minilm
@@ -69,10 +92,16 @@ def main(argv=None) -> None:
     p.add_argument("--structures", default="mlp")
     p.add_argument("--method", nargs="+", default=["wanda"])
     p.add_argument("--refine", nargs="+", default=["none", "lstsq"])
+    p.add_argument("--snows", type=json.loads, default=None, metavar="JSON",
+                   help='SNOWS options for --refine snows, e.g. \'{"k": 2, "max_cg": 5}\' (default: its defaults)')
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", type=Path, default=RESULTS / "structured_minilm.json")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md from the JSON")
     args = p.parse_args(argv)
+    if args.report_only:
+        report(args.out)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     tok, model = load_minilm()
@@ -91,7 +120,8 @@ def main(argv=None) -> None:
                 pruned = copy.deepcopy(model)
                 t0 = time.perf_counter()
                 result = pk.prune_structured(pruned, calibration, structures=args.structures, **{target: amount},
-                                             method=method, refine=refine, progress=False)
+                                             method=method, refine=refine, progress=False,
+                                             refine_options=args.snows if refine == "snows" else None)
                 seconds = time.perf_counter() - t0
                 emb = embed(pruned, held_out)
                 nn_ = (emb @ emb.T).fill_diagonal_(-2).topk(10).indices
@@ -102,7 +132,7 @@ def main(argv=None) -> None:
                     q = _seconds(pruned, speed_batch, args.repeats)
                     ratios.append(d / q)
                 row = {"structures": args.structures, "target": target, "amount": amount, "method": method,
-                       "refine": refine, "intermediate": pruned.config.intermediate_size,
+                       "refine": refine if refine != "snows" or not args.snows else f"snows {json.dumps(args.snows)}", "intermediate": pruned.config.intermediate_size,
                        "heads": [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer][0],
                        "encoder_params_removed": round(1 - encoder(pruned) / encoder(model), 4),
                        "params_removed": round(result.removed_fraction, 4),
@@ -119,23 +149,7 @@ def main(argv=None) -> None:
     key = lambda r: (r["structures"], r["target"], r["amount"], r["method"], r["refine"])  # noqa: E731
     rows = sorted({key(r): r for r in old + rows}.values(), key=lambda r: (r["structures"], r["target"], r["amount"]))
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    what = "MLP neurons" if args.structures == "mlp" else "attention heads"
-    lines = ["# Structured one-shot pruning of all-MiniLM-L6-v2 (CPU)", "",
-             "`python benchmarks/structured_minilm.py`. Units removed uniformly in every layer; calibration 256 pydoc "
-             "paragraphs x 128 tokens, evaluation 256 held-out paragraphs. Cosine: pruned vs dense embedding of the "
-             "same paragraph; top-10 overlap: nearest neighbours kept; speed: 64 x 128 tokens per call, ratio to "
-             "dense in the same process (> 1 faster).", "",
-             "| structures | target | method | refine | intermediate | heads | encoder params removed "
-             "| model params removed | cosine mean | cosine min | top-10 overlap | encode speed vs dense | prune s |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        target = f"{'params' if r['target'] == 'params' else 'units'} {r['amount']:.0%}"
-        enc = f"{r['encoder_params_removed']:.1%}" if "encoder_params_removed" in r else "-"
-        lines.append(f"| {r['structures']} | {target} | {r['method']} | {r['refine']} | {r['intermediate']} | "
-                     f"{r.get('heads', 12)} | {enc} | "
-                     f"{r['params_removed']:.1%} | {r['cosine_mean']} | {r['cosine_min']} | {r['top10_overlap']} | "
-                     f"{r['encode_speed_vs_dense']} | {r['prune_seconds']} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report(args.out)
 
 
 if __name__ == "__main__":
