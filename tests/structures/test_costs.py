@@ -55,3 +55,20 @@ def test_unit_params_are_what_a_unit_takes_with_it(llama):
 def test_flops_without_calibration_are_refused_when_attention_needs_a_length(llama):
     with pytest.raises(ValueError, match="calibration"):
         attention_length(llama, find_structures(llama), [])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_nn_multihead_attention_length_is_read_from_its_query(batch_first):
+    """nn.MultiheadAttention uses out_proj's weights without calling it: the length comes from
+    the query (sequence first unless batch_first), and flops= prunes such a model."""
+    import prunekit as pk
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=batch_first, dropout=0.0)
+    model = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x = torch.randn(3, 7, 16) if batch_first else torch.randn(7, 3, 16)
+    found = find_structures(model, ("mlp", "heads"))
+    assert attention_length(model, found, [((x,), {})]) == 7
+    result = pk.prune_structured(model, [x], structures="mlp,heads", flops=0.3, progress=False)
+    assert result.params_after < result.params_before
+    assert model(x).shape == x.shape

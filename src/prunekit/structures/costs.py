@@ -78,6 +78,14 @@ def attention_length(model: nn.Module, found: list[Structure], calls: list[tuple
     if not calls:
         raise ValueError("flops= counts the attention products at the calibration sequence length; pass "
                          "calibration batches (or use params=)")
+    owner = model.get_submodule(sites[0].owner)
+    if hasattr(owner, "batch_first"):  # nn.MultiheadAttention (or its drop-in) never calls out_proj: read its query
+        with torch.no_grad():
+            (args, kwargs), = capture_inputs(model, owner, calls[:1])
+        query = args[0] if args else kwargs["query"]
+        if query.dim() < 3:  # unbatched: [L, E]
+            return int(query.shape[0])
+        return int(query.shape[1] if owner.batch_first else query.shape[0])
     consumer = model.get_submodule(sites[0].consumer)
     with torch.no_grad():
         (args, _), = capture_inputs(model, consumer, calls[:1])
