@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import hashlib
 import json
 import math
@@ -82,10 +83,20 @@ def load(path: str) -> dict:
 
 
 def save(state: dict, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(tmp, path)
+    """Write ``state`` merged with what is on disk (under a lock), so that runs of different
+    models can fill one file side by side; returns nothing, ``state`` becomes the merged one."""
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        disk = load(path)
+        for part in ("rows", "dense", "latency", "skipped"):
+            state[part] = {**disk.get(part, {}), **state.get(part, {})}
+        mine = {r["started"] + r["command"] for r in state.get("runs", [])}
+        state["runs"] = [r for r in disk.get("runs", []) if r["started"] + r["command"] not in mine] + state.get("runs", [])
+        state["runs"].sort(key=lambda r: r["started"])
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, path)
 
 
 def run_row(name, dense, calib, flops, score, refine, args) -> dict:
