@@ -290,7 +290,7 @@ def write_md(state: dict, out: str) -> None:
         lines += ["", f"## {name}", "",
                   "| target | FLOPs removed | score | refine | n | one shot % | + BN re-est. % | fine-tuned % | "
                   "parameters | prune s |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-        for (model, target, score, refine), rs in sorted(g.items(), key=lambda kv: (kv[0][1], str(kv[0][2:]))):
+        for (model, target, score, refine), rs in sorted(g.items(), key=lambda kv: order(*kv[0][1:])):
             if model != name:
                 continue
             bn = stats([r["accuracy_bn"] for r in rs if "accuracy_bn" in r]) if dense[name]["bn"] else "(no BN)"
@@ -313,6 +313,13 @@ def write_md(state: dict, out: str) -> None:
         lines += [f"- `{k}`: {v}" for k, v in skipped.items()]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def order(target: float, score: str, refine: str | None) -> tuple:
+    """Table order: target, then scores and refines as listed (unknown ones last)."""
+    scores, refines = ["l2", "bn", "wanda", "obs"], [None, "lstsq", "snows"]
+    return (target, scores.index(score) if score in scores else 99, score,
+            refines.index(refine) if refine in refines else 99, str(refine))
 
 
 def fmt_load(load) -> str:
@@ -347,7 +354,8 @@ def plot(state: dict, out: str) -> None:
     g = groups(state)
     fig, axes = plt.subplots(1, len(dense), figsize=(5.5 * len(dense), 4.2), squeeze=False)
     for ax, (name, d) in zip(axes[0], dense.items()):
-        combos = sorted({(s, r) for (m, _, s, r) in g if m == name}, key=str)
+        combos = sorted({(s, r) for (m, _, s, r) in g if m == name}, key=lambda sr: order(0, *sr))
+        lowest = 100.0
         for i, (score, refine) in enumerate(combos):
             color = f"C{i}"
             label = f"{score}+{refine or 'none'}"
@@ -360,12 +368,13 @@ def plot(state: dict, out: str) -> None:
                         xs.append(100 * rs[0]["flops_removed"])
                         ys.append(float(vals.mean()))
                         es.append(float(vals.std()) if len(vals) > 1 else 0.0)
+                lowest = min(lowest, *ys)
                 ax.errorbar(xs, ys, yerr=es, fmt=style + "o", color=color, ms=3, capsize=2,
                             label=label if style == "-" else None)
         ax.set_title(f"{name}: solid fine-tuned, dashed one shot{' + BN' if d['bn'] else ''}", fontsize=9)
         ax.set_xlabel("multiply-adds removed (%)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(max(0.0, lowest - 3), 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
