@@ -284,7 +284,7 @@ def write_md(state: dict, out: str) -> None:
     for name, d in dense.items():
         lines.append(f"| {name} ({vc.MODELS[name].description}) | {d['params']:,} | {d['macs']:,} | "
                      f"{d['accuracy']:.2f} | {d['accuracy_ft']:.2f} |")
-    lines += ["", "## Goals", ""]
+    lines += ["", "## Summary", "", *summary(state), "", "## Goals", ""]
     lines += goals(state)
     for name in dense:
         lines += ["", f"## {name}", "",
@@ -313,6 +313,31 @@ def write_md(state: dict, out: str) -> None:
         lines += [f"- `{k}`: {v}" for k, v in skipped.items()]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def summary(state: dict) -> list[str]:
+    """One line per model and target: per score/refine, one-shot accuracy (BN re-estimated where
+    the model has BatchNorm) -> fine-tuned, seed means; and the batch-64 speed-up."""
+    g = groups(state)
+    combos = sorted({(s, r) for (_, _, s, r) in g}, key=lambda sr: order(0, *sr))
+    lines = ["| model | target | FLOPs removed | " + " | ".join(f"{s}+{r or 'none'}" for s, r in combos)
+             + " | b64 speed-up |", "|---|---|---:|" + "---:|" * (len(combos) + 1)]
+    for name, d in state.get("dense", {}).items():
+        lines.append(f"| {name} | dense | 0% | {d['accuracy']:.2f} -> {d['accuracy_ft']:.2f} (all) | "
+                     + " | ".join("" for _ in combos[1:]) + " | x1.00 |")
+        for target in sorted({t for (m, t, _, _) in g if m == name}):
+            cells, removed = [], ""
+            for s, r in combos:
+                rs = g.get((name, target, s, r), [])
+                removed = removed or (f"{100 * rs[0]['flops_removed']:.1f}%" if rs else "")
+                mean = lambda f: sum(x[f] for x in rs) / len(rs)  # noqa: E731
+                one = "accuracy_bn" if d["bn"] else "accuracy"
+                cells.append(f"{mean(one):.2f} -> {mean('accuracy_ft'):.2f} ({len(rs)})" if rs else "-")
+            lat = latencies(state, name, target)
+            speed = "/".join(f"x{v['b64']['speedup']:.2f}" for v in lat) or "-"
+            lines.append(f"| {name} | {target:.0%} | {removed} | " + " | ".join(cells) + f" | {speed} |")
+    return lines + ["", "Cells: one-shot test accuracy % (with BatchNorm re-estimated where the model has "
+                        "BatchNorm) -> after the fine-tune, means over (n) calibration seeds."]
 
 
 def order(target: float, score: str, refine: str | None) -> tuple:
