@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training bench-structured-vision .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,12 @@ bench-structured-moe: $(STAMP)
 # Channels removed during training (group S-LATS, GMP, cyclical) on the MNIST demo CNN, 50/70% of FLOPs.
 bench-structured-training: $(STAMP)
 	$(PY) benchmarks/structured_training.py
+
+# Channels removed in one shot from the zoo's MNIST ResNet / MobileNet / ViT: every score x refine x BN
+# re-estimation, 30/50% of FLOPs, 3 calibration seeds, the same short fine-tune, latency vs dense
+# (resumes from benchmarks/results/structured_vision.json; long on a shared machine, hence nice).
+bench-structured-vision: $(STAMP)
+	OMP_NUM_THREADS=2 nice -n 10 $(PY) benchmarks/structured_vision.py
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py

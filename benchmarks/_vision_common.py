@@ -61,6 +61,10 @@ def _resnet() -> nn.Module:
     return zoo("models").resnet_mnist(width=8)
 
 
+def _small_cnn() -> nn.Module:
+    return zoo("models").small_cnn()
+
+
 def _mobilenet() -> nn.Module:
     return zoo("mobilenet").mobilenet_v1_mnist(0.25)
 
@@ -70,10 +74,13 @@ def _vit() -> nn.Module:
 
 
 #: The models, trained on the 50k MNIST training images with ``prunekit.zoo.train.train_classifier``
-#: (seed 0; one-cycle LR). The MobileNet's tag and recipe are benchmarks/vit_mobilenet.py's.
+#: (seed 0; one-cycle LR). The MobileNet's tag and recipe are benchmarks/vit_mobilenet.py's, the
+#: small CNN's the demo's.
 MODELS: dict[str, ModelSpec] = {
     "resnet": ModelSpec("visbench_resnet_mnist_w8_e1_s0", _resnet, 1, 0.1, "sgd",
                         "resnet_mnist(width=8): stem + 3 stages x 2 basic blocks (8/16/32 channels)"),
+    "small_cnn": ModelSpec("demo_small_cnn_e2_s0", _small_cnn, 2, 0.05, "sgd",
+                           "small_cnn(): the demo's 4-conv CNN, width 32"),
     "mobilenet": ModelSpec("bench_mobilenet_v1_mnist_w25_s0", _mobilenet, 2, 0.1, "sgd",
                            "mobilenet_v1_mnist(0.25): stem + 7 depthwise-separable blocks"),
     "vit": ModelSpec("visbench_vit_mnist_p7_e1_s0", _vit, 1, 2e-3, "adamw",
