@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training .venv-peers .venv-tp bench-llm bench-peers bench-structured-peer bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,22 @@ $(PEERS_STAMP):
 	touch $(PEERS_STAMP)
 
 .venv-peers: $(PEERS_STAMP)
+
+# The structured peer for benchmarks/structured_peer.py, in a venv of its own (never a dependency
+# of prunekit): the same CPU torch first, then torch-pruning and what loads the saved model, with
+# torch held to it by a constraints file.
+TP_VENV := .venv-tp
+TP_STAMP := $(TP_VENV)/.tp-installed
+
+$(TP_STAMP):
+	$(PYTHON) -m venv $(TP_VENV)
+	$(TP_VENV)/bin/pip install -q --upgrade pip
+	$(TP_VENV)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(TP_VENV)/constraints.txt
+	$(TP_VENV)/bin/pip install -q -c $(TP_VENV)/constraints.txt torch-pruning==1.6.1 transformers safetensors
+	touch $(TP_STAMP)
+
+.venv-tp: $(TP_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m prunekit.cli demo
@@ -81,6 +97,10 @@ bench-vit-mobilenet: $(STAMP)
 bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
 
+# torch-pruning's MetaPruner (MLP channels) beside prunekit's structured one-shot, same sizes, one run.
+bench-structured-peer: $(LLM_STAMP) $(TP_STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/structured_peer.py --peer-python $(TP_VENV)/bin/python
+
 # In-memory vs accelerate cpu_offload / disk_offload pruning of SmolLM2 (needs the LLM extras).
 bench-offload: $(LLM_STAMP)
 	$(PY) benchmarks/offload.py --rounds 2
@@ -99,4 +119,4 @@ bench-train-overhead: $(STAMP)
 	$(PY) benchmarks/train_overhead.py --rounds 12 --steps 10 --threads 1
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) $(TP_VENV) .pytest_cache
