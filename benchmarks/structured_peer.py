@@ -17,7 +17,10 @@ written to the JSON and .md as each finishes.
 
     make bench-structured-peer
     python benchmarks/structured_peer.py --peer-python .venv-tp/bin/python --params 0.2 0.3
-    python benchmarks/structured_peer.py --report-only   # rewrite the .md from the JSON
+    python benchmarks/structured_peer.py --report-only   # rewrite the .md from the JSON (--merge: add runs)
+
+The JSON keeps one entry per run (its command, versions, threads, load and rows); a complete
+run replaces older runs of the same sizes.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def run(args, command: str) -> None:
     meta = {"command": command, "threads": args.threads, "calibration": f"{args.sequences}x256",
             "eval": f"{args.eval_sequences}x256", "torch": torch.__version__,
             "transformers": version("transformers"), "prunekit": version("prunekit"), "complete": False,
+            "params": list(args.params), "runs": list(args.runs), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip()}
     rows: list[dict] = []
@@ -135,28 +139,37 @@ def run(args, command: str) -> None:
     write(meta, rows, args.out)
 
 
-def write(meta: dict, rows: list[dict], path: Path) -> None:
-    """The JSON and its .md, rewritten after every row (a stopped run keeps what it measured)."""
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+def _runs(path: Path) -> list[dict]:
+    """The runs stored at ``path`` (a file of the first, single-run layout reads as one run)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    runs = data["runs"] if "runs" in data else [data]
+    for run_ in runs:  # the first layout had no start time: its first row's stands in
+        run_["meta"].setdefault("started", min((r["measured"] for r in run_["rows"] if "measured" in r), default=""))
+    return runs
+
+
+def write(meta: dict, rows: list[dict], path: Path, others: list[dict] | None = None) -> None:
+    """This run into the JSON beside the runs already there, and the .md; rewritten after every
+    row (a stopped run keeps what it measured). A complete run drops older runs of the same sizes."""
+    runs = [r for r in (others if others is not None else _runs(path)) if r["meta"]["started"] != meta["started"]]
+    if meta.get("complete"):
+        sizes = set(meta["params"])
+        runs = [r for r in runs if not set(r["meta"].get("params") or
+                                           {x["params_target"] for x in r["rows"]}) <= sizes]
+    runs = sorted(runs + [{"meta": meta, "rows": rows}], key=lambda r: r["meta"]["started"])
+    path.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     report(path)
 
 
-def report(path: Path) -> None:
-    data = json.loads(path.read_text())
-    meta, rows = data["meta"], data["rows"]
-    loads = [r["load_average"] for r in rows if "load_average" in r]
-    lines = ["# Structured pruning of SmolLM2-135M-Instruct: prunekit and torch-pruning side by side (CPU)", "",
-             f"`{meta['command']}` (`make bench-structured-peer`), one run"
-             + ("" if meta.get("complete") else " (**partial: stopped before its last row**)") + ". "
-             f"MLP neurons only, the same kept width in every layer for both tools. Calibration: "
-             f"{meta['calibration']} tokens from the head of the pydoc text; perplexity on its held-out tail, "
-             f"{meta['eval']} tokens (prunekit.perplexity; torch-pruning's venv runs a copy of its loop). "
-             "Prune seconds: prunekit's whole prune_structured call; torch-pruning's graph tracing + importance + "
-             "removal (Taylor: plus the gradient pass over the calibration windows).", "",
-             "| params target | tool | method | refine | intermediate | decoder params removed | perplexity "
-             "| x dense | prune s | load avg |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+HEADER = ["| params target | tool | method | refine | intermediate | decoder params removed | perplexity "
+          "| x dense | prune s | load avg |", "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def _table(rows: list[dict]) -> list[str]:
+    lines = list(HEADER)
+    for r in sorted(rows, key=lambda r: r["params_target"]):  # sorted() is stable: run order within a size
         if "error" in r:
             lines.append(f"| {r['params_target']:.0%} | {r['tool']} | {r['method']} | failed: see the JSON | | | | | | |")
             continue
@@ -164,15 +177,44 @@ def report(path: Path) -> None:
         lines.append(f"| {r['params_target']:.0%} | {r['tool']} | {r['method']} | {r['refine']} | {width} "
                      f"| {r['decoder_params_removed']:.2%} | {r['perplexity']:.2f} | {r['x_dense']} "
                      f"| {r['prune_seconds']} | {r['load_average']} |")
-    dense = meta.get("dense_perplexity")
-    lines += ["", f"Dense perplexity: {dense:.4f} in prunekit's process, {meta.get('peer_dense_perplexity', float('nan')):.4f} "
-                  f"in torch-pruning's (x dense divides by each side's own). Threads {meta['threads']} "
-                  f"(peer {meta.get('peer_threads')}); load average over the rows "
-                  f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f}. prunekit {meta['prunekit']}, "
-                  f"torch {meta['torch']}, transformers {meta['transformers']}; torch-pruning "
-                  f"{meta.get('torch_pruning')} with torch {meta.get('peer_torch')}, transformers "
-                  f"{meta.get('peer_transformers')}."]
+    return lines
+
+
+def report(path: Path) -> None:
+    """The .md beside ``path``: one table per run, with its command, threads, load and versions."""
+    lines = ["# Structured pruning of SmolLM2-135M-Instruct: prunekit and torch-pruning side by side (CPU)", "",
+             "`make bench-structured-peer` (`python benchmarks/structured_peer.py`). MLP neurons only, the same "
+             "kept width in every layer for both tools, the width prunekit chose for the target. Calibration: "
+             "windows of 256 tokens from the head of the pydoc text; perplexity on its held-out tail "
+             "(prunekit.perplexity; torch-pruning's venv runs a copy of its loop). Prune seconds: prunekit's whole "
+             "prune_structured call; torch-pruning's graph tracing + importance + removal (Taylor: plus the "
+             "gradient pass over the calibration windows). x dense divides by each side's own dense perplexity."]
+    for run_ in _runs(path):
+        meta, rows = run_["meta"], run_["rows"]
+        loads = [r["load_average"] for r in rows if "load_average" in r]
+        done = {r["params_target"] for r in rows}
+        lines += ["", f"## `{meta['command']}`", "",
+                  f"Started {meta['started']}" + (f", commit {meta['commit']}" if meta.get("commit") else "")
+                  + f"; calibration {meta['calibration']}, perplexity on {meta['eval']} tokens; "
+                  + ("complete." if meta.get("complete") else
+                     f"**partial** (stopped, or still running): rows for {', '.join(f'{p:.0%}' for p in sorted(done))} only."),
+                  "", *_table(rows), "",
+                  f"Dense perplexity: {meta['dense_perplexity']:.4f} in prunekit's process, "
+                  f"{meta.get('peer_dense_perplexity', float('nan')):.4f} in torch-pruning's. Threads "
+                  f"{meta['threads']} (peer {meta.get('peer_threads')}); load average over the rows "
+                  f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f}. prunekit {meta['prunekit']}, torch "
+                  f"{meta['torch']}, transformers {meta['transformers']}; torch-pruning {meta.get('torch_pruning')} "
+                  f"with torch {meta.get('peer_torch')}, transformers {meta.get('peer_transformers')}."]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def merge(path: Path, others: list[Path]) -> None:
+    """Fold the runs stored in ``others`` into ``path`` (runs written to separate files)."""
+    runs = _runs(path)
+    starts = {r["meta"]["started"] for r in runs}
+    runs += [r for o in others for r in _runs(o) if r["meta"]["started"] not in starts]
+    path.write_text(json.dumps({"runs": sorted(runs, key=lambda r: r["meta"]["started"])}, indent=1) + "\n")
+    report(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,9 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "structured_peer.json")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from the JSON")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="with --report-only: fold the runs stored in these JSON files into --out")
     args = p.parse_args(argv)
     if args.report_only:
-        report(args.out)
+        merge(args.out, args.merge)
         return
     if not os.path.exists(args.peer_python):
         raise FileNotFoundError(f"--peer-python {args.peer_python} does not exist; build it with `make .venv-tp`")
