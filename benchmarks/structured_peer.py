@@ -61,6 +61,9 @@ def peer(python: str, folder: str, threads: int, eval_sequences: int, *args: str
 def run(args, command: str) -> None:
     import torch
 
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # read first: the code that runs is the code at start
+
     import prunekit as pk
     from prunekit.llm import text_calibration, tokenize
     from prunekit.zoo.smollm2 import load_smollm2
@@ -77,8 +80,7 @@ def run(args, command: str) -> None:
             "eval": f"{args.eval_sequences}x256", "torch": torch.__version__,
             "transformers": version("transformers"), "prunekit": version("prunekit"), "complete": False,
             "params": list(args.params), "runs": list(args.runs), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip()}
+            "commit": commit}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(os.path.join(tmp, "model"))
@@ -146,7 +148,9 @@ def _runs(path: Path) -> list[dict]:
     data = json.loads(path.read_text())
     runs = data["runs"] if "runs" in data else [data]
     for run_ in runs:  # the first layout had no start time: its first row's stands in
-        run_["meta"].setdefault("started", min((r["measured"] for r in run_["rows"] if "measured" in r), default=""))
+        if "started" not in run_["meta"]:
+            run_["meta"]["started"] = min((r["measured"] for r in run_["rows"] if "measured" in r), default="")
+            run_["meta"]["started_is_first_row"] = True
     return runs
 
 
@@ -194,7 +198,7 @@ def report(path: Path) -> None:
         loads = [r["load_average"] for r in rows if "load_average" in r]
         done = {r["params_target"] for r in rows}
         lines += ["", f"## `{meta['command']}`", "",
-                  f"Started {meta['started']}" + (f", commit {meta['commit']}" if meta.get("commit") else "")
+                  ("First row " if meta.get("started_is_first_row") else "Started ") + meta["started"] + (f", commit {meta['commit']}" if meta.get("commit") else "")
                   + f"; calibration {meta['calibration']}, perplexity on {meta['eval']} tokens; "
                   + ("complete." if meta.get("complete") else
                      f"**partial** (stopped, or still running): rows for {', '.join(f'{p:.0%}' for p in sorted(done))} only."),
