@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training bench-structured-vision .venv-peers bench-llm bench-peers bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training bench-structured-vision .venv-peers .venv-tp bench-llm bench-peers bench-structured-peer bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -108,6 +108,10 @@ bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
 .PHONY: bench-structured-vision-peer
 bench-structured-vision-peer: $(STAMP) $(TP_STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/structured_vision_peer.py --peer-python $(TP_VENV)/bin/python
+
+# torch-pruning's MetaPruner (MLP channels) beside prunekit's structured one-shot, same sizes, one run.
+bench-structured-peer: $(LLM_STAMP) $(TP_STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/structured_peer.py --peer-python $(TP_VENV)/bin/python
 
 # In-memory vs accelerate cpu_offload / disk_offload pruning of SmolLM2 (needs the LLM extras).
 bench-offload: $(LLM_STAMP)
