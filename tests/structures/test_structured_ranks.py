@@ -66,6 +66,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                                                           progress=False))
         out["unchanged"] = all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT seen once)
     finally:
         dist.destroy_process_group()
 

@@ -41,6 +41,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[name] = {"masks": {n: m.clone() for n, m in masks.items()}, "thr": thr,
                              "sparsity": pruner.sparsity(), "weights": {k: v.clone() for k, v in model.state_dict().items()}}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT seen once)
     finally:
         dist.destroy_process_group()
 

@@ -147,6 +147,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {name: _check(name, out) for name in CONFIGS}
         _check_column_sharding_is_refused()
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (SIGABRT seen once)
     finally:
         dist.destroy_process_group()
 
