@@ -28,7 +28,7 @@ from typing import Iterator
 
 import torch
 
-from ...sparsity.patterns import NM, Unstructured, topk_keep
+from ...sparsity.patterns import NM, Unstructured, keep_count, topk_keep
 
 __all__ = ["SparseGPTResult", "sparsegpt", "block_prune_counts"]
 
@@ -88,7 +88,7 @@ def block_prune_counts(d_out: int, d_in: int, sparsity: float, block_size: int) 
     ``round(sparsity * d_out * width)`` (the narrow last block included) and the counts add up
     to the layer total exactly.
     """
-    total = int(round(sparsity * d_out * d_in))
+    total = d_out * d_in - keep_count(d_out * d_in, sparsity)  # one rounding of sparsity * numel, as masks do
     bounds = list(range(0, d_in, block_size)) + [d_in]
     cum = [_round_half_up(sparsity * d_out * b) for b in bounds[:-1]] + [total]
     cum[0] = 0
@@ -235,7 +235,7 @@ def sparsegpt(
         W[:, dead] = 0.0
 
     selecting = mask is None
-    if selecting and isinstance(pattern, Unstructured) and int(round(sparsity * d_out * d_in)) == 0:
+    if selecting and isinstance(pattern, Unstructured) and keep_count(d_out * d_in, sparsity) == d_out * d_in:
         # nothing to prune: W is unchanged except for the dead columns
         keep = torch.ones(d_out, d_in, dtype=torch.bool, device=weight.device)
         return SparseGPTResult(W.to(weight.dtype), keep, 0.0, float(damp), 0)
