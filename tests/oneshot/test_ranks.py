@@ -2,20 +2,18 @@
 all the batches, bit-identical across ranks; disagreements and failures stop every rank alike."""
 import datetime
 import os
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import prunekit as pk
 from prunekit.oneshot.runtime.ranks import Ranks, checksum, describe_value, fingerprint, _first_difference
 
 from helpers.llama_toys import tiny_llama
+from helpers.two_ranks import run_two_ranks
 
 WORLD = 2
 # Newton steps that move; every HVP on whole batches (a hessian_fraction < 1 takes the head of each
@@ -57,12 +55,6 @@ def _batches(kind: str) -> list[torch.Tensor]:
     if kind == "cnn":
         return [torch.randn(16, 3, 6, 6, generator=g) for _ in range(4)]
     return [torch.randint(0, 100, (2, 32), generator=g) for _ in range(4)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _failure(fn) -> dict:
@@ -130,13 +122,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks_out():
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
-        deadline = time.time() + 240
-        while not ctx.join(timeout=2):
-            if time.time() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError("the gloo workers did not finish in 240 s")
+        run_two_ranks(_worker, out, timeout=240, what="the gloo")
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 
