@@ -10,6 +10,7 @@ Every run removes a fraction of the decoder layers' parameters (``params=``) wit
     python benchmarks/structured_llm.py                       # the grid below
     python benchmarks/structured_llm.py --params 0.2 --method obs --refine lstsq
     python benchmarks/structured_llm.py --ratio 0.3 --method wanda --refine lstsq --damp 1e-6   # the plain baseline
+    python benchmarks/structured_llm.py --params 0.2 --method wanda --refine snows --snows '{"k": 2, "max_cg": 3}'
 FLOPs: the linear layers' (``prunekit.model_report``) plus the attention products (``4 S^2 d_head``
 per head and layer) of one forward of 1 x 256 tokens; the fraction removed is of the whole model's.
 Results: benchmarks/results/structured_llm.json (one row per run, appended), .md and .png.
@@ -99,7 +100,8 @@ def run(args) -> list[dict]:
                 bias = True if refine == "bias" else args.bias  # FLAP's compensation needs a bias to write
                 result = pk.prune_structured(pruned, calibration, structures=args.structures, **{target: amount},
                                              method=method, refine=refine, bias=bias, damp=args.damp, budget=args.budget,
-                                             multiple_of=args.multiple_of, progress=False)
+                                             multiple_of=args.multiple_of, progress=False,
+                                             refine_options=args.snows if refine == "snows" else None)
                 seconds = time.perf_counter() - t0
                 ppl = pk.perplexity(pruned, ids, seq_len=256, max_sequences=args.eval_sequences)
                 shape = (pruned.config.intermediate_size, pruned.config.num_attention_heads,
@@ -113,7 +115,8 @@ def run(args) -> list[dict]:
                     shapes[shape] = {"ratio": {k: round(statistics.mean([p1[k] / d1[k], p2[k] / d2[k]]), 3)
                                                for k in d1}, "dense": d1}
                 ratio, d1 = shapes[shape]["ratio"], shapes[shape]["dense"]
-                row = {"structures": args.structures, "params_target": params, "method": method, "refine": str(refine),
+                label = f"snows {json.dumps(args.snows, sort_keys=True)}" if refine == "snows" and args.snows else str(refine)
+                row = {"structures": args.structures, "params_target": params, "method": method, "refine": label,
                        "ratio": amount if target == "ratio" else None, "damp": args.damp, "budget": args.budget,
                        "bias": str(bias), "multiple_of": args.multiple_of, "calibration": f"{args.sequences}x256",
                        "decoder_params_removed": round(1 - decoder_params(pruned) / dense_dec, 4),
@@ -228,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--damp", type=float, default=0.1, help="the least-squares refit's ridge towards the dense columns")
     p.add_argument("--method", nargs="+", default=["magnitude", "wanda", "flap", "obs"])
     p.add_argument("--refine", nargs="+", default=["none", "bias", "lstsq"])
+    p.add_argument("--snows", type=json.loads, default=None, metavar="JSON",
+                   help='SNOWS options for --refine snows, e.g. \'{"k": 2, "max_cg": 3}\' (default: its defaults)')
     p.add_argument("--structures", default="mlp")
     p.add_argument("--multiple-of", type=int, default=1, help="round kept MLP widths to a multiple of this")
     p.add_argument("--bias", default="auto", type=lambda v: {"true": True, "false": False}.get(v.lower(), v))
