@@ -131,6 +131,16 @@ class FineTune:
     momentum: float = 0.9
     seed: int = 0
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and JSON keys (``lr0.01``): recipes in one run differ by their LR."""
+        return f"lr{self.lr:g}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FineTune":
+        """The recipe ``dataclasses.asdict`` wrote (how a driver hands it to a peer process)."""
+        return cls(**{k: d[k] for k in ("steps", "batch", "lr", "momentum", "seed") if k in d})
+
     def describe(self) -> str:
         return (f"{self.steps} SGD steps of batch {self.batch} (lr {self.lr}, momentum {self.momentum}, no weight "
                 f"decay, constant LR, cross-entropy, model in train mode so BatchNorm uses batch statistics and "
@@ -140,6 +150,10 @@ class FineTune:
 
 
 FINETUNE = FineTune()
+#: The gentler recipe: the same steps, batches and order at a tenth of the LR. ``FINETUNE`` lowers
+#: the accuracy of the converged dense models (lr 0.01); this LR was chosen on the dense models
+#: alone (``benchmarks/vision_finetune_lr.py``), before any pruned model was fine-tuned with it.
+GENTLE = FineTune(lr=0.001)
 
 
 def fine_tune(model: nn.Module, recipe: FineTune = FINETUNE) -> nn.Module:
