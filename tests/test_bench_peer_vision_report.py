@@ -28,11 +28,14 @@ def test_goals_met_and_missed_by_hand():
     # prunekit 91 (median of 90, 91, 92) vs the best peer 80.5 (taylor): +10.5 -> met
     assert g["margin"] == 91.0 - 80.5 and g["oneshot_met"] and g["peer_best_oneshot_by"] == "taylor"
     # after the lr 0.01 fine-tune 97.0 < taylor's 97.5 -> missed; after lr 0.001, 98.0 >= l2's 97.9 -> met
-    assert g["finetuned"]["lr0.01"] == {"prunekit": 97.0, "peer_best": 97.5, "peer_best_by": "taylor", "met": False}
-    assert g["finetuned"]["lr0.001"] == {"prunekit": 98.0, "peer_best": 97.9, "peer_best_by": "l2", "met": True}
+    assert g["finetuned"]["lr0.01"] == {"prunekit": 97.0, "peer_best": 97.5, "peer_best_by": "taylor",
+                                        "peer_best_removed": 0.5, "met": False}
+    assert g["finetuned"]["lr0.001"] == {"prunekit": 98.0, "peer_best": 97.9, "peer_best_by": "l2",
+                                         "peer_best_removed": 0.5, "met": True}
     md = report.goals_markdown(rows)
     assert "after fine-tune lr0.01 **missed**" in md and "after fine-tune lr0.001 **met**" in md
     assert "after fine-tune lr0.001 %" in report.table(rows)
+    assert "(taylor, 50.0% removed)" in md
 
 
 def test_a_refused_prunekit_model_misses_both_goals():
