@@ -13,8 +13,9 @@ counts prunekit's pruned CNNs with torch-pruning's MAC counter. The ViT goes thr
 one-shot on the 10k test images; for the seeds in ``--finetune-seeds``, copies of the same pruned
 model are then fine-tuned with each recipe of ``RECIPES`` (``_vision_common.fine_tune``: the shared
 lr 0.01 recipe and the gentle lr 0.001 one; the driver hands both to the peer on its command line,
-so both tools get the same recipes, batches and order) and scored again. Rows are written to ``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they
-finish, with the issue's goals marked met or missed.
+so both tools get the same recipes, batches and order) and scored again. Rows are written to
+``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they finish, with the issue's
+goals marked met or missed (one fine-tune verdict per recipe).
 """
 from __future__ import annotations
 
