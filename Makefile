@@ -104,10 +104,14 @@ bench-peers: $(LLM_STAMP) $(PEERS_STAMP)
 	$(PY) benchmarks/peers.py --peer-python $(PEERS_VENV)/bin/python
 
 # prunekit's prune_channels beside torch-pruning 1.6.1 (own venv) on the MNIST ResNet / MobileNet / ViT:
-# one-shot and after the same short fine-tune, 30/50% of FLOPs removed, 3 calibration seeds.
-.PHONY: bench-structured-vision-peer
+# one-shot and after the same two short fine-tunes (lr 0.01 and 0.001), 30/50% of FLOPs removed, 3 calibration seeds.
+.PHONY: bench-structured-vision-peer bench-vision-finetune-lr
 bench-structured-vision-peer: $(STAMP) $(TP_STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/structured_vision_peer.py --peer-python $(TP_VENV)/bin/python
+
+# The gentle fine-tune's LR, chosen on the dense vision models alone (no pruned model involved).
+bench-vision-finetune-lr: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/vision_finetune_lr.py
 
 # torch-pruning's MetaPruner (MLP channels) beside prunekit's structured one-shot, same sizes, one run.
 bench-structured-peer: $(LLM_STAMP) $(TP_STAMP)

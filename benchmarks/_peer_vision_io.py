@@ -8,6 +8,8 @@ measure accuracy with :func:`accuracy` on the same tensors and fine-tune with
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 
@@ -62,6 +64,24 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     model.eval()
     correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
     return 100.0 * correct / len(x)
+
+
+def recipes_to_arg(recipes: list[vc.FineTune]) -> str:
+    """The fine-tune recipes as one JSON command-line argument (the driver hands them to the peer
+    explicitly, so both processes fine-tune with the same recipes whatever their defaults)."""
+    return json.dumps([dataclasses.asdict(r) for r in recipes])
+
+
+def recipes_from_arg(arg: str) -> list[vc.FineTune]:
+    """The recipes :func:`recipes_to_arg` wrote."""
+    return [vc.FineTune.from_dict(d) for d in json.loads(arg)]
+
+
+def fine_tuned_accuracies(model: nn.Module, recipes: list[vc.FineTune], x: torch.Tensor,
+                          y: torch.Tensor) -> dict[str, float]:
+    """``{recipe.label: accuracy}``: a copy of the same pruned ``model`` fine-tuned with each recipe
+    (``model`` itself is left as it is)."""
+    return {r.label: accuracy(vc.fine_tune(copy.deepcopy(model), r), x, y) for r in recipes}
 
 
 def append_row(path: str, row: dict) -> None:

@@ -131,6 +131,16 @@ class FineTune:
     momentum: float = 0.9
     seed: int = 0
 
+    @property
+    def label(self) -> str:
+        """A short name for tables and JSON keys (``lr0.01``): recipes in one run differ by their LR."""
+        return f"lr{self.lr:g}"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FineTune":
+        """The recipe ``dataclasses.asdict`` wrote (how a driver hands it to a peer process)."""
+        return cls(**{k: d[k] for k in ("steps", "batch", "lr", "momentum", "seed") if k in d})
+
     def describe(self) -> str:
         return (f"{self.steps} SGD steps of batch {self.batch} (lr {self.lr}, momentum {self.momentum}, no weight "
                 f"decay, constant LR, cross-entropy, model in train mode so BatchNorm uses batch statistics and "
@@ -140,6 +150,10 @@ class FineTune:
 
 
 FINETUNE = FineTune()
+#: The gentler recipe: the same steps, batches and order at a tenth of the LR. ``FINETUNE`` lowers
+#: the accuracy of the converged dense models (lr 0.01); this LR was chosen on the dense models
+#: alone (``benchmarks/vision_finetune_lr.py``), before any pruned model was fine-tuned with it.
+GENTLE = FineTune(lr=0.001)
 
 
 def fine_tune(model: nn.Module, recipe: FineTune = FINETUNE) -> nn.Module:
@@ -212,20 +226,54 @@ def latency(dense: nn.Module, pruned: nn.Module, batch: int, repeats: int = 20, 
                    repeats, threads)
 
 
+def _is_attention(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` or a drop-in with its layout (prunekit's ``PrunedMultiheadAttention``,
+    which may hold fewer heads), recognised by its attributes so that no prunekit import is needed."""
+    return isinstance(m, nn.MultiheadAttention) or all(
+        hasattr(m, a) for a in ("in_proj_weight", "out_proj", "num_heads", "batch_first"))
+
+
 def macs(model: nn.Module) -> int:
-    """Multiply-adds of one 1x28x28 image through every Conv2d and Linear (forward hooks; for
-    checking any pruner's FLOPs claim the same way; ``nn.MultiheadAttention``'s projections are
-    not hooked and its attention products are not counted)."""
+    """Multiply-adds of one 1x28x28 image through every Conv2d, Linear and multi-head attention
+    (forward hooks; for checking any pruner's FLOPs claim the same way). An attention counts its
+    q, k, v projections (``in_proj_weight``'s rows: ``3 * heads * head_dim``), its two products
+    (``QK^T`` and ``AV``, ``T_q * T_k * heads * head_dim`` each) and ``out_proj``, which stock
+    ``nn.MultiheadAttention`` calls without its module hook (a drop-in that calls it as a module is
+    counted once). Biases, norms, activations and the softmax are not counted."""
     total = 0
+    linear_calls: dict[int, int] = {}
 
     def hook(m, args, out):
         nonlocal total
+        linear_calls[id(m)] = linear_calls.get(id(m), 0) + 1
         if isinstance(m, nn.Conv2d):
             total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         else:
             total += out.numel() * m.in_features
 
+    def attention_pre(m, args, kwargs):
+        m._macs_out_proj_calls = linear_calls.get(id(m.out_proj), 0)
+
+    def attention(m, args, kwargs, out):
+        nonlocal total
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        if getattr(m, "in_proj_weight", None) is None:
+            raise ValueError("an nn.MultiheadAttention with separate q/k/v projection weights is not counted")
+        inner, embed = m.in_proj_weight.shape[0] // 3, m.in_proj_weight.shape[1]
+        seq = 1 if (m.batch_first and q.dim() == 3) else 0
+        batch = q.numel() // (q.shape[seq] * q.shape[-1])
+        tq, tk = q.shape[seq], k.shape[seq]
+        total += batch * (tq * embed * inner + 2 * tk * embed * inner + 2 * tq * tk * inner)
+        if linear_calls.get(id(m.out_proj), 0) == m._macs_out_proj_calls:  # out_proj ran without its hook
+            total += batch * tq * inner * m.out_proj.out_features
+        del m._macs_out_proj_calls
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in model.modules():
+        if _is_attention(m):
+            handles.append(m.register_forward_pre_hook(attention_pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(attention, with_kwargs=True))
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 1, 28, 28))

@@ -5,6 +5,9 @@ torch-pruning only; prunekit is never imported: the zoo's model definitions and 
 loaded as files by ``_vision_common``). Reads the dense state dict, calibration and test tensors
 the driver saved in ``--work``; appends one JSON line per pruned model to ``--out``.
 
+Each model of a seed in ``--finetune-seeds`` is fine-tuned, from the same pruned state, with every
+recipe in ``--finetune-recipes`` (the driver passes the recipes it uses itself).
+
 Per model, FLOPs target and importance (``l2``: ``MagnitudeImportance(p=2)``, ``bn``:
 ``BNScaleImportance``, ``taylor``: ``TaylorImportance`` with gradients of the cross-entropy
 summed over the calibration batches): ``tp.pruner.MetaPruner`` with ``global_pruning=False``,
@@ -116,6 +119,9 @@ def main() -> None:
     parser.add_argument("--importances", default=",".join(IMPORTANCES))
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds (one-shot rows)")
     parser.add_argument("--finetune-seeds", default="0", help="calibration seeds whose pruned models are fine-tuned")
+    parser.add_argument("--finetune-recipes", default=io.recipes_to_arg([vc.FINETUNE]),
+                        help="JSON list of _vision_common.FineTune fields; each fine-tuned model gets every recipe, "
+                             "each from the same pruned model (the driver passes its own)")
     parser.add_argument("--vit-configs", default="example,num_heads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", required=True, help="JSON-lines file rows are appended to")
@@ -131,6 +137,7 @@ def main() -> None:
     xt, yt = io.read_tensors(args.work, "test")
     seeds = [int(s) for s in args.seeds.split(",")]
     ft_seeds = {int(s) for s in args.finetune_seeds.split(",") if s}
+    recipes = io.recipes_from_arg(args.finetune_recipes)
     calibs = {s: io.read_tensors(args.work, f"calib_s{s}") for s in seeds}
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in dense.modules())
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in dense.modules())
@@ -155,14 +162,14 @@ def main() -> None:
                            "macs_removed_tp": 1 - tp_macs(model) / base["macs_tp_dense"],
                            "macs_removed_hooks": 1 - vc.macs(model) / base["macs_hooks_dense"],
                            "params": sum(p.numel() for p in model.parameters()), "prune_s": seconds,
-                           "oneshot_acc": io.accuracy(model, xt, yt), "finetuned_acc": None, "error": None,
+                           "oneshot_acc": io.accuracy(model, xt, yt), "finetuned": {}, "error": None,
                            "loadavg": os.getloadavg()}
                     if seed in ft_seeds:
-                        row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), xt, yt)
+                        row["finetuned"] = io.fine_tuned_accuracies(model, recipes, xt, yt)
                     io.append_row(args.out, row)
                     print(f"{args.model} {target} {config} {imp} s{seed}: ratio {ratio:.3f} removed "
                           f"{100 * row['macs_removed_tp']:.1f}% (search {100 * expected:.1f}%) one-shot "
-                          f"{row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
+                          f"{row['oneshot_acc']:.2f} fine-tuned {row['finetuned']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ prunekit prunes with ``pk.prune_channels(model, calib, flops=f, score="l2", refi
 (and the same call with ``refine=None``, to show what the refit adds); then
 ``benchmarks/peer_torch_pruning_vision.py`` runs in the peer's venv with the same threads and
 prunes the same dense model at the same FLOPs targets with torch-pruning's importances, and also
-counts prunekit's pruned models with torch-pruning's MAC counter. Every pruned model is scored
-one-shot on the 10k test images; the seeds in ``--finetune-seeds`` are then fine-tuned with
-``_vision_common.fine_tune`` (the same recipe, batches and order for both tools) and scored
-again. Rows are written to ``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they
-finish, with the issue's goals marked met or missed.
+counts prunekit's pruned CNNs with torch-pruning's MAC counter. The ViT goes through the same
+``prune_channels`` call (MLP hidden units and attention heads). Every pruned model is scored
+one-shot on the 10k test images; for the seeds in ``--finetune-seeds``, copies of the same pruned
+model are then fine-tuned with each recipe of ``RECIPES`` (``_vision_common.fine_tune``: the shared
+lr 0.01 recipe and the gentle lr 0.001 one; the driver hands both to the peer on its command line,
+so both tools get the same recipes, batches and order) and scored again. Rows are written to
+``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they finish, with the issue's
+goals marked met or missed (one fine-tune verdict per recipe).
 """
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ from prunekit.zoo.train import cached, train_classifier  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "peer_torch_pruning_vision.py")
 REFINES = {"l2+lstsq": "lstsq", "l2 (no refit)": None}
+#: Both fine-tunes, applied to copies of the very same pruned models by both tools: the shared recipe
+#: (lr 0.01, which lowers the converged dense models) and the gentle one (lr 0.001, chosen on the
+#: dense models alone by benchmarks/vision_finetune_lr.py).
+RECIPES = [vc.FINETUNE, vc.GENTLE]
 
 
 def trained(name: str) -> torch.nn.Module:
@@ -58,10 +65,15 @@ def trained(name: str) -> torch.nn.Module:
     return cached(spec.tag, spec.build, train)
 
 
-def dense_finetuned(name: str) -> float:
-    """The control: test accuracy of the dense model after the same fine-tune as the pruned ones."""
-    test = vc.mnist("test")
-    return io.accuracy(vc.fine_tune(copy.deepcopy(trained(name))), *test)
+def dense_finetuned(name: str) -> dict[str, float]:
+    """The control: test accuracy of the dense model after each fine-tune the pruned ones get."""
+    return io.fine_tuned_accuracies(trained(name), RECIPES, *vc.mnist("test"))
+
+
+def has_drop_in_attention(model: torch.nn.Module) -> bool:
+    """True if ``model`` holds prunekit's ``PrunedMultiheadAttention``: the peer's venv, without
+    prunekit, cannot unpickle it, and torch-pruning's counter would not count its projections."""
+    return any(type(m).__name__ == "PrunedMultiheadAttention" for m in model.modules())
 
 
 def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: set[int], work: str,
@@ -75,7 +87,7 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
         for seed in seeds if refine else seeds[:1]:  # no refit: one seed, to show what the refit adds
             x, _ = io.read_tensors(work, f"calib_s{seed}")
             model = copy.deepcopy(dense)
-            row = {**base, "importance": label, "seed": seed, "finetuned_acc": None, "error": None}
+            row = {**base, "importance": label, "seed": seed, "finetuned": {}, "error": None}
             start = time.perf_counter()
             try:
                 r = pk.prune_channels(model, list(x.split(64)), flops=target, score="l2", refine=refine)
@@ -86,42 +98,22 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
                        macs_removed_hooks=1 - vc.macs(model) / base["macs_hooks_dense"],
                        params=sum(p.numel() for p in model.parameters()), oneshot_acc=io.accuracy(model, *test),
                        loadavg=os.getloadavg())
-            if seed == min(seeds):
+            if has_drop_in_attention(model):
+                row["tp_count_note"] = "not counted: torch-pruning's counter does not know PrunedMultiheadAttention"
+            elif seed == min(seeds):
                 row["pickle"] = f"pk_{name}_{target}_{refine}_s{seed}.pt"
                 torch.save(model, os.path.join(work, row["pickle"]))
             if seed in ft_seeds:
-                row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), *test)
+                row["finetuned"] = io.fine_tuned_accuracies(model, RECIPES, *test)
             rows.append(row)
             print(f"prunekit {name} {target} {label} s{seed}: removed {100 * r.flops_removed:.1f}% one-shot "
-                  f"{row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
+                  f"{row['oneshot_acc']:.2f} fine-tuned {row['finetuned']}", flush=True)
     return rows
 
 
-def mlp_rows(name: str, dense, peer: list[dict], ft_seeds: set[int], work: str, test) -> list[dict]:
-    """For a ViT, whose channels ``prune_channels`` refuses: prunekit's MLP-neuron pruning
-    (``pk.prune_structured(structures="mlp", method="magnitude", refine="lstsq")``) at the ratio
-    torch-pruning's ``num_heads`` rows used, which prune the MLP hidden layers only: the same
-    widths, so the same FLOPs (checked: the parameter counts must match)."""
-    rows = []
-    for ref in [r for r in peer if r.get("config") == "num_heads" and r.get("importance") == "l2" and not r.get("error")]:
-        x, _ = io.read_tensors(work, f"calib_s{ref['seed']}")
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        r = pk.prune_structured(model, list(x.split(64)), structures="mlp", ratio=ref["ratio"], method="magnitude",
-                                refine="lstsq")
-        row = {"kind": "row", "model": name, "tool": "prunekit", "version": pk.__version__, "target": ref["target"],
-               "importance": "mlp neurons: magnitude+lstsq (prune_structured)", "config": "num_heads widths",
-               "seed": ref["seed"], "ratio": ref["ratio"], "prune_s": time.perf_counter() - start,
-               "macs_removed_own": None, "macs_removed_tp": ref["macs_removed_tp"] if r.params_after == ref["params"] else None,
-               "macs_removed_hooks": 1 - vc.macs(model) / vc.macs(dense), "params": r.params_after,
-               "widths": [m.out_features for n, m in model.named_modules() if n.endswith("mlp.0")],
-               "oneshot_acc": io.accuracy(model, *test), "finetuned_acc": None, "error": None, "loadavg": os.getloadavg()}
-        if ref["seed"] in ft_seeds:
-            row["finetuned_acc"] = io.accuracy(vc.fine_tune(model), *test)
-        rows.append(row)
-        print(f"prunekit {name} {ref['target']} mlp s{ref['seed']}: params {r.params_after} (peer {ref['params']}) "
-              f"one-shot {row['oneshot_acc']:.2f} fine-tuned {row['finetuned_acc']}", flush=True)
-    return rows
+def recipes_meta() -> list[dict]:
+    """The fine-tune recipes as the results record them: fields, label and description."""
+    return [{**dataclasses.asdict(r), "label": r.label, "describe": r.describe()} for r in RECIPES]
 
 
 def attach_counts(rows: list[dict], counts: list[dict], dense_tp: dict[str, float]) -> None:
@@ -145,10 +137,12 @@ def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = 
         f"({run.get('threads')} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
         f"{run['loadavg_end'][0]:.1f} at the end, finished {run.get('finished')})." for run in meta.get("earlier_runs", []))
     earlier += "".join(f"\n\nNote: {note}" for note in meta.get("notes", []))
+    labels = [r["label"] for r in meta["finetune_recipes"]]
     dense_lines = "\n".join(
         f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | "
-        f"{d['finetuned_accuracy']:.2f} | {d['macs_hooks']:,} | "
-        f"{d.get('macs_tp', float('nan')):,.0f} | {d['params']:,} |" for n, d in dense.items())
+        + "".join(f"{d['finetuned_accuracies'][k]:.2f} | " for k in labels)
+        + f"{d['macs_hooks']:,} | {d.get('macs_tp', float('nan')):,.0f} | {d['params']:,} |" for n, d in dense.items())
+    recipes_md = "\n".join(f"  - `{r['label']}`: {r['describe']}" for r in meta["finetune_recipes"])
     md = f"""# prunekit `prune_channels` vs torch-pruning {meta['versions'].get('torch-pruning')}: MNIST models, one shot and fine-tuned
 
 Command: `{meta['command']}`, {meta['threads']} threads in both processes, load average
@@ -157,8 +151,16 @@ machine shared with other jobs: pruning seconds are indicative only). Versions: 
 
 Each tool prunes the same dense model (state dict handed over by file) from the same 512
 calibration images per seed (seeds {meta['seeds']}); accuracy on the 10k MNIST test images,
-one-shot (median [min-max] over seeds) and after the same fine-tune (calibration seed(s)
-{meta['finetune_seeds']} only): {meta['finetune']}.
+one-shot (median [min-max] over seeds) and after each of two fine-tunes (calibration seed(s)
+{meta['finetune_seeds']} only), each applied by both tools to a copy of the very same pruned model:
+
+{recipes_md}
+
+  The shared recipe `{labels[0]}` lowers the converged dense models (the control columns below), so
+  a pruned model that is still close to its dense one loses by it too; the gentle recipe's LR was
+  chosen on the dense models alone, before any pruned model was fine-tuned with it
+  ([vision_finetune_lr.md](vision_finetune_lr.md): the largest LR below 0.01 that lowers no dense
+  model by more than 0.1 points).
 
 - prunekit: `pk.prune_channels(model, calib, flops=f, score="l2", refine="lstsq")` (BatchNorm
   re-estimated on the calibration images, its default); `l2 (no refit)` is the same call with
@@ -171,24 +173,24 @@ one-shot (median [min-max] over seeds) and after the same fine-tune (calibration
   the gradients of the cross-entropy summed over the calibration batches (eval mode). ViT: `example`
   follows torch-pruning's torchvision ViT example (`round_to` = heads; the embedding width shrinks),
   `num_heads` passes `num_heads={{mha: mha.num_heads}}` (the embedding width then stays).
-- ViT: `prune_channels` does not follow channels through the patch embedding's transpose nor
-  through LayerNorm (it refuses, the model unchanged). The `mlp neurons` rows are prunekit's
-  transformer path instead: `pk.prune_structured(model, calib, structures="mlp", ratio=r,
-  method="magnitude", refine="lstsq")` at the `r` of torch-pruning's `num_heads` rows, which also
-  prune only the MLP hidden layers: the same widths, so the same FLOPs (the tp count is copied
-  only where the parameter counts agree). (`prune_structured(..., flops=f)` raises on this model:
-  "a block was not called during the forward pass", `nn.MultiheadAttention` never calls its
-  `out_proj` module.)
+- ViT: the same `prune_channels` call as the CNNs. It prunes each block's MLP hidden units and
+  attention heads (each `nn.MultiheadAttention` becomes prunekit's `PrunedMultiheadAttention`, same
+  `state_dict` keys) and keeps the residual stream's width (LayerNorm couples it). torch-pruning's
+  `example` set-up shrinks the embedding width instead; `num_heads` keeps it and prunes only the MLP
+  hidden units.
 - torch-pruning reaches a FLOPs target only as closely as its channel counts allow (its ratio
   applies to every group); prunekit's `flops=f` is a floor. The columns below say what each removed.
 - MACs removed: "own count" is each tool's own claim (prunekit's `flops_removed`, torch-pruning's
-  counter), "tp count" is torch-pruning's counter on both tools' models, "conv+linear hooks" is
-  `_vision_common.macs` on both (it does not see `nn.MultiheadAttention`'s projections).
+  counter), "tp count" is torch-pruning's counter on both tools' models (not on prunekit's ViTs: the
+  peer's venv has no prunekit to unpickle `PrunedMultiheadAttention`, and torch-pruning's counter
+  does not know that module), "shared hooks" is `_vision_common.macs` on both tools' models: every
+  Conv2d and Linear plus each attention's q/k/v projections, its two products and `out_proj`
+  (biases, norms, activations and the softmax not counted).
 
 Dense models:
 
-| model | cache tag | architecture | accuracy % | after the same fine-tune % (control) | MACs (conv+linear hooks) | MACs (tp count) | params |
-|---|---|---|---:|---:|---:|---:|---:|
+| model | cache tag | architecture | accuracy % | {' | '.join(f'after fine-tune {k} % (control)' for k in labels)} | MACs (shared hooks) | MACs (tp count) | params |
+|---|---|---|---:|{'---:|' * len(labels)}---:|---:|---:|
 {dense_lines}
 
 {report.table(rows)}
@@ -197,7 +199,8 @@ Dense models:
 
 At {100 * report.GOAL_TARGET:.0f}% of the FLOPs removed, prunekit one-shot with the refit beats
 torch-pruning's best one-shot importance by at least {report.GOAL_MARGIN:.0f} accuracy points on each
-model, and after the same fine-tune it is at least as accurate:
+model, and after the same fine-tune it is at least as accurate (one verdict per recipe; each tool
+aims at the target by its own count, the columns above say what each removed):
 
 {report.goals_markdown(rows) or '- not measured yet'}
 """
@@ -224,10 +227,11 @@ def main() -> None:
         with open(args.out) as f:
             old = json.load(f)
         torch.set_num_threads(args.threads)
-        for name, info in old["dense"].items():  # the control, for results measured before it existed
-            if "finetuned_accuracy" not in info:
-                info["finetuned_accuracy"] = dense_finetuned(name)
-                info["finetuned_accuracy_note"] = f"measured by --render, load {os.getloadavg()[0]:.1f}"
+        for name, info in old["dense"].items():  # the controls, for results measured before they existed
+            if "finetuned_accuracies" not in info:
+                info["finetuned_accuracies"] = dense_finetuned(name)
+                info["finetuned_accuracies_note"] = f"measured by --render, load {os.getloadavg()[0]:.1f}"
+        old["meta"].setdefault("finetune_recipes", recipes_meta())
         old["meta"]["notes"] = old["meta"].get("notes", []) + args.note
         write(args.out, old["meta"], old["dense"], old["rows"], keep_end=True)
         return
@@ -241,7 +245,7 @@ def main() -> None:
         check=True, capture_output=True, text=True).stdout.split()
     meta = {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
             "threads": args.threads, "seeds": seeds, "finetune_seeds": sorted(ft_seeds),
-            "finetune": vc.FINETUNE.describe(), "finetune_recipe": dataclasses.asdict(vc.FINETUNE), "loadavg_start": os.getloadavg(), "machine": platform.processor() or platform.machine(),
+            "finetune_recipes": recipes_meta(), "loadavg_start": os.getloadavg(), "machine": platform.processor() or platform.machine(),
             "versions": {"prunekit": pk.__version__, "torch (prunekit venv)": torch.__version__,
                          "torch-pruning": peer_versions[0], "torch-pruning's __version__ string": peer_versions[2],
                          "torch (peer venv)": peer_versions[1], "python": platform.python_version()}}
@@ -265,13 +269,14 @@ def main() -> None:
         dense_info[name] = {"tag": vc.MODELS[name].tag, "description": vc.MODELS[name].description,
                             "accuracy": io.accuracy(dense, *test), "macs_hooks": vc.macs(dense),
                             "params": sum(p.numel() for p in dense.parameters()),
-                            "finetuned_accuracy": dense_finetuned(name),
+                            "finetuned_accuracies": dense_finetuned(name),
                             "cache_md5": hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()}
     for name in names:  # rows of an earlier run in the same work folder are not this run's
         if os.path.exists(os.path.join(work, f"peer_{name}.jsonl")):
             os.remove(os.path.join(work, f"peer_{name}.jsonl"))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    peer_cmd = [args.peer_python, PEER, "--work", work, "--threads", str(args.threads)]
+    peer_cmd = [args.peer_python, PEER, "--work", work, "--threads", str(args.threads),
+                "--finetune-recipes", io.recipes_to_arg(RECIPES)]
     # The peers run beside prunekit (one process per model), under the same load as it.
     peers = {name: subprocess.Popen(peer_cmd + ["--model", name, "--flops", args.flops, "--seeds", args.seeds,
                                                 "--finetune-seeds", args.finetune_seeds,
@@ -297,10 +302,6 @@ def main() -> None:
         if proc.wait():
             pk_rows.append({"kind": "row", "model": name, "tool": "torch-pruning", "target": float(args.flops.split(",")[0]),
                             "importance": "-", "error": f"the peer exited with status {proc.returncode}"})
-    for name in names:
-        if any(isinstance(m, torch.nn.MultiheadAttention) for m in trained(name).modules()):
-            peer = io.read_rows(os.path.join(work, f"peer_{name}.jsonl"))
-            pk_rows.extend(mlp_rows(name, trained(name), peer, ft_seeds, work, io.read_tensors(work, "test")))
     rows = gather()
     write(args.out, meta, dense_info, rows)
     print(report.table(rows))

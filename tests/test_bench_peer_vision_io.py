@@ -1,4 +1,5 @@
 """benchmarks/_peer_vision_io.py: the hand-over between prunekit's driver and the torch-pruning peer."""
+import copy
 import importlib.util
 import os
 import sys
@@ -45,3 +46,19 @@ def test_calibration_labels_belong_to_the_same_images_as_vision_common():
     train_x, train_y = vc.mnist("train")
     idx = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(3))[:64]
     assert torch.equal(train_y[idx], y) and torch.equal(train_x[idx], x)
+
+
+def test_recipes_round_trip_and_each_fine_tunes_its_own_copy(tmp_path, monkeypatch):
+    recipes = [vc.FineTune(steps=2, batch=4, lr=0.1), vc.FineTune(steps=2, batch=4, lr=0.0)]
+    assert io.recipes_from_arg(io.recipes_to_arg(recipes)) == recipes
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    torch.save({"x": x, "y": y}, tmp_path / "train.pt")
+    monkeypatch.setattr(vc, "mnist", vc.mnist)  # restored after the test
+    io.use_saved_mnist(str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    before = copy.deepcopy(model)
+    accs = io.fine_tuned_accuracies(model, recipes, x, y)
+    assert list(accs) == ["lr0.1", "lr0"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))  # left as it was
+    assert accs["lr0"] == io.accuracy(before, x, y)  # lr 0: the copy did not move

@@ -101,3 +101,31 @@ def test_load_trained_bad_input(tmp_path, monkeypatch):
     loaded = vc.load_trained("resnet")
     assert not loaded.training
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+class _Attend(nn.Module):
+    """Patchify 28x28 into 16 tokens of 49 pixels, one self-attention, mean, classify."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.embed, self.attn, self.fc = nn.Linear(49, 8), attn, nn.Linear(8, 10)
+
+    def forward(self, x):
+        t = self.embed(x.unfold(2, 7, 7).unfold(3, 7, 7).reshape(len(x), 16, 49))
+        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+def test_macs_counts_attention_once_whether_out_proj_is_hooked_or_not():
+    from prunekit.structures.mha import PrunedMultiheadAttention
+
+    torch.manual_seed(0)
+    model = _Attend(nn.MultiheadAttention(8, 2, batch_first=True))
+    t, d = 16, 8
+    # embed + q, k, v projections + QK^T and AV + out_proj + fc
+    expected = t * 49 * d + 3 * t * d * d + 2 * t * t * d + t * d * d + 10 * d
+    assert vc.macs(model) == expected
+    drop_in = _Attend(PrunedMultiheadAttention.from_torch(model.attn))  # calls out_proj as a module
+    assert vc.macs(drop_in) == expected
+    # one head of 4 dimensions left: the projections and products shrink, the embedding stays
+    small = _Attend(PrunedMultiheadAttention(8, 1, 4, batch_first=True))
+    assert vc.macs(small) == t * 49 * d + 3 * t * d * 4 + 2 * t * t * 4 + t * 4 * d + 10 * d
