@@ -12,8 +12,10 @@ and added once the library is imported: a model holding such a layer cannot exis
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, ClassVar, Sequence
+from contextvars import ContextVar
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,8 +81,34 @@ class LayerKind:
         raise NotImplementedError
 
     def unit_inputs(self, module: nn.Module, args: tuple, kwargs: dict, units: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Input rows of several units from one forward call (override to share work)."""
+        """Input rows of several units from one forward call (override to share work). Inside
+        :func:`paired_call`, the rows must pair one to one with those of the previous call."""
         return {u: self.input_columns(module, args, u) for u in units}
+
+    def unit_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, int] | None:
+        """How many input rows each unit gets from one forward call, when a unit can get none
+        (an expert no token is routed to); None: every unit reads every row of the call."""
+        return None
+
+
+_PAIRED: ContextVar[bool] = ContextVar("prunekit_paired_call", default=False)
+
+
+@contextlib.contextmanager
+def paired_call() -> Iterator[None]:
+    """Mark the forward calls inside as the dense twins of the calls just made (the statistics'
+    target path): a kind whose units read a data-dependent subset of the rows (the tokens
+    routed to an expert) takes the subset of the previous call, so the rows of both paths pair."""
+    token = _PAIRED.set(True)
+    try:
+        yield
+    finally:
+        _PAIRED.reset(token)
+
+
+def in_paired_call() -> bool:
+    """Whether the current forward is a dense twin (see :func:`paired_call`)."""
+    return _PAIRED.get()
 
 
 _KINDS: dict[str, LayerKind] = {}

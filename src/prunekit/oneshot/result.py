@@ -50,6 +50,9 @@ class PruneResult:
     #: ``{parameter path: (zeros, numel)}`` after pruning, over every weight expected pruned: the
     #: targets' (pruned or left dense) and the weights no layer kind handles (prunekit.oneshot.coverage)
     weights: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ``{matrix name: why}`` of the matrices pruned by magnitude instead of the method: an expert
+    #: of a mixture of experts that no calibration token was routed to
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -90,6 +93,8 @@ class PruneResult:
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[-40:]:<40} skipped: {why}")
+        for name, why in self.fallbacks.items():
+            lines.append(f"{name[-40:]:<40} {why}")
         peak = f", peak {self.peak_device_mib:.0f} MiB on {self.device}" if self.peak_device_mib is not None else ""
         extra = sum(r.extra_zeros for r in self.layers)
         if extra:

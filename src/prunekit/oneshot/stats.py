@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..layers.base import kind_of, unit_name
+from ..layers.base import kind_of, paired_call, unit_name
 from ..sparsity.storage import storage_key
 from .blocks import StopForward, swapped_weights
 from .runtime.ranks import Ranks
@@ -165,7 +165,7 @@ def gather_stats(
             xs = catcher.take()
             xt: dict[str, torch.Tensor] = {}
             if dense_weights is not None:
-                with swapped_weights(all_layers or layers, dense_weights):
+                with swapped_weights(all_layers or layers, dense_weights), paired_call():
                     catcher.run(block, args, kwargs)
                 xt = catcher.take()
             shared: dict = {}
