@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..layers.base import kind_of, unit_name
+from ..calls import eval_mode, forward_until, to_device
+from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.base import known as known_kinds
 from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
@@ -86,6 +87,8 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     gaps = find_gaps(model, find_blocks(model, c.blocks), c.include, c.exclude)
     if c.strict:
         _refuse_gaps(model, targets, gaps, calls)
+        if needs_data:
+            _refuse_idle_units(model, targets, to_device(calls, home), find_blocks(model, c.blocks))
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict), **gaps}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
@@ -236,6 +239,45 @@ def _refuse_gaps(model: nn.Module, targets, gaps: Mapping[str, str], calls) -> N
                          + (f" (nor for {', '.join(map(repr, uncalled[1:4]))})" if len(uncalled) > 1 else "")
                          + f"; exclude it (exclude={uncalled[0]!r}), use a data-free method (magnitude), or pass "
                            "strict=False to leave it dense and listed")
+
+
+@torch.no_grad()
+def _refuse_idle_units(model: nn.Module, targets, calls, blocks) -> None:
+    """Under ``strict=True``: a ValueError naming the first unit no calibration row reaches (an
+    expert no token is routed to), over every batch through the model as it is, before any
+    weight changes. Only kinds whose units can go without rows (:meth:`LayerKind.unit_rows`)
+    are asked; routing can still shift once earlier blocks are pruned, and the pipeline then
+    refuses too (restoring the model)."""
+    counted = {n: m for n, m in targets.items() if type(kind_of(m)).unit_rows is not LayerKind.unit_rows}
+    if not counted or not calls:
+        return
+    totals: dict[str, int] = {}
+
+    def hook(name):
+        def count(module, args, kwargs):
+            for unit, rows in (kind_of(module).unit_rows(module, args, kwargs) or {}).items():
+                key = unit_name(name, unit)
+                totals[key] = totals.get(key, 0) + rows
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in counted.items()]
+    try:
+        with eval_mode(model):
+            for args, kwargs in calls:
+                forward_until(model, blocks[-1][1], args, kwargs)
+    except Exception:  # data that does not fit: the pipeline's own check says so, clearly
+        return
+    finally:
+        for h in handles:
+            h.remove()
+    idle = [k for k, rows in totals.items() if rows == 0]
+    if idle:
+        name = next(n for n in counted if idle[0].startswith(n + ".") or idle[0] == n)
+        more = f" (and {len(idle) - 1} more: {', '.join(idle[1:4])}...)" if len(idle) > 1 else ""
+        raise ValueError(f"strict=True: no calibration token is routed to {idle[0]!r}{more}, so it has no "
+                         f"statistics; calibrate on more or more varied data, exclude the layer "
+                         f"(exclude={name!r}), or pass strict=False to prune such experts by magnitude (reported "
+                         "in result.fallbacks)")
 
 
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:
