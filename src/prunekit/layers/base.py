@@ -91,19 +91,36 @@ class LayerKind:
         return None
 
 
+_PAIRING: ContextVar[dict | None] = ContextVar("prunekit_pairing", default=None)
 _PAIRED: ContextVar[bool] = ContextVar("prunekit_paired_call", default=False)
 
 
 @contextlib.contextmanager
+def pairing() -> Iterator[None]:
+    """The calls inside are one call on the pruned path and then, inside :func:`paired_call`, its
+    dense twin (the statistics' target path). A kind whose units read a data-dependent subset of
+    the rows (the tokens routed to an expert) notes its choice in :func:`pairing_memo` on the
+    first and takes it on the twin, so the rows of both paths pair; the notes end with the block."""
+    token = _PAIRING.set({})
+    try:
+        yield
+    finally:
+        _PAIRING.reset(token)
+
+
+@contextlib.contextmanager
 def paired_call() -> Iterator[None]:
-    """Mark the forward calls inside as the dense twins of the calls just made (the statistics'
-    target path): a kind whose units read a data-dependent subset of the rows (the tokens
-    routed to an expert) takes the subset of the previous call, so the rows of both paths pair."""
+    """Mark the forward calls inside as the dense twins of the calls just made (see :func:`pairing`)."""
     token = _PAIRED.set(True)
     try:
         yield
     finally:
         _PAIRED.reset(token)
+
+
+def pairing_memo() -> dict | None:
+    """The notes of the current :func:`pairing` (keyed by module), None outside one."""
+    return _PAIRING.get()
 
 
 def in_paired_call() -> bool:

@@ -30,9 +30,8 @@ For ``gate_up_proj[e]`` the error passes through ``act`` and ``down_proj[e]`` be
 factor, so the same weighting is its first-order share. (Per-expert ``nn.Linear`` modules of
 older code are hooked directly and see unscaled rows.)
 
-With a dense target (least squares, SNOWS), the target path runs the same tokens:
-:func:`prunekit.layers.base.paired_call` makes the dense twin of a call take the previous call's
-routing, each row then scaled by the dense path's own weight ``g_e(t)`` (0 where the dense path
+With a dense target (least squares, SNOWS), the target path runs the same tokens: inside
+:func:`prunekit.layers.base.pairing`, the dense twin of a call takes the pruned path's routing, each row then scaled by the dense path's own weight ``g_e(t)`` (0 where the dense path
 routes the token elsewhere), so both paths pair row by row and the fit is to the expert's dense
 contribution on the tokens whose output the pruned expert changes. An experts module must be
 called once per block forward for that pairing (transformers' are).
@@ -45,14 +44,13 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-import weakref
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import LayerKind, in_paired_call
+from .base import LayerKind, in_paired_call, pairing_memo
 
 _PARAMS = ("gate_up_proj", "down_proj")
 _UNIT = re.compile(r"^(gate_up_proj|down_proj)\[(\d+)\]$")
@@ -129,10 +127,6 @@ class FusedExpertsKind(LayerKind):
     name = "fused-experts"
     types = (FusedExperts,)
 
-    def __init__(self) -> None:
-        # each module's routing of its last call on the pruned path, for the dense twin
-        self._last: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
-
     def units(self, module: nn.Module) -> tuple[str, ...]:
         return tuple(u for stage in self.stages(module) for u in stage)
 
@@ -179,13 +173,13 @@ class FusedExpertsKind(LayerKind):
     def unit_inputs(self, module: nn.Module, args: tuple, kwargs: dict, units: Sequence[str]) -> dict[str, torch.Tensor]:
         hidden, index, weights = routing(module, args, kwargs)
         count = module.gate_up_proj.shape[0]
-        chosen = index
-        if in_paired_call():  # the dense twin: the pruned path's tokens, this path's weights
-            last = self._last.get(module)
-            if last is not None and last.shape == index.shape:
-                chosen = last.to(index.device)
-        else:
-            self._last[module] = index
+        chosen, memo = index, pairing_memo()
+        if memo is not None and in_paired_call():  # the dense twin: the pruned path's tokens, its own weights
+            noted = memo.get(module)
+            if noted is not None and noted.shape == index.shape:
+                chosen = noted.to(index.device)
+        elif memo is not None:
+            memo[module] = index
         # g[t, e]: this call's routing weight of expert e for token t (0: not chosen; column E
         # collects expert-parallel sentinels)
         g = torch.zeros(hidden.shape[0], count + 1, dtype=weights.dtype, device=weights.device)

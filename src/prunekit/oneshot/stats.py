@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..layers.base import kind_of, paired_call, unit_name
+from ..layers.base import kind_of, paired_call, pairing, unit_name
 from ..sparsity.storage import storage_key
 from .blocks import StopForward, swapped_weights
 from .runtime.ranks import Ranks
@@ -161,13 +161,14 @@ def gather_stats(
     catcher = _Catcher(layers, units, stop_early)
     try:
         for args, kwargs in inputs:
-            catcher.run(block, args, kwargs)
-            xs = catcher.take()
             xt: dict[str, torch.Tensor] = {}
-            if dense_weights is not None:
-                with swapped_weights(all_layers or layers, dense_weights), paired_call():
-                    catcher.run(block, args, kwargs)
-                xt = catcher.take()
+            with pairing():  # the dense twin reads the rows the pruned path chose (experts' tokens)
+                catcher.run(block, args, kwargs)
+                xs = catcher.take()
+                if dense_weights is not None:
+                    with swapped_weights(all_layers or layers, dense_weights), paired_call():
+                        catcher.run(block, args, kwargs)
+                    xt = catcher.take()
             shared: dict = {}
             for n, rows in xs.items():
                 stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h, shared)
