@@ -102,13 +102,23 @@ def test_each_experts_statistics_are_its_routed_tokens_weighted_by_the_router():
             torch.testing.assert_close(s.sq, (oracle.diagonal()), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("refine", ["lstsq"])
-def test_a_refit_against_the_dense_target_pairs_the_same_tokens(refine):
+def test_a_refit_against_the_dense_target_pairs_the_same_tokens():
     model = _small("qwen2_moe")
-    result = pk.prune(model, token_batches(n=2), method="wanda", refine=refine, sparsity=0.5, progress=False)
+    result = pk.prune(model, token_batches(n=2), method="wanda", refine="lstsq", sparsity=0.5, progress=False)
     assert result.sparsity == 0.5 and not result.fallbacks
     refits = [r for r in result.layers if ".experts." in r.name]
     assert len(refits) == 8 and all(r.error_refined <= r.error_selected * (1 + 1e-6) for r in refits)
+
+
+def test_snows_refits_each_expert_on_its_lookahead_loss():
+    # relative_tol: these random experts' losses are ~1e-7, below SNOWS's absolute CG tolerance
+    model = tiny_moe("mixtral", num_layers=2, experts=4)
+    result = pk.prune(model, token_batches(n=3), method="wanda", refine="snows", sparsity=0.5, progress=False,
+                      include=r"layers\.0\.mlp", refine_options={"relative_tol": True})
+    assert result.sparsity == 0.5 and not result.fallbacks
+    losses = [(r.lookahead_before, r.lookahead_after) for r in result.layers]
+    assert len(losses) == 8 and all(after <= before for before, after in losses)
+    assert any(after < before for before, after in losses)
 
 
 def test_an_expert_without_tokens_is_pruned_by_magnitude_and_reported():
