@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import prunekit as pk
-from prunekit.layers.routers import ROUTER_REASON, is_router
+from prunekit.layers.routers import ROUTER_REASON, is_listed_expert, is_router
 from prunekit.layers.targets import find_targets, prunable
 
 
@@ -23,7 +23,8 @@ class _OldMoE(nn.Module):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = (index[:, 0] == e).nonzero().squeeze(1)
-            out[rows] += weights[rows] * expert(x[rows])
+            if len(rows):  # as older Mixtral code: an expert no token chose is never called
+                out[rows] += weights[rows] * expert(x[rows])
         return out
 
 
@@ -80,3 +81,44 @@ def test_qwen2_moe_keeps_its_shared_expert_gate_and_prunes_its_shared_expert():
     assert before and all(torch.equal(after[n], w) for n, w in before.items())
     assert not any("shared_expert_gate" in p or ".gate.weight" in p for p in result.weights)
     assert int((mlp.shared_expert.up_proj.weight == 0).sum()) == mlp.shared_expert.up_proj.weight.numel() // 2
+
+
+def _routed_by_sign() -> nn.Sequential:
+    """Expert 3 wins exactly the tokens whose inputs are all negative, experts 0-2 the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_OldMoE(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].gate.weight.copy_(torch.eye(4, 8) * 4.0 + 0.1)  # expert e < 3: input e is the largest
+        model[0].gate.weight[3] = -1.0
+    return model
+
+
+def test_an_expert_of_the_old_layout_is_found_under_its_layer():
+    model = _routed_by_sign()
+    assert is_listed_expert(model, "0.experts.3") and not is_listed_expert(model, "0.gate")
+    assert not is_listed_expert(nn.Sequential(nn.Module()), "0.experts.3")
+
+
+def test_an_old_layout_expert_without_tokens_is_pruned_by_magnitude_and_reported():
+    model = _routed_by_sign()
+    data = [torch.rand(16, 8), torch.rand(16, 8)]  # positive: expert 3 is never called
+    dense = model[0].experts[3].weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"by magnitude: no calibration token.*'0.experts.3'"):
+        result = pk.prune(model, data, method="sparsegpt", sparsity=0.5, progress=False)
+    assert set(result.fallbacks) == {"0.experts.3"} and result.sparsity == 0.5
+    order = dense.abs().flatten().argsort()  # oracle: the smallest half of |w| is zero
+    assert bool((model[0].experts[3].weight.flatten()[order[:32]] == 0).all())
+    assert bool((model[0].experts[3].weight.flatten()[order[32:]] != 0).all())
+    model = _routed_by_sign()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"strict=True: no calibration token is routed to '0.experts.3'.*exclude="):
+        pk.prune(model, data, method="sparsegpt", sparsity=0.5, progress=False, strict=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_old_layout_expert_the_first_batch_skips_is_calibrated_on_the_others():
+    model = _routed_by_sign()
+    data = [torch.rand(16, 8), -torch.rand(16, 8)]  # expert 3 gets the second batch alone
+    result = pk.prune(model, data, method="sparsegpt", sparsity=0.5, progress=False, strict=True)
+    assert not result.fallbacks and "0.experts.3" not in result.skipped
+    assert [r.name for r in result.layers if r.error_selected is not None].count("0.experts.3") == 1

@@ -34,6 +34,23 @@ def is_router(name: str, module: nn.Module, parent: nn.Module | None = None) -> 
     return last in ROUTER_NAMES and parent is not None and isinstance(getattr(parent, "experts", None), nn.Module)
 
 
+def is_listed_expert(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` lies inside one expert of older code's per-expert layout,
+    ``<layer>.experts.<i>...`` where ``<layer>`` holds a router (:func:`is_router`): such an
+    expert's forward runs only on the tokens routed to it, so with none it is never called."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part != "experts" or not parts[i + 1].isdigit():
+            continue
+        try:
+            layer = model.get_submodule(".".join(parts[:i])) if i else model
+        except AttributeError:
+            return False
+        prefix = ".".join(parts[:i])
+        return any(is_router(f"{prefix}.{n}" if prefix else n, child, layer) for n, child in layer.named_children())
+    return False
+
+
 def parent_of(model: nn.Module, name: str) -> nn.Module | None:
     """The module holding ``name`` in ``model`` (None for the model itself or a missing one)."""
     if not name:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..calls import first_input, to_device
 from ..layers.base import LayerKind, kind_of, unit_name
-from ..layers.routers import ROUTER_REASON
+from ..layers.routers import ROUTER_REASON, is_listed_expert
 from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
@@ -160,6 +160,11 @@ class Job:
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
         self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
+        # An expert of older code's per-expert layout runs only when tokens are routed to it: one
+        # the first batch skips is calibrated on every batch all the same, and with no rows at all
+        # it is pruned by magnitude and reported (prune_layer).
+        late = [n for n in uncalled if is_listed_expert(self.model, n)]
+        order, uncalled = order + late, [n for n in uncalled if n not in late]
         for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:

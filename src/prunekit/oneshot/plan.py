@@ -18,6 +18,7 @@ from torch import nn
 from ..calls import eval_mode, forward_until, to_device
 from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.base import known as known_kinds
+from ..layers.routers import is_listed_expert
 from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
@@ -232,7 +233,7 @@ def _refuse_gaps(model: nn.Module, targets, gaps: Mapping[str, str], calls) -> N
         called = set(forward_order(model, targets, first_batch(calls, None)))
     except Exception:  # data that does not fit: the pipeline's own check says so, clearly
         return
-    uncalled = [n for n in targets if n not in called]
+    uncalled = [n for n in targets if n not in called and not is_listed_expert(model, n)]  # experts: below
     if uncalled:
         raise ValueError(f"strict=True: layer {uncalled[0]!r}'s forward is never called (its weight is used "
                          "functionally), so no calibration statistics exist for it"
@@ -245,19 +246,25 @@ def _refuse_gaps(model: nn.Module, targets, gaps: Mapping[str, str], calls) -> N
 def _refuse_idle_units(model: nn.Module, targets, calls, blocks) -> None:
     """Under ``strict=True``: a ValueError naming the first unit no calibration row reaches (an
     expert no token is routed to), over every batch through the model as it is, before any
-    weight changes. Only kinds whose units can go without rows (:meth:`LayerKind.unit_rows`)
-    are asked; routing can still shift once earlier blocks are pruned, and the pipeline then
-    refuses too (restoring the model)."""
-    counted = {n: m for n, m in targets.items() if type(kind_of(m)).unit_rows is not LayerKind.unit_rows}
+    weight changes. Asked: kinds whose units can go without rows (:meth:`LayerKind.unit_rows`:
+    fused experts) and the layers of older code's per-expert experts (called only with tokens);
+    routing can still shift once earlier blocks are pruned, and the pipeline then refuses too
+    (restoring the model)."""
+    counted = {n: m for n, m in targets.items()
+               if type(kind_of(m)).unit_rows is not LayerKind.unit_rows or is_listed_expert(model, n)}
     if not counted or not calls:
         return
-    totals: dict[str, int] = {}
+    totals = {unit_name(n, u): 0 for n, m in counted.items() for u in kind_of(m).units(m)}
 
     def hook(name):
         def count(module, args, kwargs):
-            for unit, rows in (kind_of(module).unit_rows(module, args, kwargs) or {}).items():
-                key = unit_name(name, unit)
-                totals[key] = totals.get(key, 0) + rows
+            rows = kind_of(module).unit_rows(module, args, kwargs)
+            if rows is None:  # a listed expert's layer: every unit reads the call's rows
+                first = args[0] if args and torch.is_tensor(args[0]) else None
+                n = 0 if first is None or first.dim() == 0 else first.numel() // max(first.shape[-1], 1)
+                rows = {u: n for u in kind_of(module).units(module)}
+            for unit, n in rows.items():
+                totals[unit_name(name, unit)] += n
         return count
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in counted.items()]
