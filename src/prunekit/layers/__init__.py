@@ -17,5 +17,6 @@ register_kind(FusedExpertsKind())
 # transformers' Conv1D: added once transformers is imported (prunekit never imports it itself)
 register_when_imported("hf-conv1d", "transformers.pytorch_utils", HFConv1DKind)
 
-__all__ = ["ConvKind", "FusedExperts", "FusedExpertsKind", "HFConv1DKind", "LayerKind", "LinearKind", "MultiheadAttentionKind", "input_columns",
-           "kind_of", "kinds", "prunable_types", "register_kind", "register_when_imported", "unregister_kind"]
+__all__ = ["ConvKind", "FusedExperts", "FusedExpertsKind", "HFConv1DKind", "LayerKind", "LinearKind",
+           "MultiheadAttentionKind", "input_columns", "kind_of", "kinds", "prunable_types", "register_kind",
+           "register_when_imported", "unregister_kind"]

@@ -31,9 +31,10 @@ factor, so the same weighting is its first-order share. (Per-expert ``nn.Linear`
 older code are hooked directly and see unscaled rows.)
 
 With a dense target (least squares, SNOWS), the target path runs the same tokens: inside
-:func:`prunekit.layers.base.pairing`, the dense twin of a call takes the pruned path's routing, each row then scaled by the dense path's own weight ``g_e(t)`` (0 where the dense path
-routes the token elsewhere), so both paths pair row by row and the fit is to the expert's dense
-contribution on the tokens whose output the pruned expert changes. An experts module must be
+:func:`prunekit.layers.base.pairing`, the dense twin of a call takes the pruned path's routing,
+each row then scaled by the dense path's own weight ``g_e(t)`` (0 where the dense path routes the
+token elsewhere), so both paths pair row by row and the fit is to the expert's dense contribution
+on the tokens whose output the pruned expert changes. An experts module must be
 called once per block forward for that pairing (transformers' are).
 
 An expert no calibration token reaches gets no rows: :mod:`prunekit.oneshot.pipeline` prunes its

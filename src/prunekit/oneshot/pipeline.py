@@ -215,7 +215,8 @@ class Job:
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
         problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, method,
-                               self._context(layer, kind, unit, ctx) if ctx and stats is not None else None, exact=self.exact)
+                               self._context(layer, kind, unit, ctx) if ctx and stats is not None else None,
+                               exact=self.exact)
         chosen = _checked(method.choose(problem), w0, method)
         w, mask, notes = chosen.weight, chosen.mask, [chosen.note or (NO_ROWS if key in self.result.fallbacks else "")]
         has_h = stats is not None and stats.h_sum is not None
@@ -333,9 +334,10 @@ def _sample_shape(call: tuple[tuple, dict]) -> tuple[int, ...] | None:
 def _warn_fallbacks(fallbacks: Mapping[str, str]) -> None:
     """One warning naming the matrices pruned by magnitude for want of calibration rows."""
     if fallbacks:
-        names = ", ".join(map(repr, list(fallbacks)[:8])) + (f" and {len(fallbacks) - 8} more" if len(fallbacks) > 8 else "")
-        warnings.warn(f"prunekit pruned {len(fallbacks)} matrices by magnitude: {NO_ROWS} ({names}; see "
-                      "result.fallbacks; strict=True refuses instead)")
+        more = f" and {len(fallbacks) - 8} more" if len(fallbacks) > 8 else ""
+        names = ", ".join(map(repr, list(fallbacks)[:8])) + more
+        warnings.warn(f"prunekit pruned {len(fallbacks)} matrices by magnitude: no calibration token was routed to "
+                      f"them ({names}; see result.fallbacks; strict=True refuses instead)")
 
 
 def _warn_skipped(skipped: Mapping[str, str]) -> None:
