@@ -110,6 +110,7 @@ def test_a_refit_against_the_dense_target_pairs_the_same_tokens():
     assert len(refits) == 8 and all(r.error_refined <= r.error_selected * (1 + 1e-6) for r in refits)
 
 
+@pytest.mark.slow  # ~1 s alone, ~4 s on a loaded 2-core machine
 def test_snows_refits_each_expert_on_its_lookahead_loss():
     # relative_tol: these random experts' losses are ~1e-7, below SNOWS's absolute CG tolerance
     model = tiny_moe("mixtral", num_layers=2, experts=4)
