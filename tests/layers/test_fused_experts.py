@@ -157,11 +157,12 @@ def test_experts_that_cannot_hold_the_pattern_are_refused_naming_them():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_the_zeros_survive_save_pretrained(tmp_path):
-    model = _small("qwen2_moe")
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_the_zeros_survive_save_pretrained(tmp_path, kind):
+    model = _small(kind)
     pk.prune(model, token_batches(n=2), method="sparsegpt", sparsity=0.5, progress=False)
     model.save_pretrained(tmp_path)
-    loaded = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = type(model).from_pretrained(tmp_path).eval()
     for name, param in model.get_submodule(EXPERTS).named_parameters():
         reloaded = loaded.get_submodule(EXPERTS).get_parameter(name)
         assert torch.equal(reloaded, param) and int((reloaded == 0).sum()) == param.numel() // 2
@@ -188,3 +189,47 @@ def test_a_training_pruner_sees_the_expert_units():
     for e in range(4):
         assert int((experts.gate_up_proj[e] == 0).sum()) == experts.gate_up_proj[e].numel() // 2
     assert int((model.model.layers[0].mlp.gate.weight == 0).sum()) == 0
+
+
+class _ToyExperts(nn.Module):
+    """A hand-written module with transformers' fused layout and call, no transformers inside."""
+
+    def __init__(self, experts: int = 3, hidden: int = 8, inner: int = 4) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inner))
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.gate_up_proj.shape[0]):
+            tokens, slot = torch.where(top_k_index == e)
+            gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down_proj[e])
+            out.index_add_(0, tokens, y * top_k_weights[tokens, slot, None])
+        return out
+
+
+class _ToyMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 3, bias=False)
+        self.experts = _ToyExperts()
+
+    def forward(self, x):
+        weights, index = torch.softmax(self.router(x), -1).topk(2, dim=-1)
+        return x + self.experts(hidden_states=x, top_k_index=index, top_k_weights=weights)
+
+
+def test_any_module_with_the_layout_and_call_is_a_fused_experts_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ToyMoE(), _ToyMoE(), nn.Linear(8, 2))
+    assert isinstance(model[0].experts, FusedExperts)
+    router = model[0].router.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = pk.prune(model, [torch.randn(32, 8) for _ in range(2)], method="sparsegpt", pattern="2:4",
+                          progress=False)
+    assert result.sparsity == 0.5 and set(result.weights) == {f"{i}.experts.{p}" for i in (0, 1)
+                                                              for p in ("gate_up_proj", "down_proj")}
+    assert torch.equal(model[0].router.weight, router)
