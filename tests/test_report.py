@@ -136,3 +136,21 @@ def test_human_units():
         ["0", "12", "999", "1.0k", "456.7k", "1.00M", "1.23M", "4.56B"]
     assert [human_flops(n) for n in (12, 1080, 3.4e9, 999_999, 2.5e12)] == \
         ["12 FLOP", "1.08 kFLOP", "3.40 GFLOP", "1.00 MFLOP", "2.50 TFLOP"]
+
+
+def test_fused_experts_flops_count_each_expert_on_its_routed_tokens():
+    """Oracle by hand: every token runs exactly its top-2 experts, each (token, expert) pair one
+    expert's multiply-adds (2 FLOPs per weight); zeros are skipped."""
+    pytest.importorskip("transformers")
+    from helpers.moe_toys import tiny_moe, token_batches
+
+    model = tiny_moe("mixtral", num_layers=1, experts=4)
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.down_proj[:, :, :16] = 0.0  # every expert half zero
+    ids = token_batches(n=1)[0]
+    report = {s.name: s for s in model_report(model, example_inputs=ids).layers}
+    pairs = ids.numel() * 2  # top-2 of 4 experts for each token
+    down = report["model.layers.0.mlp.experts.down_proj"]
+    assert down.flops_dense == 2 * 32 * 32 * pairs and down.flops_sparse == 32 * 32 * pairs
+    assert report["model.layers.0.mlp.experts.gate_up_proj"].flops_dense == 2 * 64 * 32 * pairs

@@ -161,8 +161,8 @@ def model_report(
             nnz = int(torch.count_nonzero(w))
             # Linear and conv alike: one output position costs one MAC per weight (C_in/groups*k*C_out).
             layers.append(LayerStat(name if len(params) == 1 else f"{name}.{pname}", type(module).__name__,
-                                    tuple(w.shape), w.numel(), nnz, 2 * w.numel() * positions[name],
-                                    2 * nnz * positions[name]))
+                                    tuple(w.shape), w.numel(), nnz, round(2 * w.numel() * positions[name]),
+                                    round(2 * nnz * positions[name])))
     params = [p.detach() for p in model.parameters()]  # parameters() yields a tied tensor once
     return ModelReport(layers, sum(p.numel() for p in params),
                        sum(int(torch.count_nonzero(p)) for p in params), unit, head=found.head)
@@ -175,15 +175,21 @@ def _out_dim(module: nn.Module) -> int:
     return module.weight.shape[0]
 
 
-def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_inputs: Any) -> dict[str, int]:
+def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_inputs: Any) -> dict[str, float]:
     """Output positions of each target in one forward; modules sharing a target's weight count
-    towards it (a tied layer's compute is real compute)."""
+    towards it (a tied layer's compute is real compute). Fused experts run each expert on its
+    routed tokens only: their (token, expert) pairs over the expert count, so the FLOPs are
+    exact when the experts are equally sparse (a uniform budget) and their mean otherwise."""
     by_weight = {id(_first(m)): name for name, m in targets.items()}
     positions = {name: 0 for name in targets}
     handles = []
 
     def hook(name: str):
-        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+        def fn(module: nn.Module, inputs: Any, kwargs: dict, output: Any) -> None:
+            rows = kind_of(module).unit_rows(module, inputs, kwargs)
+            if rows is not None:  # fused experts: units gate_up_proj[e] and down_proj[e], each one expert
+                positions[name] += sum(rows.values()) / len(rows)
+                return
             output = output[0] if isinstance(output, tuple) else output  # attention: (output, weights)
             if isinstance(output, torch.Tensor):
                 positions[name] += output.numel() // _out_dim(module)
@@ -195,7 +201,7 @@ def _count_positions(model: nn.Module, targets: dict[str, nn.Module], example_in
                 continue
             name = by_weight.get(id(_first(m)))
             if name is not None:
-                handles.append(m.register_forward_hook(hook(name)))
+                handles.append(m.register_forward_hook(hook(name), with_kwargs=True))
         with eval_mode(model), torch.no_grad():
             call(model, to_device(example_inputs, model_device(model)))
     finally:

@@ -4,26 +4,29 @@ import torch
 
 def tiny_moe(kind: str = "mixtral", num_layers: int = 2, experts: int = 8, top_k: int = 2, **extra):
     """vocab 100, hidden 32, 4 heads (2 KV heads), ``experts`` experts of width 32 (Qwen2-MoE: a
-    shared expert of width 48); eval mode, float32, seeded."""
+    shared expert of width 48); eval mode, float32, seeded. ``extra`` config fields override these."""
     import transformers
 
     torch.manual_seed(0)
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=top_k,
                   tie_word_embeddings=False)
+
+    def args(**defaults):
+        return {**defaults, **common, **extra}
     if kind == "mixtral":
-        cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=experts, **common, **extra)
+        cfg = transformers.MixtralConfig(**args(intermediate_size=32, num_local_experts=experts))
         model = transformers.MixtralForCausalLM(cfg)
     elif kind == "qwen2_moe":
-        cfg = transformers.Qwen2MoeConfig(intermediate_size=64, moe_intermediate_size=32,
-                                          shared_expert_intermediate_size=48, num_experts=experts, **common, **extra)
+        cfg = transformers.Qwen2MoeConfig(**args(intermediate_size=64, moe_intermediate_size=32,
+                                                shared_expert_intermediate_size=48, num_experts=experts))
         model = transformers.Qwen2MoeForCausalLM(cfg)
     elif kind == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=32, num_experts=experts,
-                                          head_dim=8, **common, **extra)
+        cfg = transformers.Qwen3MoeConfig(**args(intermediate_size=64, moe_intermediate_size=32, num_experts=experts,
+                                               head_dim=8))
         model = transformers.Qwen3MoeForCausalLM(cfg)
     elif kind == "olmoe":
-        cfg = transformers.OlmoeConfig(intermediate_size=32, num_experts=experts, **common, **extra)
+        cfg = transformers.OlmoeConfig(**args(intermediate_size=32, num_experts=experts))
         model = transformers.OlmoeForCausalLM(cfg)
     else:
         raise ValueError(f"kind must be mixtral, qwen2_moe, qwen3_moe or olmoe, got {kind!r}")

@@ -89,4 +89,4 @@ def test_prunekit_imports_without_transformers():
             "import prunekit.layers.base as lk, prunekit as pk\n"
             "print(','.join(k.name for k in lk.kinds()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "linear,conv,attention"
+    assert out.stdout.strip() == "linear,conv,attention,fused-experts"  # fused experts: matched by layout

@@ -1,5 +1,5 @@
 """What prune() expects pruned (prunekit.oneshot.coverage): gaps, the user's exclusions, routers,
-and a Mixtral from its config (fused 3-D experts) reported as it is."""
+and a Mixtral whose fused experts no layer kind reads (a transposed layout) reported as it is."""
 import copy
 import warnings
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import prunekit as pk
 from prunekit.oneshot.blocks import find_blocks
-from prunekit.oneshot.coverage import find_gaps, is_router
+from prunekit.oneshot.coverage import find_gaps
 
 
 class _Fused(nn.Module):
@@ -46,22 +46,32 @@ def test_exclude_leaves_a_gap_out_of_the_count_and_strict_passes():
     assert set(result.weights) == {"0.fc.weight", "1.fc.weight"} and result.sparsity == 0.5
 
 
-def test_routers_are_recognised_by_class_or_name():
-    class MixtralTopKRouter(nn.Module):
-        pass
+class _Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(4, 2, bias=False)  # a router: named so, beside experts
+        self.experts = _Fused()
 
-    assert is_router("mlp.gate", MixtralTopKRouter()) and is_router("moe.router", nn.Module())
-    assert is_router("mlp.gate", nn.Module()) and not is_router("mlp.gate_proj", nn.Module())
+    def forward(self, x):
+        return self.experts(x) * torch.softmax(self.router(x), -1).sum(-1, keepdim=True)
 
 
-def test_a_mixtral_from_its_config_reports_its_dense_experts():
-    """The issue's case: fused experts left dense, result.sparsity says so, with a warning."""
+def test_routers_are_neither_targets_nor_gaps():
+    model = nn.Sequential(_Routed(), nn.Linear(4, 2))
+    assert list(find_gaps(model, find_blocks(model))) == ["0.experts.experts"]
+
+
+def test_a_mixtral_whose_experts_no_kind_reads_reports_them_dense():
+    """Fused experts in a layout no layer kind reads (transformers' ``is_transposed`` flag; the
+    eager forward ignores it) are left dense: result.sparsity says so, with a warning."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                         num_experts_per_tok=2)
     model = transformers.MixtralForCausalLM(config).eval()
+    for layer in model.model.layers:
+        layer.mlp.experts.is_transposed = True
     data = [{"input_ids": torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))}]
     with pytest.warns(UserWarning, match=r"dense: 'model.layers.0.mlp.experts.gate_up_proj': a 3-D parameter"):
         result = pk.prune(model, data, sparsity=0.5, method="magnitude", progress=False)

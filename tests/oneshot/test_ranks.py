@@ -34,6 +34,9 @@ CASES = {
                               "refine_options": {"k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0}}),
     "llama-snows-gn": ("llama", {"method": "sparsegpt", "refine": "snows", "sparsity": 0.5, "refine_options": {
         "k": 1, "max_cg": 3, "epochs": 1, "hessian_fraction": 1.0, "hvp": "gauss_newton"}}),
+    # fused experts: per-expert statistics, an expert's token count differing between the ranks
+    "moe-sparsegpt": ("moe", {"method": "sparsegpt", "sparsity": 0.5}),
+    "moe-lstsq": ("moe", {"method": "wanda", "refine": "lstsq", "sparsity": 0.5}),
 }
 
 
@@ -46,6 +49,11 @@ def _cnn() -> nn.Module:
 def _model(kind: str) -> nn.Module:
     # llama in float64: its GQA attention output (o_proj's input) makes least squares so
     # ill-conditioned that float32 products of differently grouped batches already differ by 1e-3
+    if kind == "moe":
+        pytest.importorskip("transformers")
+        from helpers.moe_toys import tiny_moe
+
+        return tiny_moe("mixtral", num_layers=1, experts=4, experts_implementation="eager").double()  # grouped_mm: no float64
     return _cnn() if kind == "cnn" else tiny_llama(2).double()
 
 

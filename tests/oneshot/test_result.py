@@ -57,3 +57,15 @@ def test_expand_groups_lists_every_group():
     assert [bool(_row(summary, f"dw.weight[g{g}]")) for g in range(8)] == [True] * 8
     assert len(_row(summary, "grouped.weight[g1]")) == 1 and "groups]" not in summary
     assert "over 12 pruned layers in" in summary
+
+
+def test_fused_experts_fold_into_one_row_per_parameter():
+    """Reports built by hand: each expert's matrix is a report; the oracle sums them."""
+    layers = [pk.LayerReport(f"mlp.experts.{p}[{e}]", (4, 8), s, seconds=1.0)
+              for p in ("gate_up_proj", "down_proj") for e, s in enumerate((0.5, 0.25, 0.75))]
+    result = pk.PruneResult("wanda", None, "unstructured", 0.5, layers=layers)
+    summary = result.summary()
+    (gate_up,) = _row(summary, "mlp.experts.gate_up_proj [3 experts]")
+    assert gate_up.split()[3:7] == ["3", "x", "4x8", "50.00%"] and "3.00" in gate_up
+    assert len(_row(summary, "mlp.experts.down_proj [3 experts]")) == 1 and "proj[1]" not in summary
+    assert len(_row(result.summary(expand_groups=True), "mlp.experts.down_proj[2]")) == 1

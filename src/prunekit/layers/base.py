@@ -12,8 +12,10 @@ and added once the library is imported: a model holding such a layer cannot exis
 """
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, ClassVar, Sequence
+from contextvars import ContextVar
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -79,8 +81,51 @@ class LayerKind:
         raise NotImplementedError
 
     def unit_inputs(self, module: nn.Module, args: tuple, kwargs: dict, units: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Input rows of several units from one forward call (override to share work)."""
+        """Input rows of several units from one forward call (override to share work). Inside
+        :func:`paired_call`, the rows must pair one to one with those of the previous call."""
         return {u: self.input_columns(module, args, u) for u in units}
+
+    def unit_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> dict[str, int] | None:
+        """How many input rows each unit gets from one forward call, when a unit can get none
+        (an expert no token is routed to); None: every unit reads every row of the call."""
+        return None
+
+
+_PAIRING: ContextVar[dict | None] = ContextVar("prunekit_pairing", default=None)
+_PAIRED: ContextVar[bool] = ContextVar("prunekit_paired_call", default=False)
+
+
+@contextlib.contextmanager
+def pairing() -> Iterator[None]:
+    """The calls inside are one call on the pruned path and then, inside :func:`paired_call`, its
+    dense twin (the statistics' target path). A kind whose units read a data-dependent subset of
+    the rows (the tokens routed to an expert) notes its choice in :func:`pairing_memo` on the
+    first and takes it on the twin, so the rows of both paths pair; the notes end with the block."""
+    token = _PAIRING.set({})
+    try:
+        yield
+    finally:
+        _PAIRING.reset(token)
+
+
+@contextlib.contextmanager
+def paired_call() -> Iterator[None]:
+    """Mark the forward calls inside as the dense twins of the calls just made (see :func:`pairing`)."""
+    token = _PAIRED.set(True)
+    try:
+        yield
+    finally:
+        _PAIRED.reset(token)
+
+
+def pairing_memo() -> dict | None:
+    """The notes of the current :func:`pairing` (keyed by module), None outside one."""
+    return _PAIRING.get()
+
+
+def in_paired_call() -> bool:
+    """Whether the current forward is a dense twin (see :func:`paired_call`)."""
+    return _PAIRED.get()
 
 
 _KINDS: dict[str, LayerKind] = {}

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..calls import as_call, eval_mode, model_device, to_device
 from .base import check_types, kind_of, prunable_types
+from .routers import ROUTER_REASON, is_router
 
 # The single-weight kinds (Linear, Conv1d/Conv2d). prune(), model_report() and the training
 # pruners pass ``types=None``: every registered kind (attention, HF Conv1D, ...).
@@ -174,10 +175,14 @@ def prunable(
     # the head is the model's, whichever types are pruned: look for it among every prunable kind
     head = find_head(model, example_inputs=example_inputs)
     out = Targets(OrderedDict(), head=head if head in candidates else None)
+    modules = dict(model.named_modules())
     for name, module in candidates.items():
         if inc and not any(p.search(name) for p in inc):
             continue
         if exc and any(p.search(name) for p in exc):
+            continue
+        if not inc and is_router(name, module, modules.get(name.rpartition(".")[0]) if name else None):
+            out.skipped[name] = ROUTER_REASON
             continue
         if name == head and not include_head and not inc:
             out.skipped[name] = HEAD_REASON

@@ -6,14 +6,15 @@ their layout. The weights *expected pruned* are
 * every parameter a layer kind of a target writes, pruned or left dense (a pattern it cannot
   hold, a forward never called), and
 * every other parameter of two or more dimensions inside the calibrated blocks (or the whole
-  model when it is one block) that no layer kind handles: fused 3-D expert tensors, a weight
-  used functionally, ... Each is a *gap*, left dense and listed with its reason
+  model when it is one block) that no layer kind handles: a weight used functionally, fused
+  experts in a layout :mod:`prunekit.layers.experts` does not read (transposed, with biases), ...
+  Each is a *gap*, left dense and listed with its reason
   (``strict=True``: an error, before anything changes).
 
 Left out, as the user's own choice or by the rule of :mod:`prunekit.layers.targets`: the head
 (unless ``include_head``), layers ``include``/``exclude``/``types`` leave out (a gap whose path
 ``exclude`` matches, or ``include`` does not, too), embeddings and weights tied to them, and the
-routers of mixtures of experts (:func:`is_router`).
+routers of mixtures of experts and shared-expert gates (:func:`prunekit.layers.routers.is_router`).
 ``result.sparsity`` is the fraction of zeros over the expected weights, counted on the tensors
 after pruning; the pruned layers' own sparsity is beside it (``result.layers_sparsity``).
 """
@@ -24,8 +25,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..layers.routers import is_router, parent_of
 from ..layers.targets import as_patterns, find_targets
 from .runtime.offload import Storage, _offload_hook
+
+__all__ = ["count_zeros", "find_gaps", "is_router"]
 
 
 def find_gaps(model: nn.Module, blocks: Iterable[tuple[str, nn.Module]], include=None, exclude=None) -> dict[str, str]:
@@ -50,20 +54,11 @@ def find_gaps(model: nn.Module, blocks: Iterable[tuple[str, nn.Module]], include
                 continue
             owner_name = path.rpartition(".")[0]
             owner = modules.get(owner_name, model)
-            if is_router(owner_name, owner):
+            if is_router(owner_name, owner, parent_of(model, owner_name)):
                 continue
             gaps[path] = (f"a {p.dim()}-D parameter {tuple(p.shape)} of {type(owner).__name__} that no layer kind "
                           "handles (fused experts, or a weight used functionally)")
     return gaps
-
-
-def is_router(name: str, module: nn.Module) -> bool:
-    """Whether a module is a mixture of experts' router, which chooses the experts and is never
-    expected pruned: its class is a ``...Router`` (transformers 5's ``MixtralTopKRouter``), or
-    it is named ``router`` or ``gate`` (Llama's ``gate_proj`` is not). Only modules no layer kind
-    handles are asked: a ``gate`` that is an ``nn.Linear`` (Qwen2-MoE's ``shared_expert_gate``
-    too) is a target like any other."""
-    return "Router" in type(module).__name__ or name.rpartition(".")[2] in ("router", "gate")
 
 
 def count_zeros(model: nn.Module, storage: Storage, gaps: Mapping[str, str]) -> dict[str, tuple[int, int]]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..calls import first_input, to_device
 from ..layers.base import LayerKind, kind_of, unit_name
+from ..layers.routers import ROUTER_REASON, is_listed_expert
 from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
@@ -36,6 +37,9 @@ from .runtime.ranks import checksum
 from .runtime.restore import RestorePoint
 from .solvers.lstsq import reconstruction_error
 from .stats import LayerStats, gather_stats
+
+#: why a unit with no calibration rows (an expert no token reached) was pruned by magnitude
+NO_ROWS = "no calibration token was routed to it, so it was pruned by magnitude"
 
 
 def run(model: nn.Module, plan: Plan) -> PruneResult:
@@ -88,6 +92,7 @@ def run(model: nn.Module, plan: Plan) -> PruneResult:
     result.seconds = time.perf_counter() - start
     result.weights = count_zeros(model, plan.storage, plan.gaps)  # what result.sparsity reads
     _warn_skipped(result.skipped)
+    _warn_fallbacks(result.fallbacks)
     result.peak_device_mib = tracker()
     return result
 
@@ -105,7 +110,7 @@ class Job:
         self.sequential = plan.config.sequential or bool(needs & {"dense_target", "sequential"})
         self.target_ids = {id(m) for m in plan.targets.values()}
         self.home, self.device, self.dtype, self.ranks = plan.home, plan.device, plan.dtype, plan.ranks
-        self.exact, self.input_key = plan.config.exact, plan.config.input_key
+        self.exact, self.input_key, self.strict = plan.config.exact, plan.config.input_key, plan.config.strict
         self.storage, self.dispatched = plan.storage, is_dispatched(model)
         self.bar = None
         self.show_progress = False
@@ -155,6 +160,11 @@ class Job:
     def process_block(self, block, inputs, layers, chain) -> None:
         order, uncalled = execution_order(block, layers, *inputs[0])
         self.ranks.same("the layers a block calls", {"order": order, "uncalled": uncalled})
+        # An expert of older code's per-expert layout runs only when tokens are routed to it: one
+        # the first batch skips is calibrated on every batch all the same, and with no rows at all
+        # it is pruned by magnitude and reported (prune_layer).
+        late = [n for n in uncalled if is_listed_expert(self.model, n)]
+        order, uncalled = order + late, [n for n in uncalled if n not in late]
         for name in uncalled:  # e.g. nn.MultiheadAttention.out_proj, used functionally
             self.result.skipped[name] = "its forward is never called, so no calibration statistics exist"
             if self.bar is not None:
@@ -190,21 +200,30 @@ class Job:
         t0 = time.perf_counter()
         name, unit = self.units[key]
         layer, kind = self.targets[name], kind_of(self.targets[name])
+        method, refine = self.method, self.refine
+        if stats is not None and stats.count == 0:  # e.g. an expert no calibration token was routed to
+            if self.strict:
+                raise ValueError(f"strict=True: no calibration rows reached {key!r} (an expert no token is routed "
+                                 f"to), so it has no statistics; calibrate on more or more varied data, exclude it "
+                                 f"(exclude={name!r}), or pass strict=False to prune it by magnitude")
+            method, refine, stats = registry.get("magnitude", "method")(), None, None
+            self.result.fallbacks[key] = NO_ROWS
         if self.saved is not None:
             for path in self.storage.keys(name):
                 self.saved.save(path, self.storage.live(path))
         # never a view of the layer; on the execution device (a magnitude-only run moves no block)
         w0 = kind.matrix(layer, unit).to(device=self.device, dtype=self.dtype, copy=True)
         report = LayerReport(key, kind.shape(layer, unit), 0.0)
-        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, self.method,
-                               self._context(layer, kind, unit, ctx) if ctx else None, exact=self.exact)
-        chosen = _checked(self.method.choose(problem), w0, self.method)
-        w, mask, notes = chosen.weight, chosen.mask, [chosen.note]
+        problem = LayerProblem(key, w0, self.budgets[key], self.pattern, stats, method,
+                               self._context(layer, kind, unit, ctx) if ctx and stats is not None else None,
+                               exact=self.exact)
+        chosen = _checked(method.choose(problem), w0, method)
+        w, mask, notes = chosen.weight, chosen.mask, [chosen.note or (NO_ROWS if key in self.result.fallbacks else "")]
         has_h = stats is not None and stats.h_sum is not None
         if has_h:
             report.error_selected = self._error(w, w0, stats)
-        if self.refine is not None:
-            refitted = _checked(self.refine.refine(problem, chosen), w0, self.refine)
+        if refine is not None:
+            refitted = _checked(refine.refine(problem, chosen), w0, refine)
             w = refitted.weight
             notes.append(refitted.note)
             if refitted.lookahead is not None:
@@ -215,7 +234,7 @@ class Job:
             if self.exact and report.dead_columns:  # a refit zeroes them: the live part is what it fits
                 w = keep_dead_dense(w, w0, mask, dead)
         self._write(layer, kind, unit, w, mask)
-        if self.refine is not None and has_h:
+        if refine is not None and has_h:
             report.error_refined = self._error(w * mask, w0, stats)
         report.note = "; ".join(n for n in notes if n)
         written = kind.matrix(layer, unit)
@@ -312,9 +331,19 @@ def _sample_shape(call: tuple[tuple, dict]) -> tuple[int, ...] | None:
     return tuple(first.shape[1:]) if isinstance(first, torch.Tensor) and first.dim() >= 2 else None
 
 
+def _warn_fallbacks(fallbacks: Mapping[str, str]) -> None:
+    """One warning naming the matrices pruned by magnitude for want of calibration rows."""
+    if fallbacks:
+        more = f" and {len(fallbacks) - 8} more" if len(fallbacks) > 8 else ""
+        names = ", ".join(map(repr, list(fallbacks)[:8])) + more
+        warnings.warn(f"prunekit pruned {len(fallbacks)} matrices by magnitude: no calibration token was routed to "
+                      f"them ({names}; see result.fallbacks; strict=True refuses instead)")
+
+
 def _warn_skipped(skipped: Mapping[str, str]) -> None:
-    """One warning for every layer left dense other than the head (which the summary lists)."""
-    left = {n: why for n, why in skipped.items() if why != HEAD_REASON}
+    """One warning for every layer left dense other than the head and the routers (which the
+    summary lists)."""
+    left = {n: why for n, why in skipped.items() if why not in (HEAD_REASON, ROUTER_REASON)}
     if left:
         shown = "; ".join(f"{n!r}: {why}" for n, why in list(left.items())[:8])
         more = f"; and {len(left) - 8} more (see result.summary())" if len(left) > 8 else ""

@@ -15,8 +15,10 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..layers.base import kind_of, unit_name
+from ..calls import eval_mode, forward_until, to_device
+from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.base import known as known_kinds
+from ..layers.routers import is_listed_expert
 from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
@@ -86,6 +88,8 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     gaps = find_gaps(model, find_blocks(model, c.blocks), c.include, c.exclude)
     if c.strict:
         _refuse_gaps(model, targets, gaps, calls)
+        if needs_data:
+            _refuse_idle_units(model, targets, to_device(calls, home), find_blocks(model, c.blocks))
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict), **gaps}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
@@ -229,13 +233,58 @@ def _refuse_gaps(model: nn.Module, targets, gaps: Mapping[str, str], calls) -> N
         called = set(forward_order(model, targets, first_batch(calls, None)))
     except Exception:  # data that does not fit: the pipeline's own check says so, clearly
         return
-    uncalled = [n for n in targets if n not in called]
+    uncalled = [n for n in targets if n not in called and not is_listed_expert(model, n)]  # experts: below
     if uncalled:
         raise ValueError(f"strict=True: layer {uncalled[0]!r}'s forward is never called (its weight is used "
                          "functionally), so no calibration statistics exist for it"
                          + (f" (nor for {', '.join(map(repr, uncalled[1:4]))})" if len(uncalled) > 1 else "")
                          + f"; exclude it (exclude={uncalled[0]!r}), use a data-free method (magnitude), or pass "
                            "strict=False to leave it dense and listed")
+
+
+@torch.no_grad()
+def _refuse_idle_units(model: nn.Module, targets, calls, blocks) -> None:
+    """Under ``strict=True``: a ValueError naming the first unit no calibration row reaches (an
+    expert no token is routed to), over every batch through the model as it is, before any
+    weight changes. Asked: kinds whose units can go without rows (:meth:`LayerKind.unit_rows`:
+    fused experts) and the layers of older code's per-expert experts (called only with tokens);
+    routing can still shift once earlier blocks are pruned, and the pipeline then refuses too
+    (restoring the model)."""
+    counted = {n: m for n, m in targets.items()
+               if type(kind_of(m)).unit_rows is not LayerKind.unit_rows or is_listed_expert(model, n)}
+    if not counted or not calls:
+        return
+    totals = {unit_name(n, u): 0 for n, m in counted.items() for u in kind_of(m).units(m)}
+
+    def hook(name):
+        def count(module, args, kwargs):
+            rows = kind_of(module).unit_rows(module, args, kwargs)
+            if rows is None:  # a listed expert's layer: every unit reads the call's rows
+                first = args[0] if args and torch.is_tensor(args[0]) else None
+                n = 0 if first is None or first.dim() == 0 else first.numel() // max(first.shape[-1], 1)
+                rows = {u: n for u in kind_of(module).units(module)}
+            for unit, n in rows.items():
+                totals[unit_name(name, unit)] += n
+        return count
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in counted.items()]
+    try:
+        with eval_mode(model):
+            for args, kwargs in calls:
+                forward_until(model, blocks[-1][1], args, kwargs)
+    except Exception:  # data that does not fit: the pipeline's own check says so, clearly
+        return
+    finally:
+        for h in handles:
+            h.remove()
+    idle = [k for k, rows in totals.items() if rows == 0]
+    if idle:
+        name = next(n for n in counted if idle[0].startswith(n + ".") or idle[0] == n)
+        more = f" (and {len(idle) - 1} more: {', '.join(idle[1:4])}...)" if len(idle) > 1 else ""
+        raise ValueError(f"strict=True: no calibration token is routed to {idle[0]!r}{more}, so it has no "
+                         f"statistics; calibrate on more or more varied data, exclude the layer "
+                         f"(exclude={name!r}), or pass strict=False to prune such experts by magnitude (reported "
+                         "in result.fallbacks)")
 
 
 def _skip_misfits(targets, pattern, strict: bool) -> dict[str, str]:

@@ -50,6 +50,9 @@ class PruneResult:
     #: ``{parameter path: (zeros, numel)}`` after pruning, over every weight expected pruned: the
     #: targets' (pruned or left dense) and the weights no layer kind handles (prunekit.oneshot.coverage)
     weights: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: ``{matrix name: why}`` of the matrices pruned by magnitude instead of the method: an expert
+    #: of a mixture of experts that no calibration token was routed to
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -78,8 +81,9 @@ class PruneResult:
         """The per-layer table. A grouped convolution is pruned group by group (one entry of
         ``layers`` each, ``conv.weight[g0]``...), and is one row here: its sparsity over all its
         weights, the groups' mean errors and their total time, its shape written ``G x`` one
-        group's (a depthwise conv of 3x3 kernels: ``32 x 1x1x3x3``); ``expand_groups=True`` lists every
-        group (a mobile network has thousands)."""
+        group's (a depthwise conv of 3x3 kernels: ``32 x 1x1x3x3``); so are fused experts' matrices,
+        ``experts.gate_up_proj [8 experts]``. ``expand_groups=True`` lists every group and expert
+        (a mobile network has thousands of groups, Qwen2-MoE 2,880 expert matrices)."""
         head = f"{'layer':<40} {'shape':<18} {'sparsity':>8} {'err sel':>10} {'err ref':>10} {'time s':>7}"
         lines = [f"prunekit: {self.method}" + (f"+{self.refine}" if self.refine else "") + f", {self.pattern}", head, "-" * len(head)]
         rows = [(r, "x".join(map(str, r.shape))) for r in self.layers] if expand_groups else _fold_groups(self.layers)
@@ -90,6 +94,8 @@ class PruneResult:
             )
         for name, why in self.skipped.items():
             lines.append(f"{name[-40:]:<40} skipped: {why}")
+        for name, why in self.fallbacks.items():
+            lines.append(f"{name[-40:]:<40} {why}")
         peak = f", peak {self.peak_device_mib:.0f} MiB on {self.device}" if self.peak_device_mib is not None else ""
         extra = sum(r.extra_zeros for r in self.layers)
         if extra:
@@ -110,19 +116,30 @@ class PruneResult:
         return "\n".join(lines)
 
 
-_GROUP = re.compile(r"^(.*)\.weight\[g(\d+)\]$")
+#: a grouped convolution's groups (``conv.weight[g0]``: named ``conv``) and fused experts' matrices
+#: (``experts.gate_up_proj[0]``: named ``experts.gate_up_proj``)
+_GROUP = re.compile(r"^(.*)\.weight\[g(\d+)\]$|^(.*\.(?:gate_up_proj|down_proj))\[(\d+)\]$")
+
+
+def _group_of(name: str) -> tuple[str, str] | None:
+    """``(folded name, what a member is)`` of a matrix that folds into one summary row, else None."""
+    match = _GROUP.match(name)
+    if match is None:
+        return None
+    return (match.group(1), "groups") if match.group(1) is not None else (match.group(3), "experts")
 
 
 def _fold_groups(layers: list[LayerReport]) -> list[tuple[LayerReport, str]]:
     """``(report, shape text)`` rows of ``layers``, each run of one grouped convolution's groups
-    (``name.weight[g0]``, ...) made one report named ``name [G groups]`` of shape ``G x`` one
+    (``name.weight[g0]``, ...) made one report named ``name [G groups]`` (fused experts'
+    ``experts.down_proj[e]``: ``experts.down_proj [E experts]``) of shape ``G x`` one
     group's: sparsity over all its weights, errors the mean over its groups (each has as many
     outputs), times, dead columns and extra zeros summed."""
     out: list[tuple[LayerReport, str]] = []
     run: list[LayerReport] = []
     for r in [*layers, None]:
-        match = _GROUP.match(r.name) if r is not None else None
-        if run and (match is None or match.group(1) != _GROUP.match(run[0].name).group(1)):
+        match = _group_of(r.name) if r is not None else None
+        if run and (match is None or match != _group_of(run[0].name)):
             out.append((run[0], "x".join(map(str, run[0].shape))) if len(run) == 1 else _folded(run))
             run = []
         if match is not None:
@@ -135,14 +152,14 @@ def _fold_groups(layers: list[LayerReport]) -> list[tuple[LayerReport, str]]:
 def _folded(run: list[LayerReport]) -> tuple[LayerReport, str]:
     sizes = [_numel(r.shape) for r in run]
     each = "x".join(map(str, run[0].shape)) if len({tuple(r.shape) for r in run}) == 1 else "varied"
-    name = _GROUP.match(run[0].name).group(1)
+    name, members = _group_of(run[0].name)
 
     def mean(values: list[float | None]) -> float | None:
         return None if any(v is None for v in values) else sum(values) / len(values)
 
     dead = [r.dead_columns for r in run]
     return LayerReport(
-        f"{name} [{len(run)} groups]", (sum(sizes),),
+        f"{name} [{len(run)} {members}]", (sum(sizes),),
         sum(r.sparsity * n for r, n in zip(run, sizes)) / sum(sizes),
         error_selected=mean([r.error_selected for r in run]), error_refined=mean([r.error_refined for r in run]),
         seconds=sum(r.seconds for r in run), dead_columns=None if all(d is None for d in dead) else sum(d or 0 for d in dead),

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..layers.base import kind_of, unit_name
+from ..layers.base import kind_of, paired_call, pairing, unit_name
 from ..sparsity.storage import storage_key
 from .blocks import StopForward, swapped_weights
 from .runtime.ranks import Ranks
@@ -161,13 +161,14 @@ def gather_stats(
     catcher = _Catcher(layers, units, stop_early)
     try:
         for args, kwargs in inputs:
-            catcher.run(block, args, kwargs)
-            xs = catcher.take()
             xt: dict[str, torch.Tensor] = {}
-            if dense_weights is not None:
-                with swapped_weights(all_layers or layers, dense_weights):
-                    catcher.run(block, args, kwargs)
-                xt = catcher.take()
+            with pairing():  # the dense twin reads the rows the pruned path chose (experts' tokens)
+                catcher.run(block, args, kwargs)
+                xs = catcher.take()
+                if dense_weights is not None:
+                    with swapped_weights(all_layers or layers, dense_weights), paired_call():
+                        catcher.run(block, args, kwargs)
+                    xt = catcher.take()
             shared: dict = {}
             for n, rows in xs.items():
                 stats[n].add(rows, xt.get(n) if dense_weights is not None else None, want_h, shared)
@@ -175,18 +176,23 @@ def gather_stats(
     finally:
         catcher.close()
     if ranks is not None and ranks.active:
-        sum_over_ranks(stats, layers, ranks, want_h=want_h, dense=dense_weights is not None)
+        sum_over_ranks(stats, layers, ranks, want_h=want_h, dense=dense_weights is not None, units=units)
     return stats
 
 
 def sum_over_ranks(stats: dict[str, LayerStats], layers: dict[str, nn.Module], ranks: Ranks, *,
-                   want_h: bool, dense: bool) -> None:
-    """Add each layer's sums and counts over the ranks, in place (a rank whose batches never
-    reached a layer contributes zeros)."""
+                   want_h: bool, dense: bool, units: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Add each unit's sums and counts over the ranks, in place (a rank whose batches never
+    reached a unit, e.g. an expert no token of its batches was routed to, contributes zeros);
+    ``stats`` is keyed by unit name, ``units`` the units of each layer (default: all)."""
+    owners = {unit_name(n, u): (m, u) for n, m in layers.items()
+              for u in (units[n] if units is not None else kind_of(m).units(m))}
     tensors = []
     for name, s in stats.items():
-        d_in = kind_of(layers[name]).matrix(layers[name]).shape[1]
-        device = layers[name].weight.device
+        module, unit = owners[name]
+        kind = kind_of(module)
+        d_in = kind.matrix(module, unit).shape[1]
+        device = kind.parameter(module, unit).device
         for field, shape, wanted in (("sq_sum", (d_in,), True), ("h_sum", (d_in, d_in), want_h),
                                      ("c_sum", (d_in, d_in), dense), ("t_sum", (d_in, d_in), dense)):
             if wanted and getattr(s, field) is None:
