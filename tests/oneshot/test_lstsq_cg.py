@@ -58,6 +58,14 @@ def test_capped_float32_cg_reaches_the_exact_objective_and_never_rises():
     assert (_objective(w, w0, h, 1e-4) - f_exact) / (f_start - f_exact) < 1e-3
 
 
+def test_half_precision_weights_are_solved_in_float32():
+    _, w0, mask, h = _problem(5, 300, 32, 6, dtype=torch.float32)
+    w = cg.lstsq_cg(w0.bfloat16(), mask, h, dtype=torch.bfloat16, max_iter=100, tol=1e-6)
+    ref = lstsq_refit(w0.bfloat16().float(), mask, h, dtype=F64)
+    assert w.dtype == torch.bfloat16
+    assert float((w.float() - ref).norm() / ref.norm()) < 1e-2  # bfloat16 rounding of the result only
+
+
 def test_a_dense_path_target_uses_the_cross_term():
     g = torch.Generator().manual_seed(2)
     xt = torch.randn(500, 16, generator=g, dtype=F64)

@@ -54,8 +54,8 @@ def lstsq_cg(
 
     Starts from ``weight * mask``; each row stops when its residual is ``tol`` times its starting
     one, all stop after ``max_iter`` iterations. Every iterate lowers each row's objective (CG on an
-    SPD system), so a capped run is still no worse than the start. Returns the refit in the
-    weight's dtype, exactly zero off ``mask``. Cost: ``2 d_out d_in^2`` flops per iteration.
+    SPD system), so a capped run is still no worse than the start. Solved in ``dtype`` (float32
+    at least); returns the refit in the weight's dtype, exactly zero off ``mask``. Cost: ``2 d_out d_in^2`` flops per iteration.
     """
     _check(weight, mask, hessian, cross)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
@@ -63,6 +63,8 @@ def lstsq_cg(
     if not tol >= 0 or not damp >= 0:
         raise ValueError(f"tol and damp must be >= 0, got tol={tol!r}, damp={damp!r}")
     dev = weight.device
+    if dtype in (torch.float16, torch.bfloat16):  # CG's inner products need float32 at least
+        dtype = torch.float32
     H = hessian.detach().to(device=dev, dtype=dtype)
     C = H if cross is None else cross.detach().to(device=dev, dtype=dtype)
     keep = mask.detach().to(device=dev, dtype=dtype)
