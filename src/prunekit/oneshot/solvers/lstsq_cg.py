@@ -4,11 +4,12 @@ and the exact solve (SNOWS's warm start).
 The problem is :func:`prunekit.oneshot.solvers.lstsq.lstsq_refit`'s: for every output row ``i``,
 minimise ``1/2 w^T (H + delta I) w - (C w0_i)^T w`` over ``w`` zero off the support ``S_i``. The
 exact solve factors one ``k_i x k_i`` submatrix per row: on a 512x4608 convolution at 50% that is
-512 Cholesky factorisations of 2304x2304 (about 2 Tflop, two minutes on 2 cores), 20x the SNOWS
-Newton steps it only warm-starts. Here every row runs conjugate gradients at once: one
-``[d_out, d_in] @ [d_in, d_in]`` product per iteration, masked, Jacobi preconditioned, started
-from the masked dense weights and stopped at a relative residual or an iteration cap.
-:func:`lstsq_warm_start` keeps the exact solve where it costs no more flops than CG's cap.
+512 Cholesky factorisations of 2304x2304 (about 2 Tflop: 118 s on 2 cores in issue 20, 21.7x the
+layer's SNOWS Newton steps in ``benchmarks/results/snows_warm_start.md``), for a warm start.
+Here every row runs conjugate gradients at once: one ``[d_out, d_in] @ [d_in, d_in]`` product
+per iteration, masked, Jacobi preconditioned, started from the masked dense weights and stopped
+at a relative residual or an iteration cap.
+:func:`lstsq_warm_start` keeps the exact solve where it costs no more time than CG at its cap.
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ import torch
 
 from .lstsq import lstsq_refit
 
-__all__ = ["lstsq_cg", "lstsq_warm_start", "exact_flops", "cg_flops", "CG_MAX_ITER", "CG_TOL", "EXACT_SLOWDOWN", "uses_exact"]
+__all__ = ["lstsq_cg", "lstsq_warm_start", "uses_exact", "exact_flops", "cg_flops",
+           "CG_MAX_ITER", "CG_TOL", "EXACT_SLOWDOWN"]
 
 #: CG iterations at most (each one ``[d_out, d_in] @ [d_in, d_in]`` product)
 CG_MAX_ITER = 50
 #: a row stops once its residual is this fraction of its starting residual (at the masked weights)
 CG_TOL = 1e-3
 #: the exact solve's batched Cholesky and gathers run at about a third of a GEMM's flop rate on
-#: CPU (2 cores, 256x2304 at 50%: 1.3e11 flops in 17 s; 50 CG iterations, 1.4e11 flops, in 7 s)
+#: CPU (2 shared cores, 256x2304 at 50%: 1.3e11 flops in 17 s; 50 CG iterations, 1.4e11 flops, 7 s)
 EXACT_SLOWDOWN = 3.0
 
 
@@ -55,7 +57,8 @@ def lstsq_cg(
     Starts from ``weight * mask``; each row stops when its residual is ``tol`` times its starting
     one, all stop after ``max_iter`` iterations. Every iterate lowers each row's objective (CG on an
     SPD system), so a capped run is still no worse than the start. Solved in ``dtype`` (float32
-    at least); returns the refit in the weight's dtype, exactly zero off ``mask``. Cost: ``2 d_out d_in^2`` flops per iteration.
+    at least); returns the refit in the weight's dtype, exactly zero off ``mask``. Cost:
+    ``2 d_out d_in^2`` flops per iteration.
     """
     _check(weight, mask, hessian, cross)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
