@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.prunekit-installed
 LLM_STAMP := $(VENV)/.prunekit-llm-installed
 
-.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training bench-structured-vision .venv-peers .venv-tp bench-llm bench-peers bench-structured-peer bench-snows-cost bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
+.PHONY: demo test fuzz venv bench-structured-llm bench-structured-moe bench-structured-training bench-structured-vision .venv-peers .venv-tp bench-llm bench-peers bench-structured-peer bench-snows-cost bench-snows-cost-efficientnet bench-snows-warm-start bench-oneshot bench-minilm bench-train bench-train-overhead bench-deploy bench-vit-mobilenet bench-offload clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,14 @@ bench-oneshot: $(STAMP)
 
 bench-snows-cost: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --profile --out benchmarks/results/snows_cost.json
+
+# The same on an EfficientNet-B0-class network (3x3 and 5x5 depthwise, squeeze-excitation); run it on a quiet machine.
+bench-snows-cost-efficientnet: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_cost.py --net efficientnet --profile --out benchmarks/results/snows_cost_efficientnet.json
+
+# SNOWS's least-squares warm start against its Newton steps on a 512x4608 convolution (resnet18d, 32 px).
+bench-snows-warm-start: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/snows_warm_start.py
 
 bench-llm: $(LLM_STAMP)
 	$(PY) benchmarks/llm.py

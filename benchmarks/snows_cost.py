@@ -46,9 +46,10 @@ RESULTS = os.path.join(HERE, "results")
 
 # -- the network --------------------------------------------------------------------------------
 
-def _cbr(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def _cbr(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, act: bool = True,
+         act_layer: type[nn.Module] = nn.ReLU6) -> nn.Sequential:
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, *([nn.ReLU6()] if act else []))
+    return nn.Sequential(*layers, *([act_layer()] if act else []))
 
 
 class InvertedResidual(nn.Module):
@@ -83,11 +84,63 @@ def mobilenet(width: float = 1.2, classes: int = 1000) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class SqueezeExcite(nn.Module):
+    """Channel gates from the global average: 1x1 reduce, SiLU, 1x1 expand, sigmoid (Hu et al. 2018)."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.reduce, self.act = nn.Conv2d(channels, squeezed, 1), nn.SiLU()
+        self.expand, self.gate = nn.Conv2d(squeezed, channels, 1), nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * self.gate(self.expand(self.act(self.reduce(s))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expansion, kxk depthwise, squeeze-excitation (a quarter of the
+    block's input channels), 1x1 projection; SiLU; a residual sum when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.residual = stride == 1 and cin == cout
+        self.expand = _cbr(cin, hidden, act_layer=nn.SiLU) if expand != 1 else nn.Identity()
+        self.dw = _cbr(hidden, hidden, kernel, stride, groups=hidden, act_layer=nn.SiLU)
+        self.se = SqueezeExcite(hidden, max(1, cin // 4))
+        self.project = _cbr(hidden, cout, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.se(self.dw(self.expand(x))))
+        return x + y if self.residual else y
+
+
+def efficientnet(classes: int = 1000) -> nn.Sequential:
+    """EfficientNet-B0's layout (Tan & Le 2019): 3x3 stem, 16 MBConv blocks with 3x3 and 5x5
+    depthwise convolutions and squeeze-excitation, 1x1 head conv to 1280, classifier; 5.3M
+    parameters, 81 convolutions (16 depthwise, 32 in the squeeze-excitations)."""
+    stages = [(1, 3, 16, 1, 1), (6, 3, 24, 2, 2), (6, 5, 40, 2, 2), (6, 3, 80, 3, 2), (6, 5, 112, 3, 1),
+              (6, 5, 192, 4, 2), (6, 3, 320, 1, 1)]
+    layers: list[nn.Module] = [_cbr(3, 32, 3, 2, act_layer=nn.SiLU)]
+    cin = 32
+    for expand, kernel, cout, repeats, stride in stages:
+        for i in range(repeats):
+            layers.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+            cin = cout
+    layers += [_cbr(cin, 1280, act_layer=nn.SiLU), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, classes))]
+    return nn.Sequential(*layers)
+
+
+NETS = {"mobilenet": mobilenet, "efficientnet": efficientnet}
+
+
 def layer_kind(name: str, module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
+    if ".se." in name:
+        return "squeeze-excitation"
     if module.groups > 1:
-        return "depthwise"
+        return f"depthwise {module.kernel_size[0]}x{module.kernel_size[1]}"
     return "stem" if module.in_channels == 3 else "pointwise" if module.kernel_size == (1, 1) else "conv"
 
 
@@ -165,9 +218,9 @@ def calibration(n: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
     return list(x.split(batch))
 
 
-def build(seed: int, calib: list[torch.Tensor]) -> nn.Sequential:
+def build(seed: int, calib: list[torch.Tensor], net: str = "mobilenet") -> nn.Sequential:
     torch.manual_seed(seed)
-    model = mobilenet()
+    model = NETS[net]()
     model.train()
     with torch.no_grad():  # BatchNorm statistics from the calibration images (cumulative average)
         for m in model.modules():
@@ -181,7 +234,7 @@ def build(seed: int, calib: list[torch.Tensor]) -> nn.Sequential:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     calib = calibration(args.images, args.batch)
-    model = build(0, calib)
+    model = build(0, calib, args.net)
     modules = dict(model.named_modules())
     options = json.loads(args.options) if args.options else {}
     timers = Timers()
@@ -218,8 +271,50 @@ def run(args) -> dict:
             "sparsity_prunable": result.sparsity if hasattr(result, "sparsity") else None}
 
 
+def _command(config: dict) -> str:
+    """The command line rebuilt from a JSON's recorded arguments (for runs that did not store it)."""
+    flags = {"images": 128, "batch": 16, "sparsity": 0.5, "layers": None, "options": None, "net": "mobilenet"}
+    parts = [f"--{k} {json.dumps(v) if k == 'options' else repr(v) if k == 'layers' else v}"
+             for k, v in config.items() if k in flags and v != flags[k]]
+    return "OMP_NUM_THREADS={} python benchmarks/snows_cost.py {}{}".format(
+        config.get("threads", 2), " ".join(parts), " --profile" if config.get("profile") else "")
+
+
+def write_md(out: dict, path: str) -> None:
+    """A summary of one run: per layer kind (wall and CPU seconds of the refits, per layer), per
+    phase, per layer; with the command and the load average (an older JSON may lack them)."""
+    machine, config = out.get("machine", {}), out.get("config", {})
+    kinds: dict[str, dict[str, float]] = defaultdict(lambda: {"layers": 0, "wall": 0.0, "cpu": 0.0})
+    names = {row["name"]: row["kind"] for row in out.get("layers", [])}
+    for row in out.get("per_layer", []):
+        k = kinds[names.get(re.sub(r"\.weight\[g\d+\]$", "", row["layer"]), row["layer"])]
+        k["layers"] += 1
+        k["wall"] += row["wall"]
+        k["cpu"] += row["cpu"]
+    lines = [f"# SNOWS cost: `{config.get('net', 'mobilenet')}`, {config.get('images')} images", "",
+             f"`{out.get('command') or _command(config)}`", "",
+             f"torch {machine.get('torch')}, {machine.get('threads')} threads; load average (1 min) "
+             f"{machine.get('load_before', float('nan')):.2f} before, {machine.get('load_after', float('nan')):.2f} after. "
+             f"prune() wall {out['total_seconds']:.1f} s, CPU {out['total_cpu_seconds']:.1f} s.", "",
+             "| layer kind | refits | wall s | CPU s | wall s per refit |", "|---|---:|---:|---:|---:|"]
+    for kind, k in sorted(kinds.items()):
+        lines.append(f"| {kind} | {k['layers']} | {k['wall']:.1f} | {k['cpu']:.1f} | {k['wall'] / k['layers']:.1f} |")
+    lines += ["", "| phase | calls | wall s | CPU s |", "|---|---:|---:|---:|"]
+    for phase, sec in out.get("phases", {}).items():
+        lines.append(f"| {phase} | {out['phase_calls'][phase]} | {sec:.1f} | {out['phase_cpu'][phase]:.1f} |")
+    lines += ["", "| layer | wall s | CPU s | HVPs | lookahead loss before -> after |", "|---|---:|---:|---:|---|"]
+    for row in out.get("per_layer", []):
+        hvps = sum(v for key, v in row["calls"].items() if key.startswith("HVP"))
+        lines.append(f"| `{row['layer']}` | {row['wall']:.1f} | {row['cpu']:.1f} | {hvps} | "
+                     f"{row['before']:.4g} -> {row['after']:.4g} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", choices=sorted(NETS), default="mobilenet",
+                    help="mobilenet (3x3 depthwise, ReLU6) or efficientnet (B0: 3x3 and 5x5 depthwise, SE, SiLU)")
     ap.add_argument("--images", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -228,15 +323,24 @@ def main() -> None:
     ap.add_argument("--options", default=None, help="refine_options as JSON")
     ap.add_argument("--profile", action="store_true", help="time the solver's phases")
     ap.add_argument("--out", default=None, help="write the JSON here (default: print only)")
+    ap.add_argument("--md-from", default=None, help="only write the .md summary of this saved .json")
     args = ap.parse_args()
+    if args.md_from:
+        with open(args.md_from) as fh:
+            return write_md(json.load(fh), args.md_from[: -len(".json")] + ".md")
+    load = os.getloadavg()
     out = run(args)
-    out["config"] = {k: v for k, v in vars(args).items() if k != "out"}
+    out["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "md_from")}
+    out["command"] = "OMP_NUM_THREADS={} python {}".format(args.threads, " ".join(["benchmarks/snows_cost.py"] + sys.argv[1:]))
     out["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__, "cpu": platform.processor(),
-                      "threads": args.threads, "load_before": os.getloadavg()[0]}
+                      "threads": args.threads, "load_before": load[0], "load_before_5min": load[1],
+                      "load_after": os.getloadavg()[0]}
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(text)
+        if args.out.endswith(".json"):
+            write_md(out, args.out[: -len(".json")] + ".md")
     print(json.dumps({k: out[k] for k in ("total_seconds", "total_cpu_seconds", "per_kind", "phases", "phase_cpu", "phase_calls")}, indent=1))
 
 

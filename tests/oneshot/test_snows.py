@@ -241,3 +241,23 @@ def test_prune_passes_the_model_input_shape_to_the_refit(monkeypatch):
     pk.prune(_depthwise_net(), [torch.randn(4, 3, 8, 8) for _ in range(2)], sparsity=0.5, refine="snows",
              refine_options={"k": 1, "max_cg": 2}, progress=False)
     assert seen and set(seen) == {(3, 8, 8)}
+
+
+def _warm_started(monkeypatch, slowdown):
+    """SNOWS from the least-squares warm start, exact (slowdown 0) or by CG (the exact solve made to look dear)."""
+    from prunekit.oneshot.solvers import lstsq_cg
+    monkeypatch.setattr(lstsq_cg, "EXACT_SLOWDOWN", slowdown)
+    model = _depthwise_net()
+    data = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    result = pk.prune(model, data, sparsity=0.5, method="magnitude", refine="snows", progress=False,
+                      refine_options={"k": 2, "max_cg": 10, "warm_start": "lstsq", "hessian_fraction": 1.0})
+    return [(r.lookahead_before, r.lookahead_after) for r in result.layers if r.lookahead_after is not None]
+
+
+def test_the_cg_warm_start_gives_snows_the_loss_of_the_exact_one(monkeypatch):
+    exact, by_cg = _warm_started(monkeypatch, 0.0), _warm_started(monkeypatch, 1e12)
+    assert len(exact) == len(by_cg) == 3  # the stem, the depthwise layer (one joint solve), the 1x1
+    for (b_exact, a_exact), (b_cg, a_cg) in zip(exact, by_cg):
+        # the lookahead loss of the warm start itself (the masked start, warm_start="none", is 0.7-20% higher)
+        assert b_cg == pytest.approx(b_exact, rel=1e-3)
+        assert a_cg <= a_exact * 1.02 + 1e-7

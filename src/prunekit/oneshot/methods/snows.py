@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...layers.base import kind_of
-from ..solvers.lstsq import lstsq_refit
+from ..solvers.lstsq_cg import lstsq_warm_start
 from ..registry import LayerProblem, Refine, Update, register
 from ..lookahead import measured_rule, snows_refit
 from ..snows_options import (AUTO_FRACTION, LARGE_INPUT, WARM_STARTS, SnowsOptions,  # noqa: F401 - re-exported
@@ -47,8 +47,9 @@ class Snows(Refine):
         opts, ctx, s = self.options, problem.context, problem.stats
         w, mask = chosen.weight, chosen.mask
         if opts.warm_start == "lstsq" or (opts.warm_start == "auto" and not problem.method.updates_weights):
-            w = lstsq_refit(problem.weight, mask, s.hessian, s.cross, damp=opts.warm_start_damp,
-                            dtype=problem.weight.dtype)
+            # exact per-row least squares on small layers, batched CG on large ones (lstsq_cg.py)
+            w = lstsq_warm_start(problem.weight, mask, s.hessian, s.cross, damp=opts.warm_start_damp,
+                                 dtype=problem.weight.dtype)
         ctx.write(w, mask)
         weight_mask, frozen, note = ctx.weight_mask(mask), ctx.frozen, ""
         n = 1 if opts.per_group else _joint_units(ctx.layer, ctx.parameter)
