@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calls import StopForward, forward_until, module_device, to_device  # noqa: F401 - forward_until: used through blocks by prune()
+from ..calls import StopForward, module_device, to_device
 
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
@@ -51,6 +51,14 @@ def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tu
     return [("", model)]
 
 
+def run_model(model: nn.Module, args: tuple, kwargs: dict):
+    """``model(*args, **kwargs)`` with ``use_cache=False`` where its forward takes it, so no
+    key/value cache is built while calibrating."""
+    if _accepts(model, "use_cache") or "use_cache" in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return model(*args, **kwargs)
+
+
 def first_output(out):
     """The hidden state of a block's output (first element of a tuple/list)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -72,11 +80,10 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    no_cache = _accepts(model, "use_cache")
     try:
         for args, kwargs in tqdm(calls, desc="calibrate", unit="batch", disable=not progress, leave=False):
             try:
-                model(*args, **({**kwargs, "use_cache": False} if no_cache or "use_cache" in kwargs else kwargs))
+                run_model(model, args, kwargs)
             except StopForward:
                 pass
     finally:

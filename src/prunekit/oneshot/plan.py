@@ -15,18 +15,19 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..calls import to_device
 from ..layers.base import kind_of, unit_name
 from ..layers.base import known as known_kinds
 from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
-from .blocks import find_blocks
 from .calibration import InputKey, collect_batches, pick_input
 from .coverage import find_gaps
 from .config import Checked, PruneConfig
 from .runtime.offload import Storage, home_device
 from .runtime.placement import execution_device, stats_precision
 from .runtime.ranks import Ranks, fingerprint, shard
+from .stacks import find_stacks
 from .solvers.selection import magnitude_scores
 
 
@@ -37,7 +38,8 @@ class Plan:
     each ``[d_out, d_in]`` matrix is a layer of its own), each unit's sparsity, the layers left
     dense and why, where the work runs and in which precision. ``storage`` holds every target's
     parameters, those left dense included; ``gaps`` the other weights expected pruned, which no
-    layer kind handles (:mod:`.coverage`)."""
+    layer kind handles (:mod:`.coverage`); ``blocks`` the modules calibrated in order
+    (:mod:`.stacks`)."""
 
     config: PruneConfig
     steps: Checked
@@ -52,6 +54,7 @@ class Plan:
     dtype: torch.dtype
     ranks: Ranks
     gaps: dict[str, str]
+    blocks: list[tuple[str, nn.Module]]
 
     @property
     def needs_data(self) -> bool:
@@ -83,7 +86,8 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     dtype = stats_precision(c.stats_dtype, _widest_dtype(targets))
     storage = Storage(model, targets)
     _check_weights(targets, storage)
-    gaps = find_gaps(model, find_blocks(model, c.blocks), c.include, c.exclude)
+    blocks = find_stacks(model, c.blocks, to_device(calls[0], home) if calls else None)
+    gaps = find_gaps(model, blocks, c.include, c.exclude)
     if c.strict:
         _refuse_gaps(model, targets, gaps, calls)
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict), **gaps}
@@ -117,7 +121,7 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
                     batches_before_sharding=n_calls if c.shard_calibration else None, skipped=skipped, exact=c.exact,
                     recalibrate_bn=c.recalibrate_bn)
         ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
-    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks, gaps)
+    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks, gaps, blocks)
 
 
 def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
