@@ -136,6 +136,29 @@ def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple,
 
 
 @torch.no_grad()
+def called_before(model: nn.Module, block: nn.Module, layers: dict[str, nn.Module], args: tuple,
+                  kwargs: dict) -> list[str]:
+    """Names of ``layers`` that ``model`` runs on one input before it reaches ``block`` (its
+    front: an audio encoder's convolutions, a patch embedding), in the order it runs them."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+               for n, m in layers.items()]
+
+    def stop(*_):
+        raise StopForward
+
+    handles.append(block.register_forward_pre_hook(stop))
+    try:
+        run_model(model, args, kwargs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
 def shared_input_groups(block: nn.Module, layers: dict[str, nn.Module], order: list[str], args: tuple,
                         kwargs: dict) -> tuple[list[list[str]], bool]:
     """``order`` cut into runs of consecutive layers that read the very same input tensor (a

@@ -24,7 +24,7 @@ from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
-from .blocks import capture_inputs, execution_order, propagate, run_model, shared_input_groups
+from .blocks import called_before, capture_inputs, execution_order, propagate, run_model, shared_input_groups
 from .coverage import count_zeros
 from .dead import dead_columns, keep_dead_dense
 from .links import ChainCheck
@@ -125,12 +125,21 @@ class Job:
     def run_calibrated(self, calls, blocks, capture) -> None:
         """Prune the targets block by block, each fed by the blocks pruned before it: captured
         by re-running the model at every start of a chain (:mod:`.links`), else the previous
-        block's outputs; then the layers outside every block, in one whole-model pass."""
+        block's outputs. Layers outside every block are pruned in whole-model passes: those the
+        model runs before the first block first, the others last."""
         calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
         self.model_input = _sample_shape(calls[0])
         starts = _check_model_runs(self.model, calls[0], blocks, input_key=self.input_key).starts(capture)
         self.ranks.same("the blocks and where their chain starts", {"blocks": [n for n, _ in blocks], "starts": starts})
         owned = {n: self._owner(n, blocks) for n in self.targets}
+        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
+        # Layers outside every block that run before the first one (Whisper's convolutions) are
+        # pruned first, so the blocks are calibrated on their pruned outputs; the rest last.
+        if rest and blocks[0][1] is not self.model:
+            front = called_before(self.model, blocks[0][1], rest, *calls[0])
+            self.ranks.same("the layers run before the first block", {"front": front})
+            if front:
+                self.process_rest({n: rest.pop(n) for n in front}, calls)
         lookahead = self.refine is not None and "sequential" in self.refine.needs
         inputs = None
         for i, (bname, block) in enumerate(blocks):
@@ -147,10 +156,13 @@ class Job:
                     self.process_block(block, inputs, layers, chain=chain)
                 if i + 1 < len(blocks) and not starts[i + 1]:
                     inputs = propagate(block, inputs)
-        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
-        if rest:  # layers outside every block: the whole model is their block
-            with self.on_device([self.model], list(rest)):
-                self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
+        if rest:
+            self.process_rest(rest, calls)
+
+    def process_rest(self, layers, calls) -> None:
+        """Prune layers outside every block: the whole model is their block."""
+        with self.on_device([self.model], list(layers)):
+            self.process_block(self.model, to_device(calls, self.device), layers, chain=[("", self.model)])
 
     @staticmethod
     def _owner(name: str, blocks) -> int | None:
@@ -291,9 +303,19 @@ def _check_model_runs(model, call, blocks, input_key=None) -> ChainCheck:
                 fix = (f"each batch is a tuple of {len(args)}, called as model(*batch); if the loader yields (inputs, "
                        "labels) pairs, pass input_key=0 to give the model the inputs alone (prune.input_key in a "
                        "recipe, --input-key 0 on the command line; or a function batch -> inputs)")
+            elif _lacks_decoder_inputs(model, kwargs):
+                fix = ("an encoder-decoder model runs its decoder too: give every batch decoder inputs as well, "
+                       "e.g. decoder_input_ids (or labels)")
             raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
                              f"{fix}") from exc
     return check
+
+
+def _lacks_decoder_inputs(model, kwargs: dict) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder called without any decoder input."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return not any(k in kwargs for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels"))
 
 
 @torch.no_grad()
