@@ -119,3 +119,15 @@ def test_batches_without_decoder_inputs_named_before_any_change():
     with pytest.raises(ValueError, match=r"first calibration batch.*decoder_input_ids"):
         pk.prune(model, batches, sparsity=0.5, method="wanda", progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_snows_on_whisper_refits_the_convolutions_before_the_encoder():
+    """A lookahead refine on layers outside every block (Whisper's convolutions, pruned first
+    in a whole-model pass fed keyword-only batches)."""
+    model = tiny_whisper()
+    result = pk.prune(model, encdec_batches(model), sparsity=0.5, method="sparsegpt", refine="snows",
+                      refine_options={"k": 2, "max_cg": 3, "epochs": 1}, progress=False)
+    conv = model.model.encoder.conv1.weight
+    assert float((conv == 0).float().mean()) == 0.5
+    assert [r.name for r in result.layers][:2] == ["model.encoder.conv1", "model.encoder.conv2"]
+    assert result.sparsity == pytest.approx(_zero_fraction_on_tensors(model, HEAD["whisper"]), abs=1e-12)

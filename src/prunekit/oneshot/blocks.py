@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calls import StopForward, module_device, to_device
+from ..calls import StopForward, first_input, module_device, to_device
 
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
@@ -107,13 +107,15 @@ def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
     held on another device (see ``prune(device=...)``) gets its inputs moved there (an
     offloaded one, on the meta device, has accelerate hooks that move them), and a block held
-    in a float32 working copy of a half-precision model gets them in float32."""
-    from ..calls import module_device
+    in a float32 working copy of a half-precision model gets them in float32. The first block
+    may be called with keywords only (a whole model fed mapping batches); the chain's later ones
+    take the previous output first (:mod:`.links`)."""
     from .runtime.placement import as_dtype_of
 
     for block in blocks:
         dev = module_device(block)
-        if dev is not None and dev.type != "meta" and isinstance(args[0], torch.Tensor) and args[0].device != dev:
+        first = first_input((args, kwargs))
+        if dev is not None and dev.type != "meta" and isinstance(first, torch.Tensor) and first.device != dev:
             args, kwargs = to_device(args, dev), to_device(kwargs, dev)
         args, kwargs = as_dtype_of(block, (args, kwargs))
         hidden = first_output(block(*args, **kwargs))
