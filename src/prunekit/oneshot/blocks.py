@@ -1,10 +1,12 @@
 """Blocks: the units one-shot pruning calibrates in order, and how their inputs are captured.
 
 A model is split into an ordered list of blocks (the children of an ``nn.Sequential`` model,
-or the largest ``nn.ModuleList`` of a transformer, or the whole model as one block). Block
-``b`` is fed the inputs that the already-pruned model gives it, captured with a forward
-pre-hook; afterwards its outputs become the next block's first argument (the *chain*), with
-the other arguments (attention mask, position embeddings, ...) passed along unchanged.
+or the largest ``nn.ModuleList`` of a transformer, or the whole model as one block:
+:func:`find_blocks`, what structured pruning uses; one-shot pruning takes every stack's blocks,
+:mod:`.stacks`). Block ``b`` is fed the inputs that the already-pruned model gives it, captured
+with a forward pre-hook; afterwards its outputs become the next block's first argument (the
+*chain*), with the other arguments (attention mask, position embeddings, ...) passed along
+unchanged, where the model itself does so (:mod:`.links` checks where).
 """
 from __future__ import annotations
 
