@@ -47,6 +47,25 @@ def test_stacks_in_call_order_and_the_unused_one_left_out():
     assert names == ["second.0", "second.1", "second.2", "first.0", "first.1"]
 
 
+class Alternating(nn.Module):
+    """Attention and MLP sub-blocks in two lists, run alternately (one chain)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.mlp = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        for a, m in zip(self.attn, self.mlp):
+            x = m(a(x))
+        return x
+
+
+def test_two_lists_run_alternately_interleave():
+    names = [n for n, _ in find_stacks(Alternating(), call=((torch.randn(2, 4),), {}))]
+    assert names == ["attn.0", "mlp.0", "attn.1", "mlp.1"]
+
+
 def test_without_data_the_stacks_in_registration_order():
     names = [n for n, _ in find_stacks(TwoStacks())]
     assert names == ["first.0", "first.1", "second.0", "second.1", "second.2", "spare.0", "spare.1"]

@@ -79,7 +79,8 @@ class ChainCheck:
     def starts(self, capture: str = "chain") -> list[bool]:
         """For each block, whether its inputs must be captured by re-running the model (all
         of them under ``capture="rerun"``). A ValueError names a block the forward never
-        called, or one listed before a block the forward calls earlier."""
+        called, or one listed before a block the forward calls earlier, and says to pass
+        ``blocks=`` in the forward's order."""
         called = set(self.order)
         missing = [name for i, (name, _) in enumerate(self.blocks) if i not in called]
         if missing:
@@ -89,9 +90,9 @@ class ChainCheck:
         for pos, i in enumerate(self.order):
             if pos != i:
                 names = [self.blocks[j][0] for j in self.order]
-                raise ValueError(f"blocks= lists {self.blocks[pos][0]!r} before {self.blocks[i][0]!r}, but the "
-                                 f"model's forward calls {self.blocks[i][0]!r} first; pass the blocks in the order "
-                                 f"the forward calls them: {_preview(names)}")
+                raise ValueError(f"the blocks to calibrate list {self.blocks[pos][0]!r} before {self.blocks[i][0]!r}, "
+                                 f"but the model's forward calls {self.blocks[i][0]!r} first; pass blocks= in the "
+                                 f"order the forward calls them: {_preview(names)}")
         return [capture == "rerun" or i == 0 or not self.linked[i] for i in range(len(self.blocks))]
 
 

@@ -4,11 +4,12 @@ A *stack* is an outermost ``nn.ModuleList`` of two or more modules, at least one
 a prunable layer (T5's ``encoder.block`` and ``decoder.block``; Whisper's and Bart's
 ``model.encoder.layers`` and ``model.decoder.layers``; a decoder-only LLM's one ``layers``).
 Lists inside a stack (T5's ``block.0.layer``, a mixture of experts' ``experts``) are parts of
-its blocks, and lists of embeddings hold no prunable layer. The stacks are ordered by one
-hooked forward of a calibration batch, as the model calls them (an encoder before the decoder
-it feeds), and a stack that forward never enters is left out: its layers are pruned in the
-whole-model pass with the other layers outside every block. Without a batch (magnitude, no
-data) the stacks are taken in the order they are registered. An ``nn.Sequential`` model is a
+its blocks, and lists of embeddings hold no prunable layer. With two stacks or more, the
+blocks are ordered by one hooked forward of a calibration batch, as the model first calls each
+(an encoder's before the decoder's it feeds; two lists a forward alternates between,
+interleaved), and a block that forward never calls is left out: its layers are pruned in the
+whole-model pass with the other layers outside every block. One stack, or no batch (magnitude,
+no data): the blocks in the order they are registered. An ``nn.Sequential`` model is a
 chain of its children, and a model with no stack falls back to :func:`.blocks.find_blocks`.
 
 There is no table of model classes: the rule reads structure and one forward only. Where one
@@ -38,7 +39,7 @@ def find_stacks(model: nn.Module, names: Sequence[str] | None = None,
     if not stacks:
         return find_blocks(model)
     if len(stacks) > 1 and call is not None:
-        stacks = _in_call_order(model, stacks, call)
+        return _in_call_order(model, stacks, call)
     return [(f"{name}.{i}", block) for name, stack in stacks for i, block in enumerate(stack)]
 
 
@@ -59,28 +60,29 @@ def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 @torch.no_grad()
 def _in_call_order(model: nn.Module, stacks: list[tuple[str, nn.ModuleList]],
-                   call: tuple[tuple, dict]) -> list[tuple[str, nn.ModuleList]]:
-    """``stacks`` ordered by when one forward of ``call`` first enters each, those it never
-    enters left out (all of them, in registration order, when the forward fails or enters
+                   call: tuple[tuple, dict]) -> list[tuple[str, nn.Module]]:
+    """The blocks of ``stacks`` ordered by their first call in one forward of ``call``, those it
+    never calls left out (all of them, in registration order, when the forward fails or calls
     none: the pipeline's own check then reports data that does not fit)."""
-    entered: list[int] = []
+    blocks = [(f"{name}.{i}", block) for name, stack in stacks for i, block in enumerate(stack)]
+    called: list[int] = []
 
     def hook(index: int):
         def pre(_module, _args):
-            if index not in entered:
-                entered.append(index)
-                if len(entered) == len(stacks):
+            if index not in called:
+                called.append(index)
+                if len(called) == len(blocks):
                     raise StopForward
         return pre
 
-    handles = [block.register_forward_pre_hook(hook(i)) for i, (_, stack) in enumerate(stacks) for block in stack]
+    handles = [block.register_forward_pre_hook(hook(i)) for i, (_, block) in enumerate(blocks)]
     try:
         run_model(model, *call)
     except StopForward:
         pass
     except Exception:
-        return stacks
+        return blocks
     finally:
         for h in handles:
             h.remove()
-    return [stacks[i] for i in entered] if entered else stacks
+    return [blocks[i] for i in called] if called else blocks
