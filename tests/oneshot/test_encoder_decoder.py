@@ -106,7 +106,8 @@ def test_chain_across_both_stacks_equals_rerun(name):
 def test_blocks_out_of_order_refused_before_any_change():
     model = tiny_t5()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"list 'decoder\.block\.0' before 'encoder\.block\.0'.*blocks= in the order the forward calls them"):
+    with pytest.raises(ValueError, match=r"list 'decoder\.block\.0' before 'encoder\.block\.0'.*"
+                                         r"blocks= in the order the forward calls them"):
         pk.prune(model, encdec_batches(model), sparsity=0.5, method="wanda",
                  blocks=["decoder.block.0", "encoder.block.0"], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
