@@ -122,6 +122,7 @@ def test_batches_without_decoder_inputs_named_before_any_change():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow  # 1.4-4.3 s on the shared 2-core machine
 def test_snows_on_whisper_refits_the_convolutions_before_the_encoder():
     """A lookahead refine on layers outside every block (Whisper's convolutions, pruned first
     in a whole-model pass fed keyword-only batches)."""
