@@ -65,3 +65,30 @@ def test_shared_input_groups_on_a_decoder_layer():
     assert once
     assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+class Keywords(nn.Module):
+    """A model called with keywords only, as a mapping batch calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, *, features):
+        return self.lin(features) * 2
+
+
+def test_run_chain_takes_a_keyword_only_first_block():
+    from prunekit.oneshot.blocks import run_chain
+
+    model, x = Keywords(), torch.randn(3, 4)
+    assert torch.equal(run_chain([model], (), {"features": x}), model(features=x))
+
+
+def test_called_before_names_the_layers_run_before_a_block():
+    from prunekit.oneshot.blocks import called_before
+
+    model = Stack()
+    layers = {"head": model.head, "inp": model.inp}
+    assert called_before(model, model.layers[0], layers, (torch.randn(2, 4),), {}) == ["inp"]
+    assert called_before(model, model.head, layers, (torch.randn(2, 4),), {}) == ["inp"]

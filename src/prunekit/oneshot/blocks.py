@@ -1,10 +1,12 @@
 """Blocks: the units one-shot pruning calibrates in order, and how their inputs are captured.
 
 A model is split into an ordered list of blocks (the children of an ``nn.Sequential`` model,
-or the largest ``nn.ModuleList`` of a transformer, or the whole model as one block). Block
-``b`` is fed the inputs that the already-pruned model gives it, captured with a forward
-pre-hook; afterwards its outputs become the next block's first argument (the *chain*), with
-the other arguments (attention mask, position embeddings, ...) passed along unchanged.
+or the largest ``nn.ModuleList`` of a transformer, or the whole model as one block:
+:func:`find_blocks`, what structured pruning uses; one-shot pruning takes every stack's blocks,
+:mod:`.stacks`). Block ``b`` is fed the inputs that the already-pruned model gives it, captured
+with a forward pre-hook; afterwards its outputs become the next block's first argument (the
+*chain*), with the other arguments (attention mask, position embeddings, ...) passed along
+unchanged, where the model itself does so (:mod:`.links` checks where).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calls import StopForward, forward_until, module_device, to_device  # noqa: F401 - forward_until: used through blocks by prune()
+from ..calls import StopForward, first_input, module_device, to_device
 
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_params")
@@ -51,6 +53,14 @@ def find_blocks(model: nn.Module, names: Sequence[str] | None = None) -> list[tu
     return [("", model)]
 
 
+def run_model(model: nn.Module, args: tuple, kwargs: dict):
+    """``model(*args, **kwargs)`` with ``use_cache=False`` where its forward takes it, so no
+    key/value cache is built while calibrating."""
+    if _accepts(model, "use_cache") or "use_cache" in kwargs:
+        kwargs = {**kwargs, "use_cache": False}
+    return model(*args, **kwargs)
+
+
 def first_output(out):
     """The hidden state of a block's output (first element of a tuple/list)."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -72,11 +82,10 @@ def capture_inputs(model: nn.Module, block: nn.Module, calls: list[tuple[tuple, 
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    no_cache = _accepts(model, "use_cache")
     try:
         for args, kwargs in tqdm(calls, desc="calibrate", unit="batch", disable=not progress, leave=False):
             try:
-                model(*args, **({**kwargs, "use_cache": False} if no_cache or "use_cache" in kwargs else kwargs))
+                run_model(model, args, kwargs)
             except StopForward:
                 pass
     finally:
@@ -100,13 +109,15 @@ def run_chain(blocks: Sequence[nn.Module], args: tuple, kwargs: dict):
     """Feed ``args``/``kwargs`` through ``blocks`` in order (until a hook stops it); a block
     held on another device (see ``prune(device=...)``) gets its inputs moved there (an
     offloaded one, on the meta device, has accelerate hooks that move them), and a block held
-    in a float32 working copy of a half-precision model gets them in float32."""
-    from ..calls import module_device
+    in a float32 working copy of a half-precision model gets them in float32. The first block
+    may be called with keywords only (a whole model fed mapping batches); the chain's later ones
+    take the previous output first (:mod:`.links`)."""
     from .runtime.placement import as_dtype_of
 
     for block in blocks:
         dev = module_device(block)
-        if dev is not None and dev.type != "meta" and isinstance(args[0], torch.Tensor) and args[0].device != dev:
+        first = first_input((args, kwargs))
+        if dev is not None and dev.type != "meta" and isinstance(first, torch.Tensor) and first.device != dev:
             args, kwargs = to_device(args, dev), to_device(kwargs, dev)
         args, kwargs = as_dtype_of(block, (args, kwargs))
         hidden = first_output(block(*args, **kwargs))
@@ -126,6 +137,29 @@ def execution_order(block: nn.Module, layers: dict[str, nn.Module], args: tuple,
         for h in handles:
             h.remove()
     return order, [n for n in layers if n not in order]
+
+
+@torch.no_grad()
+def called_before(model: nn.Module, block: nn.Module, layers: dict[str, nn.Module], args: tuple,
+                  kwargs: dict) -> list[str]:
+    """Names of ``layers`` that ``model`` runs on one input before it reaches ``block`` (its
+    front: an audio encoder's convolutions, a patch embedding), in the order it runs them."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+               for n, m in layers.items()]
+
+    def stop(*_):
+        raise StopForward
+
+    handles.append(block.register_forward_pre_hook(stop))
+    try:
+        run_model(model, args, kwargs)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return order
 
 
 @torch.no_grad()

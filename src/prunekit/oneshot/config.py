@@ -72,9 +72,11 @@ class PruneConfig:
                                  "parameter no layer kind handles) instead of leaving it dense and listed")
     # -- calibration -------------------------------------------------------------------------
     blocks: Sequence[str] | None = option(
-        None, "module names calibrated in order (default: detected)", metavar="NAME")
+        None, "module names calibrated in order, as the forward calls them (default: every stack's blocks, an "
+              "encoder's before its decoder's)", metavar="NAME")
     capture: str = option(
-        "chain", "'chain' feeds each block the previous one's outputs; 'rerun' re-runs the model up to each block",
+        "chain", "'chain' feeds each block the previous one's outputs where the model does, and re-runs the model "
+                 "up to any other block (a decoder's first); 'rerun' re-runs the model up to each block",
         choices=CAPTURES)
     sequential: bool = option(
         False, "recompute statistics after every layer inside a block (always on for refines fitting the dense target)")

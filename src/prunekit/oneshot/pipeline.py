@@ -19,15 +19,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calls import first_input, to_device
+from ..calls import StopForward, first_input, to_device
 from ..layers.base import LayerKind, kind_of, unit_name
 from ..layers.routers import ROUTER_REASON, is_listed_expert
 from ..layers.targets import HEAD_REASON
 from . import registry
 from .batchnorm import recalibrate_batchnorm
-from .blocks import capture_inputs, execution_order, find_blocks, forward_until, propagate, shared_input_groups
+from .blocks import called_before, capture_inputs, execution_order, propagate, run_model, shared_input_groups
 from .coverage import count_zeros
 from .dead import dead_columns, keep_dead_dense
+from .links import ChainCheck
 from .plan import Plan, first_batch
 from .registry import LayerContext, LayerProblem, Update
 from .result import LayerReport, PruneResult
@@ -67,7 +68,7 @@ def run(model: nn.Module, plan: Plan) -> PruneResult:
         with RestorePoint(plan.storage.write) as job.saved:
             if plan.needs_data:
                 with exact_float32(plan.device):
-                    job.run_calibrated(plan.calls, c.blocks, c.capture)
+                    job.run_calibrated(plan.calls, plan.blocks, c.capture)
             else:
                 for key in plan.units:
                     name = plan.units[key][0]
@@ -126,29 +127,47 @@ class Job:
         return to_block_device(modules, self.device, self.home)
 
     # -- block loop -------------------------------------------------------------------------
-    def run_calibrated(self, calls, block_names, capture) -> None:
-        blocks = find_blocks(self.model, block_names)
+    def run_calibrated(self, calls, blocks, capture) -> None:
+        """Prune the targets block by block, each fed by the blocks pruned before it: captured
+        by re-running the model at every start of a chain (:mod:`.links`), else the previous
+        block's outputs. Layers outside every block are pruned in whole-model passes: those the
+        model runs before the first block first, the others last."""
         calls = to_device(calls, self.home)  # the model's own front (embeddings) runs where it is
         self.model_input = _sample_shape(calls[0])
-        _check_model_runs(self.model, calls[0], last_block=blocks[-1][1], input_key=self.input_key)
+        starts = _check_model_runs(self.model, calls[0], blocks, input_key=self.input_key).starts(capture)
+        self.ranks.same("the blocks and where their chain starts", {"blocks": [n for n, _ in blocks], "starts": starts})
         owned = {n: self._owner(n, blocks) for n in self.targets}
+        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
+        # Layers outside every block that run before the first one (Whisper's convolutions) are
+        # pruned first, so the blocks are calibrated on their pruned outputs; the rest last.
+        if rest and blocks[0][1] is not self.model:
+            front = called_before(self.model, blocks[0][1], rest, *calls[0])
+            self.ranks.same("the layers run before the first block", {"front": front})
+            if front:
+                self.process_rest({n: rest.pop(n) for n in front}, calls)
         lookahead = self.refine is not None and "sequential" in self.refine.needs
         inputs = None
         for i, (bname, block) in enumerate(blocks):
             layers = {n: self.targets[n] for n in self.targets if owned[n] == i}
-            if inputs is None or capture == "rerun":
+            if starts[i]:
+                inputs = None  # freed before the next ones are captured
                 inputs = to_device(capture_inputs(self.model, block, calls, progress=self.show_progress), self.device)
-            # A lookahead refine (SNOWS) reads on into the next block: it comes along to the device.
-            ahead = [m for _, m in blocks[i + 1:i + 2]] if lookahead and layers else []
+            # The blocks the chain feeds from here on: a lookahead refine (SNOWS) reads on into the
+            # next one, which comes along to the device.
+            chain = blocks[i:next((j for j in range(i + 1, len(blocks)) if starts[j]), len(blocks))]
+            ahead = [m for _, m in chain[1:2]] if lookahead and layers else []
             with self.on_device([block, *ahead], list(layers)):
                 if layers:
-                    self.process_block(block, inputs, layers, chain=blocks[i:])
-                if i + 1 < len(blocks) and capture == "chain":
+                    self.process_block(block, inputs, layers, chain=chain)
+                if i + 1 < len(blocks) and not starts[i + 1]:
                     inputs = propagate(block, inputs)
-        rest = {n: self.targets[n] for n in self.targets if owned[n] is None}
-        if rest:  # layers outside every block: the whole model is their block
-            with self.on_device([self.model], list(rest)):
-                self.process_block(self.model, to_device(calls, self.device), rest, chain=[("", self.model)])
+        if rest:
+            self.process_rest(rest, calls)
+
+    def process_rest(self, layers, calls) -> None:
+        """Prune layers outside every block: the whole model is their block."""
+        with self.on_device([self.model], list(layers)):
+            self.process_block(self.model, to_device(calls, self.device), layers, chain=[("", self.model)])
 
     @staticmethod
     def _owner(name: str, blocks) -> int | None:
@@ -285,22 +304,37 @@ def _stages(layers: dict[str, nn.Module], group: list[str]) -> list[dict[str, tu
 
 
 @torch.no_grad()
-def _check_model_runs(model, call, last_block=None, input_key=None) -> None:
+def _check_model_runs(model, call, blocks, input_key=None) -> ChainCheck:
     """One forward on the first batch, up to the last calibrated block, so data that does not
-    fit fails early and clearly (without computing an LM head's logits). A tuple batch the
+    fit fails early and clearly (without computing an LM head's logits), which also checks the
+    blocks and finds where their chain holds (:class:`.links.ChainCheck`). A tuple batch the
     model takes too many positional arguments of is most likely ``(inputs, labels)``: the
     error then names ``input_key``."""
     args, kwargs = call
-    try:
-        forward_until(model, last_block, args, kwargs)
-    except Exception as exc:
-        fix = "check that the batches match the model's inputs"
-        if isinstance(exc, TypeError) and "positional argument" in str(exc) and len(args) > 1 and input_key is None:
-            fix = (f"each batch is a tuple of {len(args)}, called as model(*batch); if the loader yields (inputs, "
-                   "labels) pairs, pass input_key=0 to give the model the inputs alone (prune.input_key in a "
-                   "recipe, --input-key 0 on the command line; or a function batch -> inputs)")
-        raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
-                         f"{fix}") from exc
+    with ChainCheck(blocks) as check:
+        try:
+            run_model(model, args, kwargs)
+        except StopForward:
+            pass
+        except Exception as exc:
+            fix = "check that the batches match the model's inputs"
+            if isinstance(exc, TypeError) and "positional argument" in str(exc) and len(args) > 1 and input_key is None:
+                fix = (f"each batch is a tuple of {len(args)}, called as model(*batch); if the loader yields (inputs, "
+                       "labels) pairs, pass input_key=0 to give the model the inputs alone (prune.input_key in a "
+                       "recipe, --input-key 0 on the command line; or a function batch -> inputs)")
+            elif _lacks_decoder_inputs(model, kwargs):
+                fix = ("an encoder-decoder model runs its decoder too: give every batch decoder inputs as well, "
+                       "e.g. decoder_input_ids (or labels)")
+            raise ValueError(f"the model failed on the first calibration batch ({type(exc).__name__}: {exc}); "
+                             f"{fix}") from exc
+    return check
+
+
+def _lacks_decoder_inputs(model, kwargs: dict) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder called without any decoder input."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return not any(k in kwargs for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels"))
 
 
 @torch.no_grad()

@@ -22,13 +22,13 @@ from ..layers.routers import is_listed_expert
 from ..layers.targets import check_plain_weights, forward_order, prunable
 from ..sparsity.allocation import allocate
 from ..sparsity.patterns import NM
-from .blocks import find_blocks
 from .calibration import InputKey, collect_batches, pick_input
 from .coverage import find_gaps
 from .config import Checked, PruneConfig
 from .runtime.offload import Storage, home_device
 from .runtime.placement import execution_device, stats_precision
 from .runtime.ranks import Ranks, fingerprint, shard
+from .stacks import find_stacks
 from .solvers.selection import magnitude_scores
 
 
@@ -39,7 +39,8 @@ class Plan:
     each ``[d_out, d_in]`` matrix is a layer of its own), each unit's sparsity, the layers left
     dense and why, where the work runs and in which precision. ``storage`` holds every target's
     parameters, those left dense included; ``gaps`` the other weights expected pruned, which no
-    layer kind handles (:mod:`.coverage`)."""
+    layer kind handles (:mod:`.coverage`); ``blocks`` the modules calibrated in order
+    (:mod:`.stacks`)."""
 
     config: PruneConfig
     steps: Checked
@@ -54,6 +55,7 @@ class Plan:
     dtype: torch.dtype
     ranks: Ranks
     gaps: dict[str, str]
+    blocks: list[tuple[str, nn.Module]]
 
     @property
     def needs_data(self) -> bool:
@@ -85,11 +87,12 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
     dtype = stats_precision(c.stats_dtype, _widest_dtype(targets))
     storage = Storage(model, targets)
     _check_weights(targets, storage)
-    gaps = find_gaps(model, find_blocks(model, c.blocks), c.include, c.exclude)
+    blocks = find_stacks(model, c.blocks, to_device(calls[0], home) if calls else None)
+    gaps = find_gaps(model, blocks, c.include, c.exclude)
     if c.strict:
         _refuse_gaps(model, targets, gaps, calls)
         if needs_data:
-            _refuse_idle_units(model, targets, to_device(calls, home), find_blocks(model, c.blocks))
+            _refuse_idle_units(model, targets, to_device(calls, home), blocks)
     skipped = {**found.skipped, **_skip_misfits(targets, pattern, c.strict), **gaps}
     if not targets:
         raise ValueError(f"no layer fits pattern {pattern}: {skipped}")
@@ -121,7 +124,7 @@ def make_plan(model: nn.Module, calibration: Iterable[Any] | None, config: Prune
                     batches_before_sharding=n_calls if c.shard_calibration else None, skipped=skipped, exact=c.exact,
                     recalibrate_bn=c.recalibrate_bn)
         ranks.same("the arguments or the model", fingerprint(args, targets, budgets))
-    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks, gaps)
+    return Plan(c, steps, calls, targets, units, budgets, skipped, storage, home, device, dtype, ranks, gaps, blocks)
 
 
 def _widest_dtype(targets: dict[str, nn.Module]) -> torch.dtype:
