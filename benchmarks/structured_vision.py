@@ -319,7 +319,9 @@ def write_md(state: dict, out: str) -> None:
                          f"x{v['b64']['speedup']:.2f} | {v['load'][0]:.1f} |")
     skipped = state.get("skipped", {})
     if skipped:
-        lines += ["", "## Skipped (refused by the installed `prune_channels`)", ""]
+        lines += ["", "## Skipped (refused by the `prune_channels` of the run that tried it)", "",
+                  "Each refusal is the one the last run of that model and refine recorded; a later prunekit may "
+                  "accept it (a rerun of that model and refine retries and restates it).", ""]
         lines += [f"- `{k}`: {v}" for k, v in skipped.items()]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
