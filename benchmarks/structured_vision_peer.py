@@ -15,7 +15,9 @@ model are then fine-tuned with each recipe of ``RECIPES`` (``_vision_common.fine
 lr 0.01 recipe and the gentle lr 0.001 one; the driver hands both to the peer on its command line,
 so both tools get the same recipes, batches and order) and scored again. Rows are written to
 ``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they finish, with the issue's
-goals marked met or missed (one fine-tune verdict per recipe).
+goals marked met or missed (one fine-tune verdict per recipe). ``--add-matched --models vit`` keeps
+every row there and adds prunekit's rows at the FLOPs fraction (shared hooks count) that each
+compared torch-pruning model removed, with an equal-FLOPs verdict (``report.MATCHED_RULE``).
 """
 from __future__ import annotations
 
