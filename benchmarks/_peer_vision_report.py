@@ -81,7 +81,10 @@ def table(rows: list[dict]) -> str:
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(labels) + "---:|"]
     for (model, target, tool, imp, config), group in grouped(rows).items():
         s = summary(group)
-        head = f"| {model} | {100 * target:.0f}% | {tool} | {imp} | {config or '-'} |"
+        matched = group[0].get("matched")
+        imp += f", matched to {matched['peer']} at the {100 * matched['target']:.0f}% target" if matched else ""
+        head = f"| {model} | {100 * target:.1f}% | {tool} | {imp} | {config or '-'} |" if matched else \
+            f"| {model} | {100 * target:.0f}% | {tool} | {imp} | {config or '-'} |"
         if s["error"]:
             lines.append(f"{head} - | - | - | - | refused: {s['error']} | " + "- | " * len(labels) + "- |")
             continue
@@ -150,5 +153,66 @@ def goals_markdown(rows: list[dict]) -> str:
         parts = [f"after fine-tune {label} {mark(f['met'])}: prunekit {_fmt(f['prunekit'])}% vs "
                  f"{_fmt(f['peer_best'])}% ({f['peer_best_by'] or '-'}, {_pct(f.get('peer_best_removed'))} removed)"
                  for label, f in g["finetuned"].items()]
+        lines.append("; ".join([head] + parts) + ".")
+    return "\n".join(lines)
+
+
+#: The equal-FLOPs verdict rule, fixed before the matched rows were measured (the .md quotes it).
+MATCHED_RULE = (
+    "prunekit is asked for exactly the FLOPs fraction (shared hooks count) that each compared "
+    "torch-pruning model removed at the {t:.0f}% target (`flops=f_tp`, a floor: it removes at least "
+    "f_tp); with the same calibration seeds and fine-tunes, the goals are judged as at the target: "
+    "one-shot, prunekit's `l2+lstsq` median beats torch-pruning's best one-shot median by >= {m:.0f} "
+    "points; after each recipe, prunekit's `l2+lstsq` (seed 0) is >= torch-pruning's best after that "
+    "recipe (ties count as met). Each verdict uses the prunekit rows matched to the very torch-pruning "
+    "model it is compared with; the verdicts at the target above stay as they are."
+).format(t=100 * GOAL_TARGET, m=GOAL_MARGIN)
+
+
+def matched_goals(rows: list[dict], margin: float = GOAL_MARGIN) -> list[dict]:
+    """Per model with matched rows (``row["matched"]``), the goals of :func:`goals` with prunekit's
+    ``l2+lstsq`` at the FLOPs fraction each compared torch-pruning model removed (MATCHED_RULE)."""
+    out = []
+    for g in goals(rows, target=GOAL_TARGET, margin=margin):
+        mine = [r for r in rows if r.get("matched") and r["model"] == g["model"] and r["importance"] == PRUNEKIT_MAIN
+                and r["matched"]["target"] == g["target"]]
+        if not mine:
+            continue
+
+        def at(removed):  # prunekit's matched rows asked for the fraction that peer model removed
+            group = [r for r in mine if removed is not None and abs(r["matched"]["peer_removed_hooks"] - removed) < 1e-12]
+            return summary(group) if group else None
+
+        one = at(g["peer_best_oneshot_removed"])
+        row = {"model": g["model"], "target": g["target"], "peer_best_oneshot": g["peer_best_oneshot"],
+               "peer_best_oneshot_by": g["peer_best_oneshot_by"], "peer_removed": g["peer_best_oneshot_removed"],
+               "prunekit_removed": one and one.get("removed_hooks"), "prunekit_oneshot": one and one.get("oneshot"),
+               "finetuned": {}}
+        row["margin"] = None if one is None or one["error"] else one["oneshot"] - g["peer_best_oneshot"]
+        row["oneshot_met"] = row["margin"] is not None and row["margin"] >= margin
+        for label, f in g["finetuned"].items():
+            s = at(f["peer_best_removed"])
+            acc = None if s is None or s["error"] else s["finetuned"].get(label)
+            row["finetuned"][label] = {"prunekit": acc, "prunekit_removed": s and s.get("removed_hooks"),
+                                       "peer_best": f["peer_best"], "peer_best_by": f["peer_best_by"],
+                                       "peer_best_removed": f["peer_best_removed"],
+                                       "met": acc is not None and f["peer_best"] is not None and acc >= f["peer_best"]}
+        out.append(row)
+    return out
+
+
+def matched_goals_markdown(rows: list[dict]) -> str:
+    """:func:`matched_goals` as a markdown list, each marked met or missed with the numbers and the
+    FLOPs each compared model removed (shared hooks count)."""
+    mark = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
+    lines = []
+    for g in matched_goals(rows):
+        head = (f"- {g['model']}, at torch-pruning's {_pct(g['peer_removed'])}: one-shot {mark(g['oneshot_met'])}: "
+                f"prunekit {_fmt(g['prunekit_oneshot'])}% ({_pct(g['prunekit_removed'])} removed) vs "
+                f"{g['peer_best_oneshot']:.2f}% ({g['peer_best_oneshot_by']}, {_pct(g['peer_removed'])} removed), "
+                f"margin {_fmt(g['margin'], '+.2f')} points (goal >= +{GOAL_MARGIN:.0f})")
+        parts = [f"after fine-tune {label} {mark(f['met'])}: prunekit {_fmt(f['prunekit'])}% "
+                 f"({_pct(f['prunekit_removed'])} removed) vs {_fmt(f['peer_best'])}% ({f['peer_best_by'] or '-'}, "
+                 f"{_pct(f['peer_best_removed'])} removed)" for label, f in g["finetuned"].items()]
         lines.append("; ".join([head] + parts) + ".")
     return "\n".join(lines)

@@ -82,12 +82,21 @@ def load(path: str) -> dict:
     return {}
 
 
+def restated(key: str, meta: dict) -> bool:
+    """True if the refusal ``key`` (``model``, ``model|score|refine`` or ``model|flops|score|refine|seed``)
+    falls in the run ``meta`` describes (its models and refines), which states its refusals afresh."""
+    parts = key.split("|")
+    refine = parts[-2] if len(parts) == 5 else parts[-1]
+    return parts[0] in meta.get("models", []) and (len(parts) == 1 or refine in meta.get("refines", []))
+
+
 def save(state: dict, path: str) -> None:
     """Write ``state`` merged with what is on disk (under a lock), so that runs of different
     models can fill one file side by side; returns nothing, ``state`` becomes the merged one."""
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         disk = load(path)
+        disk["skipped"] = {k: v for k, v in disk.get("skipped", {}).items() if not restated(k, state.get("meta", {}))}
         for part in ("rows", "dense", "latency", "skipped"):
             state[part] = {**disk.get(part, {}), **state.get(part, {})}
         mine = {r["started"] + r["command"] for r in state.get("runs", [])}
@@ -151,7 +160,8 @@ def main() -> None:
     state["meta"] = {"command": command, "threads": torch.get_num_threads(), "load_start": os.getloadavg(),
                      "calibration": args.calibration, "test": args.test, "finetune": vars(args.finetune),
                      "finetune_text": args.finetune.describe(), "repeats": args.repeats, "latency_threads": args.latency_threads, "torch": torch.__version__,
-                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": args.models.split(","),
+                     "refines": [str(None if r == "none" else r) for r in args.refines.split(",")]}
     models = args.models.split(",")
     scores = args.scores.split(",")
     refines = [None if r == "none" else r for r in args.refines.split(",")]
@@ -309,7 +319,9 @@ def write_md(state: dict, out: str) -> None:
                          f"x{v['b64']['speedup']:.2f} | {v['load'][0]:.1f} |")
     skipped = state.get("skipped", {})
     if skipped:
-        lines += ["", "## Skipped (refused by the installed `prune_channels`)", ""]
+        lines += ["", "## Skipped (refused by the `prune_channels` of the run that tried it)", "",
+                  "Each refusal is the one the last run of that model and refine recorded; a later prunekit may "
+                  "accept it (a rerun of that model and refine retries and restates it).", ""]
         lines += [f"- `{k}`: {v}" for k, v in skipped.items()]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -15,7 +15,9 @@ model are then fine-tuned with each recipe of ``RECIPES`` (``_vision_common.fine
 lr 0.01 recipe and the gentle lr 0.001 one; the driver hands both to the peer on its command line,
 so both tools get the same recipes, batches and order) and scored again. Rows are written to
 ``benchmarks/results/structured_vision_peer.json`` and ``.md`` as they finish, with the issue's
-goals marked met or missed (one fine-tune verdict per recipe).
+goals marked met or missed (one fine-tune verdict per recipe). ``--add-matched --models vit`` keeps
+every row there and adds prunekit's rows at the FLOPs fraction (shared hooks count) that each
+compared torch-pruning model removed, with an equal-FLOPs verdict (``report.MATCHED_RULE``).
 """
 from __future__ import annotations
 
@@ -111,6 +113,51 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
     return rows
 
 
+def matched_fractions(rows: list[dict], model: str) -> dict[float, str]:
+    """The FLOPs fractions (shared hooks count) that the torch-pruning models compared at the goal's
+    target removed, each with the compared set-ups that removed it (one-shot best, best per recipe)."""
+    out: dict[float, list[str]] = {}
+    for g in report.goals(rows):
+        if g["model"] != model:
+            continue
+        pairs = [(g["peer_best_oneshot_removed"], g["peer_best_oneshot_by"])]
+        pairs += [(f["peer_best_removed"], f["peer_best_by"]) for f in g["finetuned"].values() if f["peer_best_by"]]
+        for removed, by in pairs:
+            out.setdefault(removed, [])
+            if by not in out[removed]:
+                out[removed].append(by)
+    return {f: ", ".join(by) for f, by in out.items() if f is not None}
+
+
+def add_matched(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
+    """Append to ``args.out`` prunekit's rows at the FLOPs fraction each compared torch-pruning model
+    removed (``report.MATCHED_RULE``), for ``args.models``; every row already there is kept."""
+    with open(args.out) as f:
+        old = json.load(f)
+    start = {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+             "threads": args.threads, "loadavg_start": os.getloadavg(), "rule": report.MATCHED_RULE}
+    rows = old["rows"]
+    for name in args.models.split(","):
+        dense = trained(name)
+        md5 = hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()
+        if md5 != old["dense"][name]["cache_md5"]:
+            raise SystemExit(f"{name}: the cached dense model differs from the one the rows were measured on")
+        io.write_inputs(work, name, dense, seeds)
+        test = io.read_tensors(work, "test")
+        rows = [r for r in rows if not (r.get("matched") and r["model"] == name)]  # a rerun replaces them
+        for fraction, by in matched_fractions(rows, name).items():
+            new = prunekit_rows(name, dense, fraction, seeds, ft_seeds, work, test)
+            for r in new:
+                r["matched"] = {"target": report.GOAL_TARGET, "peer": by, "peer_removed_hooks": fraction}
+            last = max(i for i, r in enumerate(rows) if r["model"] == name and r["tool"] == "prunekit")
+            rows = rows[:last + 1] + new + rows[last + 1:]
+            old["meta"]["matched_runs"] = [m for m in old["meta"].get("matched_runs", []) if m["command"] != start["command"]]
+            old["meta"]["matched_runs"].append({**start, "loadavg_end": os.getloadavg(),
+                                                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+            old["rows"] = rows
+            write(args.out, old["meta"], old["dense"], rows, keep_end=True)
+
+
 def recipes_meta() -> list[dict]:
     """The fine-tune recipes as the results record them: fields, label and description."""
     return [{**dataclasses.asdict(r), "label": r.label, "describe": r.describe()} for r in RECIPES]
@@ -124,6 +171,20 @@ def attach_counts(rows: list[dict], counts: list[dict], dense_tp: dict[str, floa
             r["macs_removed_tp"] = 1 - by_file[r["pickle"]] / dense_tp[r["model"]]
 
 
+def matched_md(rows: list[dict]) -> str:
+    """The equal-FLOPs goals section of the .md (empty without matched rows)."""
+    if not any(r.get("matched") for r in rows):
+        return ""
+    return f"""
+## Goals at equal FLOPs
+
+Where torch-pruning's compared model removed less than the target, prunekit is run again at the
+fraction that model removed. The rule, fixed before these rows were measured: {report.MATCHED_RULE}
+
+{report.matched_goals_markdown(rows) or '- not measured yet'}
+"""
+
+
 def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = False) -> None:
     """Rewrite the JSON and markdown results from everything measured so far (``keep_end``:
     re-rendering a finished run, whose end load and time stay as they were)."""
@@ -131,12 +192,18 @@ def write(out: str, meta: dict, dense: dict, rows: list[dict], keep_end: bool = 
         meta = {**meta, "loadavg_end": os.getloadavg(),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     with open(out, "w") as f:
-        json.dump({"meta": meta, "dense": dense, "rows": rows, "goals": report.goals(rows)}, f, indent=1)
+        json.dump({"meta": meta, "dense": dense, "rows": rows, "goals": report.goals(rows),
+                   "matched_goals": report.matched_goals(rows)}, f, indent=1)
     earlier = "".join(
         f"\n\nRows of {', '.join(run.get('models', []))} come from an earlier run of the same script: `{run['command']}` "
         f"({run.get('threads')} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
         f"{run['loadavg_end'][0]:.1f} at the end, finished {run.get('finished')})." for run in meta.get("earlier_runs", []))
     earlier += "".join(f"\n\nNote: {note}" for note in meta.get("notes", []))
+    earlier += "".join(
+        f"\n\nThe rows matched to torch-pruning's FLOPs (a `matched to` note in the importance column) come from "
+        f"`{run['command']}` ({run['threads']} threads, load average {run['loadavg_start'][0]:.1f} at the start, "
+        f"{run['loadavg_end'][0]:.1f} at the end, finished {run['finished']}), which kept every other row as it was."
+        for run in meta.get("matched_runs", []))
     labels = [r["label"] for r in meta["finetune_recipes"]]
     dense_lines = "\n".join(
         f"| {n} | `{d['tag']}` | {d['description']} | {d['accuracy']:.2f} | "
@@ -203,7 +270,7 @@ model, and after the same fine-tune it is at least as accurate (one verdict per 
 aims at the target by its own count, the columns above say what each removed):
 
 {report.goals_markdown(rows) or '- not measured yet'}
-"""
+{matched_md(rows)}"""
     with open(out[:-5] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
         f.write(md)
 
@@ -222,7 +289,17 @@ def main() -> None:
                         help="keep the rows of models not in --models from an earlier run in --out")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON in --out")
     parser.add_argument("--note", action="append", default=[], help="with --render: a note to add to the results")
+    parser.add_argument("--add-matched", action="store_true",
+                        help="keep every row in --out and add prunekit's rows of --models at the FLOPs each "
+                             "compared torch-pruning model removed (same seeds as those rows)")
     args = parser.parse_args()
+    if args.add_matched:
+        with open(args.out) as f:
+            meta = json.load(f)["meta"]
+        torch.set_num_threads(args.threads)
+        add_matched(args, meta["seeds"], set(meta["finetune_seeds"]),
+                    args.work or tempfile.mkdtemp(prefix="vision_peer_"))
+        return
     if args.render:
         with open(args.out) as f:
             old = json.load(f)

@@ -51,3 +51,21 @@ def test_older_rows_with_one_fine_tune_still_read():
     old = {**row("prunekit", "l2+lstsq", 0, 90.0), "finetuned_acc": 95.0}
     del old["finetuned"]
     assert report.fine_tuned(old) == {"fine-tune": 95.0} and report.recipes([old]) == ["fine-tune"]
+
+
+def test_matched_goals_compare_the_rows_asked_for_the_peers_fraction():
+    peer = dict(macs_removed_hooks=0.44)
+    rows = [row("prunekit", "l2+lstsq", s, 90.0, 85.0 if s == 0 else None, gentle=88.0) for s in range(3)]
+    rows += [row("torch-pruning", "l2", s, 70.0, 87.0 if s == 0 else None, gentle=89.0, **peer) for s in range(3)]
+    assert report.matched_goals(rows) == []  # no matched rows yet: no equal-FLOPs verdict
+    tag = {"target": 0.5, "peer": "l2", "peer_removed_hooks": 0.44}
+    rows += [row("prunekit", "l2+lstsq", s, 92.0 - s, 88.0 if s == 0 else None, gentle=89.0, target=0.44,
+                 matched=tag, macs_removed_hooks=0.45) for s in range(3)]
+    (g,) = report.matched_goals(rows)
+    # one-shot: median 91 vs 70 -> +21 met; lr0.01: 88 >= 87 met; lr0.001: 89 >= 89 (tie) met
+    assert g["margin"] == 21.0 and g["oneshot_met"] and g["prunekit_removed"] == 0.45 and g["peer_removed"] == 0.44
+    assert g["finetuned"]["lr0.01"]["met"] and g["finetuned"]["lr0.001"]["met"]
+    (plain,) = report.goals(rows)  # the verdict at the target still uses the unmatched rows
+    assert plain["prunekit_oneshot"] == 90.0 and not plain["finetuned"]["lr0.01"]["met"]
+    assert "at torch-pruning's 44.0%" in report.matched_goals_markdown(rows)
+    assert "matched to l2 at the 50% target" in report.table(rows)

@@ -129,3 +129,12 @@ def test_macs_counts_attention_once_whether_out_proj_is_hooked_or_not():
     # one head of 4 dimensions left: the projections and products shrink, the embedding stays
     small = _Attend(PrunedMultiheadAttention(8, 1, 4, batch_first=True))
     assert vc.macs(small) == t * 49 * d + 3 * t * d * 4 + 2 * t * t * 4 + t * 4 * d + 10 * d
+
+
+def test_structured_vision_restates_only_its_own_refusals():
+    import structured_vision as sv
+
+    meta = {"models": ["vit"], "refines": ["None", "lstsq"]}
+    assert sv.restated("vit", meta) and sv.restated("vit|obs|None", meta) and sv.restated("vit|0.5|l2|lstsq|0", meta)
+    assert not sv.restated("vit|l2|snows", meta) and not sv.restated("vit|0.5|l2|snows|1", meta)
+    assert not sv.restated("resnet|l2|None", meta)
