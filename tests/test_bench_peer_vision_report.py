@@ -38,6 +38,19 @@ def test_goals_met_and_missed_by_hand():
     assert "(taylor, 50.0% removed)" in md
 
 
+def test_goals_of_another_prunekit_set_up_use_its_rows_only():
+    rows = [row("prunekit", "l2+lstsq", s, 90.0, 97.0, gentle=97.0) for s in range(3)]
+    rows += [row("prunekit", "obs+lstsq (global)", s, 91.0 + s, 96.0 + s, gentle=98.0 + s) for s in range(3)]
+    rows += [row("torch-pruning", "l2", s, 70.0, 97.5, gentle=98.5) for s in range(3)]
+    (main,) = report.goals(rows)
+    (other,) = report.goals(rows, importance="obs+lstsq (global)")
+    assert main["prunekit_oneshot"] == 90.0 and not main["finetuned"]["lr0.001"]["met"]
+    # medians over the three fine-tuned seeds: 97.0 after lr 0.01 (missed), 99.0 after lr 0.001 (met)
+    assert other["prunekit_oneshot"] == 92.0 and other["finetuned"]["lr0.01"]["prunekit"] == 97.0
+    assert other["finetuned"]["lr0.001"]["prunekit"] == 99.0 and other["finetuned"]["lr0.001"]["met"]
+    assert "prunekit 92.00%" in report.goals_markdown(rows, "obs+lstsq (global)")
+
+
 def test_a_refused_prunekit_model_misses_both_goals():
     rows = [{"kind": "row", "model": "vit", "tool": "prunekit", "importance": "l2+lstsq", "config": None,
              "target": 0.5, "seed": 0, "error": "ValueError: cannot follow channels"},

@@ -92,8 +92,8 @@ def test_bad_combinations_are_refused_in_one_line(tmp_path, capsys, monkeypatch)
     one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--method", "flap"],
                    "structured.method must be one of l2, bn, wanda, obs for structures=channels")
     one_line_error(capsys, [*base, "--structures", "channels,mlp", "--ratio", "0.5"], "does not combine with mlp")
-    one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--multiple-of", "8"],
-                   "structured.multiple_of applies to structures mlp and heads, not channels")
+    one_line_error(capsys, [*base, "--structures", "channels", "--ratio", "0.5", "--target", "dense"],
+                   "structured.target applies to structures mlp")
     one_line_error(capsys, ["prune", "helpers.cnn_toys:tiny_cnn", "--structures", "channels", "--ratio", "0.5"],
                    "structures channels needs calibration data (the model is traced on a batch)")
     assert not os.path.exists("out")

@@ -35,6 +35,14 @@ def test_dense_macs_match_real_shapes(factory):
     assert macs(find_channel_groups(model, X)) == _counted(model)
 
 
+@pytest.mark.parametrize("exclude", ["^0\\.", "fc|^2\\.conv1"])
+def test_excluded_layers_still_count_in_the_totals(exclude):
+    model = resnet_mnist(width=4).eval()
+    g = find_channel_groups(model, X, exclude=exclude)
+    assert macs(g) == _counted(model)
+    assert params(g) == _conv_linear_params(model)
+
+
 def test_flops_target_is_met_by_the_smallest_ratio():
     g = find_channel_groups(resnet_mnist(width=8), X)
     dense = macs(g)
@@ -118,3 +126,27 @@ def test_global_budget_out_of_reach_of_the_floors_raises_and_leaves_the_model():
     with pytest.raises(ValueError, match="floor=0.9 keeps too much"):
         pk.prune_channels(model, [X], flops=0.5, budget="global", floor=0.9)
     assert same(model, snap)
+
+
+def test_multiple_of_keeps_multiples_and_still_meets_the_target():
+    g = find_channel_groups(mobilenet_v1_mnist(width=0.5), X)
+    dense = macs(g)
+    counts = uniform_counts(g, "flops", 0.5, multiple_of=8)
+    kept = [grp.count - n for grp, n in zip(g.groups, counts)]
+    assert all(k % 8 == 0 or n == 0 for k, n in zip(kept, counts)), kept
+    assert 1 - macs(g, counts) / dense >= 0.5
+    # brute force over a fine grid of ratios: the first whose rounded counts reach the target
+    first = next(c for r in range(1, 1000)
+                 if 1 - macs(g, c := ratio_counts(g, r / 1000, multiple_of=8)) / dense >= 0.5)
+    assert counts == first
+
+
+def test_multiple_of_leaves_small_groups_whole_and_rounds_to_the_nearest():
+    g = find_channel_groups(mobilenet_v1_mnist(width=0.25), X)  # stem 8, then 16, 32, 64, 128
+    counts = ratio_counts(g, 0.3, multiple_of=8)
+    for grp, n in zip(g.groups, counts):
+        if grp.count <= 8:
+            assert n == 0
+        else:
+            plain = int(0.3 * grp.count + 0.5)
+            assert (grp.count - n) % 8 == 0 and abs(n - plain) <= 4

@@ -21,8 +21,6 @@ CALIB = [torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) f
      "^method must be one of l2, bn, wanda, obs for structures=channels"),
     ({"structures": "channels", "ratio": 0.5, "refine": "bias"}, ValueError,
      "^refine must be one of none, lstsq, snows for structures=channels, got 'bias'"),
-    ({"structures": "channels", "ratio": 0.5, "multiple_of": 8}, ValueError,
-     "^multiple_of applies to structures mlp and heads, not channels"),
     ({"structures": "channels", "ratio": 0.5, "target": "dense"}, ValueError, "^target applies to structures mlp"),
     ({"structures": "channels", "ratio": 0.5, "damp": -1}, ValueError, "^damp must be a number >= 0"),
     ({"structures": "channels", "ratio": 0.5, "max_batches": 0}, ValueError, "^max_batches must be an integer >= 1"),
@@ -48,6 +46,7 @@ def test_the_keywords_are_those_of_a_direct_call():
         "score": "bn", "flops": 0.4, "refine": None, "recalibrate_bn": False, "damp": 0.5, "max_batches": 1,
         "exclude": "(?:^0\\.)|(?:fc)"}
     assert "recalibrate_bn" not in channel_kwargs(StructuredConfig(structures="channels", ratio=0.5))
+    assert channel_kwargs(StructuredConfig(structures="channels", ratio=0.5, multiple_of=8))["multiple_of"] == 8
     torch.manual_seed(0)
     a = small_cnn(width=8).eval()
     b = copy.deepcopy(a)

@@ -90,7 +90,10 @@ def test_batchnorm_is_re_estimated_on_the_pruned_network():
                                           ({"ratio": 0.5, "budget": "global", "floor": 1.0}, "floor must be"),
                                           ({"ratio": 0.5, "refine": "snows", "refine_options": {"kk": 1}},
                                            "unknown snows option 'kk'"),
-                                          ({"ratio": 0.5, "refine": "obs"}, "refine must be None")])
+                                          ({"ratio": 0.5, "refine": "obs"}, "refine must be None"),
+                                          ({"ratio": 0.5, "multiple_of": 0}, "multiple_of must be a whole number"),
+                                          ({"ratio": 0.5, "multiple_of": 2.0}, "multiple_of must be a whole number"),
+                                          ({"flops": 0.9, "multiple_of": 4}, r"keeping 4 channels \(multiple_of\)")])
 def test_bad_targets_raise_and_leave_the_model(kwargs, match):
     model = resnet_mnist(width=4).eval()
     snap = snapshot(model)
@@ -150,3 +153,20 @@ def test_string_padding_is_refused_where_im2col_columns_are_read(score, refine):
     with pytest.raises(ValueError, match=r"^2: refine='lstsq'/'snows' and score='wanda'/'obs' read im2col"):
         pk.prune_channels(model, CALIB, ratio=0.5, score=score, refine=refine)
     assert same(model, snap)
+
+
+def test_multiple_of_gives_multiples_in_the_pruned_modules():
+    model = resnet_mnist(width=8).eval()
+    result = pk.prune_channels(model, CALIB, flops=0.5, refine=None, recalibrate_bn=False, multiple_of=4)
+    assert result.flops_removed >= 0.5
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 4 == 0 for c in convs)
+    assert any(r.units_after < r.units_before for r in result.reports)
+
+
+def test_multiple_of_holds_under_a_global_budget():
+    model = resnet_mnist(width=8).eval()
+    result = pk.prune_channels(model, CALIB, flops=0.4, refine=None, recalibrate_bn=False, budget="global",
+                               multiple_of=4)
+    assert result.flops_removed >= 0.4
+    assert all(r.units_after % 4 == 0 or r.units_after == r.units_before for r in result.reports)

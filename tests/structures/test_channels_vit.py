@@ -46,6 +46,10 @@ def test_multiply_adds_match_a_hand_count_before_and_after():
         return E * 16 * T + 2 * block + E * 10  # patch conv (1 channel, 4x4), two blocks, head
     assert macs(g) == by_hand(H, MLP)
     assert macs(g, [1, 6, 1, 6]) == by_hand(H - 1, MLP - 6)
+    # excluded attentions keep their heads but still count: the total is the same network's
+    fixed = find_channel_groups(_vit(), X, exclude="attn")
+    assert [grp.name for grp in fixed.groups] == ["1.mlp.0", "2.mlp.0"]
+    assert macs(fixed) == by_hand(H, MLP) and macs(fixed, [6, 6]) == by_hand(H, MLP - 6)
 
 
 def test_silent_heads_and_units_go_first_and_the_output_is_unchanged():

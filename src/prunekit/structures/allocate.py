@@ -125,7 +125,7 @@ def steps(site: int, s: Structure, scores: torch.Tensor, floor: float, multiple_
                 for k in range(s.q_per_kv - keep)]
     keep = max(1, math.ceil(floor * s.units - 1e-9))
     widths = list(range(s.units - 1, keep - 1, -1))
-    if s.kind == "mlp" and multiple_of > 1:
+    if s.kind in ("mlp", "channels") and multiple_of > 1:
         widths = [w for w in widths if w % multiple_of == 0]
     ranked = scores[_order(scores)]
     out, kept = [], s.units

@@ -83,30 +83,49 @@ def params(graph: ChannelGraph, removed: list[int] | None = None) -> int:
     return _count(graph, removed, "params")
 
 
-def ratio_counts(graph: ChannelGraph, ratio: float) -> list[int]:
-    """``round(ratio * count)`` channels from every group (halves round up)."""
-    return [int(ratio * g.count + 0.5) for g in graph.groups]
+def _is_heads(group) -> bool:
+    return any(m.role == "heads" for m in group.members)
 
 
-def uniform_counts(graph: ChannelGraph, what: str, fraction: float) -> list[int]:
+def _kept_multiple(group, removed: int, multiple_of: int) -> int:
+    """``removed`` changed so that the channels kept are a multiple of ``multiple_of`` (the nearest,
+    at least ``multiple_of``; a group of ``multiple_of`` channels or fewer keeps them all). Heads groups
+    are left as they are: a head is already a block of ``head_dim`` channels."""
+    if multiple_of <= 1 or _is_heads(group):
+        return removed
+    if group.count <= multiple_of:
+        return 0
+    kept = int((group.count - removed) / multiple_of + 0.5) * multiple_of
+    return group.count - min(group.count, max(multiple_of, kept))
+
+
+def ratio_counts(graph: ChannelGraph, ratio: float, multiple_of: int = 1) -> list[int]:
+    """``round(ratio * count)`` channels from every group (halves round up); with ``multiple_of``
+    the channels kept are then the nearest multiple of it (see :func:`_kept_multiple`)."""
+    return [_kept_multiple(g, int(ratio * g.count + 0.5), multiple_of) for g in graph.groups]
+
+
+def uniform_counts(graph: ChannelGraph, what: str, fraction: float, multiple_of: int = 1) -> list[int]:
     """The counts of the smallest uniform ratio that removes at least ``fraction`` of the
-    multiply-adds (``what="flops"``) or parameters (``"params"``); a ValueError when even one
-    channel left per group removes less."""
+    multiply-adds (``what="flops"``) or parameters (``"params"``), kept channels rounded to
+    multiples of ``multiple_of`` if given; a ValueError when even one channel left per group (or
+    ``multiple_of``) removes less."""
     dense = _count(graph, None, what)
     removed = lambda counts: 1 - _count(graph, counts, what) / dense  # noqa: E731
-    most = [g.count - 1 for g in graph.groups]
+    most = [_kept_multiple(g, g.count - 1, multiple_of) for g in graph.groups]
     noun = "multiply-adds" if what == "flops" else "parameters"
     if removed(most) < fraction:
-        raise ValueError(f"{what}={fraction} cannot be reached: keeping one channel in every group removes "
+        left = f"{multiple_of} channels (multiple_of)" if multiple_of > 1 else "one channel"
+        raise ValueError(f"{what}={fraction} cannot be reached: keeping {left} in every group removes "
                          f"{100 * removed(most):.1f}% of the {noun}; lower {what}")
     lo, hi = 0.0, 1.0
     for _ in range(40):  # removed(ratio_counts(r)) grows with r
         mid = (lo + hi) / 2
-        if removed([min(c, m) for c, m in zip(ratio_counts(graph, mid), most)]) >= fraction:
+        if removed([min(c, m) for c, m in zip(ratio_counts(graph, mid, multiple_of), most)]) >= fraction:
             hi = mid
         else:
             lo = mid
-    return [min(c, m) for c, m in zip(ratio_counts(graph, hi), most)]
+    return [min(c, m) for c, m in zip(ratio_counts(graph, hi, multiple_of), most)]
 
 
 def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
@@ -115,17 +134,20 @@ def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
 
 
 def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fraction: float,
-                  floor: float) -> list[int]:
+                  floor: float, multiple_of: int = 1) -> list[int]:
     """Counts from one ranking of every group's channels by score divided by its group's mean
     score (:mod:`.allocate`'s normalisation and steps), each group keeping at least ``floor`` of
-    its channels (and one). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
+    its channels (and one), and a multiple of ``multiple_of`` channels (heads groups excepted;
+    a group that cannot keeps all). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
     ``"flops"``/``"params"``: the shortest prefix that removes at least ``fraction`` of them."""
-    sites = [Structure("channels", str(g), (), "", grp.count) for g, grp in enumerate(graph.groups)]
+    sites = [Structure("heads" if _is_heads(grp) else "channels", str(g), (), "", grp.count)
+             for g, grp in enumerate(graph.groups)]
     normed = {s.owner: v.double() / v.double().mean().clamp_min(1e-300) for s, v in zip(sites, scores)}
     if what == "ratio":
-        counts = allocate(sites, normed, {s.owner: 1.0 for s in sites}, fraction * sum(s.units for s in sites), floor)
+        counts = allocate(sites, normed, {s.owner: 1.0 for s in sites}, fraction * sum(s.units for s in sites), floor,
+                          multiple_of)
         return [counts[s.owner] for s in sites]
-    ranked = sorted((st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor)),
+    ranked = sorted((st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor, multiple_of)),
                     key=lambda st: (st.score, st.site, st.index))
     dense = _count(graph, None, what)
     counts = [0] * len(sites)

@@ -115,6 +115,7 @@ def prune_channels(
     floor: float | None = None,
     refine_options: SnowsOptions | dict | None = None,
     passthrough: Iterable[str] | None = None,
+    multiple_of: int = 1,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
@@ -133,10 +134,16 @@ def prune_channels(
     module names traced as leaves whose channels stay (also the way past a module torch.fx cannot
     trace). ``passthrough``: names of modules you declare map channel c to channel c and hold no
     parameters (a custom activation torch.fx cannot trace): traced as leaves, their channels can
-    still go. The model's input and output channels never change.
+    still go. ``multiple_of``: every group keeps a multiple of this many channels (the nearest; a
+    group of ``multiple_of`` or fewer keeps all; heads groups as they are), since odd channel
+    counts run slower in vectorised conv kernels. The model's input and output
+    channels never change.
     """
     snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
                    refine_options)
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a whole number >= 1 (the channels each group keeps are a multiple "
+                         f"of it), got {multiple_of!r}")
     floor = GLOBAL_FLOOR if floor is None else floor
     target = "ratio" if ratio is not None else "flops" if flops is not None else "params"
     fraction = ratio if ratio is not None else flops if flops is not None else params
@@ -169,9 +176,10 @@ def prune_channels(
                 stats = obs_states(model, stats)
             if budget == "global":
                 scores = [channel_scores(model, group, score, stats) for group in graph.groups]
-                counts = global_counts(graph, scores, target, fraction, floor)
+                counts = global_counts(graph, scores, target, fraction, floor, multiple_of)
             else:
-                counts = ratio_counts(graph, ratio) if ratio is not None else uniform_counts(graph, target, fraction)
+                counts = (ratio_counts(graph, ratio, multiple_of) if ratio is not None else
+                          uniform_counts(graph, target, fraction, multiple_of))
             for group, n in zip(graph.groups, counts):
                 if n >= group.count:
                     raise ValueError(f"{group.name}: removing {n} of its {group.count} channels leaves none; lower "

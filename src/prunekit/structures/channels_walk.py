@@ -162,7 +162,11 @@ class _Walker:
             return ids, axis
         if self.excluded(name):
             self.freeze(node.all_input_nodes)
-            return self.fresh(node, frozen=True), 1
+            shape = _shape(node)
+            axis = len(shape) - 1 if isinstance(m, nn.Linear) and shape else 1
+            outs = self.fresh(node, frozen=True, axis=axis)
+            self.count_fixed(name, m, shape, ids, outs)
+            return outs, axis
         width = getattr(m, "in_channels", getattr(m, "in_features", None))
         if isinstance(m, (nn.Conv2d, nn.Linear)) and len(ids) != width:
             self.fail(node, f"its input's channels ({len(ids)}) could not be followed to its {width} inputs")
@@ -203,6 +207,22 @@ class _Walker:
             return self.reshape(node, ids, axis)
         self.fail(node, f"{type(m).__name__} is not a layer prunekit can resize or pass channels through")
 
+    def count_fixed(self, name: str, m: nn.Module, shape, ids: list[int], outs: list[int]) -> None:
+        """An excluded conv or Linear keeps all its channels, but its multiply-adds and parameters
+        still count in the network's totals (else ``flops=`` would be a fraction of the rest only):
+        recorded with frozen ids, so that no group ever reaches it."""
+        if shape is None:
+            return
+        bias = getattr(m, "bias", None) is not None
+        if isinstance(m, nn.Conv2d) and len(shape) == 4 and len(ids) == m.in_channels:
+            kernel = m.kernel_size[0] * m.kernel_size[1]
+            if m.groups == 1:
+                self.layers[name] = LayerInfo("conv", ids, outs, shape[2] * shape[3] * kernel, kernel, bias)
+            elif m.groups == m.in_channels == m.out_channels:
+                self.layers[name] = LayerInfo("dw", ids, ids, shape[2] * shape[3] * kernel, kernel, bias)
+        elif isinstance(m, nn.Linear) and len(ids) == m.in_features:
+            self.layers[name] = LayerInfo("linear", ids, outs, math.prod(shape[1:-1]), 1, bias)
+
     def attention(self, node: fx.Node) -> None:
         """``nn.MultiheadAttention`` (or its drop-in): its inputs stay; each head is a channel of a
         group (``heads``: its q, k and v rows of ``in_proj_weight``; ``in``: its ``head_dim``
@@ -214,10 +234,16 @@ class _Walker:
         if query not in self.ids or shape is None or self.axis[query] != len(shape) - 1:
             self.fail(node, "its query is not a [.., tokens, embed_dim] tensor the walk followed")
         self.tuples[node] = node
-        if self.excluded(name):
-            self.ids[node], self.axis[node] = self.uf.new(m.embed_dim, True), len(shape) - 1
-            return
         tokens = shape[1] if len(shape) == 3 and m.batch_first else shape[0]
+        if self.excluded(name):  # its heads stay; its multiply-adds still count (frozen ids)
+            inner, bias = m.num_heads * m.head_dim, m.in_proj_bias is not None
+            cols = self.uf.new(inner, True)
+            self.layers[name] = LayerInfo("linear", self.ids[query], self.uf.new(3 * inner, True), tokens, 1, bias)
+            self.layers[name + ":scores"] = LayerInfo("attn", cols, cols, 2 * tokens * tokens, 0, False)
+            outs = self.uf.new(m.embed_dim, True)
+            self.layers[name + ".out_proj"] = LayerInfo("linear", cols, outs, tokens, 1, m.out_proj.bias is not None)
+            self.ids[node], self.axis[node] = outs, len(shape) - 1
+            return
         heads, hd = m.num_heads, m.head_dim
         inner = heads * hd
         frozen = isinstance(m, nn.MultiheadAttention) and why_not(m) is not None  # no drop-in for it: heads stay

@@ -51,7 +51,8 @@ class StructuredConfig:
                    "ranked together (per-layer widths, reloaded by prunekit.load_structured)", choices=BUDGETS)
     floor: float | None = option(
         None, "with budget=global, the least fraction of each structure's units kept (default 0.25)")
-    multiple_of: int = option(1, "round every MLP's kept width to a multiple of this (CPU kernels favour e.g. 64)")
+    multiple_of: int = option(1, "round every MLP's kept width (or each channel group's kept channels) to a "
+                                      "multiple of this (CPU kernels favour e.g. 64 for MLPs, 8 for convs)")
     # -- which units go, and how the rest is repaired -----------------------------------------
     method: str = option("wanda", "how the units to remove are chosen; for channels prune_channels' score (l2, bn, "
                                   "wanda or obs), else", choices=METHODS)
