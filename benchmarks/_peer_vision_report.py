@@ -100,8 +100,9 @@ def _by(key: tuple) -> str:
     return f"{key[3]}" + (f" ({key[4]})" if key[4] else "")
 
 
-def goals(rows: list[dict], target: float = GOAL_TARGET, margin: float = GOAL_MARGIN) -> list[dict]:
-    """Per model, the issue's goals at ``target`` FLOPs removed: prunekit's one-shot ``l2+lstsq``
+def goals(rows: list[dict], target: float = GOAL_TARGET, margin: float = GOAL_MARGIN,
+          importance: str = PRUNEKIT_MAIN) -> list[dict]:
+    """Per model, the issue's goals at ``target`` FLOPs removed: prunekit's one-shot ``importance`` (``l2+lstsq``)
     beats torch-pruning's best one-shot importance by >= ``margin`` points (medians over seeds), and,
     for each fine-tune recipe, after it prunekit is at least as accurate as torch-pruning's best
     after the same recipe (``finetuned[label]``: the numbers and ``met``)."""
@@ -109,7 +110,7 @@ def goals(rows: list[dict], target: float = GOAL_TARGET, margin: float = GOAL_MA
     labels = recipes(rows)
     for model in dict.fromkeys(r["model"] for r in rows):
         groups = {k: summary(g) for k, g in grouped(rows).items() if k[0] == model and k[1] == target}
-        pk = next((s for k, s in groups.items() if k[2] == "prunekit" and k[3] == PRUNEKIT_MAIN), None)
+        pk = next((s for k, s in groups.items() if k[2] == "prunekit" and k[3] == importance), None)
         peers = {k: s for k, s in groups.items() if k[2] == "torch-pruning" and not s["error"]}
         if pk is None or not peers:
             continue
@@ -134,13 +135,13 @@ def goals(rows: list[dict], target: float = GOAL_TARGET, margin: float = GOAL_MA
     return out
 
 
-def goals_markdown(rows: list[dict]) -> str:
+def goals_markdown(rows: list[dict], importance: str = PRUNEKIT_MAIN) -> str:
     """The goals as a markdown list, each marked met or missed with the numbers behind it (MACs
     removed by the shared hooks count beside each model: the best torch-pruning model may have
     removed less than the target, which the verdicts do not correct for)."""
     lines = []
     mark = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
-    for g in goals(rows):
+    for g in goals(rows, importance=importance):
         head = f"- {g['model']}, {100 * g['target']:.0f}%: "
         if "prunekit_error" in g:
             head += (f"one-shot {mark(False)}: prunekit's `prune_channels` refuses this model ({g['prunekit_error']}); "

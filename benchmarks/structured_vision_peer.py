@@ -47,7 +47,13 @@ from prunekit.zoo.train import cached, train_classifier  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "peer_torch_pruning_vision.py")
-REFINES = {"l2+lstsq": "lstsq", "l2 (no refit)": None}
+#: prunekit's set-ups: label -> ``prune_channels`` keywords besides ``flops=``. A run measures
+#: DEFAULT_CONFIGS; ``--add-config LABEL`` adds another's rows to a finished run (the goals are judged
+#: for each set-up apart, ``l2+lstsq`` first).
+CONFIGS = {"l2+lstsq": {"score": "l2", "refine": "lstsq"},
+           "l2 (no refit)": {"score": "l2", "refine": None},
+           "obs+lstsq (global)": {"score": "obs", "refine": "lstsq", "budget": "global"}}
+DEFAULT_CONFIGS = ("l2+lstsq", "l2 (no refit)")
 #: Both fine-tunes, applied to copies of the very same pruned models by both tools: the shared recipe
 #: (lr 0.01, which lowers the converged dense models) and the gentle one (lr 0.001, chosen on the
 #: dense models alone by benchmarks/vision_finetune_lr.py).
@@ -79,20 +85,23 @@ def has_drop_in_attention(model: torch.nn.Module) -> bool:
 
 
 def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: set[int], work: str,
-                  test) -> list[dict]:
-    """prunekit's rows for one model and FLOPs target; seed-``min(seeds)`` models are pickled for counting."""
+                  test, configs=DEFAULT_CONFIGS) -> list[dict]:
+    """prunekit's rows for one model and FLOPs target, one set of seeds per label of ``configs``
+    (one seed without a refit); seed-``min(seeds)`` models are pickled for counting."""
     rows = []
     base = {"kind": "row", "model": name, "tool": "prunekit", "version": pk.__version__, "config": None,
             "target": target, "threads": torch.get_num_threads(), "macs_hooks_dense": vc.macs(dense),
             "params_dense": sum(p.numel() for p in dense.parameters())}
-    for label, refine in REFINES.items():
+    for label in configs:
+        kwargs = CONFIGS[label]
+        refine = kwargs["refine"]
         for seed in seeds if refine else seeds[:1]:  # no refit: one seed, to show what the refit adds
             x, _ = io.read_tensors(work, f"calib_s{seed}")
             model = copy.deepcopy(dense)
             row = {**base, "importance": label, "seed": seed, "finetuned": {}, "error": None}
             start = time.perf_counter()
             try:
-                r = pk.prune_channels(model, list(x.split(64)), flops=target, score="l2", refine=refine)
+                r = pk.prune_channels(model, list(x.split(64)), flops=target, **kwargs)
             except (ValueError, TypeError) as e:
                 rows.append({**row, "error": f"{type(e).__name__}: {e}"})
                 break  # the same refusal for every seed
@@ -103,7 +112,7 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
             if has_drop_in_attention(model):
                 row["tp_count_note"] = "not counted: torch-pruning's counter does not know PrunedMultiheadAttention"
             elif seed == min(seeds):
-                row["pickle"] = f"pk_{name}_{target}_{refine}_s{seed}.pt"
+                row["pickle"] = f"pk_{name}_{target}_{hashlib.md5(label.encode()).hexdigest()[:8]}_s{seed}.pt"
                 torch.save(model, os.path.join(work, row["pickle"]))
             if seed in ft_seeds:
                 row["finetuned"] = io.fine_tuned_accuracies(model, RECIPES, *test)
@@ -156,6 +165,58 @@ def add_matched(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
                                                 "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
             old["rows"] = rows
             write(args.out, old["meta"], old["dense"], rows, keep_end=True)
+
+
+def add_config(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
+    """Append to ``args.out`` prunekit's rows of the set-up ``args.add_config`` (a label of CONFIGS)
+    for ``args.models`` at every FLOPs target of the run (not the matched ones), with
+    ``--finetune-seeds`` if given; a rerun replaces that set-up's rows, every other row is kept."""
+    with open(args.out) as f:
+        old = json.load(f)
+    label, rows = args.add_config, old["rows"]
+    start = {"command": " ".join(["python", os.path.relpath(sys.argv[0])] + [shlex.quote(a) for a in sys.argv[1:]]),
+             "config": label, "threads": args.threads, "loadavg_start": os.getloadavg(), "why": args.why,
+             "finetune_seeds": sorted(ft_seeds)}
+    for name in args.models.split(","):
+        dense = trained(name)
+        md5 = hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()
+        if md5 != old["dense"][name]["cache_md5"]:
+            raise SystemExit(f"{name}: the cached dense model differs from the one the rows were measured on")
+        io.write_inputs(work, name, dense, seeds)
+        test = io.read_tensors(work, "test")
+        targets = list(dict.fromkeys(r["target"] for r in rows if r["model"] == name and not r.get("matched")))
+        rows = [r for r in rows if not (r["model"] == name and r["tool"] == "prunekit" and r["importance"] == label)]
+        for target in targets:
+            new = prunekit_rows(name, dense, target, seeds, ft_seeds, work, test, configs=(label,))
+            for r in new:
+                r.pop("pickle", None)  # counted by the shared hooks only (no peer run here)
+            last = max(i for i, r in enumerate(rows) if r["model"] == name and r["tool"] == "prunekit"
+                       and r["target"] == target and not r.get("matched"))
+            rows = rows[:last + 1] + new + rows[last + 1:]
+            runs = [m for m in old["meta"].get("config_runs", []) if m["command"] != start["command"]]
+            old["meta"]["config_runs"] = runs + [{**start, "loadavg_end": os.getloadavg(),
+                                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}]
+            old["rows"] = rows
+            write(args.out, old["meta"], old["dense"], rows, keep_end=True)
+
+
+def configs_md(meta: dict, rows: list[dict]) -> str:
+    """The goals judged again for each set-up added by ``--add-config`` (empty without one)."""
+    out = []
+    for run in meta.get("config_runs", []):
+        label = run["config"]
+        out.append(f"""
+### The same goals with prunekit's `{label}`
+
+`pk.prune_channels(model, calib, flops=f, {', '.join(f'{k}={v!r}' for k, v in CONFIGS[label].items())})`,
+added to this run by `{run['command']}` ({run['threads']} threads, load average {run['loadavg_start'][0]:.1f}
+at the start, {run['loadavg_end'][0]:.1f} at the end, finished {run['finished']}; every other row kept
+as it was; fine-tuned for calibration seeds {run['finetune_seeds']}, the median over them judged).
+{('Why this set-up: ' + run['why']) if run.get('why') else ''}
+
+{report.goals_markdown(rows, label) or '- not measured yet'}
+""")
+    return "".join(out)
 
 
 def recipes_meta() -> list[dict]:
@@ -270,7 +331,7 @@ model, and after the same fine-tune it is at least as accurate (one verdict per 
 aims at the target by its own count, the columns above say what each removed):
 
 {report.goals_markdown(rows) or '- not measured yet'}
-{matched_md(rows)}"""
+{configs_md(meta, rows)}{matched_md(rows)}"""
     with open(out[:-5] + ".md" if out.endswith(".json") else out + ".md", "w") as f:
         f.write(md)
 
@@ -281,7 +342,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet,mobilenet,vit")
     parser.add_argument("--flops", default="0.5,0.3")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--finetune-seeds", default="0")
+    parser.add_argument("--finetune-seeds", default=None, help="calibration seeds whose models are fine-tuned "
+                        "(default 0; with --add-config: the run's)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--work", default=None, help="folder for the hand-over files (default: a temporary one)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "structured_vision_peer.json"))
@@ -292,7 +354,18 @@ def main() -> None:
     parser.add_argument("--add-matched", action="store_true",
                         help="keep every row in --out and add prunekit's rows of --models at the FLOPs each "
                              "compared torch-pruning model removed (same seeds as those rows)")
+    parser.add_argument("--add-config", choices=[c for c in CONFIGS if c not in DEFAULT_CONFIGS],
+                        help="keep every row in --out and add prunekit's rows of this set-up for --models (same "
+                             "seeds and targets; --finetune-seeds if given, else the run's)")
+    parser.add_argument("--why", default="", help="with --add-config: how the set-up was chosen (quoted in the .md)")
     args = parser.parse_args()
+    if args.add_config:
+        with open(args.out) as f:
+            meta = json.load(f)["meta"]
+        torch.set_num_threads(args.threads)
+        ft = {int(s) for s in args.finetune_seeds.split(",") if s} if args.finetune_seeds else set(meta["finetune_seeds"])
+        add_config(args, meta["seeds"], ft, args.work or tempfile.mkdtemp(prefix="vision_peer_"))
+        return
     if args.add_matched:
         with open(args.out) as f:
             meta = json.load(f)["meta"]
@@ -315,7 +388,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="vision_peer_")
     seeds = [int(s) for s in args.seeds.split(",")]
-    ft_seeds = {int(s) for s in args.finetune_seeds.split(",") if s}
+    ft_seeds = {int(s) for s in (args.finetune_seeds or "0").split(",") if s}
     peer_versions = subprocess.run(
         [args.peer_python, "-c", "import importlib.metadata as m, torch, torch_pruning as tp; "
                                  "print(m.version('torch-pruning'), torch.__version__, tp.__version__)"],
@@ -356,7 +429,7 @@ def main() -> None:
                 "--finetune-recipes", io.recipes_to_arg(RECIPES)]
     # The peers run beside prunekit (one process per model), under the same load as it.
     peers = {name: subprocess.Popen(peer_cmd + ["--model", name, "--flops", args.flops, "--seeds", args.seeds,
-                                                "--finetune-seeds", args.finetune_seeds,
+                                                "--finetune-seeds", ",".join(map(str, sorted(ft_seeds))),
                                                 "--out", os.path.join(work, f"peer_{name}.jsonl")], env=env)
              for name in names}
 
