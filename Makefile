@@ -101,10 +101,16 @@ bench-structured-training: $(STAMP)
 	$(PY) benchmarks/structured_training.py
 
 # Channels removed in one shot from the zoo's MNIST ResNet / MobileNet / ViT: every score x refine x BN
-# re-estimation, 30/50% of FLOPs, 3 calibration seeds, the same short fine-tune, latency vs dense
-# (resumes from benchmarks/results/structured_vision.json; long on a shared machine, hence nice).
+# re-estimation, 30/50% of FLOPs, 3 calibration seeds, the same short fine-tune (resumes from
+# benchmarks/results/structured_vision.json; long on a shared machine, hence nice); then the pruned
+# models' CPU speed against the dense ones (run that part on a quiet machine).
 bench-structured-vision: $(STAMP)
 	OMP_NUM_THREADS=2 nice -n 10 $(PY) benchmarks/structured_vision.py
+	$(MAKE) bench-structured-vision-speed
+
+.PHONY: bench-structured-vision-speed
+bench-structured-vision-speed: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/structured_vision_speed.py
 
 bench-vit-mobilenet: $(STAMP)
 	$(PY) benchmarks/vit_mobilenet.py

@@ -5,10 +5,10 @@ pruned with ``pk.prune_channels`` at 30% and 50% of the multiply-adds removed (`
 score x refine x BatchNorm re-estimation off/on, over calibration seeds (a different subset of
 the training images each). Each pruned model then gets the same short fine-tune
 (``_vision_common.FINETUNE``), as does the dense model for reference. Reported: test accuracy one
-shot, with BatchNorm re-estimated, and fine-tuned (mean and spread over seeds), and the pruned
-model's CPU latency against the dense one's in the same process at batch 1 and 64 (medians of
-alternated repeats). Combinations the installed ``prune_channels`` refuses are skipped with the
-reason printed and recorded.
+shot, with BatchNorm re-estimated, and fine-tuned (mean and spread over seeds). Speed is measured
+apart, on a quiet machine, by ``structured_vision_speed.py`` (its batch-64 figures are quoted here
+when its results exist). Combinations the installed ``prune_channels`` refuses are skipped with
+the reason printed and recorded.
 
 Rows are appended to ``<out>.json`` as they finish (a rerun resumes; ``--fresh`` starts over) and
 ``<out>.md`` is rewritten each time; ``<out>.png`` at the end (or ``--report`` to redraw from the JSON).
@@ -38,8 +38,7 @@ from prunekit.zoo.mnist import load_mnist  # noqa: E402
 from prunekit.zoo.train import cached, train_classifier  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "structured_vision")
-GOAL_SPEEDUP = 1.5  # dense / pruned latency at batch 64 ...
-GOAL_FLOPS = 0.5  # ... at this fraction of the FLOPs removed
+SPEED = os.path.join(HERE, "results", "structured_vision_speed.json")
 
 
 def trained(name: str) -> nn.Module:
@@ -97,7 +96,7 @@ def save(state: dict, path: str) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         disk = load(path)
         disk["skipped"] = {k: v for k, v in disk.get("skipped", {}).items() if not restated(k, state.get("meta", {}))}
-        for part in ("rows", "dense", "latency", "skipped"):
+        for part in ("rows", "dense", "skipped"):
             state[part] = {**disk.get(part, {}), **state.get(part, {})}
         mine = {r["started"] + r["command"] for r in state.get("runs", [])}
         state["runs"] = [r for r in disk.get("runs", []) if r["started"] + r["command"] not in mine] + state.get("runs", [])
@@ -140,8 +139,6 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="calibration images per seed")
     parser.add_argument("--test", type=int, default=2000, help="test images (the first n of the 10k)")
     parser.add_argument("--ft-steps", type=int, default=vc.FINETUNE.steps, help="fine-tune SGD steps")
-    parser.add_argument("--repeats", type=int, default=20, help="alternated latency repeats (x5 at batch 1)")
-    parser.add_argument("--latency-threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--out", default=OUT, help="output path without extension")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in <out>.json")
     parser.add_argument("--report", action="store_true", help="only rewrite the md and plot from <out>.json")
@@ -153,13 +150,14 @@ def main() -> None:
         return
     command = "OMP_NUM_THREADS={} python benchmarks/structured_vision.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "(unset)"), " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    state.setdefault("rows", {}), state.setdefault("dense", {}), state.setdefault("latency", {})
+    state.setdefault("rows", {}), state.setdefault("dense", {})
+    state.pop("latency", None)  # measured apart now (structured_vision_speed.py)
     state["skipped"] = {}
     state.setdefault("runs", []).append({"command": command, "load_start": os.getloadavg(),
                                          "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     state["meta"] = {"command": command, "threads": torch.get_num_threads(), "load_start": os.getloadavg(),
                      "calibration": args.calibration, "test": args.test, "finetune": vars(args.finetune),
-                     "finetune_text": args.finetune.describe(), "repeats": args.repeats, "latency_threads": args.latency_threads, "torch": torch.__version__,
+                     "finetune_text": args.finetune.describe(), "torch": torch.__version__,
                      "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": args.models.split(","),
                      "refines": [str(None if r == "none" else r) for r in args.refines.split(",")]}
     models = args.models.split(",")
@@ -204,18 +202,11 @@ def main() -> None:
                     if key in state["rows"]:
                         continue
                     try:
-                        row, model = run_row(name, denses[name], calib, flops, score, refine, args)
+                        row, _ = run_row(name, denses[name], calib, flops, score, refine, args)
                     except (ValueError, TypeError) as e:
                         state["skipped"][key] = f"{type(e).__name__}: {e}"
                         print(f"skip {key}: {e}", flush=True)
                         continue
-                    lat_key = f"{name}|{row['signature']}"
-                    if lat_key not in state["latency"]:
-                        state["latency"][lat_key] = {
-                            "b1": vc.latency(denses[name], model, 1, 5 * args.repeats, threads=args.latency_threads).as_dict(),
-                            "b64": vc.latency(denses[name], model, 64, args.repeats,
-                                              threads=args.latency_threads).as_dict(),
-                            "flops": flops, "load": os.getloadavg()}
                     state["rows"][key] = {"model": name, "target": flops, "score": score, "refine": refine,
                                           "seed": seed, **row}
                     print(key, {k: row[k] for k in ("accuracy", "accuracy_bn", "accuracy_ft", "seconds") if k in row},
@@ -246,8 +237,20 @@ def groups(state: dict) -> dict:
     return out
 
 
-def latencies(state: dict, model: str, target: float) -> list[dict]:
-    return [v for k, v in state.get("latency", {}).items() if k.split("|")[0] == model and v["flops"] == target]
+def speed_rows() -> list[dict]:
+    """The rows of ``structured_vision_speed.json`` (measured apart, quiet), or none."""
+    if not os.path.exists(SPEED):
+        return []
+    with open(SPEED) as f:
+        return json.load(f)["rows"]
+
+
+def speedup(model: str, target: float) -> str:
+    """The batch-64 speed-up of ``model`` pruned at ``target`` with the plain channel counts
+    (``multiple_of=1``, the shapes this grid's rows have), from the speed results."""
+    found = [r for r in speed_rows() if r["model"] == model and r["target"] == target and r["multiple_of"] == 1
+             and r.get("setup", "l2") == "l2"]
+    return f"x{found[0]['b64']['speedup']:.2f}" if found else "-"
 
 
 def write_md(state: dict, out: str) -> None:
@@ -279,12 +282,9 @@ def write_md(state: dict, out: str) -> None:
         "at the start, so one fine-tuned figure stands for both. The helpers (models, data, calibration subsets, "
         "fine-tune, accuracy, latency) are `benchmarks/_vision_common.py`, torch only, for peers.",
         "",
-        f"Latency: forward of random input on the CPU with {meta.get('latency_threads')} intra-op thread(s) "
-        "(on a loaded machine a second thread's barrier waits for a time slice and swamps small models), "
-        "dense and pruned alternated in this process "
-        f"({5 * meta.get('repeats', 0)} repeats at batch 1, {meta.get('repeats')} at batch 64, after 3 warm-ups), "
-        "medians; speed-up = dense / pruned (> 1: faster). The pruned shapes depend only on the target "
-        "(`flops=` removes one uniform ratio of every channel group), so it is measured once per shape.",
+        "Speed: measured apart on a quiet machine by `benchmarks/structured_vision_speed.py` "
+        "([structured_vision_speed.md](structured_vision_speed.md): dense and pruned alternated in one process, "
+        "batch 1 and 64, with the goal's verdict); the b64 column below quotes it for these shapes.",
         "",
         "## Dense models",
         "",
@@ -294,8 +294,7 @@ def write_md(state: dict, out: str) -> None:
     for name, d in dense.items():
         lines.append(f"| {name} ({vc.MODELS[name].description}) | {d['params']:,} | {d['macs']:,} | "
                      f"{d['accuracy']:.2f} | {d['accuracy_ft']:.2f} |")
-    lines += ["", "## Summary", "", *summary(state), "", "## Goals", ""]
-    lines += goals(state)
+    lines += ["", "## Summary", "", *summary(state)]
     for name in dense:
         lines += ["", f"## {name}", "",
                   "| target | FLOPs removed | score | refine | n | one shot % | + BN re-est. % | fine-tuned % | "
@@ -308,15 +307,6 @@ def write_md(state: dict, out: str) -> None:
                          f"{len(rs)} | {stats([r['accuracy'] for r in rs])} | {bn} | "
                          f"{stats([r['accuracy_ft'] for r in rs])} | {rs[0]['params']:,} | "
                          f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |")
-        lines += ["", "| target | parameters | batch 1: dense / pruned ms | speed-up | batch 64: dense / pruned ms | speed-up | load |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for key, v in state.get("latency", {}).items():
-            if key.split("|")[0] != name:
-                continue
-            params = next((r["params"] for r in state["rows"].values() if f"{r['model']}|{r['signature']}" == key), 0)
-            lines.append(f"| {v['flops']:.0%} | {params:,} | {v['b1']['dense_ms']:.2f} / {v['b1']['pruned_ms']:.2f} | "
-                         f"x{v['b1']['speedup']:.2f} | {v['b64']['dense_ms']:.1f} / {v['b64']['pruned_ms']:.1f} | "
-                         f"x{v['b64']['speedup']:.2f} | {v['load'][0]:.1f} |")
     skipped = state.get("skipped", {})
     if skipped:
         lines += ["", "## Skipped (refused by the `prune_channels` of the run that tried it)", "",
@@ -345,9 +335,7 @@ def summary(state: dict) -> list[str]:
                 mean = lambda f: sum(x[f] for x in rs) / len(rs)  # noqa: E731
                 one = "accuracy_bn" if d["bn"] else "accuracy"
                 cells.append(f"{mean(one):.2f} -> {mean('accuracy_ft'):.2f} ({len(rs)})" if rs else "-")
-            lat = latencies(state, name, target)
-            speed = "/".join(f"x{v['b64']['speedup']:.2f}" for v in lat) or "-"
-            lines.append(f"| {name} | {target:.0%} | {removed} | " + " | ".join(cells) + f" | {speed} |")
+            lines.append(f"| {name} | {target:.0%} | {removed} | " + " | ".join(cells) + f" | {speedup(name, target)} |")
     return lines + ["", "Cells: one-shot test accuracy % (with BatchNorm re-estimated where the model has "
                         "BatchNorm) -> after the fine-tune, means over (n) calibration seeds."]
 
@@ -361,21 +349,6 @@ def order(target: float, score: str, refine: str | None) -> tuple:
 
 def fmt_load(load) -> str:
     return "/".join(f"{v:.1f}" for v in load) if load else "-"
-
-
-def goals(state: dict) -> list[str]:
-    lines = []
-    for name in state.get("dense", {}):
-        lat = latencies(state, name, GOAL_FLOPS)
-        if not lat:
-            lines.append(f"- {name}: >= x{GOAL_SPEEDUP} dense at batch 64 at {GOAL_FLOPS:.0%} of FLOPs removed: "
-                         "**not measured**")
-            continue
-        best = max(v["b64"]["speedup"] for v in lat)
-        verdict = "**met**" if best >= GOAL_SPEEDUP else "**missed**"
-        lines.append(f"- {name}: >= x{GOAL_SPEEDUP} dense at batch 64 at {GOAL_FLOPS:.0%} of FLOPs removed: "
-                     f"{verdict} (measured x{best:.2f}; batch 1: x{max(v['b1']['speedup'] for v in lat):.2f})")
-    return lines or ["- nothing measured yet"]
 
 
 def plot(state: dict, out: str) -> None:
