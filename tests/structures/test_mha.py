@@ -41,6 +41,7 @@ def _bool(*shape, seed=2):
 
 CALLS = {
     "self": lambda q, kv: dict(query=q, key=q, value=q, need_weights=False),
+    "self weights": lambda q, kv: dict(query=q, key=q, value=q),  # one fused q/k/v product
     "cross": lambda q, kv: dict(query=q, key=kv, value=kv, need_weights=False),
     "weights": lambda q, kv: dict(query=q, key=kv, value=kv),
     "per-head weights": lambda q, kv: dict(query=q, key=kv, value=kv, average_attn_weights=False),

@@ -69,14 +69,18 @@ class PrunedMultiheadAttention(nn.Module):
             raise ValueError("PrunedMultiheadAttention: nested tensor inputs are not supported; pass padded "
                              "tensors with key_padding_mask")
         batched = query.dim() == 3
+        self_attention = query is key and key is value  # one fused q/k/v product, as torch's own path does
         q, k, v = (x if not batched else x if self.batch_first else x.transpose(0, 1) for x in (query, key, value))
         if not batched:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         b, tq, ts, h, d = q.shape[0], q.shape[1], k.shape[1], self.num_heads, self.head_dim
-        w = self.in_proj_weight.chunk(3)
-        bias = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        q, k, v = (F.linear(x, wi, bi).view(b, -1, h, d).transpose(1, 2) for x, wi, bi in zip((q, k, v), w, bias))
+        if self_attention:
+            q, k, v = F.linear(q, self.in_proj_weight, self.in_proj_bias).view(b, tq, 3, h, d).permute(2, 0, 3, 1, 4)
+        else:
+            w = self.in_proj_weight.chunk(3)
+            bias = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q, k, v = (F.linear(x, wi, bi).view(b, -1, h, d).transpose(1, 2) for x, wi, bi in zip((q, k, v), w, bias))
         mask = self._mask(attn_mask, key_padding_mask, b, tq, ts, q.dtype)
         causal = is_causal and mask is None
         p = self.dropout if self.training else 0.0
