@@ -76,8 +76,10 @@ def write_md(state: dict, out: str) -> None:
     lines = [
         "# CPU speed of channel-pruned MNIST models against the dense ones",
         "",
-        f"Command: `{meta['command']}` (started {meta['started']}, load average {meta['load_start'][0]:.2f} "
-        f"at the start; torch {meta['torch']}; {meta['threads']} intra-op thread(s) while timing).",
+        f"Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", meta["command"]) for r in state["rows"]))
+        + f" (the last started {meta['started']}, load average {meta['load_start'][0]:.2f} at its start; each row's "
+        f"load is in the table; torch {meta['torch']}; {meta['threads']} intra-op thread(s) while timing). A run "
+        "with `--models` replaces those models' rows and keeps the others.",
         "",
         "`pk.prune_channels(model, calib, flops=f, refine='lstsq', multiple_of=m, **setup)` (set-ups: "
         + "; ".join(f"`{k}`: {v}" for k, v in SETUPS.items()) + ") on "
@@ -136,12 +138,19 @@ def main() -> None:
                       "load_start": os.getloadavg(), "torch": torch.__version__, "threads": args.threads,
                       "calibration": args.calibration, "test": args.test, "repeats": args.repeats,
                       "rounds": args.rounds}, "rows": []}
+    names = args.models.split(",")
+    if os.path.exists(args.out + ".json"):  # rows of other models stay, with the command that measured them
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        state["rows"] = [r for r in old["rows"] if r["model"] not in names]
+        for r in state["rows"]:
+            r.setdefault("command", old["meta"]["command"])
     calib = vc.calibration(0, args.calibration)
-    for name in args.models.split(","):
+    for name in names:
         dense = trained(name).eval()
         for flops in [float(f) for f in args.flops.split(",")]:
             for setup, multiple_of in [(s, int(m)) for s in args.setups.split(",") for m in args.multiples.split(",")]:
-                r = row(name, dense, calib, flops, setup, multiple_of, args)
+                r = {**row(name, dense, calib, flops, setup, multiple_of, args), "command": command}
                 state["rows"].append(r)
                 print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "
                       f"{r['accuracy']:.2f} b64 x{r['b64']['speedup']:.2f} {r['b64']['speedups']} "
