@@ -138,6 +138,17 @@ def matched_fractions(rows: list[dict], model: str) -> dict[float, str]:
     return {f: ", ".join(by) for f, by in out.items() if f is not None}
 
 
+def same_dense(name: str, recorded: dict, seeds: list[int], work: str):
+    """The cached dense model (SystemExit if it is not the one ``recorded`` rows were measured on),
+    with its calibration and test inputs written to ``work``; returns it and the test tensors."""
+    dense = trained(name)
+    md5 = hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()
+    if md5 != recorded["cache_md5"]:
+        raise SystemExit(f"{name}: the cached dense model differs from the one the rows were measured on")
+    io.write_inputs(work, name, dense, seeds)
+    return dense, io.read_tensors(work, "test")
+
+
 def add_matched(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
     """Append to ``args.out`` prunekit's rows at the FLOPs fraction each compared torch-pruning model
     removed (``report.MATCHED_RULE``), for ``args.models``; every row already there is kept."""
@@ -147,12 +158,7 @@ def add_matched(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
              "threads": args.threads, "loadavg_start": os.getloadavg(), "rule": report.MATCHED_RULE}
     rows = old["rows"]
     for name in args.models.split(","):
-        dense = trained(name)
-        md5 = hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()
-        if md5 != old["dense"][name]["cache_md5"]:
-            raise SystemExit(f"{name}: the cached dense model differs from the one the rows were measured on")
-        io.write_inputs(work, name, dense, seeds)
-        test = io.read_tensors(work, "test")
+        dense, test = same_dense(name, old["dense"][name], seeds, work)
         rows = [r for r in rows if not (r.get("matched") and r["model"] == name)]  # a rerun replaces them
         for fraction, by in matched_fractions(rows, name).items():
             new = prunekit_rows(name, dense, fraction, seeds, ft_seeds, work, test)
@@ -178,12 +184,7 @@ def add_config(args, seeds: list[int], ft_seeds: set[int], work: str) -> None:
              "config": label, "threads": args.threads, "loadavg_start": os.getloadavg(), "why": args.why,
              "finetune_seeds": sorted(ft_seeds)}
     for name in args.models.split(","):
-        dense = trained(name)
-        md5 = hashlib.md5(open(vc.cache_path(name), "rb").read()).hexdigest()
-        if md5 != old["dense"][name]["cache_md5"]:
-            raise SystemExit(f"{name}: the cached dense model differs from the one the rows were measured on")
-        io.write_inputs(work, name, dense, seeds)
-        test = io.read_tensors(work, "test")
+        dense, test = same_dense(name, old["dense"][name], seeds, work)
         targets = list(dict.fromkeys(r["target"] for r in rows if r["model"] == name and not r.get("matched")))
         rows = [r for r in rows if not (r["model"] == name and r["tool"] == "prunekit" and r["importance"] == label)]
         for target in targets:
