@@ -2,7 +2,8 @@
 
 For each model of ``_vision_common.MODELS``, each FLOPs target and each set-up of ``--setups``
 (``SETUPS``: ``l2`` = ``score="l2"`` with one uniform ratio, ``obs-global`` = ``score="obs"``
-with ``budget="global"``), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
+with ``budget="global"``, ``obs-latency`` = the same ranked per millisecond by a table from
+``pk.measure_channel_latency`` on a batch of 64, measured in the row and counted in its prune time), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
 multiple_of=m, **setup)`` for every ``m`` of ``--multiples`` (1: the channel counts the budget
 gives, e.g. 5, 11, 22; 8: every group keeps a multiple of 8 channels, which vectorised conv
 kernels favour). The pruned model's forward latency is then
@@ -40,7 +41,8 @@ from structured_vision import has_bn, trained  # noqa: E402
 OUT = os.path.join(HERE, "results", "structured_vision_speed")
 GOAL_SPEEDUP, GOAL_FLOPS = 1.5, 0.5
 RECIPES = [vc.FINETUNE, vc.GENTLE]
-SETUPS = {"l2": {"score": "l2"}, "obs-global": {"score": "obs", "budget": "global"}}
+SETUPS = {"l2": {"score": "l2"}, "obs-global": {"score": "obs", "budget": "global"},
+          "obs-latency": {"score": "obs", "budget": "global", "latency": "measured"}}
 
 
 def measure(dense, pruned, batch: int, repeats: int, rounds: int, threads: int) -> dict:
@@ -55,8 +57,11 @@ def measure(dense, pruned, batch: int, repeats: int, rounds: int, threads: int) 
 def row(name: str, dense, calib, flops: float, setup: str, multiple_of: int, args) -> dict:
     model = copy.deepcopy(dense)
     start = time.perf_counter()
+    kwargs = dict(SETUPS[setup])
+    if kwargs.get("latency") == "measured":
+        kwargs["latency"] = pk.measure_channel_latency(dense, torch.randn(64, 1, 28, 28), threads=args.threads)
     result = pk.prune_channels(model, calib, flops=flops, refine="lstsq", multiple_of=multiple_of,
-                               recalibrate_bn=has_bn(model), **SETUPS[setup])
+                               recalibrate_bn=has_bn(model), **kwargs)
     out = {"model": name, "target": flops, "setup": setup, "multiple_of": multiple_of,
            "prune_s": time.perf_counter() - start,
            "flops_removed": result.flops_removed, "params": result.params_after,
@@ -79,7 +84,7 @@ def write_md(state: dict, out: str) -> None:
         f"Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", meta["command"]) for r in state["rows"]))
         + f" (the last started {meta['started']}, load average {meta['load_start'][0]:.2f} at its start; each row's "
         f"load is in the table; torch {meta['torch']}; {meta['threads']} intra-op thread(s) while timing). A run "
-        "with `--models` replaces those models' rows and keeps the others.",
+        "with `--models` / `--setups` replaces those rows and keeps the others.",
         "",
         "`pk.prune_channels(model, calib, flops=f, refine='lstsq', multiple_of=m, **setup)` (set-ups: "
         + "; ".join(f"`{k}`: {v}" for k, v in SETUPS.items()) + ") on "
@@ -138,18 +143,19 @@ def main() -> None:
                       "load_start": os.getloadavg(), "torch": torch.__version__, "threads": args.threads,
                       "calibration": args.calibration, "test": args.test, "repeats": args.repeats,
                       "rounds": args.rounds}, "rows": []}
-    names = args.models.split(",")
-    if os.path.exists(args.out + ".json"):  # rows of other models stay, with the command that measured them
+    names, setups = args.models.split(","), args.setups.split(",")
+    if os.path.exists(args.out + ".json"):  # rows of other models / set-ups stay, with the command that measured them
         with open(args.out + ".json") as f:
             old = json.load(f)
-        state["rows"] = [r for r in old["rows"] if r["model"] not in names]
+        state["rows"] = [r for r in old["rows"] if r["model"] not in names or r.get("setup", "l2") not in setups]
+        state["notes"] = old.get("notes", [])
         for r in state["rows"]:
             r.setdefault("command", old["meta"]["command"])
     calib = vc.calibration(0, args.calibration)
     for name in names:
         dense = trained(name).eval()
         for flops in [float(f) for f in args.flops.split(",")]:
-            for setup, multiple_of in [(s, int(m)) for s in args.setups.split(",") for m in args.multiples.split(",")]:
+            for setup, multiple_of in [(s, int(m)) for s in setups for m in args.multiples.split(",")]:
                 r = {**row(name, dense, calib, flops, setup, multiple_of, args), "command": command}
                 state["rows"].append(r)
                 print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "

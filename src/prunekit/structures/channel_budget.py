@@ -133,12 +133,33 @@ def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
     return uniform_counts(graph, "flops", flops)
 
 
+def _per_millisecond(graph: ChannelGraph, ranked: list, latency) -> list:
+    """``ranked`` steps re-scored as accuracy cost per millisecond saved: each step's score divided
+    by the milliseconds per channel it saves (``latency``: a ``ChannelLatency`` table) over the
+    mean of that over all steps, so that cheap-in-time channels wait and slow ones go first."""
+    removed = [0] * len(graph.groups)
+    per_unit = []
+    for st in sorted(ranked, key=lambda st: (st.site, st.index)):  # a group's steps in order: widths
+        grp = graph.groups[st.site]
+        before = grp.count - removed[st.site]
+        removed[st.site] += st.units
+        ms = latency.saved(grp.name, before - st.units) - latency.saved(grp.name, before)
+        per_unit.append((st, max(ms, 0.0) / st.units))
+    mean = sum(ms for _, ms in per_unit) / max(len(per_unit), 1)
+    if mean <= 0:
+        raise ValueError("latency: the table says no group saves any time; measure it again on a quiet machine "
+                         "or with a larger batch")
+    floor_ms = 1e-3 * mean  # a step that saves nothing still ranks, last
+    return [type(st)(st.score / (max(ms, floor_ms) / mean), st.site, st.index, st.units) for st, ms in per_unit]
+
+
 def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fraction: float,
-                  floor: float, multiple_of: int = 1) -> list[int]:
+                  floor: float, multiple_of: int = 1, latency=None) -> list[int]:
     """Counts from one ranking of every group's channels by score divided by its group's mean
     score (:mod:`.allocate`'s normalisation and steps), each group keeping at least ``floor`` of
     its channels (and one), and a multiple of ``multiple_of`` channels (heads groups excepted;
-    a group that cannot keeps all). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
+    a group that cannot keeps all). With ``latency`` (a ``ChannelLatency`` table), each step is
+    ranked by score per millisecond saved (:func:`_per_millisecond`). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
     ``"flops"``/``"params"``: the shortest prefix that removes at least ``fraction`` of them."""
     sites = [Structure("heads" if _is_heads(grp) else "channels", str(g), (), "", grp.count)
              for g, grp in enumerate(graph.groups)]
@@ -147,8 +168,10 @@ def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fr
         counts = allocate(sites, normed, {s.owner: 1.0 for s in sites}, fraction * sum(s.units for s in sites), floor,
                           multiple_of)
         return [counts[s.owner] for s in sites]
-    ranked = sorted((st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor, multiple_of)),
-                    key=lambda st: (st.score, st.site, st.index))
+    ranked = [st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor, multiple_of)]
+    if latency is not None:
+        ranked = _per_millisecond(graph, ranked, latency)
+    ranked.sort(key=lambda st: (st.score, st.site, st.index))
     dense = _count(graph, None, what)
     counts = [0] * len(sites)
     for st in ranked:

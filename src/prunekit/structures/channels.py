@@ -26,6 +26,7 @@ from ..oneshot.registry import make_options
 from ..oneshot.snows_options import SnowsOptions
 from .budget import GLOBAL_FLOOR
 from .channel_budget import BUDGETS, global_counts, macs, ratio_counts, uniform_counts
+from .channel_latency import ChannelLatency
 from .channel_refit import check_consumers, gone_columns, repair
 from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
 from .channel_surgery import shrink_channels
@@ -116,6 +117,7 @@ def prune_channels(
     refine_options: SnowsOptions | dict | None = None,
     passthrough: Iterable[str] | None = None,
     multiple_of: int = 1,
+    latency: ChannelLatency | None = None,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
@@ -136,14 +138,22 @@ def prune_channels(
     parameters (a custom activation torch.fx cannot trace): traced as leaves, their channels can
     still go. ``multiple_of``: every group keeps a multiple of this many channels (the nearest; a
     group of ``multiple_of`` or fewer keeps all; heads groups as they are), since odd channel
-    counts run slower in vectorised conv kernels. The model's input and output
-    channels never change.
+    counts run slower in vectorised conv kernels. ``latency``: a table from
+    :func:`~prunekit.structures.channel_latency.measure_channel_latency` on this model; with
+    ``budget="global"`` and ``flops=``/``params=``, channels are ranked by accuracy cost per
+    millisecond saved on the measured machine and batch. The model's input and output channels
+    never change.
     """
     snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
                    refine_options)
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be a whole number >= 1 (the channels each group keeps are a multiple "
                          f"of it), got {multiple_of!r}")
+    if latency is not None and not isinstance(latency, ChannelLatency):
+        raise TypeError(f"latency must be a table from pk.measure_channel_latency(model, batch), got "
+                        f"{type(latency).__name__}")
+    if latency is not None and (budget != "global" or ratio is not None):
+        raise ValueError("latency= ranks channels across groups: use it with budget='global' and flops= or params=")
     floor = GLOBAL_FLOOR if floor is None else floor
     target = "ratio" if ratio is not None else "flops" if flops is not None else "params"
     fraction = ratio if ratio is not None else flops if flops is not None else params
@@ -152,6 +162,9 @@ def prune_channels(
         raise TypeError("prune_channels traces the model with positional inputs; pass tensors or tuples as batches")
     with eval_mode(model), torch.no_grad():  # tracing runs a forward: BatchNorm statistics must not move
         graph = find_channel_groups(model, calls[0][0], exclude, passthrough)
+    if latency is not None and set(latency.saved_ms) != {g.name for g in graph.groups}:
+        raise ValueError("latency: the table's channel groups are not this model's (measure it on this model, with "
+                         "the same exclude= and passthrough=)")
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")
@@ -176,7 +189,7 @@ def prune_channels(
                 stats = obs_states(model, stats)
             if budget == "global":
                 scores = [channel_scores(model, group, score, stats) for group in graph.groups]
-                counts = global_counts(graph, scores, target, fraction, floor, multiple_of)
+                counts = global_counts(graph, scores, target, fraction, floor, multiple_of, latency)
             else:
                 counts = (ratio_counts(graph, ratio, multiple_of) if ratio is not None else
                           uniform_counts(graph, target, fraction, multiple_of))
