@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..calls import eval_mode
+from ..speed import forward_latency
 from .channel_surgery import shrink_channels
 from .channel_types import ChannelGraph
 from .channels_graph import find_channel_groups
@@ -64,16 +64,9 @@ def _widths(count: int, points: int) -> list[int]:
 
 
 def _forward_ms(model: nn.Module, dense: nn.Module, x: tuple, repeats: int) -> tuple[float, float]:
-    """Median ms of ``dense(*x)`` and ``model(*x)``, alternated repeat by repeat after 2 warm-ups."""
-    for _ in range(2):
-        dense(*x), model(*x)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for net, out in ((dense, times[0]), (model, times[1])):
-            start = time.perf_counter()
-            net(*x)
-            out.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times[0]), statistics.median(times[1])
+    """Median ms of ``dense(*x)`` and ``model(*x)``, taking turns (:func:`prunekit.speed.forward_latency`)."""
+    times = forward_latency({"dense": dense, "pruned": model}, x, repeats=repeats)
+    return statistics.median(times["dense"]), statistics.median(times["pruned"])
 
 
 def narrowed(model: nn.Module, graph: ChannelGraph, group: int, kept: int) -> nn.Module:
@@ -89,7 +82,7 @@ def narrowed(model: nn.Module, graph: ChannelGraph, group: int, kept: int) -> nn
 
 
 @torch.no_grad()
-def measure_channel_latency(model: nn.Module, example: Any, *, points: int = 4, repeats: int = 10,
+def measure_channel_latency(model: nn.Module, example: Any, *, points: int = 4, repeats: int = 20,
                             threads: int | None = None, exclude: str | Iterable[str] | None = None,
                             passthrough: Iterable[str] | None = None) -> ChannelLatency:
     """Time ``model`` on ``example`` (a tensor or tuple of positional inputs: the batch the model
