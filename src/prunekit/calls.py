@@ -9,6 +9,7 @@ model dispatched with accelerate runs (``home_device``) is read here too, withou
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -124,3 +125,33 @@ def home_device(model: nn.Module) -> torch.device:
             dev = hook.execution_device
             return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
     return model_device(model)
+
+
+def forward_latency(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats: int = 10,
+                    warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds of each of ``repeats`` forwards per model (after ``warmup`` uncounted ones),
+    the models taking turns on the same inputs, in eval mode without gradients. The models are
+    left as they were (modes included)."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    inputs = {name: to_device(example_inputs, model_device(m)) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            for name, m in models.items():
+                with eval_mode(m):
+                    device = model_device(m)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    call(m, inputs[name])
+                    _sync(device)
+                    if i >= warmup:
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

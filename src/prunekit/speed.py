@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .calls import call, eval_mode, model_device, to_device
+from .calls import forward_latency
 from .report import human_count, human_flops, model_report
 
 
@@ -84,31 +83,6 @@ class SpeedReport:
     to_markdown = to_terminal  # the table is plain text; prunekit report puts it in a code block
 
 
-def forward_latency(models: Mapping[str, nn.Module], example_inputs: Any, *, repeats: int = 10,
-                    warmup: int = 2) -> dict[str, list[float]]:
-    """Milliseconds of each of ``repeats`` forwards per model (after ``warmup`` uncounted ones),
-    the models taking turns on the same inputs, in eval mode without gradients. The models are
-    left as they were (modes included)."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-    inputs = {name: to_device(example_inputs, model_device(m)) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for name, m in models.items():
-                with eval_mode(m):
-                    device = model_device(m)
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    call(m, inputs[name])
-                    _sync(device)
-                    if i >= warmup:
-                        times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def speed_report(model: nn.Module, example_inputs: Any, baseline: nn.Module | None = None, *,
                  names: tuple[str, str] = ("model", "baseline"), repeats: int = 10, warmup: int = 2) -> SpeedReport:
     """Parameters, FLOPs and measured latency of ``model`` (and ``baseline``, measured in turn
@@ -123,8 +97,3 @@ def speed_report(model: nn.Module, example_inputs: Any, baseline: nn.Module | No
         rows.append(ModelSpeed(name, r.total_params, r.total_nonzeros, r.flops_dense, r.flops_sparse,
                                statistics.median(times[name]), times[name]))
     return SpeedReport(rows[0], rows[1] if baseline is not None else None, torch.get_num_threads(), repeats, warmup)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -20,8 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..calls import eval_mode
-from ..speed import forward_latency
+from ..calls import eval_mode, forward_latency
 from .channel_surgery import shrink_channels
 from .channel_types import ChannelGraph
 from .channels_graph import find_channel_groups
@@ -64,7 +63,7 @@ def _widths(count: int, points: int) -> list[int]:
 
 
 def _forward_ms(model: nn.Module, dense: nn.Module, x: tuple, repeats: int) -> tuple[float, float]:
-    """Median ms of ``dense(*x)`` and ``model(*x)``, taking turns (:func:`prunekit.speed.forward_latency`)."""
+    """Median ms of ``dense(*x)`` and ``model(*x)``, taking turns (:func:`prunekit.calls.forward_latency`)."""
     times = forward_latency({"dense": dense, "pruned": model}, x, repeats=repeats)
     return statistics.median(times["dense"]), statistics.median(times["pruned"])
 
