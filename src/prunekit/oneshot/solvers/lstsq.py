@@ -41,6 +41,20 @@ def _solve_spd_batch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_refit_shapes(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor,
+                       cross: torch.Tensor | None) -> None:
+    """A ValueError naming the argument unless ``weight`` is ``[d_out, d_in]``, ``mask`` has its
+    shape and ``hessian`` / ``cross`` (when given) are ``[d_in, d_in]`` (every refit's inputs)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D matrix [d_out, d_in], got shape {tuple(weight.shape)}")
+    d_out, d_in = weight.shape
+    if tuple(mask.shape) != (d_out, d_in):
+        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    for name, m in (("hessian", hessian), ("cross", cross)):
+        if m is not None and tuple(m.shape) != (d_in, d_in):
+            raise ValueError(f"{name} must be [{d_in}, {d_in}], got {tuple(m.shape)}")
+
+
 def lstsq_refit(
     weight: torch.Tensor,
     mask: torch.Tensor,
@@ -61,15 +75,8 @@ def lstsq_refit(
     of ``[rows, k, k]`` submatrices, chunked so one batch stays under :data:`CHUNK_BYTES`
     (e.g. d_in = 3072 at 50%: ~1.5 Gflop per row; 1536 rows take a few minutes on 2 cores).
     """
-    if weight.dim() != 2:
-        raise ValueError(f"lstsq_refit expects a 2-D weight matrix [d_out, d_in], got shape {tuple(weight.shape)}")
+    check_refit_shapes(weight, mask, hessian, cross)
     d_out, d_in = weight.shape
-    if tuple(mask.shape) != (d_out, d_in):
-        raise ValueError(f"mask must have shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if tuple(hessian.shape) != (d_in, d_in):
-        raise ValueError(f"hessian must be [{d_in}, {d_in}], got {tuple(hessian.shape)}")
-    if cross is not None and tuple(cross.shape) != (d_in, d_in):
-        raise ValueError(f"cross must be [{d_in}, {d_in}], got {tuple(cross.shape)}")
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .lstsq import lstsq_refit
+from .lstsq import check_refit_shapes, lstsq_refit
 
 __all__ = ["lstsq_cg", "lstsq_warm_start", "uses_exact", "exact_flops", "cg_flops",
            "CG_MAX_ITER", "CG_TOL", "EXACT_SLOWDOWN"]
@@ -27,17 +27,6 @@ CG_TOL = 1e-3
 #: the exact solve's batched Cholesky and gathers run at about a third of a GEMM's flop rate on
 #: CPU (2 shared cores, 256x2304 at 50%: 1.3e11 flops in 17 s; 50 CG iterations, 1.4e11 flops, 7 s)
 EXACT_SLOWDOWN = 3.0
-
-
-def _check(weight: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor | None) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D matrix [d_out, d_in], got shape {tuple(weight.shape)}")
-    d_out, d_in = weight.shape
-    if tuple(mask.shape) != (d_out, d_in):
-        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    for name, m in (("hessian", hessian), ("cross", cross)):
-        if m is not None and tuple(m.shape) != (d_in, d_in):
-            raise ValueError(f"{name} must be [{d_in}, {d_in}], got {tuple(m.shape)}")
 
 
 def lstsq_cg(
@@ -60,7 +49,7 @@ def lstsq_cg(
     at least); returns the refit in the weight's dtype, exactly zero off ``mask``. Cost:
     ``2 d_out d_in^2`` flops per iteration.
     """
-    _check(weight, mask, hessian, cross)
+    check_refit_shapes(weight, mask, hessian, cross)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
     if not tol >= 0 or not damp >= 0:
@@ -132,7 +121,7 @@ def lstsq_warm_start(
     layers, ``d_in`` up to about 800 at 50% with the default cap), else :func:`lstsq_cg`.
     The Newton steps that follow refit the weights anyway, so a warm start within CG's tolerance
     of the exact one is enough; the exact one costs ``O(d_in^3)`` per row."""
-    _check(weight, mask, hessian, cross)
+    check_refit_shapes(weight, mask, hessian, cross)
     if uses_exact(mask, max_iter):
         return lstsq_refit(weight, mask, hessian, cross, damp=damp, dtype=dtype)
     return lstsq_cg(weight, mask, hessian, cross, damp=damp, max_iter=max_iter, dtype=dtype)
