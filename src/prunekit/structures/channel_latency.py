@@ -58,8 +58,7 @@ class ChannelLatency:
 
 def _widths(count: int, points: int) -> list[int]:
     """``points`` kept widths from ``count`` down to 1 (distinct, descending), ``count`` first."""
-    out = sorted({max(1, round(count * (points - i) / points)) for i in range(points)} | {count, 1}, reverse=True)
-    return out
+    return sorted({max(1, round(count * (points - i) / points)) for i in range(points)} | {count, 1}, reverse=True)
 
 
 def _forward_ms(model: nn.Module, dense: nn.Module, x: tuple, repeats: int) -> tuple[float, float]:
@@ -97,17 +96,16 @@ def measure_channel_latency(model: nn.Module, example: Any, *, points: int = 4, 
     before = torch.get_num_threads()
     with eval_mode(model):
         graph = find_channel_groups(model, x, exclude, passthrough)
-        dense = copy.deepcopy(model)
         try:
             if threads is not None:
                 torch.set_num_threads(threads)
-            dense_ms = statistics.median(_forward_ms(dense, dense, x, repeats))
+            dense_ms = statistics.median(forward_latency({"dense": model}, x, repeats=repeats)["dense"])
             table = ChannelLatency(dense_ms, {}, int(x[0].shape[0]), torch.get_num_threads(), repeats)
             for g, grp in enumerate(graph.groups):
                 saved: dict[int, float] = {grp.count: 0.0}
                 best = 0.0
                 for kept in _widths(grp.count, points)[1:]:
-                    d_ms, p_ms = _forward_ms(narrowed(dense, graph, g, kept).eval(), dense, x, repeats)
+                    d_ms, p_ms = _forward_ms(narrowed(model, graph, g, kept).eval(), model, x, repeats)
                     best = max(best, d_ms - p_ms)  # a narrower group never costs more time than a wider one
                     saved[kept] = best
                 table.saved_ms[grp.name] = saved
