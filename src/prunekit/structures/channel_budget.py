@@ -134,33 +134,57 @@ def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
 
 
 def _per_millisecond(graph: ChannelGraph, ranked: list, latency) -> list:
-    """``ranked`` steps re-scored as accuracy cost per millisecond saved: each step's score divided
-    by the milliseconds per channel it saves (``latency``: a ``ChannelLatency`` table) over the
-    mean of that over all steps, so that cheap-in-time channels wait and slow ones go first."""
-    removed = [0] * len(graph.groups)
-    per_unit = []
-    for st in sorted(ranked, key=lambda st: (st.site, st.index)):  # a group's steps in order: widths
-        grp = graph.groups[st.site]
-        before = grp.count - removed[st.site]
-        removed[st.site] += st.units
-        ms = latency.saved(grp.name, before - st.units) - latency.saved(grp.name, before)
-        per_unit.append((st, max(ms, 0.0) / st.units))
-    mean = sum(ms for _, ms in per_unit) / max(len(per_unit), 1)
+    """``ranked`` steps re-scored as accuracy cost per millisecond saved: each step's cost (score
+    times channels) over the milliseconds it saves (``latency``: a ``ChannelLatency`` table), times
+    the mean milliseconds per channel, so that channels slow to compute but cheap in accuracy go
+    first. A group's steps must go in order (their widths), and a measured table saves time in
+    jumps (a kernel's vector width), so a step that saves little before one that saves much is
+    pooled with it (adjacent steps merged into one cost per millisecond until the costs rise along
+    the group: isotonic pooling, the convex hull of the group's cost against time)."""
+    by_site: dict[int, list] = {}
+    for st in sorted(ranked, key=lambda st: (st.site, st.index)):
+        by_site.setdefault(st.site, []).append(st)
+    saved: dict[int, list[float]] = {}
+    for site, sts in by_site.items():
+        grp, removed, ms = graph.groups[site], 0, []
+        for st in sts:
+            before = grp.count - removed
+            removed += st.units
+            ms.append(max(latency.saved(grp.name, before - st.units) - latency.saved(grp.name, before), 0.0))
+        saved[site] = ms
+    units = sum(st.units for sts in by_site.values() for st in sts)
+    mean = sum(sum(ms) for ms in saved.values()) / max(units, 1)  # ms per channel, over every step
     if mean <= 0:
         raise ValueError("latency: the table says no group saves any time; measure it again on a quiet machine "
                          "or with a larger batch")
     floor_ms = 1e-3 * mean  # a step that saves nothing still ranks, last
-    return [type(st)(st.score / (max(ms, floor_ms) / mean), st.site, st.index, st.units) for st, ms in per_unit]
+    out = []
+    for site, sts in by_site.items():
+        blocks: list[list] = []  # [cost, ms, steps]
+        for st, ms in zip(sts, saved[site]):
+            blocks.append([st.score * st.units, ms, [st]])  # cost / 0 ms: infinite, pooled with what follows
+            while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+                cost, ms_, grouped = blocks.pop()
+                blocks[-1][0] += cost
+                blocks[-1][1] += ms_
+                blocks[-1][2] += grouped
+        for cost, ms, grouped in blocks:
+            ms = max(ms, floor_ms * sum(st.units for st in grouped))
+            out += [type(st)(cost / ms * mean, st.site, st.index, st.units) for st in grouped]
+    return out
 
 
-def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fraction: float,
-                  floor: float, multiple_of: int = 1, latency=None) -> list[int]:
+def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str | None, fraction: float | None,
+                  floor: float, multiple_of: int = 1, latency=None, speedup: float | None = None) -> list[int]:
     """Counts from one ranking of every group's channels by score divided by its group's mean
     score (:mod:`.allocate`'s normalisation and steps), each group keeping at least ``floor`` of
     its channels (and one), and a multiple of ``multiple_of`` channels (heads groups excepted;
     a group that cannot keeps all). With ``latency`` (a ``ChannelLatency`` table), each step is
-    ranked by score per millisecond saved (:func:`_per_millisecond`). ``what="ratio"``: the prefix closest to ``fraction`` of all channels;
-    ``"flops"``/``"params"``: the shortest prefix that removes at least ``fraction`` of them."""
+    ranked by score per millisecond saved (:func:`_per_millisecond`). ``what="ratio"``: the prefix
+    closest to ``fraction`` of all channels; ``"flops"``/``"params"``: the shortest prefix that
+    removes at least ``fraction`` of them. ``speedup`` (with ``latency``): first the shortest prefix
+    of the per-millisecond ranking that the table predicts runs ``speedup`` times faster than dense,
+    then, if ``what`` is given and not yet reached, the remaining steps by score alone."""
     sites = [Structure("heads" if _is_heads(grp) else "channels", str(g), (), "", grp.count)
              for g, grp in enumerate(graph.groups)]
     normed = {s.owner: v.double() / v.double().mean().clamp_min(1e-300) for s, v in zip(sites, scores)}
@@ -169,15 +193,35 @@ def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str, fr
                           multiple_of)
         return [counts[s.owner] for s in sites]
     ranked = [st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor, multiple_of)]
-    if latency is not None:
-        ranked = _per_millisecond(graph, ranked, latency)
-    ranked.sort(key=lambda st: (st.score, st.site, st.index))
-    dense = _count(graph, None, what)
+    order = lambda sts: sorted(sts, key=lambda st: (st.score, st.site, st.index))  # noqa: E731
+    by_score = order(ranked)
+    by_time = order(_per_millisecond(graph, ranked, latency)) if latency is not None else by_score
     counts = [0] * len(sites)
-    for st in ranked:
-        counts[st.site] += st.units
-        if 1 - _count(graph, counts, what) / dense >= fraction - 1e-12:
-            return counts
+    taken: set[tuple[int, int]] = set()
+
+    def take(ranking: list, done) -> bool:
+        for st in ranking:
+            if done():
+                return True
+            if (st.site, st.index) not in taken:
+                taken.add((st.site, st.index))
+                counts[st.site] += st.units
+        return done()
+
+    if speedup is not None:
+        fast = lambda: latency.predicted_speedup(  # noqa: E731
+            {g.name: g.count - n for g, n in zip(graph.groups, counts)}) >= speedup - 1e-12
+        if not take(by_time, fast):
+            most = latency.predicted_speedup({g.name: g.count - n for g, n in zip(graph.groups, counts)})
+            raise ValueError(f"speedup={speedup:g} cannot be reached: the latency table predicts at most x{most:.2f} "
+                             f"with every group at its floor (floor={floor:g}); lower speedup= or floor=, or measure "
+                             f"the table with a larger batch")
+    if what is None:
+        return counts
+    dense = _count(graph, None, what)
+    reached = lambda: 1 - _count(graph, counts, what) / dense >= fraction - 1e-12  # noqa: E731
+    if take(by_time if speedup is None else by_score, reached):
+        return counts
     reach = 1 - _count(graph, counts, what) / dense
     raise ValueError(f"budget='global': floor={floor:g} keeps too much to remove {what}={fraction}; the floors "
                      f"allow at most {100 * reach:.1f}%; lower floor= or {what}=")

@@ -13,6 +13,7 @@ repeatable.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -54,6 +55,13 @@ class ChannelLatency:
         if hi == lo:
             return table[lo]
         return table[lo] + (table[hi] - table[lo]) * (kept - lo) / (hi - lo)
+
+    def predicted_speedup(self, kept: dict[str, int]) -> float:
+        """Dense time over the dense time less every group's saving at its ``kept`` width (groups
+        not named keep all; groups assumed to add up): what the table expects the pruned model to
+        gain; measure the pruned model to know."""
+        left = self.dense_ms - sum(self.saved(group, k) for group, k in kept.items())
+        return self.dense_ms / left if left > 0 else math.inf
 
 
 def _widths(count: int, points: int) -> list[int]:

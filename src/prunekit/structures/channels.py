@@ -52,6 +52,7 @@ class ChannelResult:
     params_after: int = 0
     bn_batches: int = 0
     seconds: float = 0.0
+    predicted_speedup: float | None = None
 
     @property
     def flops_removed(self) -> float:
@@ -63,6 +64,8 @@ class ChannelResult:
         lines += [f"refit {name}: output error {d:.4g} dropped -> {e:.4g} refit" for name, (d, e) in self.refits.items()]
         lines.append(f"multiply-adds {self.macs_before:,} -> {self.macs_after:,} ({100 * self.flops_removed:.1f}% "
                      f"fewer); parameters {self.params_before:,} -> {self.params_after:,} in {self.seconds:.1f} s")
+        if self.predicted_speedup is not None:
+            lines.append(f"the latency table predicts x{self.predicted_speedup:.2f} dense speed (measure it to know)")
         return "\n".join(lines)
 
 
@@ -75,11 +78,24 @@ def _fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
 
-def _check(targets: dict[str, Any], score, refine, damp, budget, floor, refine_options) -> SnowsOptions | None:
+def _check_speedup(speedup: Any, latency: ChannelLatency | None) -> None:
+    if speedup is None:
+        return
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 < speedup < float("inf"):
+        raise ValueError(f"speedup must be a number > 1 (how many times faster than dense the latency table must "
+                         f"predict the pruned model), got {speedup!r}")
+    if latency is None:
+        raise ValueError("speedup= is predicted from a measured latency table: pass latency=pk.measure_channel_latency("
+                         "model, batch) and budget='global' with it")
+
+
+def _check(targets: dict[str, Any], score, refine, damp, budget, floor, refine_options,
+           speedup: Any = None) -> SnowsOptions | None:
     given = [k for k, v in targets.items() if v is not None]
-    if len(given) != 1:
+    if len(given) > 1 or (not given and speedup is None):
         raise ValueError("give exactly one of ratio= (fraction of every group's channels), flops= (fraction of the "
-                         f"multiply-adds to remove) or params= (fraction of the parameters); got {given or 'none'}")
+                         f"multiply-adds to remove) or params= (fraction of the parameters); got {given or 'none'}"
+                         + ("" if given else " (or speedup= with a latency= table)"))
     for name, value in targets.items():
         _fraction(name, value)
     if score not in SCORES:
@@ -118,6 +134,7 @@ def prune_channels(
     passthrough: Iterable[str] | None = None,
     multiple_of: int = 1,
     latency: ChannelLatency | None = None,
+    speedup: float | None = None,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
@@ -141,11 +158,14 @@ def prune_channels(
     counts run slower in vectorised conv kernels. ``latency``: a table from
     :func:`~prunekit.structures.channel_latency.measure_channel_latency` on this model; with
     ``budget="global"`` and ``flops=``/``params=``, channels are ranked by accuracy cost per
-    millisecond saved on the measured machine and batch. The model's input and output channels
-    never change.
+    millisecond saved on the measured machine and batch. ``speedup`` (with ``latency`` and
+    ``budget="global"``): remove channels in that order until the table predicts the model runs
+    this many times faster than dense, then, if ``flops=``/``params=`` is also given and not yet
+    reached, by score alone until it is; alone it is the target. The model's input and output
+    channels never change.
     """
     snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
-                   refine_options)
+                   refine_options, speedup)
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be a whole number >= 1 (the channels each group keeps are a multiple "
                          f"of it), got {multiple_of!r}")
@@ -153,9 +173,11 @@ def prune_channels(
         raise TypeError(f"latency must be a table from pk.measure_channel_latency(model, batch), got "
                         f"{type(latency).__name__}")
     if latency is not None and (budget != "global" or ratio is not None):
-        raise ValueError("latency= ranks channels across groups: use it with budget='global' and flops= or params=")
+        raise ValueError("latency= ranks channels across groups: use it with budget='global' and flops=, params= "
+                         "or speedup=")
+    _check_speedup(speedup, latency)
     floor = GLOBAL_FLOOR if floor is None else floor
-    target = "ratio" if ratio is not None else "flops" if flops is not None else "params"
+    target = "ratio" if ratio is not None else "flops" if flops is not None else "params" if params is not None else None
     fraction = ratio if ratio is not None else flops if flops is not None else params
     calls = collect_batches(calibration, max_batches)
     if calls[0][1]:
@@ -189,14 +211,14 @@ def prune_channels(
                 stats = obs_states(model, stats)
             if budget == "global":
                 scores = [channel_scores(model, group, score, stats) for group in graph.groups]
-                counts = global_counts(graph, scores, target, fraction, floor, multiple_of, latency)
+                counts = global_counts(graph, scores, target, fraction, floor, multiple_of, latency, speedup)
             else:
                 counts = (ratio_counts(graph, ratio, multiple_of) if ratio is not None else
                           uniform_counts(graph, target, fraction, multiple_of))
             for group, n in zip(graph.groups, counts):
                 if n >= group.count:
                     raise ValueError(f"{group.name}: removing {n} of its {group.count} channels leaves none; lower "
-                                     f"{target}")
+                                     f"{target or 'speedup'}")
             removed = {g: (obs_choose(model, group, n, stats) if score == "obs" else
                            lowest(channel_scores(model, group, score, stats), n))
                        for g, (group, n) in enumerate(zip(graph.groups, counts)) if n}
@@ -220,6 +242,8 @@ def prune_channels(
         model.train(was_training)
     result.macs_after = macs(graph, [len(removed.get(g, [])) for g in range(len(graph.groups))])
     result.params_after = sum(p.numel() for p in model.parameters())
+    if latency is not None:
+        result.predicted_speedup = latency.predicted_speedup({r.owner: r.units_after for r in result.reports})
     result.seconds = time.perf_counter() - start
     return result
 
