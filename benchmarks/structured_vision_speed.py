@@ -5,7 +5,10 @@ For each model of ``_vision_common.MODELS``, each FLOPs target and each set-up o
 with ``budget="global"``, ``obs-latency`` = the same ranked per millisecond by a table from
 ``pk.measure_channel_latency`` on a batch of 64 (measured once per model in a run, its time in
 ``table_s``), ``obs-speedup`` = that ranking only until the table predicts x1.5 (``speedup=1.5``),
-then by score until the FLOPs target), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
+then by score until the FLOPs target, ``sens-global`` / ``sens-speedup`` = ``obs-global`` /
+``obs-speedup`` with groups ranked by the output error measured by ``pk.measure_channel_sensitivity``
+(score obs, least squares, the calibration images; once per model, its time in ``sensitivity_s``)
+instead of normalised scores), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
 multiple_of=m, **setup)`` for every ``m`` of ``--multiples`` (1: the channel counts the budget
 gives, e.g. 5, 11, 22; 8: every group keeps a multiple of 8 channels, which vectorised conv
 kernels favour). The pruned model's forward latency is then
@@ -45,7 +48,10 @@ GOAL_SPEEDUP, GOAL_FLOPS = 1.5, 0.5
 RECIPES = [vc.FINETUNE, vc.GENTLE]
 SETUPS = {"l2": {"score": "l2"}, "obs-global": {"score": "obs", "budget": "global"},
           "obs-latency": {"score": "obs", "budget": "global", "latency": "measured"},
-          "obs-speedup": {"score": "obs", "budget": "global", "latency": "measured", "speedup": GOAL_SPEEDUP}}
+          "obs-speedup": {"score": "obs", "budget": "global", "latency": "measured", "speedup": GOAL_SPEEDUP},
+          "sens-global": {"score": "obs", "budget": "global", "sensitivity": "measured"},
+          "sens-speedup": {"score": "obs", "budget": "global", "sensitivity": "measured", "latency": "measured",
+                           "speedup": GOAL_SPEEDUP}}
 
 
 def measure(dense, pruned, batch: int, repeats: int, rounds: int, threads: int) -> dict:
@@ -67,17 +73,37 @@ def latency_table(dense, args, tables: dict) -> tuple[pk.ChannelLatency, float]:
     return tables[id(dense)]
 
 
+def sensitivity_table(dense, calib, tables: dict) -> tuple[pk.ChannelSensitivity, float]:
+    """The model's ``pk.measure_channel_sensitivity`` table (score obs) on the calibration images,
+    measured on first use in this run, and the seconds that took."""
+    key = ("sensitivity", id(dense))
+    if key not in tables:
+        start = time.perf_counter()
+        table = pk.measure_channel_sensitivity(dense, calib, score="obs")
+        tables[key] = (table, time.perf_counter() - start)
+    return tables[key]
+
+
 def row(name: str, dense, calib, flops: float, setup: str, multiple_of: int, args, tables: dict) -> dict:
     model = copy.deepcopy(dense)
     kwargs = dict(SETUPS[setup])
-    table_s = None
+    table_s = sensitivity_s = None
     if kwargs.get("latency") == "measured":
         kwargs["latency"], table_s = latency_table(dense, args, tables)
+    if kwargs.get("sensitivity") == "measured":
+        kwargs["sensitivity"], sensitivity_s = sensitivity_table(dense, calib, tables)
     start = time.perf_counter()
-    result = pk.prune_channels(model, calib, flops=flops, refine="lstsq", multiple_of=multiple_of,
-                               recalibrate_bn=has_bn(model), **kwargs)
-    out = {"model": name, "target": flops, "setup": setup, "multiple_of": multiple_of,
-           "prune_s": time.perf_counter() - start, "table_s": table_s, "predicted_speedup": result.predicted_speedup,
+    out = {"model": name, "target": flops, "setup": setup, "multiple_of": multiple_of}
+    try:
+        result = pk.prune_channels(model, calib, flops=flops, refine="lstsq", multiple_of=multiple_of,
+                                   recalibrate_bn=has_bn(model), **kwargs)
+    except ValueError as e:  # a speed target the table says cannot be reached: recorded, not timed
+        if "speedup" not in kwargs:
+            raise
+        return {**out, "refused": str(e), "table_s": table_s, "sensitivity_s": sensitivity_s}
+    out = {**out,
+           "prune_s": time.perf_counter() - start, "table_s": table_s, "sensitivity_s": sensitivity_s,
+           "predicted_speedup": result.predicted_speedup,
            "flops_removed": result.flops_removed, "params": result.params_after,
            "channels": {r.owner: [r.units_before, r.units_after] for r in result.reports},
            "accuracy": vc.test_accuracy(model, args.test)}
@@ -103,7 +129,7 @@ def write_md(state: dict, out: str) -> None:
         f"Commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", meta["command"]) for r in state["rows"]))
         + f" (the last started {meta['started']}, load average {meta['load_start'][0]:.2f} at its start; each row's "
         f"load is in the table; torch {meta['torch']}; {meta['threads']} intra-op thread(s) while timing). A run "
-        "with `--models` / `--setups` replaces those rows and keeps the others.",
+        "with `--models` / `--setups` / `--flops` / `--multiples` replaces those rows and keeps the others.",
         "",
         "`pk.prune_channels(model, calib, flops=f, refine='lstsq', multiple_of=m, **setup)` (set-ups: "
         + "; ".join(f"`{k}`: {v}" for k, v in SETUPS.items()) + ") on "
@@ -120,6 +146,10 @@ def write_md(state: dict, out: str) -> None:
         "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in state["rows"]:
+        if "refused" in r:
+            lines.append(f"| {r['model']} | {r['target']:.0%} | {r['setup']} | {r['multiple_of']} | refused: "
+                         f"{r['refused']} |" + " |" * 10)
+            continue
         kept = ", ".join(str(v[1]) for v in r["channels"].values())
         fts = " / ".join(f"{r[f'accuracy_ft_{x.label}']:.2f}" for x in RECIPES)
         lines.append(f"| {r['model']} | {r['target']:.0%} | {r.get('setup', 'l2')} | {r['multiple_of']} | {100 * r['flops_removed']:.1f}% | "
@@ -130,7 +160,7 @@ def write_md(state: dict, out: str) -> None:
     lines += ["", "## Goal: >= x1.5 dense at batch 64 at 50% of the FLOPs removed", ""]
     for name in dict.fromkeys(r["model"] for r in state["rows"]):
         for r in state["rows"]:
-            if r["model"] == name and r["target"] == GOAL_FLOPS:
+            if r["model"] == name and r["target"] == GOAL_FLOPS and "refused" not in r:
                 verdict = "**met**" if r["b64"]["speedup"] >= GOAL_SPEEDUP else "**missed**"
                 lines.append(f"- {name}, {r.get('setup', 'l2')}, multiple_of={r['multiple_of']} ({100 * r['flops_removed']:.1f}% removed): "
                              f"{verdict}, x{r['b64']['speedup']:.2f}")
@@ -166,7 +196,10 @@ def main() -> None:
     if os.path.exists(args.out + ".json"):  # rows of other models / set-ups stay, with the command that measured them
         with open(args.out + ".json") as f:
             old = json.load(f)
-        state["rows"] = [r for r in old["rows"] if r["model"] not in names or r.get("setup", "l2") not in setups]
+        fresh = {(n, s, float(f), int(m)) for n in names for s in setups for f in args.flops.split(",")
+                 for m in args.multiples.split(",")}
+        state["rows"] = [r for r in old["rows"]
+                         if (r["model"], r.get("setup", "l2"), r["target"], r["multiple_of"]) not in fresh]
         state["notes"] = old.get("notes", [])
         for r in state["rows"]:
             r.setdefault("command", old["meta"]["command"])
@@ -178,9 +211,12 @@ def main() -> None:
             for setup, multiple_of in [(s, int(m)) for s in setups for m in args.multiples.split(",")]:
                 r = {**row(name, dense, calib, flops, setup, multiple_of, args, tables), "command": command}
                 state["rows"].append(r)
-                print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "
-                      f"{r['accuracy']:.2f} b64 x{r['b64']['speedup']:.2f} {r['b64']['speedups']} "
-                      f"b1 x{r['b1']['speedup']:.2f}", flush=True)
+                if "refused" in r:
+                    print(f"{name} {flops} {setup} multiple_of={multiple_of}: {r['refused']}", flush=True)
+                else:
+                    print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "
+                          f"{r['accuracy']:.2f} b64 x{r['b64']['speedup']:.2f} {r['b64']['speedups']} "
+                          f"b1 x{r['b1']['speedup']:.2f}", flush=True)
                 with open(args.out + ".json", "w") as f:
                     json.dump(state, f, indent=1)
                 write_md(state, args.out)

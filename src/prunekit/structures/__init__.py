@@ -1,6 +1,7 @@
 """Structured pruning: whole MLP neurons, attention heads and experts removed, the rest repaired, the
 modules made physically smaller (see shared/specs/structured.md)."""
 from .channel_latency import ChannelLatency, measure_channel_latency
+from .channel_sensitivity import ChannelSensitivity, measure_channel_sensitivity
 from .channels import ChannelResult, prune_channels
 from .channels_graph import find_channel_groups
 from .config import StructuredConfig
@@ -12,7 +13,7 @@ from .expert_pruning import ExpertsResult, prune_experts, score_experts
 from .shapes import apply_structure_shapes, structure_shapes
 from .units import Structure, StructureReport
 
-__all__ = ["ChannelLatency", "ChannelResult", "DepthResult", "ExpertSite", "ExpertsResult", "Structure", "StructuredConfig",
+__all__ = ["ChannelLatency", "ChannelResult", "ChannelSensitivity", "DepthResult", "ExpertSite", "ExpertsResult", "Structure", "StructuredConfig",
            "apply_structure_shapes", "block_importance", "find_channel_groups", "find_experts", "find_structures",
-           "measure_channel_latency", "prune_blocks", "prune_channels", "prune_experts", "prune_structured", "score_experts", "StructureReport",
+           "measure_channel_latency", "measure_channel_sensitivity", "prune_blocks", "prune_channels", "prune_experts", "prune_structured", "score_experts", "StructureReport",
            "StructuredResult", "structure_shapes"]

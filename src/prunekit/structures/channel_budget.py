@@ -133,54 +133,83 @@ def flops_counts(graph: ChannelGraph, flops: float) -> list[int]:
     return uniform_counts(graph, "flops", flops)
 
 
+def _by_site(ranked: list) -> dict[int, list]:
+    """Each group's steps, in order (their widths)."""
+    out: dict[int, list] = {}
+    for st in sorted(ranked, key=lambda st: (st.site, st.index)):
+        out.setdefault(st.site, []).append(st)
+    return out
+
+
+def _along(graph: ChannelGraph, sts: list, value) -> list[float]:
+    """What each of a group's steps (in order) adds to ``value(group name, kept channels)``, which
+    never falls as channels go (a measured table: milliseconds saved, output error)."""
+    grp, removed, out = graph.groups[sts[0].site], 0, []
+    for st in sts:
+        before = grp.count - removed
+        removed += st.units
+        out.append(max(value(grp.name, before - st.units) - value(grp.name, before), 0.0))
+    return out
+
+
+def _pooled(sts: list, costs: list[float], amounts: list[float], floor: float, scale: float) -> list:
+    """A group's steps re-scored as cost per amount (times ``scale``; an amount below ``floor``
+    per channel counts as ``floor``). The steps must go in order, and measured tables change in
+    jumps (a kernel's vector width), so a step with a high cost per amount before one with a low
+    one is pooled with it: adjacent steps merged into one cost per amount until the costs rise along
+    the group (isotonic pooling, the convex hull of the group's cost against the amount)."""
+    blocks: list[list] = []  # [cost, amount, steps]
+    for st, cost, amount in zip(sts, costs, amounts):
+        blocks.append([cost, amount, [st]])  # cost / 0: infinite, pooled with what follows
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            cost_, amount_, grouped = blocks.pop()
+            blocks[-1][0] += cost_
+            blocks[-1][1] += amount_
+            blocks[-1][2] += grouped
+    out = []
+    for cost, amount, grouped in blocks:
+        amount = max(amount, floor * sum(st.units for st in grouped))
+        out += [type(st)(cost / amount * scale if cost else 0.0, st.site, st.index, st.units) for st in grouped]
+    return out
+
+
+def _by_sensitivity(graph: ChannelGraph, ranked: list, sensitivity) -> list:
+    """``ranked`` steps re-scored by measured output error per channel (``sensitivity``: a
+    ``ChannelSensitivity`` table), a group's steps pooled so that they rise (:func:`_pooled`)."""
+    out = []
+    for sts in _by_site(ranked).values():
+        out += _pooled(sts, _along(graph, sts, sensitivity.cost), [float(st.units) for st in sts], 1.0, 1.0)
+    return out
+
+
 def _per_millisecond(graph: ChannelGraph, ranked: list, latency) -> list:
     """``ranked`` steps re-scored as accuracy cost per millisecond saved: each step's cost (score
     times channels) over the milliseconds it saves (``latency``: a ``ChannelLatency`` table), times
     the mean milliseconds per channel, so that channels slow to compute but cheap in accuracy go
-    first. A group's steps must go in order (their widths), and a measured table saves time in
-    jumps (a kernel's vector width), so a step that saves little before one that saves much is
-    pooled with it (adjacent steps merged into one cost per millisecond until the costs rise along
-    the group: isotonic pooling, the convex hull of the group's cost against time)."""
-    by_site: dict[int, list] = {}
-    for st in sorted(ranked, key=lambda st: (st.site, st.index)):
-        by_site.setdefault(st.site, []).append(st)
-    saved: dict[int, list[float]] = {}
-    for site, sts in by_site.items():
-        grp, removed, ms = graph.groups[site], 0, []
-        for st in sts:
-            before = grp.count - removed
-            removed += st.units
-            ms.append(max(latency.saved(grp.name, before - st.units) - latency.saved(grp.name, before), 0.0))
-        saved[site] = ms
-    units = sum(st.units for sts in by_site.values() for st in sts)
+    first; a group's steps pooled so that they rise (:func:`_pooled`)."""
+    sites = _by_site(ranked)
+    saved = {site: _along(graph, sts, latency.saved) for site, sts in sites.items()}
+    units = sum(st.units for sts in sites.values() for st in sts)
     mean = sum(sum(ms) for ms in saved.values()) / max(units, 1)  # ms per channel, over every step
     if mean <= 0:
         raise ValueError("latency: the table says no group saves any time; measure it again on a quiet machine "
                          "or with a larger batch")
-    floor_ms = 1e-3 * mean  # a step that saves nothing still ranks, last
     out = []
-    for site, sts in by_site.items():
-        blocks: list[list] = []  # [cost, ms, steps]
-        for st, ms in zip(sts, saved[site]):
-            blocks.append([st.score * st.units, ms, [st]])  # cost / 0 ms: infinite, pooled with what follows
-            while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
-                cost, ms_, grouped = blocks.pop()
-                blocks[-1][0] += cost
-                blocks[-1][1] += ms_
-                blocks[-1][2] += grouped
-        for cost, ms, grouped in blocks:
-            ms = max(ms, floor_ms * sum(st.units for st in grouped))
-            out += [type(st)(cost / ms * mean, st.site, st.index, st.units) for st in grouped]
+    for site, sts in sites.items():  # a step that saves nothing still ranks, last (floor: 1e-3 of the mean)
+        out += _pooled(sts, [st.score * st.units for st in sts], saved[site], 1e-3 * mean, mean)
     return out
 
 
 def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str | None, fraction: float | None,
-                  floor: float, multiple_of: int = 1, latency=None, speedup: float | None = None) -> list[int]:
+                  floor: float, multiple_of: int = 1, latency=None, speedup: float | None = None,
+                  sensitivity=None) -> list[int]:
     """Counts from one ranking of every group's channels by score divided by its group's mean
     score (:mod:`.allocate`'s normalisation and steps), each group keeping at least ``floor`` of
     its channels (and one), and a multiple of ``multiple_of`` channels (heads groups excepted;
     a group that cannot keeps all). With ``latency`` (a ``ChannelLatency`` table), each step is
-    ranked by score per millisecond saved (:func:`_per_millisecond`). ``what="ratio"``: the prefix
+    ranked by score per millisecond saved (:func:`_per_millisecond`); with ``sensitivity`` (a
+    ``ChannelSensitivity`` table) a step's score is the output error it adds per channel, measured,
+    instead of the normalised score (:func:`_by_sensitivity`). ``what="ratio"``: the prefix
     closest to ``fraction`` of all channels; ``"flops"``/``"params"``: the shortest prefix that
     removes at least ``fraction`` of them. ``speedup`` (with ``latency``): first the shortest prefix
     of the per-millisecond ranking that the table predicts runs ``speedup`` times faster than dense,
@@ -193,6 +222,8 @@ def global_counts(graph: ChannelGraph, scores: list[torch.Tensor], what: str | N
                           multiple_of)
         return [counts[s.owner] for s in sites]
     ranked = [st for i, s in enumerate(sites) for st in steps(i, s, normed[s.owner], floor, multiple_of)]
+    if sensitivity is not None:
+        ranked = _by_sensitivity(graph, ranked, sensitivity)
     order = lambda sts: sorted(sts, key=lambda st: (st.score, st.site, st.index))  # noqa: E731
     by_score = order(ranked)
     by_time = order(_per_millisecond(graph, ranked, latency)) if latency is not None else by_score

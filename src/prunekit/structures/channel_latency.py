@@ -30,6 +30,20 @@ from .surgery import Undo
 from .units import Structure
 
 
+def interpolate(table: dict[int, float], kept: int) -> float:
+    """``table[kept]``, linear between the measured widths around ``kept`` (the end values beyond)."""
+    widths = sorted(table)
+    if kept >= widths[-1]:
+        return table[widths[-1]]
+    if kept <= widths[0]:
+        return table[widths[0]]
+    hi = next(w for w in widths if w >= kept)
+    lo = max(w for w in widths if w <= kept)
+    if hi == lo:
+        return table[lo]
+    return table[lo] + (table[hi] - table[lo]) * (kept - lo) / (hi - lo)
+
+
 @dataclass
 class ChannelLatency:
     """``saved_ms[group][kept]``: milliseconds one forward of the measured batch saves with only
@@ -44,17 +58,7 @@ class ChannelLatency:
 
     def saved(self, group: str, kept: int) -> float:
         """Milliseconds saved by ``group`` at ``kept`` channels, linear between measured widths."""
-        table = self.saved_ms[group]
-        widths = sorted(table)
-        if kept >= widths[-1]:
-            return table[widths[-1]]
-        if kept <= widths[0]:
-            return table[widths[0]]
-        hi = next(w for w in widths if w >= kept)
-        lo = max(w for w in widths if w <= kept)
-        if hi == lo:
-            return table[lo]
-        return table[lo] + (table[hi] - table[lo]) * (kept - lo) / (hi - lo)
+        return interpolate(self.saved_ms[group], kept)
 
     def predicted_speedup(self, kept: dict[str, int]) -> float:
         """Dense time over the dense time less every group's saving at its ``kept`` width (groups

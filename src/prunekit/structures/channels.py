@@ -27,6 +27,7 @@ from ..oneshot.snows_options import SnowsOptions
 from .budget import GLOBAL_FLOOR
 from .channel_budget import BUDGETS, global_counts, macs, ratio_counts, uniform_counts
 from .channel_latency import ChannelLatency
+from .channel_sensitivity import ChannelSensitivity
 from .channel_refit import check_consumers, gone_columns, repair
 from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
 from .channel_surgery import shrink_channels
@@ -135,6 +136,7 @@ def prune_channels(
     multiple_of: int = 1,
     latency: ChannelLatency | None = None,
     speedup: float | None = None,
+    sensitivity: ChannelSensitivity | None = None,
 ) -> ChannelResult:
     """Remove coupled channels from a CNN in place and repair it; returns a :class:`ChannelResult`.
 
@@ -161,8 +163,11 @@ def prune_channels(
     millisecond saved on the measured machine and batch. ``speedup`` (with ``latency`` and
     ``budget="global"``): remove channels in that order until the table predicts the model runs
     this many times faster than dense, then, if ``flops=``/``params=`` is also given and not yet
-    reached, by score alone until it is; alone it is the target. The model's input and output
-    channels never change.
+    reached, by score alone until it is; alone it is the target. ``sensitivity``: a table from
+    :func:`~prunekit.structures.channel_sensitivity.measure_channel_sensitivity` on this model; with
+    ``budget="global"``, groups give up channels by the output error each cut was measured to cost
+    (per channel, or per millisecond with ``latency``), not by normalised score; within a group
+    ``score`` still chooses. The model's input and output channels never change.
     """
     snows = _check({"ratio": ratio, "flops": flops, "params": params}, score, refine, damp, budget, floor,
                    refine_options, speedup)
@@ -176,6 +181,12 @@ def prune_channels(
         raise ValueError("latency= ranks channels across groups: use it with budget='global' and flops=, params= "
                          "or speedup=")
     _check_speedup(speedup, latency)
+    if sensitivity is not None and not isinstance(sensitivity, ChannelSensitivity):
+        raise TypeError(f"sensitivity must be a table from pk.measure_channel_sensitivity(model, calibration), got "
+                        f"{type(sensitivity).__name__}")
+    if sensitivity is not None and (budget != "global" or ratio is not None):
+        raise ValueError("sensitivity= ranks channels across groups: use it with budget='global' and flops=, params= "
+                         "or speedup=")
     floor = GLOBAL_FLOOR if floor is None else floor
     target = "ratio" if ratio is not None else "flops" if flops is not None else "params" if params is not None else None
     fraction = ratio if ratio is not None else flops if flops is not None else params
@@ -184,9 +195,10 @@ def prune_channels(
         raise TypeError("prune_channels traces the model with positional inputs; pass tensors or tuples as batches")
     with eval_mode(model), torch.no_grad():  # tracing runs a forward: BatchNorm statistics must not move
         graph = find_channel_groups(model, calls[0][0], exclude, passthrough)
-    if latency is not None and set(latency.saved_ms) != {g.name for g in graph.groups}:
-        raise ValueError("latency: the table's channel groups are not this model's (measure it on this model, with "
-                         "the same exclude= and passthrough=)")
+    for name, table in (("latency", latency and latency.saved_ms), ("sensitivity", sensitivity and sensitivity.error)):
+        if table is not None and set(table) != {g.name for g in graph.groups}:
+            raise ValueError(f"{name}: the table's channel groups are not this model's (measure it on this model, "
+                             "with the same exclude= and passthrough=)")
     if not graph.groups:
         raise ValueError("the model has no channel group prunekit can remove (every channel reaches the input, "
                          "the output or an excluded module)")
@@ -211,7 +223,8 @@ def prune_channels(
                 stats = obs_states(model, stats)
             if budget == "global":
                 scores = [channel_scores(model, group, score, stats) for group in graph.groups]
-                counts = global_counts(graph, scores, target, fraction, floor, multiple_of, latency, speedup)
+                counts = global_counts(graph, scores, target, fraction, floor, multiple_of, latency, speedup,
+                                       sensitivity)
             else:
                 counts = (ratio_counts(graph, ratio, multiple_of) if ratio is not None else
                           uniform_counts(graph, target, fraction, multiple_of))
