@@ -62,3 +62,11 @@ def test_an_interrupted_channel_job_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_recipe(write_channel_job(tmp_path), progress=False)
     assert sorted(os.listdir(tmp_path)) == ["job.yaml", "x.pt"]
+
+
+def test_a_recipe_ranked_by_measured_sensitivity_runs_and_reloads(tmp_path):
+    outcome = run_recipe(write_channel_job(tmp_path, refine="lstsq", budget="global", rank_by="sensitivity"),
+                         progress=False)
+    assert outcome.result.flops_removed >= 0.5 and outcome.result.predicted_speedup is None
+    with torch.no_grad():
+        assert torch.equal(load_output(tmp_path / "out")(X), outcome.model.eval()(X))

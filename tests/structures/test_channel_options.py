@@ -14,7 +14,17 @@ CALIB = [torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(i)) f
 
 
 @pytest.mark.parametrize("options,error,match", [
-    ({"structures": "channels"}, ValueError, "^give exactly one of ratio= .* or flops= .* for structures=channels"),
+    ({"structures": "channels"}, ValueError, r"^give exactly one of ratio= .*, flops= .* for structures=channels \(or "),
+    ({"structures": "channels", "flops": 0.5, "rank_by": "fast", "budget": "global"}, ValueError,
+     "^rank_by must be one of 'score', 'latency', 'sensitivity', 'sensitivity\\+latency' for structures=channels"),
+    ({"structures": "channels", "flops": 0.5, "rank_by": "latency"}, ValueError,
+     "^rank_by and speedup rank channels across groups: set budget=global"),
+    ({"structures": "channels", "speedup": 1.5}, ValueError, "^rank_by and speedup .* set budget=global"),
+    ({"structures": "channels", "speedup": 1.0, "budget": "global"}, ValueError, "^speedup must be a number > 1"),
+    ({"structures": "channels", "ratio": 0.5, "rank_by": "sensitivity", "budget": "global"}, ValueError,
+     "^rank_by applies to flops=, params= or speedup= targets, not ratio="),
+    ({"structures": "mlp", "ratio": 0.5, "rank_by": "latency"}, ValueError, "^rank_by applies to structures=channels"),
+    ({"structures": "mlp", "ratio": 0.5, "speedup": 2.0}, ValueError, "^speedup applies to structures=channels"),
     ({"structures": "channels,mlp", "ratio": 0.5}, ValueError, "^structures 'channels' .* does not combine with mlp"),
     ({"structures": "channels", "ratio": 1.5}, ValueError, r"^ratio must be a number in \(0, 1\)"),
     ({"structures": "channels", "ratio": 0.5, "method": "flap"}, ValueError,
@@ -64,3 +74,33 @@ def test_prune_structured_points_to_prune_channels_and_changes_nothing():
     with pytest.raises(ValueError, match="structures='channels' is prunekit.prune_channels"):
         pk.prune_structured(model, CALIB, structures="channels", ratio=0.5)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_rank_by_measures_the_tables_a_direct_call_is_given(monkeypatch):
+    """rank_by=sensitivity+latency with speedup=: the job measures both tables on the model (latency
+    replaced here by a hand-made table: timings are not asserted) and passes them with the rest."""
+    from prunekit.structures import channel_options
+    from prunekit.structures.channel_latency import ChannelLatency
+    from prunekit.structures.channels_graph import find_channel_groups
+
+    torch.manual_seed(0)
+    a = small_cnn(width=8).eval()
+    b = copy.deepcopy(a)
+    groups = [g.name for g in find_channel_groups(a, CALIB[0]).groups]
+    table = ChannelLatency(10.0, {g: {w: float(8 - w) / len(groups) for w in range(1, 9)} for g in groups})
+    seen = []
+    monkeypatch.setattr(channel_options, "measure_channel_latency", lambda m, x, **kw: seen.append(x) or table)
+    config = StructuredConfig(structures="channels", speedup=1.2, budget="global", rank_by="sensitivity+latency",
+                              method="l2", refine="lstsq", damp=0.01)
+    assert config.validate() == ("channels",)
+    tables = channel_options.channel_tables(config, a, CALIB)
+    assert tables["latency"] is table and torch.equal(seen[0][0], CALIB[0])  # timed on the first calibration batch
+    sens = tables["sensitivity"]
+    assert set(sens.error) == set(groups) and sens.score == "l2" and sens.batches == len(CALIB)
+    result = pk.prune_channels(a, CALIB, **channel_kwargs(config), **tables)
+    direct = pk.prune_channels(b, CALIB, score="l2", refine="lstsq", damp=0.01, budget="global", speedup=1.2,
+                               latency=table, sensitivity=sens)
+    assert result.predicted_speedup == direct.predicted_speedup >= 1.2
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert channel_options.channel_tables(StructuredConfig(structures="channels", flops=0.3), a, CALIB) == {}

@@ -45,7 +45,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
     from ..oneshot.blocks import find_blocks
     from ..structures import prune as structured  # looked up at call time too
     from ..structures import channels as channel_pruning  # looked up at call time too
-    from ..structures.channel_options import channel_kwargs
+    from ..structures.channel_options import channel_kwargs, channel_tables
     from .job_fit import check_job_fits, is_channel_job
 
     recipe = load_recipe(recipe)
@@ -73,7 +73,8 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], *, overwr
             if calibration is not None:  # at least one batch for every rank
                 calibration = split_for_ranks(calibration, processes)
         if channels:  # every rank prunes on the whole list (prune_channels shares no statistics)
-            result = channel_pruning.prune_channels(model, calibration, **channel_kwargs(config))
+            result = channel_pruning.prune_channels(model, calibration, **channel_kwargs(config),
+                                                    **channel_tables(config, model, calibration))
         elif recipe.structured is not None:
             result = structured.prune_structured(model, calibration, config)
         else:

@@ -6,6 +6,8 @@ job with the same fields as an MLP/heads job. This module says which of them mea
 ``score``; ``exclude`` (regexes) becomes one regex; a field ``prune_channels`` has a keyword of the
 same name for (``ratio``, ``flops``, ``refine``, ``recalibrate_bn``, ``damp``, ``max_batches``, and
 any it gains) is passed as it is; any other field must keep its default, else a ValueError names it.
+``rank_by`` names the tables :func:`channel_tables` measures on the model (``prune_channels``'
+``latency=`` / ``sensitivity=``); ``speedup`` needs the latency table too.
 """
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import dataclasses
 import inspect
 from typing import Any
 
+from ..oneshot.calibration import collect_batches
+from .channel_latency import measure_channel_latency
+from .channel_sensitivity import measure_channel_sensitivity
 from .channels import REFINES, SCORES, prune_channels
 
 #: fields that are never a prune_channels keyword: what the job is, and how it shows progress
-_NOT_PASSED = {"structures", "method", "progress", "exclude", "shard_calibration"}
+_NOT_PASSED = {"structures", "method", "progress", "exclude", "shard_calibration", "rank_by"}
 
 
 def _accepted() -> set[str]:
@@ -58,4 +63,21 @@ def channel_kwargs(config: Any) -> dict[str, Any]:
     exclude = config.exclude
     if exclude:
         out["exclude"] = exclude if isinstance(exclude, str) else "|".join(f"(?:{r})" for r in exclude)
+    return out
+
+
+def channel_tables(config: Any, model: Any, calibration: Any) -> dict[str, Any]:
+    """The ``latency=`` / ``sensitivity=`` tables ``config.rank_by`` and ``config.speedup`` ask for,
+    measured on ``model`` (latency: on the first calibration batch, as it will run; sensitivity:
+    on the calibration batches, with the job's score and ridge)."""
+    rank_by, out = config.rank_by or "score", {}
+    kwargs = channel_kwargs(config)
+    where = {k: kwargs[k] for k in ("exclude",) if k in kwargs}
+    if "latency" in rank_by or config.speedup is not None:
+        calls = collect_batches(calibration, 1)
+        out["latency"] = measure_channel_latency(model, calls[0][0], **where)
+    if "sensitivity" in rank_by:
+        out["sensitivity"] = measure_channel_sensitivity(
+            model, calibration, score=config.method, damp=config.damp, max_batches=config.max_batches, **where,
+            refine=None if config.refine is None else "lstsq")
     return out

@@ -24,6 +24,7 @@ METHODS = SCORES
 REFINES = (None, "bias", "lstsq", "snows")
 BIASES = ("auto", True, False)
 TARGETS = ("pruned", "dense")
+RANKINGS = ("score", "latency", "sensitivity", "sensitivity+latency")
 
 
 @dataclass(kw_only=True)
@@ -74,6 +75,13 @@ class StructuredConfig:
     exclude: str | Sequence[str] | None = option(
         None, "channels only: regexes of module names whose channels stay (traced as leaves: also the way past a "
               "module torch.fx cannot trace)", metavar="REGEX")
+    rank_by: str | None = option(
+        None, "channels only, with budget=global: what ranks channels across groups: score (normalised; the "
+              "default), latency (score per millisecond, timed on the first calibration batch), sensitivity (output "
+              "error measured per group and width) or sensitivity+latency", choices=RANKINGS)
+    speedup: float | None = option(
+        None, "channels only, with budget=global: remove channels until a latency table timed on the first "
+              "calibration batch predicts this many times dense speed (then flops/params if given)")
     # -- calibration ------------------------------------------------------------------------
     blocks: Sequence[str] | None = option(
         None, "module names calibrated in order (default: detected)", metavar="NAME")
@@ -127,7 +135,7 @@ class StructuredConfig:
                              f"got {structures!r}")
         if "channels" in structures:
             return self._validate_channels(structures, w)
-        for name in ("recalibrate_bn", "exclude"):
+        for name in ("recalibrate_bn", "exclude", "rank_by", "speedup"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{w}{name} applies to structures=channels (a CNN's channels), not "
                                  f"{','.join(structures)}; remove it")
@@ -173,9 +181,19 @@ class StructuredConfig:
         if structures != ("channels",):
             raise ValueError(f"{w}structures 'channels' (a CNN's channels) does not combine with "
                              f"{', '.join(s for s in structures if s != 'channels')}; give channels alone")
-        if sum(v is not None for v in (self.ratio, self.params, self.flops)) != 1:
-            raise ValueError(f"give exactly one of {w}ratio= (fraction of every channel group) or {w}flops= "
-                             "(fraction of the multiply-adds to remove) for structures=channels")
+        given = sum(v is not None for v in (self.ratio, self.params, self.flops))
+        if given > 1 or (given == 0 and self.speedup is None):
+            raise ValueError(f"give exactly one of {w}ratio= (fraction of every channel group), {w}flops= "
+                             f"(fraction of the multiply-adds to remove) or {w}params= for structures=channels "
+                             f"(or {w}speedup= alone)")
+        if self.rank_by is not None:
+            _choice(self.rank_by, RANKINGS, f"{w}rank_by", " for structures=channels")
+        if self.speedup is not None and not (_number(self.speedup) and 1 < self.speedup < float("inf")):
+            raise ValueError(f"{w}speedup must be a number > 1 (how many times faster than dense), got {self.speedup!r}")
+        if (self.rank_by not in (None, "score") or self.speedup is not None) and self.budget != "global":
+            raise ValueError(f"{w}rank_by and {w}speedup rank channels across groups: set {w}budget=global")
+        if self.rank_by is not None and self.ratio is not None and self.rank_by != "score":
+            raise ValueError(f"{w}rank_by applies to flops=, params= or speedup= targets, not ratio=")
         for name in ("ratio", "params", "flops"):
             value = getattr(self, name)
             if value is not None and not (_number(value) and 0 < value < 1):
