@@ -52,7 +52,11 @@ PEER = os.path.join(HERE, "peer_torch_pruning_vision.py")
 #: for each set-up apart, ``l2+lstsq`` first).
 CONFIGS = {"l2+lstsq": {"score": "l2", "refine": "lstsq"},
            "l2 (no refit)": {"score": "l2", "refine": None},
-           "obs+lstsq (global)": {"score": "obs", "refine": "lstsq", "budget": "global"}}
+           "obs+lstsq (global)": {"score": "obs", "refine": "lstsq", "budget": "global"},
+           # groups ranked by the output error measured per group and width on the seed's calibration images
+           # (pk.measure_channel_sensitivity, score obs; its time counts in the prune time)
+           "obs+lstsq (global, sensitivity)": {"score": "obs", "refine": "lstsq", "budget": "global",
+                                               "sensitivity": "measured"}}
 DEFAULT_CONFIGS = ("l2+lstsq", "l2 (no refit)")
 #: Both fine-tunes, applied to copies of the very same pruned models by both tools: the shared recipe
 #: (lr 0.01, which lowers the converged dense models) and the gentle one (lr 0.001, chosen on the
@@ -101,7 +105,10 @@ def prunekit_rows(name: str, dense, target: float, seeds: list[int], ft_seeds: s
             row = {**base, "importance": label, "seed": seed, "finetuned": {}, "error": None}
             start = time.perf_counter()
             try:
-                r = pk.prune_channels(model, list(x.split(64)), flops=target, **kwargs)
+                calib, call = list(x.split(64)), dict(kwargs)
+                if call.get("sensitivity") == "measured":  # on this seed's images
+                    call["sensitivity"] = pk.measure_channel_sensitivity(dense, calib, score=call["score"])
+                r = pk.prune_channels(model, calib, flops=target, **call)
             except (ValueError, TypeError) as e:
                 rows.append({**row, "error": f"{type(e).__name__}: {e}"})
                 break  # the same refusal for every seed
