@@ -8,7 +8,9 @@ with ``budget="global"``, ``obs-latency`` = the same ranked per millisecond by a
 then by score until the FLOPs target, ``sens-global`` / ``sens-speedup`` = ``obs-global`` /
 ``obs-speedup`` with groups ranked by the output error measured by ``pk.measure_channel_sensitivity``
 (score obs, least squares, the calibration images; once per model, its time in ``sensitivity_s``)
-instead of normalised scores), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
+instead of normalised scores), ``sens-measured`` = ``sens-speedup`` through
+``pk.prune_channels_to_speedup`` (the goal raised by each measured shortfall on a batch of 64, up to
+3 prunes of copies), ``pk.prune_channels(model, calib, flops=f, refine="lstsq",
 multiple_of=m, **setup)`` for every ``m`` of ``--multiples`` (1: the channel counts the budget
 gives, e.g. 5, 11, 22; 8: every group keeps a multiple of 8 channels, which vectorised conv
 kernels favour). The pruned model's forward latency is then
@@ -51,7 +53,9 @@ SETUPS = {"l2": {"score": "l2"}, "obs-global": {"score": "obs", "budget": "globa
           "obs-speedup": {"score": "obs", "budget": "global", "latency": "measured", "speedup": GOAL_SPEEDUP},
           "sens-global": {"score": "obs", "budget": "global", "sensitivity": "measured"},
           "sens-speedup": {"score": "obs", "budget": "global", "sensitivity": "measured", "latency": "measured",
-                           "speedup": GOAL_SPEEDUP}}
+                           "speedup": GOAL_SPEEDUP},
+          "sens-measured": {"score": "obs", "sensitivity": "measured", "latency": "measured", "speedup": GOAL_SPEEDUP,
+                            "to_speedup": True}}
 
 
 def measure(dense, pruned, batch: int, repeats: int, rounds: int, threads: int) -> dict:
@@ -95,15 +99,21 @@ def row(name: str, dense, calib, flops: float, setup: str, multiple_of: int, arg
     start = time.perf_counter()
     out = {"model": name, "target": flops, "setup": setup, "multiple_of": multiple_of}
     try:
-        result = pk.prune_channels(model, calib, flops=flops, refine="lstsq", multiple_of=multiple_of,
-                                   recalibrate_bn=has_bn(model), **kwargs)
-    except ValueError as e:  # a speed target the table says cannot be reached: recorded, not timed
+        if kwargs.pop("to_speedup", False):
+            result = pk.prune_channels_to_speedup(model, calib, torch.randn(64, 1, 28, 28), threads=args.threads,
+                                                  flops=flops, refine="lstsq", multiple_of=multiple_of,
+                                                  recalibrate_bn=has_bn(model), **kwargs)
+        else:
+            result = pk.prune_channels(model, calib, flops=flops, refine="lstsq", multiple_of=multiple_of,
+                                       recalibrate_bn=has_bn(model), **kwargs)
+    except ValueError as e:  # a speed target the table says cannot be reached (or never measured): recorded
         if "speedup" not in kwargs:
             raise
         return {**out, "refused": str(e), "table_s": table_s, "sensitivity_s": sensitivity_s}
     out = {**out,
            "prune_s": time.perf_counter() - start, "table_s": table_s, "sensitivity_s": sensitivity_s,
            "predicted_speedup": result.predicted_speedup,
+           "measured_in_prune": result.measured_speedup,
            "flops_removed": result.flops_removed, "params": result.params_after,
            "channels": {r.owner: [r.units_before, r.units_after] for r in result.reports},
            "accuracy": vc.test_accuracy(model, args.test)}
@@ -201,6 +211,7 @@ def main() -> None:
         state["rows"] = [r for r in old["rows"]
                          if (r["model"], r.get("setup", "l2"), r["target"], r["multiple_of"]) not in fresh]
         state["notes"] = old.get("notes", [])
+        state["tables"] = {n: t for n, t in old.get("tables", {}).items() if n not in names}
         for r in state["rows"]:
             r.setdefault("command", old["meta"]["command"])
     calib = vc.calibration(0, args.calibration)
@@ -217,6 +228,13 @@ def main() -> None:
                     print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "
                           f"{r['accuracy']:.2f} b64 x{r['b64']['speedup']:.2f} {r['b64']['speedups']} "
                           f"b1 x{r['b1']['speedup']:.2f}", flush=True)
+                for (kind, key), (table, seconds) in [((k if isinstance(k, tuple) else ("latency", k)), v)
+                                                      for k, v in tables.items()]:
+                    if key == id(dense):  # this run's tables of the model, kept to explain its rows
+                        state.setdefault("tables", {}).setdefault(name, {})[kind] = {
+                            "seconds": seconds, "batch": getattr(table, "batch", None),
+                            "dense_ms": getattr(table, "dense_ms", None),
+                            "widths": getattr(table, "saved_ms", None) or getattr(table, "error", None)}
                 with open(args.out + ".json", "w") as f:
                     json.dump(state, f, indent=1)
                 write_md(state, args.out)

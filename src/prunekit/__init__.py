@@ -37,7 +37,8 @@ from .layers.targets import find_head, find_targets
 from .structures import (StructuredConfig, apply_structure_shapes, block_importance, find_channel_groups,
                          find_structures, prune_blocks, prune_channels, prune_structured, structure_shapes)
 from .structures import find_experts, prune_experts, score_experts
-from .structures import ChannelLatency, ChannelSensitivity, measure_channel_latency, measure_channel_sensitivity
+from .structures import (ChannelLatency, ChannelSensitivity, measure_channel_latency, measure_channel_sensitivity,
+                         prune_channels_to_speedup)
 from .formats.structured import load_structured
 from .formats.channels import load_channels, save_channels
 from .training import STR, GroupMagnitudePruner, GroupResult, GroupSoftThreshold, MagnitudePruner, SoftThreshold

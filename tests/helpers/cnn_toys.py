@@ -110,3 +110,25 @@ def write_channel_job(folder, **structured) -> str:
             "output": {"dir": "out", "formats": ["hf"]}}
     (folder / "job.yaml").write_text(yaml.safe_dump(spec))
     return str(folder / "job.yaml")
+
+
+def assert_width_table(widths: dict[str, dict[int, float]], graph) -> None:
+    """A measured per-group table (``saved_ms`` or ``error``): every group of ``graph``, its full
+    width first at 0, down to one channel, never falling as channels go."""
+    assert set(widths) == {g.name for g in graph.groups}
+    for g in graph.groups:
+        values = widths[g.name]
+        kept = sorted(values, reverse=True)
+        assert kept[0] == g.count and values[g.count] == 0.0 and kept[-1] == 1
+        assert all(values[a] <= values[b] for a, b in zip(kept, kept[1:]))  # narrower never scores lower
+
+
+def two_groups() -> nn.Sequential:
+    """1x1 convs 1 -> 4 -> 4 -> 2: two channel groups of 4 ("0" and "2"), every channel alike within
+    a group (equal l2 scores), for checking rankings across groups with hand-made tables."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False), nn.ReLU(),
+                          nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(0.5)
+    return model.eval()

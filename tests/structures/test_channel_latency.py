@@ -11,19 +11,9 @@ from prunekit.structures.channel_latency import ChannelLatency, narrowed
 from prunekit.structures.channels_graph import find_channel_groups
 from prunekit.zoo.models import resnet_mnist
 from prunekit.zoo.vit import vit_mnist
-from tests.helpers.cnn_toys import same, snapshot
+from tests.helpers.cnn_toys import assert_width_table, same, snapshot, two_groups
 
 X = torch.randn(4, 1, 28, 28)
-
-
-def _chain() -> nn.Sequential:
-    """Two groups of 4 channels ("0" and "2") with equal l2 scores in each."""
-    model = nn.Sequential(nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False), nn.ReLU(),
-                          nn.Conv2d(4, 2, 1))
-    with torch.no_grad():
-        model[0].weight.fill_(1.0)
-        model[2].weight.fill_(0.5)
-    return model.eval()
 
 
 def _table(fast: str, slow: str) -> ChannelLatency:
@@ -40,9 +30,9 @@ def test_saved_interpolates_between_measured_widths():
 
 @pytest.mark.parametrize("fast,slow", [("0", "2"), ("2", "0")])
 def test_equal_scores_go_where_they_save_the_most_time(fast, slow):
-    graph = find_channel_groups(_chain(), torch.randn(2, 1, 4, 4))
+    graph = find_channel_groups(two_groups(), torch.randn(2, 1, 4, 4))
     assert [g.name for g in graph.groups] == ["0", "2"]
-    result = pk.prune_channels(_chain(), [torch.randn(2, 1, 4, 4)], flops=0.3, budget="global", floor=0.25,
+    result = pk.prune_channels(two_groups(), [torch.randn(2, 1, 4, 4)], flops=0.3, budget="global", floor=0.25,
                                refine=None, recalibrate_bn=False, latency=_table(fast, slow))
     left = {r.owner: r.units_after for r in result.reports}
     assert left[fast] < 4 and left[slow] == 4
@@ -53,12 +43,8 @@ def test_the_table_has_every_group_no_time_at_full_width_and_leaves_the_model():
     snap = snapshot(model)
     table = pk.measure_channel_latency(model, X, points=3, repeats=2, threads=1)
     graph = find_channel_groups(model, X)
-    assert set(table.saved_ms) == {g.name for g in graph.groups} and table.batch == 4 and table.dense_ms > 0
-    for g in graph.groups:
-        saved = table.saved_ms[g.name]
-        widths = sorted(saved, reverse=True)
-        assert widths[0] == g.count and saved[g.count] == 0.0 and widths[-1] == 1
-        assert all(saved[a] <= saved[b] for a, b in zip(widths, widths[1:]))  # narrower never costs more
+    assert table.batch == 4 and table.dense_ms > 0
+    assert_width_table(table.saved_ms, graph)
     assert same(model, snap) and not model.training
 
 
@@ -106,7 +92,7 @@ def test_a_step_that_saves_little_before_one_that_saves_much_is_pooled_with_it()
     steps must still go in order, so the first is ranked by the two steps' pooled cost per ms."""
     from prunekit.structures.allocate import Step
     from prunekit.structures.channel_budget import _per_millisecond
-    graph = find_channel_groups(_chain(), torch.randn(2, 1, 4, 4))
+    graph = find_channel_groups(two_groups(), torch.randn(2, 1, 4, 4))
     table = ChannelLatency(10.0, {"0": {4: 0.0, 3: 0.0, 2: 2.0, 1: 3.0}, "2": {w: 1.0 * (4 - w) for w in range(1, 5)}})
     ranked = [Step(1.0, 0, 0, 1), Step(1.0, 0, 1, 1), Step(1.0, 0, 2, 1),
               Step(1.0, 1, 0, 1), Step(2.0, 1, 1, 1), Step(3.0, 1, 2, 1)]
@@ -120,7 +106,7 @@ def test_a_step_that_saves_little_before_one_that_saves_much_is_pooled_with_it()
 def test_a_speedup_target_takes_the_time_from_where_it_is_cheapest():
     """Equal scores; group "0" saves 1 ms a channel of a 10 ms forward, "2" 0.01: x1.25 needs 2 ms,
     which two channels of "0" give; the prediction is what the table says."""
-    model = _chain()
+    model = two_groups()
     result = pk.prune_channels(model, [torch.randn(2, 1, 4, 4)], speedup=1.25, budget="global", floor=0.25,
                                refine=None, recalibrate_bn=False, latency=_table("0", "2"))
     left = {r.owner: r.units_after for r in result.reports}
@@ -130,7 +116,7 @@ def test_a_speedup_target_takes_the_time_from_where_it_is_cheapest():
 
 
 def test_a_speedup_target_and_a_flops_target_are_both_met():
-    model = _chain()
+    model = two_groups()
     graph = find_channel_groups(model, torch.randn(2, 1, 4, 4))
     result = pk.prune_channels(model, [torch.randn(2, 1, 4, 4)], speedup=1.12, flops=0.5, budget="global",
                                floor=0.25, refine=None, recalibrate_bn=False, latency=_table("0", "2"))
@@ -150,7 +136,7 @@ def test_a_speedup_target_and_a_flops_target_are_both_met():
     ({"speedup": 50.0}, "speedup=50 cannot be reached: the latency table predicts at most x"),
 ])
 def test_bad_speedup_targets_are_refused_and_the_model_unchanged(kwargs, match):
-    model = _chain()
+    model = two_groups()
     snap = snapshot(model)
     kwargs = {"budget": "global", "latency": _table("0", "2"), **kwargs}
     with pytest.raises(ValueError, match=match):

@@ -54,6 +54,7 @@ class ChannelResult:
     bn_batches: int = 0
     seconds: float = 0.0
     predicted_speedup: float | None = None
+    measured_speedup: float | None = None
 
     @property
     def flops_removed(self) -> float:
@@ -67,6 +68,8 @@ class ChannelResult:
                      f"fewer); parameters {self.params_before:,} -> {self.params_after:,} in {self.seconds:.1f} s")
         if self.predicted_speedup is not None:
             lines.append(f"the latency table predicts x{self.predicted_speedup:.2f} dense speed (measure it to know)")
+        if self.measured_speedup is not None:
+            lines.append(f"measured: x{self.measured_speedup:.2f} dense speed")
         return "\n".join(lines)
 
 
@@ -174,19 +177,15 @@ def prune_channels(
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be a whole number >= 1 (the channels each group keeps are a multiple "
                          f"of it), got {multiple_of!r}")
-    if latency is not None and not isinstance(latency, ChannelLatency):
-        raise TypeError(f"latency must be a table from pk.measure_channel_latency(model, batch), got "
-                        f"{type(latency).__name__}")
-    if latency is not None and (budget != "global" or ratio is not None):
-        raise ValueError("latency= ranks channels across groups: use it with budget='global' and flops=, params= "
-                         "or speedup=")
+    for name, table, kind, call in (("latency", latency, ChannelLatency, "measure_channel_latency(model, batch)"),
+                                    ("sensitivity", sensitivity, ChannelSensitivity,
+                                     "measure_channel_sensitivity(model, calibration)")):
+        if table is not None and not isinstance(table, kind):
+            raise TypeError(f"{name} must be a table from pk.{call}, got {type(table).__name__}")
+        if table is not None and (budget != "global" or ratio is not None):
+            raise ValueError(f"{name}= ranks channels across groups: use it with budget='global' and flops=, params= "
+                             "or speedup=")
     _check_speedup(speedup, latency)
-    if sensitivity is not None and not isinstance(sensitivity, ChannelSensitivity):
-        raise TypeError(f"sensitivity must be a table from pk.measure_channel_sensitivity(model, calibration), got "
-                        f"{type(sensitivity).__name__}")
-    if sensitivity is not None and (budget != "global" or ratio is not None):
-        raise ValueError("sensitivity= ranks channels across groups: use it with budget='global' and flops=, params= "
-                         "or speedup=")
     floor = GLOBAL_FLOOR if floor is None else floor
     target = "ratio" if ratio is not None else "flops" if flops is not None else "params" if params is not None else None
     fraction = ratio if ratio is not None else flops if flops is not None else params
