@@ -56,7 +56,10 @@ CONFIGS = {"l2+lstsq": {"score": "l2", "refine": "lstsq"},
            # groups ranked by the output error measured per group and width on the seed's calibration images
            # (pk.measure_channel_sensitivity, score obs; its time counts in the prune time)
            "obs+lstsq (global, sensitivity)": {"score": "obs", "refine": "lstsq", "budget": "global",
-                                               "sensitivity": "measured"}}
+                                               "sensitivity": "measured"},
+           # a stronger ridge (damp=1, against 0.01), chosen on held-out training images for robustness to
+           # the lr 0.01 fine-tune (benchmarks/vision_damp_finetune.py)
+           "obs+lstsq (global, damp 1)": {"score": "obs", "refine": "lstsq", "budget": "global", "damp": 1.0}}
 DEFAULT_CONFIGS = ("l2+lstsq", "l2 (no refit)")
 #: Both fine-tunes, applied to copies of the very same pruned models by both tools: the shared recipe
 #: (lr 0.01, which lowers the converged dense models) and the gentle one (lr 0.001, chosen on the
