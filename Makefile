@@ -128,6 +128,11 @@ bench-structured-vision-peer: $(STAMP) $(TP_STAMP)
 bench-vision-finetune-lr: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/vision_finetune_lr.py
 
+# The refit's ridge (damp) against the shared fine-tunes, judged on held-out training images.
+.PHONY: bench-vision-damp-finetune
+bench-vision-damp-finetune: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/vision_damp_finetune.py
+
 # torch-pruning's MetaPruner (MLP channels) beside prunekit's structured one-shot, same sizes, one run.
 bench-structured-peer: $(LLM_STAMP) $(TP_STAMP)
 	OMP_NUM_THREADS=2 $(PY) benchmarks/structured_peer.py --peer-python $(TP_VENV)/bin/python
