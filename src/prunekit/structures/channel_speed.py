@@ -5,8 +5,8 @@ assumes that groups add up, and on the MNIST models here it overstates the gain 
 measured x1.45 on the ResNet). This wraps it in the obvious loop: prune a copy, time it against the
 dense model on the batch it will run, and if it falls short, ask the table for more by the
 shortfall (the next goal is the copy's predicted speed-up times ``s / measured``) and prune a
-fresh copy; the model itself is pruned once, with
-the first goal that measured ``s``.
+fresh copy; when a copy measures more than ``s``, the same correction lowers the goal, so that
+fewer channels go. The model itself is pruned once, with the lowest goal that measured ``s``.
 """
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def _measured(dense: nn.Module, pruned: nn.Module, example: tuple, repeats: int,
     return statistics.median(times["dense"]) / statistics.median(times["pruned"])
 
 
+def _next_goal(corrected: float, short: float | None, met: float | None) -> float:
+    """The table's next goal: its prediction corrected by the last measurement (``corrected``),
+    kept strictly between the highest goal that fell short and the lowest that measured enough
+    (their midpoint when the correction lands outside), and above 1."""
+    lo, hi = short or 1.0, met or math.inf
+    goal = corrected if lo < corrected < hi else (lo + hi) / 2 if hi < math.inf else lo * 1.01
+    return max(goal, 1.0 + 1e-6)
+
+
 def prune_channels_to_speedup(model: nn.Module, calibration: Iterable[Any], example: Any, *, speedup: float,
                               tries: int = 3, repeats: int = 20, threads: int | None = None,
                               latency: ChannelLatency | None = None, **options: Any) -> ChannelResult:
@@ -45,8 +54,9 @@ def prune_channels_to_speedup(model: nn.Module, calibration: Iterable[Any], exam
     speedup=goal, **options)``) so that it runs at least ``speedup`` times faster than before on
     ``example`` (a tensor or tuple of inputs: the batch it will run), as measured here, alternated
     with the dense model (``repeats`` each, ``threads`` intra-op threads). ``latency``: a table of
-    this model (default: measured on ``example``). At most ``tries`` prunes of copies; none
-    measuring ``speedup`` is a ValueError and the model is left as it was. ``options``: any other
+    this model (default: measured on ``example``). At most ``tries`` prunes of copies (it stops
+    sooner when the next goal is within 1% of one tried); the lowest goal that measured
+    ``speedup`` prunes the model; none is a ValueError and the model is left as it was. ``options``: any other
     ``prune_channels`` keyword (``flops=``/``params=`` floors, ``score``, ``sensitivity``, ...).
     The result's ``measured_speedup`` is the kept copy's measurement."""
     if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 < speedup < math.inf:
@@ -62,13 +72,17 @@ def prune_channels_to_speedup(model: nn.Module, calibration: Iterable[Any], exam
     if latency is None:
         latency = measure_channel_latency(model, x, threads=threads, exclude=options.get("exclude"),
                                           passthrough=options.get("passthrough"))
-    goal, seen = float(speedup), []
-    for attempt in range(tries):
+    goal, seen, tried = float(speedup), [], []
+    met: tuple[float, float] | None = None  # (goal, measured) of the lowest goal that measured speedup
+    short: float | None = None  # the highest goal that fell short
+    for _ in range(tries):
         trial = copy.deepcopy(model)
         try:
             predicted = prune_channels(trial, calibration, budget="global", latency=latency, speedup=goal,
                                        **options).predicted_speedup
         except ValueError as e:
+            if met is not None:
+                break
             if not seen:
                 raise
             raise ValueError(f"speedup={speedup:g}: measured {', '.join(f'x{m:.2f}' for m in seen)}; asking the latency "
@@ -76,11 +90,18 @@ def prune_channels_to_speedup(model: nn.Module, calibration: Iterable[Any], exam
                              f"or floor=") from None
         measured = _measured(model, trial, x, repeats, threads)
         seen.append(measured)
+        tried.append(goal)
         if measured >= speedup:
-            result = prune_channels(model, calibration, budget="global", latency=latency, speedup=goal, **options)
-            result.measured_speedup = measured
-            return result
-        goal = max(predicted * speedup / measured, goal * (1 + 1e-9))  # the table's prediction, corrected
+            met = (goal, measured) if met is None or goal < met[0] else met
+        else:
+            short = goal if short is None else max(short, goal)
+        goal = _next_goal(predicted * speedup / measured, short, None if met is None else met[0])
+        if any(abs(goal - g) <= 0.01 * g for g in tried):  # nothing new to learn from the table
+            break
+    if met is not None:
+        result = prune_channels(model, calibration, budget="global", latency=latency, speedup=met[0], **options)
+        result.measured_speedup = met[1]
+        return result
     raise ValueError(f"speedup={speedup:g} was not measured in {tries} {'try' if tries == 1 else 'tries'} (measured "
                      f"{', '.join(f'x{m:.2f}' for m in seen)}); the model is unchanged; lower speedup=, raise tries=, "
                      "or measure on a quieter machine")
