@@ -69,12 +69,13 @@ def measure(dense, pruned, batch: int, repeats: int, rounds: int, threads: int) 
 
 def latency_table(dense, args, tables: dict) -> tuple[pk.ChannelLatency, float]:
     """The model's ``pk.measure_channel_latency`` table on a batch of 64, measured on first use in
-    this run (``tables`` keeps it by model) and the seconds that took."""
-    if id(dense) not in tables:
+    this run (``tables`` keeps it by kind and model) and the seconds that took."""
+    key = ("latency", id(dense))
+    if key not in tables:
         start = time.perf_counter()
         table = pk.measure_channel_latency(dense, torch.randn(64, 1, 28, 28), threads=args.threads)
-        tables[id(dense)] = (table, time.perf_counter() - start)
-    return tables[id(dense)]
+        tables[key] = (table, time.perf_counter() - start)
+    return tables[key]
 
 
 def sensitivity_table(dense, calib, tables: dict) -> tuple[pk.ChannelSensitivity, float]:
@@ -228,8 +229,7 @@ def main() -> None:
                     print(f"{name} {flops} {setup} multiple_of={multiple_of}: removed {100 * r['flops_removed']:.1f}% one-shot "
                           f"{r['accuracy']:.2f} b64 x{r['b64']['speedup']:.2f} {r['b64']['speedups']} "
                           f"b1 x{r['b1']['speedup']:.2f}", flush=True)
-                for (kind, key), (table, seconds) in [((k if isinstance(k, tuple) else ("latency", k)), v)
-                                                      for k, v in tables.items()]:
+                for (kind, key), (table, seconds) in tables.items():
                     if key == id(dense):  # this run's tables of the model, kept to explain its rows
                         state.setdefault("tables", {}).setdefault(name, {})[kind] = {
                             "seconds": seconds, "batch": getattr(table, "batch", None),

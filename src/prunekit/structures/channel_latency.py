@@ -25,9 +25,8 @@ from ..calls import eval_mode, forward_latency
 from .channel_surgery import shrink_channels
 from .channel_types import ChannelGraph
 from .channels_graph import find_channel_groups
-from .mha import swap_in
+from .mha import swap_in_attentions
 from .surgery import Undo
-from .units import Structure
 
 
 def interpolate(table: dict[int, float], kept: int) -> float:
@@ -85,8 +84,7 @@ def narrowed(model: nn.Module, graph: ChannelGraph, group: int, kept: int) -> nn
     out = copy.deepcopy(model)
     grp = graph.groups[group]
     undo = Undo()
-    heads = [Structure("heads", m.module, (), "", 0) for m in grp.members if m.role == "heads"]
-    swap_in(out, heads, undo)
+    swap_in_attentions(out, graph.attentions([grp]), undo)
     shrink_channels(out, graph, {group: list(range(kept, grp.count))}, undo)
     return out
 

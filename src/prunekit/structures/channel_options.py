@@ -71,8 +71,7 @@ def channel_tables(config: Any, model: Any, calibration: Any) -> dict[str, Any]:
     measured on ``model`` (latency: on the first calibration batch, as it will run; sensitivity:
     on the calibration batches, with the job's score and ridge)."""
     rank_by, out = config.rank_by or "score", {}
-    kwargs = channel_kwargs(config)
-    where = {k: kwargs[k] for k in ("exclude",) if k in kwargs}
+    where = {"exclude": channel_kwargs(config).get("exclude")}
     if "latency" in rank_by or config.speedup is not None:
         calls = collect_batches(calibration, 1)
         out["latency"] = measure_channel_latency(model, calls[0][0], **where)

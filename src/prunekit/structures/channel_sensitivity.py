@@ -26,9 +26,8 @@ from .channel_latency import _widths, interpolate
 from .channel_refit import check_consumers, gone_columns, mask, repair
 from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
 from .channels_graph import find_channel_groups
-from .mha import swap_in
+from .mha import swap_in_attentions
 from .surgery import Undo
-from .units import Structure
 
 REFINES = (None, "lstsq")
 
@@ -101,9 +100,8 @@ def measure_channel_sensitivity(model: nn.Module, calibration: Iterable[Any], *,
         raise TypeError("measure_channel_sensitivity traces the model with positional inputs; pass tensors or tuples")
     work = copy.deepcopy(model).eval()  # the user's model is never touched, even for a moment
     graph = find_channel_groups(work, calls[0][0], exclude, passthrough)
-    swap_in(work, [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members
-                   if m.role == "heads"], Undo())
-    consumers = list(dict.fromkeys(m.module for g in graph.groups for m in g.consumers))
+    swap_in_attentions(work, graph.attentions(), Undo())
+    consumers = graph.consumers()
     if refine is not None or score in ("wanda", "obs"):
         check_consumers(work, consumers)
     if score == "obs":

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..calls import forward_latency
 from .channel_latency import ChannelLatency, measure_channel_latency
-from .channels import ChannelResult, prune_channels
+from .channels import ChannelResult, check_speedup_number, prune_channels
 
 #: prune_channels keywords this function sets itself
 _OWN = ("budget", "speedup", "latency")
@@ -59,8 +59,7 @@ def prune_channels_to_speedup(model: nn.Module, calibration: Iterable[Any], exam
     ``speedup`` prunes the model; none is a ValueError and the model is left as it was. ``options``: any other
     ``prune_channels`` keyword (``flops=``/``params=`` floors, ``score``, ``sensitivity``, ...).
     The result's ``measured_speedup`` is the kept copy's measurement."""
-    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 < speedup < math.inf:
-        raise ValueError(f"speedup must be a number > 1 (how many times faster than dense, measured), got {speedup!r}")
+    check_speedup_number(speedup, "how many times faster than dense, measured")
     for name, value in (("tries", tries), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -72,6 +72,14 @@ class ChannelGraph:
     def class_of(self, element: int) -> int:
         return self.root(element)
 
+    def consumers(self) -> list[str]:
+        """Every module reading a group's channels, each once, in the groups' order."""
+        return list(dict.fromkeys(m.module for g in self.groups for m in g.consumers))
+
+    def attentions(self, groups: "list[ChannelGroup] | None" = None) -> list[str]:
+        """The attention modules whose heads are channels of ``groups`` (default: every group)."""
+        return [m.module for g in (self.groups if groups is None else groups) for m in g.members if m.role == "heads"]
+
     def class_index(self) -> dict[int, tuple[int, int]]:
         """class -> (index of its group in ``groups``, its channel within the group)."""
         out = {}

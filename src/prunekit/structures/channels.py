@@ -32,9 +32,9 @@ from .channel_refit import check_consumers, gone_columns, repair
 from .channel_scores import SCORES, channel_scores, check_obs, input_stats, lowest, obs_choose, obs_states
 from .channel_surgery import shrink_channels
 from .channels_graph import find_channel_groups
-from .mha import swap_in
+from .mha import swap_in_attentions
 from .surgery import Undo
-from .units import Structure, StructureReport
+from .units import StructureReport
 
 REFINES = (None, "lstsq", "snows")
 
@@ -82,12 +82,16 @@ def _fraction(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
 
+def check_speedup_number(speedup: Any, meaning: str) -> None:
+    """ValueError unless ``speedup`` is a finite number > 1 (``meaning``: what it asks for)."""
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 < speedup < float("inf"):
+        raise ValueError(f"speedup must be a number > 1 ({meaning}), got {speedup!r}")
+
+
 def _check_speedup(speedup: Any, latency: ChannelLatency | None) -> None:
     if speedup is None:
         return
-    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not 1 < speedup < float("inf"):
-        raise ValueError(f"speedup must be a number > 1 (how many times faster than dense the latency table must "
-                         f"predict the pruned model), got {speedup!r}")
+    check_speedup_number(speedup, "how many times faster than dense the latency table must predict the pruned model")
     if latency is None:
         raise ValueError("speedup= is predicted from a measured latency table: pass latency=pk.measure_channel_latency("
                          "model, batch) and budget='global' with it")
@@ -205,8 +209,7 @@ def prune_channels(
         for group in graph.groups:
             if not any(m.role == "bn" for m in group.members):
                 raise ValueError(f"{group.name}: score='bn' needs a BatchNorm on every group; this one has none")
-    consumers = list(dict.fromkeys(m.module for g in graph.groups for m in g.consumers))
-    attention = [Structure("heads", m.module, (), "", 0) for g in graph.groups for m in g.members if m.role == "heads"]
+    consumers = graph.consumers()
     if refine is not None or score in ("wanda", "obs"):  # both read the consumers' im2col columns
         check_consumers(model, consumers)
     if score == "obs":
@@ -215,7 +218,7 @@ def prune_channels(
     undo, start, was_training = Undo(), time.perf_counter(), model.training
     try:
         model.eval()
-        swap_in(model, attention, undo)  # nn.MultiheadAttention -> the drop-in that can hold fewer heads
+        swap_in_attentions(model, graph.attentions(), undo)  # -> the drop-in that can hold fewer heads
         with torch.no_grad():
             stats = input_stats(model, consumers, calls, full=score == "obs") if score in ("wanda", "obs") else {}
             if score == "obs":

@@ -139,6 +139,11 @@ def why_not(mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
+def swap_in_attentions(model: nn.Module, names: list[str], undo: Undo) -> bool:
+    """:func:`swap_in` for attention modules named directly (a channel graph's heads groups)."""
+    return swap_in(model, [Structure("heads", name, (), "", 0) for name in names], undo)
+
+
 def swap_in(model: nn.Module, found: list[Structure], undo: Undo) -> bool:
     """Replace every ``nn.MultiheadAttention`` owning a heads structure by the drop-in (logged in
     ``undo``); True when anything was replaced."""
